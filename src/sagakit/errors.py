@@ -1,0 +1,155 @@
+"""The sagakit error tree.
+
+Every error sagakit raises derives from :class:`SagakitError`. Driver and broker
+errors are translated into this tree at one boundary (the store drivers and the
+transports), so callers never see ``sqlite3`` or ``asyncpg`` exceptions.
+
+::
+
+    SagakitError                      .saga_id .step .attempt .retryable
+    ├── ConfigurationError            bad URL, bad identifier, missing extra
+    │   ├── DuplicateRegistration     a durable name registered twice
+    │   └── DefinitionError           an invalid saga definition (names step and rule)
+    ├── MessageError                  bad input; never retryable, dead-lettered
+    │   ├── MalformedMessage          not JSON, or not a valid envelope
+    │   ├── OversizeMessage           larger than the payload limit (checked before decoding)
+    │   ├── UnknownMessageType        no registered type under that name
+    │   └── SchemaMismatch            payload does not match the registered schema
+    ├── RoutingError                  a well-formed message nobody can take
+    │   ├── NoHandler                 no handler for this type at this endpoint
+    │   └── UnknownSaga               a reply for a saga id the store does not know
+    ├── BusinessError                 raised by a handler: becomes a failure reply
+    ├── HandlerFailed                 a technical failure that exhausted its retries
+    ├── StoreError                    database trouble (retryable)
+    │   └── ConcurrencyConflict       optimistic version check lost (retryable)
+    ├── TransportError                broker trouble (retryable)
+    └── SagaError                     saga API misuse
+        ├── SagaNotFound
+        ├── SagaVersionUnknown        instance of a definition version not registered
+        └── InvalidOperatorAction     the action does not fit the instance's state
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SagakitError(Exception):
+    """Base of every sagakit error; carries the saga context when known."""
+
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        saga_id: str | None = None,
+        step: str | None = None,
+        attempt: int | None = None,
+        retryable: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.saga_id = saga_id
+        self.step = step
+        self.attempt = attempt
+        if retryable is not None:
+            self.retryable = retryable
+
+    def context(self) -> dict[str, Any]:
+        """The saga context as a dict, for logs and dead-letter records."""
+        return {"saga_id": self.saga_id, "step": self.step, "attempt": self.attempt}
+
+
+class ConfigurationError(SagakitError):
+    """Wrong configuration: a bad URL, identifier or a missing optional extra."""
+
+
+class DuplicateRegistration(ConfigurationError):
+    """A durable name (message type, saga, participant) was registered twice."""
+
+
+class DefinitionError(ConfigurationError):
+    """A saga definition breaks a rule; the message names the step and the rule."""
+
+
+class MessageError(SagakitError):
+    """A message that can never be processed; it is dead-lettered with the reason."""
+
+
+class MalformedMessage(MessageError):
+    """Bytes that are not JSON or not a valid envelope."""
+
+
+class OversizeMessage(MessageError):
+    """A message over the payload limit; refused before decoding."""
+
+
+class UnknownMessageType(MessageError):
+    """No message type is registered under the envelope's type name."""
+
+
+class SchemaMismatch(MessageError):
+    """The payload does not match the registered schema of its type."""
+
+
+class RoutingError(SagakitError):
+    """A well-formed message that no handler here can take."""
+
+
+class NoHandler(RoutingError):
+    """No handler for this message type at this endpoint."""
+
+
+class UnknownSaga(RoutingError):
+    """A reply or timer for a saga id that the store does not know."""
+
+
+class BusinessError(SagakitError):
+    """Raise from a handler to refuse a command for a business reason.
+
+    The local transaction's business changes are rolled back and a failure
+    reply carrying :attr:`code` and the message goes back to the saga.
+    """
+
+    code: str = ""
+
+    def __init__(self, message: str = "", *, code: str | None = None, **kw: Any) -> None:
+        super().__init__(message or type(self).__name__, **kw)
+        self.code = code or type(self).code or type(self).__name__
+
+
+class HandlerFailed(SagakitError):
+    """A handler kept failing for technical reasons until its retry policy gave up."""
+
+
+class StoreError(SagakitError):
+    """The database failed; the operation may succeed if retried."""
+
+    retryable = True
+
+
+class ConcurrencyConflict(StoreError):
+    """Another process changed the saga instance first."""
+
+
+class TransportError(SagakitError):
+    """The message broker failed; the operation may succeed if retried."""
+
+    retryable = True
+
+
+class SagaError(SagakitError):
+    """Misuse of the saga API."""
+
+
+class SagaNotFound(SagaError):
+    """No saga instance with that id."""
+
+
+class SagaVersionUnknown(SagaError):
+    """The instance's definition name and version are not registered here."""
+
+
+class InvalidOperatorAction(SagaError):
+    """An operator action that does not fit the instance's current state."""

@@ -1,0 +1,92 @@
+"""Durable storage: a small driver protocol and the :class:`Store` above it.
+
+A :class:`Driver` gives transactions over one database (SQLite or PostgreSQL)
+and translates its errors into :mod:`sagakit.errors`. The :class:`Store` holds
+sagakit's own tables (queue, inbox, dead letters, saga instances and their log)
+as portable SQL over dumb records. Choose a backend by URL with
+:func:`open_store`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Literal, Protocol
+
+from ..clock import Clock, SystemClock
+from ..errors import ConfigurationError
+from .core import DeadLetter, InboxRow, LogEntry, Queued, SagaRecord, Store
+
+Dialect = Literal["sqlite", "postgresql"]
+
+
+class Tx(Protocol):
+    """One open local transaction; handlers see it as ``ctx.db``.
+
+    SQL uses ``?`` placeholders on every backend; values are always bound.
+    """
+
+    async def execute(self, sql: str, *args: Any) -> int: ...
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+    async def fetchone(self, sql: str, *args: Any) -> Any: ...
+
+    async def fetchall(self, sql: str, *args: Any) -> list[Any]: ...
+
+    def savepoint(self) -> AbstractAsyncContextManager[None]: ...
+
+    def on_commit(self, callback: Callable[[], None]) -> None: ...
+
+    def notify(self, queue: str) -> None: ...
+
+
+class Driver(Protocol):
+    """A database connection (or pool) that runs transactions."""
+
+    dialect: Dialect
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def transaction(self) -> AbstractAsyncContextManager[Tx]: ...
+
+    async def listen(self, on_notify: Callable[[str], None]) -> None: ...
+
+
+def open_store(
+    url: str, *, prefix: str = "sagakit_", clock: Clock | None = None, **options: Any
+) -> Store:
+    """A store for ``url``: ``sqlite:///path.db``, ``sqlite://:memory:``,
+    ``memory://`` or ``postgresql://user@host:port/db``."""
+    driver: Driver
+    if url.startswith("memory:") or url in ("sqlite://", "sqlite://:memory:"):
+        from .sqlite import SqliteDriver
+
+        driver = SqliteDriver(":memory:", **options)
+    elif url.startswith("sqlite:///"):
+        from .sqlite import SqliteDriver
+
+        driver = SqliteDriver(url[len("sqlite:///") :], **options)
+    elif url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresDriver
+
+        driver = PostgresDriver(url, **options)
+    else:
+        raise ConfigurationError(f"unsupported store URL {url!r}")
+    return Store(driver, prefix=prefix, clock=clock or SystemClock(), url=url)
+
+
+__all__ = [
+    "DeadLetter",
+    "Dialect",
+    "Driver",
+    "InboxRow",
+    "LogEntry",
+    "Queued",
+    "SagaRecord",
+    "Store",
+    "Tx",
+    "open_store",
+]

@@ -1,0 +1,468 @@
+"""The Store: sagakit's tables as portable SQL over a driver.
+
+Records are plain frozen dataclasses; serialisation happens above this layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..clock import Clock
+from ..errors import ConcurrencyConflict
+from .schema import SCHEMA_VERSION, check_prefix, statements
+
+if TYPE_CHECKING:
+    from . import Driver, Tx
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A claimed queue row; ``attempts`` doubles as the lease token."""
+
+    seq: int
+    id: str
+    data: bytes
+    attempts: int
+    destination: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InboxRow:
+    """What a consumer recorded for a message key it already handled."""
+
+    outcome: str
+    reply: bytes | None
+    destination: str | None
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message that could not be processed, with the reason."""
+
+    seq: int
+    id: str | None
+    queue: str
+    data: bytes
+    reason: str
+    error_type: str
+    saga_id: str | None
+    created_at: float
+
+
+@dataclass(slots=True)
+class SagaRecord:
+    """A saga instance row; ``data`` and ``progress`` are JSON bytes."""
+
+    id: str
+    type: str
+    version: int
+    state: str
+    data: bytes
+    progress: bytes
+    rev: int
+    created_at: float
+    updated_at: float
+    deadline: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One line of a saga's history."""
+
+    saga_id: str
+    at: float
+    entry: str
+    step: str | None = None
+    message_id: str | None = None
+    detail: str | None = None
+
+
+class Waker:
+    """In-process wake-ups for queue consumers, fed by commits and NOTIFY."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def event(self, queue: str) -> asyncio.Event:
+        ev = self._events.get(queue)
+        if ev is None:
+            ev = self._events[queue] = asyncio.Event()
+        return ev
+
+    def wake(self, queue: str) -> None:
+        ev = self._events.get(queue)
+        if ev is not None:
+            ev.set()
+
+    def wake_all(self) -> None:
+        for ev in self._events.values():
+            ev.set()
+
+
+class Store:
+    """sagakit's durable state in one database."""
+
+    def __init__(self, driver: Driver, *, prefix: str, clock: Clock, url: str = "") -> None:
+        self.driver = driver
+        self.prefix = p = check_prefix(prefix)
+        self.clock = clock
+        self.url = url
+        self.waker = Waker()
+        self._opened = False
+        skip = " FOR UPDATE SKIP LOCKED" if driver.dialect == "postgresql" else ""
+        self._lock_row = " FOR UPDATE" if driver.dialect == "postgresql" else ""
+        self._claim_sql = (
+            f"UPDATE {p}messages SET available_at = ?, attempts = attempts + 1 "
+            f"WHERE seq IN (SELECT seq FROM {p}messages WHERE queue = ? AND available_at <= ? "
+            f"ORDER BY available_at LIMIT ?{skip}) "
+            "RETURNING seq, id, data, attempts, destination"
+        )
+        self._enqueue_sql = (
+            f"INSERT INTO {p}messages (id, queue, destination, data, available_at, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)"
+        )
+
+    @property
+    def dialect(self) -> str:
+        return self.driver.dialect
+
+    def transaction(self) -> AbstractAsyncContextManager[Tx]:
+        """A new local transaction on this store's database."""
+        return self.driver.transaction()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def open(self, *, migrate: bool = True) -> None:
+        """Connect, apply pending migrations if asked, start listening for wake-ups."""
+        if self._opened:
+            return
+        await self.driver.open()
+        self._opened = True
+        if migrate:
+            await self.migrate()
+        await self.driver.listen(self.waker.wake)
+
+    async def close(self) -> None:
+        if self._opened:
+            self._opened = False
+            await self.driver.close()
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def migrate(self) -> int:
+        """Apply every migration newer than the database's; return the version."""
+        p = self.prefix
+        async with self.transaction() as tx:
+            await tx.execute(f"CREATE TABLE IF NOT EXISTS {p}schema (version INTEGER NOT NULL)")
+            if self.dialect == "postgresql":
+                await tx.execute("SELECT pg_advisory_xact_lock(?)", _lock_key(p))
+            row = await tx.fetchone(f"SELECT max(version) FROM {p}schema")
+            current = int(row[0] or 0)
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for stmt in statements(self.dialect, p, version):
+                    await tx.execute(stmt)
+                await tx.execute(f"INSERT INTO {p}schema (version) VALUES (?)", version)
+        return SCHEMA_VERSION
+
+    async def schema_version(self) -> int:
+        async with self.transaction() as tx:
+            row = await tx.fetchone(f"SELECT max(version) FROM {self.prefix}schema")
+        return int(row[0] or 0)
+
+    # -- queue -------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        tx: Tx,
+        queue: str,
+        message_id: str,
+        data: bytes,
+        *,
+        delay: float = 0.0,
+        destination: str | None = None,
+    ) -> None:
+        """Add a message to ``queue`` inside ``tx``; consumers wake on commit."""
+        now = self.clock.now()
+        await tx.execute(self._enqueue_sql, message_id, queue, destination, data, now + delay, now)
+        tx.notify(queue)
+
+    async def enqueue_event(self, tx: Tx, topic: str, message_id: str, data: bytes) -> None:
+        """Fan an event out to the queue of every group subscribed to ``topic``."""
+        p, now = self.prefix, self.clock.now()
+        rows = await tx.fetchall(f"SELECT queue FROM {p}subscriptions WHERE topic = ?", topic)
+        for row in rows:
+            await tx.execute(self._enqueue_sql, message_id, row[0], None, data, now, now)
+            tx.notify(row[0])
+
+    async def subscribe(self, topic: str, queue: str) -> None:
+        """Bind ``queue`` to receive every event of type ``topic``."""
+        async with self.transaction() as tx:
+            await tx.execute(
+                f"INSERT INTO {self.prefix}subscriptions (topic, queue) VALUES (?, ?) "
+                "ON CONFLICT DO NOTHING",
+                topic,
+                queue,
+            )
+
+    async def claim(self, queue: str, limit: int, lease: float) -> list[Queued]:
+        """Lease up to ``limit`` due messages of ``queue`` (skipping locked rows)."""
+        now = self.clock.now()
+        async with self.transaction() as tx:
+            rows = await tx.fetchall(self._claim_sql, now + lease, queue, now, limit)
+        return [Queued(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in rows]
+
+    async def ack(self, tx: Tx, item: Queued) -> bool:
+        """Delete a claimed row inside ``tx``; False if its lease was lost."""
+        n = await tx.execute(
+            f"DELETE FROM {self.prefix}messages WHERE seq = ? AND attempts = ?",
+            item.seq,
+            item.attempts,
+        )
+        return n == 1
+
+    async def release(self, item: Queued, delay: float) -> None:
+        """Make a claimed row due again after ``delay`` seconds."""
+        async with self.transaction() as tx:
+            await tx.execute(
+                f"UPDATE {self.prefix}messages SET available_at = ? WHERE seq = ? AND attempts = ?",
+                self.clock.now() + delay,
+                item.seq,
+                item.attempts,
+            )
+
+    async def delete_message(self, tx: Tx, message_id: str) -> None:
+        """Remove a queued message by id (e.g. a timer that is no longer needed)."""
+        await tx.execute(f"DELETE FROM {self.prefix}messages WHERE id = ?", message_id)
+
+    async def queue_depth(self, queue: str | None = None) -> int:
+        sql, args = f"SELECT count(*) FROM {self.prefix}messages", []
+        if queue is not None:
+            sql += " WHERE queue = ?"
+            args.append(queue)
+        async with self.transaction() as tx:
+            row = await tx.fetchone(sql, *args)
+        return int(row[0])
+
+    async def wait(self, queue: str, timeout: float) -> None:
+        """Sleep until a commit wakes ``queue`` or ``timeout`` passes."""
+        ev = self.waker.event(queue)
+        if not ev.is_set():
+            try:
+                await asyncio.wait_for(ev.wait(), timeout * (0.8 + 0.4 * random.random()))
+            except TimeoutError:
+                pass
+        ev.clear()
+
+    # -- inbox -------------------------------------------------------------
+
+    async def inbox_get(self, tx: Tx, consumer: str, key: str) -> InboxRow | None:
+        row = await tx.fetchone(
+            f"SELECT outcome, reply, destination, attempt FROM {self.prefix}inbox "
+            f"WHERE consumer = ? AND key = ?{self._lock_row}",
+            consumer,
+            key,
+        )
+        if row is None:
+            return None
+        reply = bytes(row[1]) if row[1] is not None else None
+        return InboxRow(row[0], reply, row[2], row[3])
+
+    async def inbox_put(
+        self,
+        tx: Tx,
+        consumer: str,
+        key: str,
+        row: InboxRow,
+        *,
+        replace: bool = False,
+    ) -> bool:
+        """Record a handled key; False if it was there already (and not replaced)."""
+        p = self.prefix
+        conflict = (
+            "ON CONFLICT (consumer, key) DO UPDATE SET outcome = excluded.outcome, "
+            "reply = excluded.reply, destination = excluded.destination, "
+            "attempt = excluded.attempt"
+            if replace
+            else "ON CONFLICT DO NOTHING"
+        )
+        n = await tx.execute(
+            f"INSERT INTO {p}inbox (consumer, key, outcome, reply, destination, attempt, "
+            f"created_at) VALUES (?, ?, ?, ?, ?, ?, ?) {conflict}",
+            consumer,
+            key,
+            row.outcome,
+            row.reply,
+            row.destination,
+            row.attempt,
+            self.clock.now(),
+        )
+        return n == 1
+
+    # -- dead letters ------------------------------------------------------
+
+    async def dead_letter(
+        self,
+        tx: Tx,
+        queue: str,
+        data: bytes,
+        reason: str,
+        error_type: str,
+        *,
+        message_id: str | None = None,
+        saga_id: str | None = None,
+    ) -> None:
+        await tx.execute(
+            f"INSERT INTO {self.prefix}dead_letters (id, queue, data, reason, error_type, "
+            "saga_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            message_id,
+            queue,
+            data,
+            reason,
+            error_type,
+            saga_id,
+            self.clock.now(),
+        )
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        async with self.transaction() as tx:
+            rows = await tx.fetchall(
+                f"SELECT seq, id, queue, data, reason, error_type, saga_id, created_at "
+                f"FROM {self.prefix}dead_letters ORDER BY seq LIMIT ?",
+                limit,
+            )
+        return [DeadLetter(r[0], r[1], r[2], bytes(r[3]), *r[4:]) for r in rows]
+
+    # -- sagas -------------------------------------------------------------
+
+    async def saga_insert(self, tx: Tx, rec: SagaRecord) -> bool:
+        """Insert a new instance; False if the id exists (start is idempotent)."""
+        n = await tx.execute(
+            f"INSERT INTO {self.prefix}sagas (id, type, version, state, data, progress, rev, "
+            "created_at, updated_at, deadline, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            *_saga_values(rec),
+        )
+        return n == 1
+
+    async def saga_load(self, tx: Tx, saga_id: str, *, lock: bool = True) -> SagaRecord | None:
+        """Load an instance, row-locked on PostgreSQL when ``lock``."""
+        row = await tx.fetchone(
+            f"SELECT id, type, version, state, data, progress, rev, created_at, updated_at, "
+            f"deadline, error FROM {self.prefix}sagas WHERE id = ?"
+            + (self._lock_row if lock else ""),
+            saga_id,
+        )
+        return _saga_record(row) if row is not None else None
+
+    async def saga_update(self, tx: Tx, rec: SagaRecord) -> None:
+        """Write an instance back; optimistic check on ``rev`` (then bumped)."""
+        rec.updated_at = self.clock.now()
+        n = await tx.execute(
+            f"UPDATE {self.prefix}sagas SET state = ?, data = ?, progress = ?, rev = ?, "
+            "updated_at = ?, deadline = ?, error = ? WHERE id = ? AND rev = ?",
+            rec.state,
+            rec.data,
+            rec.progress,
+            rec.rev + 1,
+            rec.updated_at,
+            rec.deadline,
+            rec.error,
+            rec.id,
+            rec.rev,
+        )
+        if n != 1:
+            raise ConcurrencyConflict("saga changed concurrently", saga_id=rec.id)
+        rec.rev += 1
+
+    async def saga_get(self, saga_id: str) -> SagaRecord | None:
+        async with self.transaction() as tx:
+            return await self.saga_load(tx, saga_id, lock=False)
+
+    async def log(self, tx: Tx, entries: Sequence[LogEntry]) -> None:
+        """Append lines to saga histories."""
+        await tx.executemany(
+            f"INSERT INTO {self.prefix}saga_log (saga_id, at, entry, step, message_id, detail) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(e.saga_id, e.at, e.entry, e.step, e.message_id, e.detail) for e in entries],
+        )
+
+    async def history(self, saga_id: str) -> list[LogEntry]:
+        async with self.transaction() as tx:
+            rows = await tx.fetchall(
+                f"SELECT saga_id, at, entry, step, message_id, detail FROM {self.prefix}saga_log "
+                "WHERE saga_id = ? ORDER BY seq",
+                saga_id,
+            )
+        return [LogEntry(*r) for r in rows]
+
+    async def saga_list(
+        self,
+        *,
+        type: str | None = None,
+        state: str | None = None,
+        created_before: float | None = None,
+        limit: int = 100,
+    ) -> list[SagaRecord]:
+        """Instances filtered by type, state and age, oldest first."""
+        where, args = _filters(type=type, state=state, created_before=created_before)
+        async with self.transaction() as tx:
+            rows = await tx.fetchall(
+                f"SELECT id, type, version, state, data, progress, rev, created_at, updated_at, "
+                f"deadline, error FROM {self.prefix}sagas{where} ORDER BY created_at LIMIT ?",
+                *args,
+                limit,
+            )
+        return [_saga_record(r) for r in rows]
+
+    async def saga_counts(self, *, type: str | None = None) -> dict[str, int]:
+        """Number of instances per state."""
+        where, args = _filters(type=type)
+        async with self.transaction() as tx:
+            rows = await tx.fetchall(
+                f"SELECT state, count(*) FROM {self.prefix}sagas{where} GROUP BY state", *args
+            )
+        return {r[0]: int(r[1]) for r in rows}
+
+
+def _filters(**conds: Any) -> tuple[str, list[Any]]:
+    ops = {"type": "type = ?", "state": "state = ?", "created_before": "created_at < ?"}
+    parts = [(ops[k], v) for k, v in conds.items() if v is not None]
+    if not parts:
+        return "", []
+    return " WHERE " + " AND ".join(p for p, _ in parts), [v for _, v in parts]
+
+
+def _saga_values(rec: SagaRecord) -> tuple[Any, ...]:
+    return (
+        rec.id,
+        rec.type,
+        rec.version,
+        rec.state,
+        rec.data,
+        rec.progress,
+        rec.rev,
+        rec.created_at,
+        rec.updated_at,
+        rec.deadline,
+        rec.error,
+    )
+
+
+def _saga_record(r: Any) -> SagaRecord:
+    return SagaRecord(r[0], r[1], r[2], r[3], bytes(r[4]), bytes(r[5]), *r[6:])
+
+
+def _lock_key(prefix: str) -> int:
+    return int.from_bytes(prefix.encode()[:8].ljust(8, b"\0"), "big") & 0x7FFFFFFFFFFFFFFF

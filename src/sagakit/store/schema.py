@@ -1,0 +1,67 @@
+"""The versioned schema, written once for both dialects.
+
+Tables are named ``{prefix}name``; the prefix is validated against a strict
+identifier pattern because identifiers cannot be bound like values.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import ConfigurationError
+
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
+
+TYPES = {
+    "sqlite": {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB", "real": "REAL"},
+    "postgresql": {"serial": "BIGSERIAL PRIMARY KEY", "blob": "BYTEA", "real": "DOUBLE PRECISION"},
+}
+
+# Each migration is a list of statements; append new versions, never edit old ones.
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE IF NOT EXISTS {p}messages (
+            seq {serial}, id TEXT NOT NULL, queue TEXT NOT NULL, destination TEXT,
+            data {blob} NOT NULL, available_at {real} NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0, created_at {real} NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS {p}messages_due ON {p}messages (queue, available_at)",
+        "CREATE INDEX IF NOT EXISTS {p}messages_id ON {p}messages (id)",
+        """CREATE TABLE IF NOT EXISTS {p}subscriptions (
+            topic TEXT NOT NULL, queue TEXT NOT NULL, PRIMARY KEY (topic, queue))""",
+        """CREATE TABLE IF NOT EXISTS {p}inbox (
+            consumer TEXT NOT NULL, key TEXT NOT NULL, outcome TEXT NOT NULL,
+            reply {blob}, destination TEXT, attempt INTEGER NOT NULL, created_at {real} NOT NULL,
+            PRIMARY KEY (consumer, key))""",
+        """CREATE TABLE IF NOT EXISTS {p}dead_letters (
+            seq {serial}, id TEXT, queue TEXT NOT NULL, data {blob} NOT NULL,
+            reason TEXT NOT NULL, error_type TEXT NOT NULL, saga_id TEXT,
+            created_at {real} NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS {p}sagas (
+            id TEXT PRIMARY KEY, type TEXT NOT NULL, version INTEGER NOT NULL,
+            state TEXT NOT NULL, data {blob} NOT NULL, progress {blob} NOT NULL,
+            rev INTEGER NOT NULL, created_at {real} NOT NULL, updated_at {real} NOT NULL,
+            deadline {real}, error TEXT)""",
+        "CREATE INDEX IF NOT EXISTS {p}sagas_state ON {p}sagas (state, type, created_at)",
+        """CREATE TABLE IF NOT EXISTS {p}saga_log (
+            seq {serial}, saga_id TEXT NOT NULL, at {real} NOT NULL, entry TEXT NOT NULL,
+            step TEXT, message_id TEXT, detail TEXT)""",
+        "CREATE INDEX IF NOT EXISTS {p}saga_log_saga ON {p}saga_log (saga_id, seq)",
+    ],
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def check_prefix(prefix: str) -> str:
+    """Validate a table prefix; raise :class:`ConfigurationError` if unsafe."""
+    if not _IDENT.match(prefix):
+        raise ConfigurationError(
+            f"invalid table prefix {prefix!r}: use lowercase letters, digits and underscores"
+        )
+    return prefix
+
+
+def statements(dialect: str, prefix: str, version: int) -> list[str]:
+    """The DDL of one migration (1-based ``version``) for a dialect."""
+    subst = {"p": check_prefix(prefix), **TYPES[dialect]}
+    return [stmt.format(**subst) for stmt in MIGRATIONS[version - 1]]
