@@ -1,0 +1,1 @@
+"""The order-fulfillment reference application (see README)."""

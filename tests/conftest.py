@@ -1,0 +1,66 @@
+"""Shared fixtures: real services on loopback, skipped (or required) clearly."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from urllib.parse import urlparse
+
+import pytest
+
+REQUIRE = os.environ.get("SAGAKIT_REQUIRE_SERVICES") == "1"
+
+DEFAULTS = {
+    "postgres": ("SAGAKIT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+    "rabbitmq": ("SAGAKIT_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+    "nats": ("SAGAKIT_TEST_NATS_URL", "nats://127.0.0.1:4222"),
+    "redis": ("SAGAKIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
+}
+
+
+def _reachable(url: str) -> bool:
+    u = urlparse(url)
+    try:
+        with socket.create_connection((u.hostname or "127.0.0.1", u.port or 0), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def service_url(name: str) -> str:
+    """The URL of a service, or skip (fail under SAGAKIT_REQUIRE_SERVICES=1)."""
+    env, default = DEFAULTS[name]
+    url = os.environ.get(env, default)
+    if not _reachable(url):
+        msg = f"{name} not reachable at {url} (set {env})"
+        if REQUIRE:
+            pytest.fail(msg + " and SAGAKIT_REQUIRE_SERVICES=1")
+        pytest.skip(msg)
+    return url
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    return service_url("postgres")
+
+
+@pytest.fixture
+def rabbitmq_url() -> str:
+    return service_url("rabbitmq")
+
+
+@pytest.fixture
+def nats_url() -> str:
+    return service_url("nats")
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return service_url("redis")
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A unique table prefix so tests sharing one database never collide."""
+    return f"t{uuid.uuid4().hex[:10]}_"
