@@ -1,0 +1,300 @@
+"""PostgreSQL driver on asyncpg: a connection pool, one connection per transaction.
+
+asyncpg was chosen over psycopg 3 by measurement (see ``docs/performance.md``,
+"PostgreSQL driver choice"). sagakit's SQL uses ``?`` placeholders on every
+backend; they are rewritten once per statement text to ``$1..$n`` and asyncpg
+prepares and caches the statement per connection, so values are always bound.
+
+Consumers in other processes are woken with LISTEN/NOTIFY: a transaction that
+enqueued messages sends one ``pg_notify(channel, queue)`` per queue just before
+COMMIT (PostgreSQL delivers it only if the commit succeeds), and a dedicated
+listening connection turns notifications into wake-ups, reconnecting if it
+drops. Commits in this process wake local consumers directly.
+
+Every asyncpg or socket error is translated into :class:`~sagakit.errors.StoreError`
+here, marked retryable when a retry can succeed (lost connection, serialization
+failure, deadlock, too many connections) and not for broken SQL or constraints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import asyncpg  # type: ignore[import-untyped]
+
+from ..errors import ConfigurationError, StoreError
+
+log = logging.getLogger("sagakit.store.postgres")
+
+_CHANNEL = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\?")
+_COUNTED = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE"})
+_NOTIFY_SQL = "SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q"
+# SQLSTATEs after which the same work can succeed if tried again.
+_RETRYABLE_STATES = frozenset({"40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03"})
+_RETRYABLE_CLASSES = ("08", "53")
+_HEALTH_EVERY_S = 10.0
+_RECONNECT_MAX_S = 5.0
+
+DBError = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+
+@functools.lru_cache(maxsize=4096)
+def to_dollar(sql: str) -> str:
+    """Rewrite ``?`` placeholders to ``$1..$n``, leaving quoted text alone."""
+    if "?" not in sql:
+        return sql
+    n = 0
+
+    def number(m: re.Match[str]) -> str:
+        nonlocal n
+        if m.group() != "?":
+            return m.group()
+        n += 1
+        return f"${n}"
+
+    return _TOKEN.sub(number, sql)
+
+
+def retryable(exc: BaseException) -> bool:
+    """Whether the failed operation may succeed when run again."""
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", None) or ""
+        return state in _RETRYABLE_STATES or state.startswith(_RETRYABLE_CLASSES)
+    if isinstance(exc, asyncpg.InterfaceError):
+        return "closed" in str(exc) or "closing" in str(exc)
+    return isinstance(exc, OSError)
+
+
+def translate(exc: BaseException) -> StoreError:
+    """The sagakit error for a driver or socket error."""
+    state = getattr(exc, "sqlstate", None)
+    detail = f"[{state}] {exc}" if state else f"{type(exc).__name__}: {exc}"
+    return StoreError(f"postgresql: {detail}", retryable=retryable(exc))
+
+
+def rowcount(status: str) -> int:
+    """Affected rows from a command status such as ``UPDATE 3`` or ``INSERT 0 1``."""
+    verb, _, rest = status.partition(" ")
+    count = rest.rpartition(" ")[2]
+    return int(count) if verb in _COUNTED and count.isdigit() else 0
+
+
+class PostgresTx:
+    """A transaction on one pooled connection; handlers see it as ``ctx.db``."""
+
+    def __init__(self, conn: Any) -> None:
+        self.connection = conn
+        self._callbacks: list[Callable[[], None]] = []
+        self.queues: set[str] = set()
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        try:
+            return rowcount(await self.connection.execute(to_dollar(sql), *args))
+        except DBError as exc:
+            raise translate(exc) from exc
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        try:
+            await self.connection.executemany(to_dollar(sql), rows)
+        except DBError as exc:
+            raise translate(exc) from exc
+
+    async def fetchone(self, sql: str, *args: Any) -> Any:
+        try:
+            return await self.connection.fetchrow(to_dollar(sql), *args)
+        except DBError as exc:
+            raise translate(exc) from exc
+
+    async def fetchall(self, sql: str, *args: Any) -> list[Any]:
+        try:
+            return list(await self.connection.fetch(to_dollar(sql), *args))
+        except DBError as exc:
+            raise translate(exc) from exc
+
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        """A nested transaction: rolled back alone if the block raises."""
+        try:
+            sp = self.connection.transaction()
+            await sp.start()
+        except DBError as exc:
+            raise translate(exc) from exc
+        try:
+            yield
+        except BaseException:
+            await _quietly(sp.rollback())
+            raise
+        try:
+            await sp.commit()
+        except DBError as exc:
+            raise translate(exc) from exc
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+
+    def notify(self, queue: str) -> None:
+        self.queues.add(queue)
+
+    def committed(self, on_notify: Callable[[str], None] | None) -> None:
+        """Wake local consumers and run commit callbacks (after COMMIT)."""
+        if on_notify is not None:
+            for queue in self.queues:
+                on_notify(queue)
+        for cb in self._callbacks:
+            cb()
+
+
+class PostgresDriver:
+    """The PostgreSQL store driver: an asyncpg pool plus one listening connection."""
+
+    dialect: Literal["postgresql"] = "postgresql"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 10,
+        channel: str = "sagakit",
+        acquire_timeout: float = 30.0,
+        **connect_options: Any,
+    ) -> None:
+        if not _CHANNEL.match(channel):
+            raise ConfigurationError(f"invalid notification channel {channel!r}")
+        if not 0 <= min_size <= max_size or max_size < 1:
+            raise ConfigurationError(f"invalid pool size {min_size}..{max_size}")
+        self.url = url
+        self.channel = channel
+        self.min_size, self.max_size = min_size, max_size
+        self.acquire_timeout = acquire_timeout
+        self.connect_options = connect_options
+        self._pool: Any = None
+        self._on_notify: Callable[[str], None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self.listener_pid: int | None = None
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url, min_size=self.min_size, max_size=self.max_size, **self.connect_options
+            )
+        except DBError as exc:
+            raise translate(exc) from exc
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+            self._listener = None
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 10.0)
+            except (TimeoutError, *DBError):
+                pool.terminate()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PostgresTx]:
+        pool = self._pool
+        if pool is None:
+            raise StoreError("store is closed", retryable=False)
+        try:
+            conn = await pool.acquire(timeout=self.acquire_timeout)
+        except DBError as exc:
+            raise translate(exc) from exc
+        try:
+            tx = PostgresTx(conn)
+            async with _transaction(conn, self.channel, tx):
+                yield tx
+        finally:
+            await _quietly(pool.release(conn))
+        tx.committed(self._on_notify)
+
+    async def listen(self, on_notify: Callable[[str], None]) -> None:
+        """Start waking ``on_notify`` for local commits and NOTIFYs of other processes.
+
+        Returns once LISTEN is in place (or after a bounded wait if the server
+        cannot be reached; the listener keeps reconnecting in the background).
+        """
+        self._on_notify = on_notify
+        if self._listener is not None:
+            return
+        ready = asyncio.Event()
+        self._listener = asyncio.create_task(
+            self._listen_forever(on_notify, ready), name="sagakit-pg-listen"
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ready.wait(), 10.0)
+
+    async def _listen_forever(self, on_notify: Callable[[str], None], ready: asyncio.Event) -> None:
+        delay = 0.1
+        while True:
+            try:
+                conn = await asyncpg.connect(self.url, **self.connect_options)
+            except DBError as exc:
+                log.warning("LISTEN connection failed (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RECONNECT_MAX_S)
+                continue
+            delay = 0.1
+            try:
+                await self._hold(conn, on_notify, ready)
+            except DBError as exc:
+                log.warning("LISTEN connection lost (%s); reconnecting", exc)
+            finally:
+                await _quietly(conn.close(timeout=2.0))
+
+    async def _hold(
+        self, conn: Any, on_notify: Callable[[str], None], ready: asyncio.Event
+    ) -> None:
+        """LISTEN on ``conn`` until it drops; probe it now and then to notice silent loss."""
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _c: lost.set())
+        await conn.add_listener(self.channel, lambda _c, _pid, _ch, queue: on_notify(queue))
+        self.listener_pid = conn.get_server_pid()
+        ready.set()
+        while not lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), _HEALTH_EVERY_S)
+                return
+            await conn.execute("SELECT 1", timeout=5.0)
+
+
+@asynccontextmanager
+async def _transaction(conn: Any, channel: str, tx: PostgresTx) -> AsyncIterator[None]:
+    """BEGIN; the body; NOTIFY the touched queues; COMMIT (or ROLLBACK on error)."""
+    try:
+        outer = conn.transaction()
+        await outer.start()
+    except DBError as exc:
+        raise translate(exc) from exc
+    try:
+        yield
+    except BaseException:
+        await _quietly(outer.rollback())
+        raise
+    try:
+        if tx.queues:
+            await conn.execute(_NOTIFY_SQL, channel, sorted(tx.queues))
+        await outer.commit()
+    except DBError as exc:
+        await _quietly(outer.rollback())
+        raise translate(exc) from exc
+
+
+async def _quietly(aw: Any) -> None:
+    """Await a cleanup step whose failure must not hide the original error."""
+    try:
+        await aw
+    except (*DBError, asyncpg.exceptions.InternalClientError) as exc:
+        log.debug("cleanup failed: %r", exc)
