@@ -44,7 +44,9 @@ class Tx(Protocol):
 class Driver(Protocol):
     """A database connection (or pool) that runs transactions."""
 
-    dialect: Dialect
+    @property
+    def dialect(self) -> Dialect:
+        """Which SQL dialect (read-only, so a driver may narrow it to one Literal)."""
 
     async def open(self) -> None: ...
 
@@ -72,7 +74,8 @@ def open_store(
     elif url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresDriver
 
-        driver = PostgresDriver(url, **options)
+        # Wake-ups are per table prefix, so apps sharing a database do not wake each other.
+        driver = PostgresDriver(url, **{"channel": f"{prefix}wake", **options})
     else:
         raise ConfigurationError(f"unsupported store URL {url!r}")
     return Store(driver, prefix=prefix, clock=clock or SystemClock(), url=url)
