@@ -19,8 +19,7 @@ from sagakit.errors import ConfigurationError, StoreError
 from sagakit.store import Store, open_store
 from sagakit.store.core import Queued
 from sagakit.store.postgres import PostgresDriver, rowcount, to_dollar
-from sagakit.testing import StoreContract
-from tests.workers.cleanup import drop_tables
+from sagakit.testing import StoreContract, drop_tables
 
 pytestmark = pytest.mark.timeout(60)
 

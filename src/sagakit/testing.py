@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,6 +61,31 @@ def _saga(
     saga_id: str, *, type: str = "order", state: str = "running", at: float = 1.0
 ) -> SagaRecord:
     return SagaRecord(saga_id, type, 1, state, b'{"n":1}', b"[]", 0, at, at)
+
+
+_TABLE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+async def drop_tables(store: Store) -> None:
+    """Drop the PostgreSQL tables under ``store``'s prefix (teardown of a test).
+
+    Names come from the catalog and are checked against the identifier rule
+    before they are spliced into ``DROP TABLE``. A SQLite store is left alone:
+    its file belongs to the test's temporary directory.
+    """
+    if store.dialect != "postgresql":
+        return
+    async with store.transaction() as tx:
+        rows = await tx.fetchall(
+            "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
+            "AND starts_with(tablename, ?)",
+            store.prefix,
+        )
+        for row in rows:
+            name = row[0]
+            if not _TABLE.match(name):
+                raise ConfigurationError(f"unexpected table name {name!r}")
+            await tx.execute(f"DROP TABLE IF EXISTS {name} CASCADE")
 
 
 class StoreContract:
@@ -375,4 +401,4 @@ class StoreContract:
         assert (dl.id, dl.queue, dl.data, dl.reason) == (nasty, "q'?", nasty.encode(), nasty)
 
 
-__all__ = ["FakeClock", "StoreContract"]
+__all__ = ["FakeClock", "StoreContract", "drop_tables"]
