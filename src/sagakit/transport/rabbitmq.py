@@ -1,0 +1,506 @@
+"""The RabbitMQ transport (aio-pika), selected by ``amqp://`` and ``amqps://`` URLs.
+
+How it maps the transport contract:
+
+- Every sagakit queue is a durable RabbitMQ queue of the same name, a quorum
+  queue by default (``queue_type="classic"`` for brokers without them).
+  Commands and replies go through the default exchange straight to their
+  queue, which the publisher declares first so nothing sent before the
+  consumer starts is dropped.
+- Events go to one durable topic exchange, ``{namespace}.events``, with the
+  event type as routing key; ``declare(queue, topics)`` binds the queue to each
+  topic, so every bound queue gets its own copy (fan-out) and consumers of one
+  queue compete for it.
+- Messages are persistent and published on a channel with publisher confirms:
+  :meth:`RabbitMQTransport.publish` returns once the broker holds all of them.
+- Consumers use manual acknowledgement and ``basic.qos(prefetch)``; a local
+  semaphore keeps in-flight handlers at ``prefetch`` even across reconnects.
+  A consumer that dies leaves its deliveries unacknowledged and the broker
+  gives them to another consumer.
+- ``nack(delay)`` publishes a copy (attempt + 1, confirmed) to a per-delay
+  queue ``{namespace}.delay.{ms}`` whose message TTL dead-letters it back to
+  the original queue, then acknowledges the original. A crash between the two
+  gives a duplicate, never a loss. Delays are rounded up to a small geometric
+  set of buckets so there are few delay queues. On quorum queues the delay
+  queues use at-least-once dead-lettering.
+- ``Delivery.attempt`` is the ``sagakit-attempt`` header (set on republish)
+  plus the broker's ``x-delivery-count`` for redeliveries after a consumer
+  died (quorum queues; classic queues only tell "redelivered").
+- The connection is an aio-pika robust connection: channels, queues, bindings
+  and consumers come back after the connection is cut or the broker restarts.
+  Broker errors surface as :class:`~sagakit.errors.TransportError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import uuid
+from collections.abc import Awaitable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..errors import ConfigurationError, TransportError
+
+try:
+    import aio_pika
+    import aio_pika.abc
+    import aiormq.exceptions
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ConfigurationError(
+        "the RabbitMQ transport needs aio-pika: pip install 'sagakit[rabbitmq]'"
+    ) from exc
+
+if TYPE_CHECKING:
+    from ..store import Store
+    from . import Handler, Outgoing
+
+log = logging.getLogger("sagakit.transport.rabbitmq")
+
+ATTEMPT_HEADER = "sagakit-attempt"
+KIND_HEADER = "sagakit-kind"
+MIN_DELAY_MS = 10
+BUCKETS_PER_DOUBLING = 4
+
+# Errors that mean "the broker or the connection failed": translated at this boundary.
+BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+    RuntimeError,
+)
+
+QueueType = Literal["quorum", "classic"]
+
+
+def transport(url: str, **options: Any) -> RabbitMQTransport:
+    """The transport for an ``amqp://`` URL (called by ``open_transport``)."""
+    return RabbitMQTransport(url, **options)
+
+
+def delay_bucket(delay: float) -> int:
+    """Milliseconds of the delay queue used for ``delay`` seconds (0: no delay).
+
+    Buckets grow by 2**(1/4) (about 19 %), so a delay is never shortened and is
+    lengthened by at most a fifth, and there are only a few dozen buckets.
+    """
+    ms = delay * 1000.0
+    if ms < MIN_DELAY_MS:
+        return 0
+    k = math.ceil(BUCKETS_PER_DOUBLING * math.log2(ms) - 1e-9)
+    return math.ceil(2 ** (k / BUCKETS_PER_DOUBLING))
+
+
+class RabbitDelivery:
+    """One message taken from a RabbitMQ queue."""
+
+    __slots__ = ("_message", "_queue", "_transport", "attempt", "data", "settled")
+
+    def __init__(
+        self,
+        transport: RabbitMQTransport,
+        queue: str,
+        message: aio_pika.abc.AbstractIncomingMessage,
+    ) -> None:
+        self._transport, self._queue, self._message = transport, queue, message
+        self.data = message.body
+        self.attempt = attempt_of(message)
+        self.settled = False
+
+    async def ack(self) -> None:
+        """Acknowledge. If the channel died meanwhile the broker redelivers it."""
+        if self.settled:
+            return
+        self.settled = True
+        await self._settle(self._message.ack())
+
+    async def nack(self, delay: float) -> None:
+        """Have the message delivered again after about ``delay`` seconds."""
+        if self.settled:
+            return
+        self.settled = True
+        try:
+            await self._transport.republish(self._queue, self._message, self.attempt + 1, delay)
+        except TransportError:
+            # No copy exists: hand the original back to the broker right away.
+            await self._settle(self._message.nack(requeue=True))
+            raise
+        await self._settle(self._message.ack())
+
+    async def _settle(self, op: Any) -> None:
+        try:
+            await op
+        except BROKER_ERRORS as exc:
+            log.info(
+                "could not settle %s on %s (%r); the broker will redeliver it",
+                self._message.message_id,
+                self._queue,
+                exc,
+            )
+
+
+def attempt_of(message: aio_pika.abc.AbstractIncomingMessage) -> int:
+    """1 for a first delivery; counts redeliveries and delayed retries."""
+    headers = message.headers or {}
+    base = _int(headers.get(ATTEMPT_HEADER), 1)
+    count = headers.get("x-delivery-count")
+    if count is not None:
+        return base + _int(count, 0)
+    return base + (1 if message.redelivered else 0)
+
+
+def _int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+class RabbitSubscription:
+    """A consumer of one queue on its own channel."""
+
+    def __init__(
+        self,
+        transport: RabbitMQTransport,
+        queue: str,
+        handler: Handler,
+        prefetch: int,
+    ) -> None:
+        self._t, self._queue_name, self._handler = transport, queue, handler
+        self.prefetch = max(1, prefetch)
+        self._sem = asyncio.Semaphore(self.prefetch)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._channel: aio_pika.abc.AbstractRobustChannel | None = None
+        self._queue: aio_pika.abc.AbstractQueue | None = None
+        self._tag: str | None = None
+
+    async def start(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
+        channel = await connection.channel()
+        self._channel = channel
+        await channel.set_qos(prefetch_count=self.prefetch)
+        self._queue = await self._t.declare_queue(channel, self._queue_name)
+        self._tag = await self._queue.consume(self._on_message, no_ack=False)
+
+    async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._inflight.add(task)
+        try:
+            async with self._sem:
+                if self._stopping:
+                    await RabbitDelivery(self._t, self._queue_name, message)._settle(
+                        message.nack(requeue=True)
+                    )
+                    return
+                delivery = RabbitDelivery(self._t, self._queue_name, message)
+                try:
+                    await self._handler(delivery)
+                except Exception:
+                    log.exception("handler crashed on %s; retrying later", self._queue_name)
+                    try:
+                        await delivery.nack(1.0)
+                    except TransportError:
+                        log.warning("could not nack on %s", self._queue_name)
+        finally:
+            if task is not None:
+                self._inflight.discard(task)
+
+    async def stop(self) -> None:
+        """Cancel the consumer, let in-flight handlers finish, close the channel."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._queue is not None and self._tag is not None:
+            try:
+                await self._queue.cancel(self._tag)
+            except BROKER_ERRORS as exc:
+                log.info("cancel on %s failed: %r", self._queue_name, exc)
+        if self._inflight:
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+        if self._channel is not None and not self._channel.is_closed:
+            try:
+                await self._channel.close()
+            except BROKER_ERRORS as exc:
+                log.info("closing channel of %s failed: %r", self._queue_name, exc)
+        self._t._subs.discard(self)
+
+    async def abort(self) -> None:
+        """Stop without waiting: like a crashed process, nothing is settled."""
+        self._stopping = True
+        for task in list(self._inflight):
+            task.cancel()
+        if self._channel is not None and not self._channel.is_closed:
+            with contextlib.suppress(*BROKER_ERRORS):
+                await self._channel.close()
+        self._t._subs.discard(self)
+
+
+class RabbitMQTransport:
+    """Queues, a topic exchange for events and delay queues on one RabbitMQ broker.
+
+    Options: ``namespace`` (prefix of the exchanges and delay queues, default
+    ``sagakit``), ``queue_type`` (``"quorum"`` or ``"classic"``),
+    ``reconnect_interval`` (seconds), ``publish_timeout`` (seconds),
+    ``connection_name`` (shown by the broker's management tools).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str = "sagakit",
+        queue_type: QueueType = "quorum",
+        reconnect_interval: float = 1.0,
+        publish_timeout: float = 30.0,
+        connection_name: str | None = None,
+    ) -> None:
+        if queue_type not in ("quorum", "classic"):
+            raise ConfigurationError(
+                f"queue_type must be 'quorum' or 'classic', not {queue_type!r}"
+            )
+        self.url = url
+        self.local_store: Store | None = None
+        self.namespace = namespace
+        self.queue_type: QueueType = queue_type
+        self.reconnect_interval = reconnect_interval
+        self.publish_timeout = publish_timeout
+        self.connection_name = connection_name or f"sagakit-{uuid.uuid4().hex[:12]}"
+        self.events_exchange = f"{namespace}.events"
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._events: aio_pika.abc.AbstractExchange | None = None
+        self._queues: set[str] = set()
+        self._delays: dict[int, aio_pika.abc.AbstractExchange] = {}
+        #: every queue and delay bucket this object used, for :meth:`delete`
+        self.known_queues: set[str] = set()
+        self.known_delays: set[int] = set()
+        self._declare_lock = asyncio.Lock()
+        self._subs: set[RabbitSubscription] = set()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect (robustly: it reconnects by itself) and declare the exchange."""
+        if self._connection is not None:
+            return
+        try:
+            conn = await aio_pika.connect_robust(
+                self.url,
+                reconnect_interval=self.reconnect_interval,
+                client_properties={"connection_name": self.connection_name},
+            )
+            self._connection = conn
+            channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
+            self._channel = channel
+            self._events = await channel.declare_exchange(
+                self.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+        except BROKER_ERRORS as exc:
+            await self.close()
+            raise TransportError(
+                f"cannot connect to RabbitMQ at {_safe(self.url)}: {exc!r}"
+            ) from exc
+
+    async def close(self) -> None:
+        """Stop the remaining consumers and close the connection."""
+        for sub in list(self._subs):
+            await sub.stop()
+        conn, self._connection = self._connection, None
+        self._channel = self._events = None
+        self._queues.clear()
+        self._delays.clear()
+        if conn is not None and not conn.is_closed:
+            try:
+                await conn.close()
+            except BROKER_ERRORS as exc:
+                log.info("closing the RabbitMQ connection failed: %r", exc)
+
+    @property
+    def connection(self) -> aio_pika.abc.AbstractRobustConnection:
+        if self._connection is None:
+            raise TransportError("the RabbitMQ transport is not open")
+        return self._connection
+
+    def _pub_channel(self) -> aio_pika.abc.AbstractChannel:
+        if self._channel is None:
+            raise TransportError("the RabbitMQ transport is not open")
+        return self._channel
+
+    # -- topology ----------------------------------------------------------
+
+    def queue_arguments(self) -> dict[str, Any]:
+        return {"x-queue-type": "quorum"} if self.queue_type == "quorum" else {}
+
+    async def declare_queue(
+        self, channel: aio_pika.abc.AbstractChannel, name: str
+    ) -> aio_pika.abc.AbstractQueue:
+        return await channel.declare_queue(name, durable=True, arguments=self.queue_arguments())
+
+    async def declare(self, queue: str, topics: Sequence[str]) -> None:
+        """Create durable ``queue`` and bind it to the events of ``topics``."""
+        try:
+            q = await self.declare_queue(self._pub_channel(), queue)
+            self._queues.add(queue)
+            self.known_queues.add(queue)
+            for topic in topics:
+                await q.bind(self.events_exchange, routing_key=topic)
+        except BROKER_ERRORS as exc:
+            raise TransportError(f"cannot declare {queue!r}: {exc!r}") from exc
+
+    async def _ensure_queue(self, queue: str) -> None:
+        if queue in self._queues:
+            return
+        async with self._declare_lock:
+            if queue not in self._queues:
+                await self.declare_queue(self._pub_channel(), queue)
+                self._queues.add(queue)
+                self.known_queues.add(queue)
+
+    async def _delay_exchange(self, ms: int) -> aio_pika.abc.AbstractExchange:
+        ex = self._delays.get(ms)
+        if ex is not None:
+            return ex
+        async with self._declare_lock:
+            ex = self._delays.get(ms)
+            if ex is None:
+                channel = self._pub_channel()
+                name = f"{self.namespace}.delay.{ms}"
+                args: dict[str, Any] = {"x-message-ttl": ms, "x-dead-letter-exchange": ""}
+                if self.queue_type == "quorum":
+                    args |= {
+                        "x-queue-type": "quorum",
+                        "x-dead-letter-strategy": "at-least-once",
+                        "x-overflow": "reject-publish",
+                    }
+                q = await channel.declare_queue(name, durable=True, arguments=args)
+                ex = await channel.declare_exchange(
+                    name, aio_pika.ExchangeType.FANOUT, durable=True
+                )
+                await q.bind(ex)
+                self._delays[ms] = ex
+                self.known_delays.add(ms)
+        return ex
+
+    # -- sending -----------------------------------------------------------
+
+    async def publish(self, messages: Sequence[Outgoing]) -> None:
+        """Publish persistent messages; returns once the broker confirmed all."""
+        if not messages:
+            return
+        try:
+            channel = self._pub_channel()
+            events = self._events
+            assert events is not None
+            sends: list[Awaitable[object]] = []
+            for m in messages:
+                msg = aio_pika.Message(
+                    m.data,
+                    message_id=m.id,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    headers={KIND_HEADER: m.kind},
+                )
+                if m.kind == "event":
+                    sends.append(
+                        events.publish(
+                            msg,
+                            routing_key=m.destination,
+                            mandatory=False,
+                            timeout=self.publish_timeout,
+                        )
+                    )
+                else:
+                    await self._ensure_queue(m.destination)
+                    sends.append(
+                        channel.default_exchange.publish(
+                            msg, routing_key=m.destination, timeout=self.publish_timeout
+                        )
+                    )
+            results = await asyncio.gather(*sends, return_exceptions=True)
+        except BROKER_ERRORS as exc:
+            raise TransportError(f"publish failed: {exc!r}") from exc
+        for r in results:
+            if isinstance(r, BaseException):
+                if isinstance(r, BROKER_ERRORS):
+                    raise TransportError(f"publish failed: {r!r}") from r
+                raise r
+
+    async def republish(
+        self,
+        queue: str,
+        message: aio_pika.abc.AbstractIncomingMessage,
+        attempt: int,
+        delay: float,
+    ) -> None:
+        """Put a copy of ``message`` back on ``queue`` after ``delay`` (confirmed)."""
+        headers = {k: v for k, v in (message.headers or {}).items() if not k.startswith("x-")}
+        headers[ATTEMPT_HEADER] = attempt
+        copy = aio_pika.Message(
+            message.body,
+            message_id=message.message_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers=headers,
+        )
+        try:
+            ms = delay_bucket(delay)
+            if ms:
+                exchange = await self._delay_exchange(ms)
+            else:
+                exchange = self._pub_channel().default_exchange
+            await exchange.publish(copy, routing_key=queue, timeout=self.publish_timeout)
+        except BROKER_ERRORS as exc:
+            raise TransportError(f"cannot requeue a message of {queue!r}: {exc!r}") from exc
+
+    # -- receiving ---------------------------------------------------------
+
+    async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> RabbitSubscription:
+        """Consume ``queue`` on a channel of its own, at most ``prefetch`` at once."""
+        sub = RabbitSubscription(self, queue, handler, prefetch)
+        try:
+            await sub.start(self.connection)
+        except BROKER_ERRORS as exc:
+            await sub.abort()
+            raise TransportError(f"cannot consume {queue!r}: {exc!r}") from exc
+        self._subs.add(sub)
+        self._queues.add(queue)
+        self.known_queues.add(queue)
+        return sub
+
+    # -- administration (tests, tools) -------------------------------------
+
+    async def delete(self) -> None:
+        """Delete every queue, delay queue and exchange this object declared.
+
+        For tests and tools; the transport must be open.
+        """
+        channel = await self.connection.channel()
+        try:
+            for name in sorted(self.known_queues):
+                await channel.queue_delete(name)
+            for ms in sorted(self.known_delays):
+                await channel.queue_delete(f"{self.namespace}.delay.{ms}")
+                await channel.exchange_delete(f"{self.namespace}.delay.{ms}")
+            await channel.exchange_delete(self.events_exchange)
+        except BROKER_ERRORS as exc:
+            raise TransportError(f"cannot delete: {exc!r}") from exc
+        finally:
+            await channel.close()
+        self.known_queues.clear()
+        self.known_delays.clear()
+        self._queues.clear()
+        self._delays.clear()
+
+
+def _safe(url: str) -> str:
+    """``url`` without its password."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+__all__ = ["RabbitDelivery", "RabbitMQTransport", "RabbitSubscription", "delay_bucket", "transport"]
