@@ -278,7 +278,8 @@ class Coordinator:
         self._settle(inst, step, p)
         inst.log("reply", step, env.id, f"{env.type} ({env.headers.outcome})")
         if env.failed:
-            self._failed(inst, step, p, _failure_text(env), out, maybe_applied=False)
+            failure = _failure_of(env)
+            self._failed(inst, step, p, _failure_text(env), out, False, failure)
         elif p.phase == "compensate":
             self._compensated(inst, step, out)
         else:
@@ -373,11 +374,14 @@ class Coordinator:
         reason: str,
         out: Outbox,
         maybe_applied: bool,
+        failure: Failure | None = None,
     ) -> None:
         """A step failed: retry it, compensate, or stop for an operator."""
         sdef = inst.defn.step(step)
         phase = p.phase if p else "forward"
         attempt = p.attempt if p else 1
+        if phase == "forward" and sdef.on_failure is not None:
+            self._fold_failure(inst, sdef, failure or Failure("sagakit.StepFailed", reason, True))
         if phase == "compensate":
             return self._retry_or_stop(
                 inst, sdef, phase, attempt, inst.defn.compensation_retry, reason, out
@@ -387,6 +391,17 @@ class Coordinator:
         self._begin_compensation(
             inst, f"step {step!r} failed: {reason}", out, also=[step] if maybe_applied else []
         )
+
+    def _fold_failure(self, inst: Instance, sdef: StepDef, failure: Failure) -> None:
+        """Let the step's ``on_failure`` record the failure in the data."""
+        assert sdef.on_failure is not None
+        try:
+            new = sdef.on_failure(inst.data, failure)
+        except Exception:  # a bug in user code must not wedge the instance
+            log.exception("on_failure of step %r raised; data unchanged", sdef.name)
+            return
+        if new is not None:
+            inst.data = new
 
     def _retry_or_stop(
         self,
@@ -586,6 +601,13 @@ def _new_outbox() -> Outbox:
     from .endpoint import Outbox
 
     return Outbox()
+
+
+def _failure_of(env: Envelope) -> Failure:
+    try:
+        return msgspec.json.decode(env.payload, type=Failure)
+    except msgspec.MsgspecError:
+        return Failure("sagakit.StepFailed", f"failure reply {env.type}", True)
 
 
 def _failure_text(env: Envelope) -> str:

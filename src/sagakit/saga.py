@@ -61,6 +61,9 @@ class StepDef:
     on_reply: dict[str, tuple[type[Any], Callable[[Any, Any], Any]]] = field(default_factory=dict)
     retry: RetryPolicy | None = None
     timeout: float | None = None
+    # Folds a forward failure (a Failure payload) into the data before the
+    # saga retries or compensates, e.g. to keep the reason for a rejection.
+    on_failure: Callable[[Any, Any], Any] | None = None
 
     @property
     def compensatable(self) -> bool:
@@ -108,6 +111,7 @@ class _Draft:
     pivot: bool = False
     retry: RetryPolicy | None = None
     timeout: float | None = None
+    on_failure: Callable[[Any, Any], Any] | None = None
 
 
 class Saga(Generic[D]):
@@ -166,6 +170,17 @@ class StepBuilder(Generic[D]):
     def on_reply(self, reply_type: type[Any], fn: Callable[[D, Any], D | None]) -> StepBuilder[D]:
         """Fold a success reply of ``reply_type`` into the data: ``fn(data, reply)``."""
         self._d.on_reply[spec_of(reply_type).name] = (reply_type, fn)
+        return self
+
+    def on_failure(self, fn: Callable[[D, Any], D | None]) -> StepBuilder[D]:
+        """Fold a failure of this step into the data: ``fn(data, failure)``.
+
+        ``failure`` is a :class:`~sagakit.Failure` (code, message, technical);
+        timeouts and other technical failures arrive as technical failures.
+        It runs before the saga retries the step or starts compensating, so
+        compensation commands can carry the reason.
+        """
+        self._d.on_failure = fn
         return self
 
     def compensate(self, participant: str, factory: Callable[[D], Any]) -> StepBuilder[D]:
@@ -240,6 +255,7 @@ def _freeze(saga: Saga[Any], drafts: list[_Draft]) -> list[StepDef]:
                 dict(d.on_reply),
                 d.retry,
                 d.timeout,
+                on_failure=d.on_failure,
             )
         )
     return steps
