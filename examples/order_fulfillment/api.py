@@ -1,0 +1,151 @@
+"""The HTTP API (Starlette): place an order, read an order, read a saga.
+
+::
+
+    POST /orders         {"customer_id": "c-001", "items": [{"sku": "KB-01", "quantity": 1}],
+                          "card_token": "tok_visa", "address": "1 Main St"}
+                         -> 202 {"order_id": ..., "saga_id": ..., "links": {...}}
+                         -> 422 {"error": "invalid order", "detail": "..."} on a bad body
+    GET  /orders/{id}    -> 200 the order (status pending/approved/rejected, reason) | 404
+    GET  /sagas/{id}     -> 200 state, data, steps done/compensated, history | 404
+    GET  /               -> saga counts by state
+
+Placing an order only starts the saga (durably) and answers at once; poll the
+order or the saga to see how it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+import sagakit as sk
+
+from .app import OrderFulfillment, UnknownProduct
+from .catalog import CATALOG
+from .payments import CARD_OK
+
+MAX_BODY = 64 * 1024
+
+
+class ItemIn(msgspec.Struct, forbid_unknown_fields=True):
+    sku: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    quantity: Annotated[int, msgspec.Meta(ge=1, le=1000)]
+
+
+class PlaceOrderIn(msgspec.Struct, forbid_unknown_fields=True):
+    customer_id: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+    items: Annotated[list[ItemIn], msgspec.Meta(min_length=1, max_length=100)]
+    address: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
+    card_token: Annotated[str, msgspec.Meta(min_length=1, max_length=100)] = CARD_OK
+
+
+_decoder = msgspec.json.Decoder(PlaceOrderIn)
+
+
+def invalid(detail: str) -> JSONResponse:
+    return JSONResponse({"error": "invalid order", "detail": detail}, status_code=422)
+
+
+def not_found(what: str) -> JSONResponse:
+    return JSONResponse({"error": f"{what} not found"}, status_code=404)
+
+
+def create_api(of: OrderFulfillment, *, manage_app: bool = False) -> Starlette:
+    """The Starlette app; with ``manage_app`` it also starts and stops ``of``."""
+
+    async def place_order(request: Request) -> Response:
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            return invalid(f"body larger than {MAX_BODY} bytes")
+        try:
+            order = _decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            return invalid(str(exc))
+        except msgspec.DecodeError as exc:
+            return invalid(f"body is not valid JSON: {exc}")
+        for i, item in enumerate(order.items):
+            if item.sku not in CATALOG:
+                return invalid(f"unknown sku {item.sku!r} - at `$.items[{i}].sku`")
+        try:
+            order_id, saga_id = await of.place_order(
+                order.customer_id,
+                [(i.sku, i.quantity) for i in order.items],
+                card_token=order.card_token,
+                address=order.address,
+            )
+        except UnknownProduct as exc:  # the catalogue changed under us
+            return invalid(f"unknown sku {exc}")
+        links = {"order": f"/orders/{order_id}", "saga": f"/sagas/{saga_id}"}
+        return JSONResponse(
+            {"order_id": order_id, "saga_id": saga_id, "status": "pending", "links": links},
+            status_code=202,
+            headers={"Location": links["order"]},
+        )
+
+    async def get_order(request: Request) -> Response:
+        order = await of.orders.get(request.path_params["order_id"])
+        if order is None:
+            return not_found("order")
+        return JSONResponse(msgspec.to_builtins(dataclasses.asdict(order)))
+
+    async def get_saga(request: Request) -> Response:
+        try:
+            view = await of.app.sagas.get(request.path_params["saga_id"])
+        except sk.SagaNotFound:
+            return not_found("saga")
+        return JSONResponse(saga_json(view))
+
+    async def index(request: Request) -> Response:
+        return JSONResponse(
+            {
+                "sagas": await of.app.sagas.counts(),
+                "links": {"place_order": "POST /orders", "order": "/orders/{id}"},
+            }
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        if manage_app:
+            async with of:
+                yield
+        else:
+            yield
+
+    return Starlette(
+        routes=[
+            Route("/", index),
+            Route("/orders", place_order, methods=["POST"]),
+            Route("/orders/{order_id}", get_order),
+            Route("/sagas/{saga_id}", get_saga),
+        ],
+        lifespan=lifespan,
+    )
+
+
+def saga_json(view: sk.SagaView) -> dict[str, Any]:
+    """A saga instance as JSON: state, data, progress and its full history."""
+    return {
+        "id": view.id,
+        "type": view.type,
+        "version": view.version,
+        "state": view.state,
+        "error": view.error,
+        "created_at": view.created_at,
+        "updated_at": view.updated_at,
+        "done": view.done,
+        "compensated": view.compensated,
+        "pending": view.pending,
+        "data": msgspec.to_builtins(view.data),
+        "history": [
+            {"at": e.at, "entry": e.entry, "step": e.step, "detail": e.detail} for e in view.history
+        ],
+    }

@@ -1,0 +1,90 @@
+"""Shipping: book a parcel with a carrier for a paid order.
+
+The carrier is a fake (:class:`FakeCarrier`) with outages: for some orders it
+refuses the first few bookings. The service answers those with
+``shipping.CarrierUnavailable`` and the saga, past its pivot, retries the step
+with backoff until the carrier takes the parcel (forward recovery). A
+shipment is recorded once per order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import sagakit as sk
+
+from .messages import CarrierUnavailable, OrderShipped, ShipOrder
+from .service import Service
+
+
+@dataclass
+class FakeCarrier:
+    """Refuses the first ``outages[order_id]`` booking attempts of an order.
+
+    ``flaky_percent`` adds outages of one or two attempts to that share of all
+    other orders, chosen by a hash of the order id (used when serving the API).
+    """
+
+    outages: dict[str, int] = field(default_factory=dict)
+    flaky_percent: int = 0
+    refused: int = 0
+
+    def failures_for(self, order_id: str) -> int:
+        if order_id in self.outages:
+            return self.outages[order_id]
+        h = int.from_bytes(hashlib.sha256(order_id.encode()).digest()[:4], "big")
+        return 1 + h % 2 if h % 100 < self.flaky_percent else 0
+
+    def book(self, order_id: str, attempt: int) -> str:
+        """A tracking number, or CarrierUnavailable."""
+        if attempt <= self.failures_for(order_id):
+            self.refused += 1
+            raise CarrierUnavailable(f"carrier API unavailable (attempt {attempt})")
+        return "TRK" + hashlib.sha256(order_id.encode()).hexdigest()[:10].upper()
+
+
+class Shipping(Service):
+    name = "shipping"
+    tables = {
+        "shipments": (
+            "id TEXT PRIMARY KEY, order_id TEXT NOT NULL UNIQUE, customer_id TEXT NOT NULL, "
+            "address TEXT NOT NULL, parcels BIGINT NOT NULL, tracking TEXT NOT NULL, "
+            "booking_attempts BIGINT NOT NULL, created_at DOUBLE PRECISION NOT NULL"
+        ),
+    }
+
+    def __init__(self, carrier: FakeCarrier | None = None) -> None:
+        super().__init__()
+        self.carrier = carrier or FakeCarrier()
+
+    def register(self, p: sk.Participant) -> None:
+        p.command(ShipOrder)(self.ship)
+
+    async def ship(self, cmd: ShipOrder, ctx: sk.Context) -> OrderShipped:
+        existing = await ctx.db.fetchone(
+            f"SELECT id, tracking FROM {self.t('shipments')} WHERE order_id = ?", cmd.order_id
+        )
+        if existing is not None:
+            return OrderShipped(existing[0], existing[1])
+        # ctx.attempt is the saga's attempt number for this step.
+        tracking = self.carrier.book(cmd.order_id, ctx.attempt)
+        shipment_id = sk.new_id()
+        await ctx.db.execute(
+            f"INSERT INTO {self.t('shipments')} (id, order_id, customer_id, address, parcels, "
+            "tracking, booking_attempts, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            shipment_id,
+            cmd.order_id,
+            cmd.customer_id,
+            cmd.address,
+            sum(line.quantity for line in cmd.lines),
+            tracking,
+            ctx.attempt,
+            ctx.now,
+        )
+        return OrderShipped(shipment_id, tracking)
+
+    async def shipped_orders(self) -> dict[str, int]:
+        """order id -> booking attempts it took."""
+        rows = await self.query(f"SELECT order_id, booking_attempts FROM {self.t('shipments')}")
+        return {r[0]: int(r[1]) for r in rows}
