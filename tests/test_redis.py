@@ -18,10 +18,12 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
@@ -29,12 +31,22 @@ import sagakit as sk
 from sagakit.errors import ConfigurationError, TransportError
 from sagakit.transport import Delivery, Outgoing, open_transport
 from sagakit.transport.redis import GROUP, RedisTransport, transport
-from tests.helpers import Data, eventually
-from tests.saga_harness import Plan, bench, effects, linear
 
 pytestmark = pytest.mark.timeout(60)
 
 LEASE = 0.6
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float = 10.0, every: float = 0.01
+) -> None:
+    """Poll ``check`` until it is true; fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not await check():
+        if loop.time() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(every)
 
 
 def cmd(queue: str, body: str, mid: str | None = None) -> Outgoing:
@@ -529,27 +541,92 @@ def test_missing_redis_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) 
 # -- end to end ------------------------------------------------------------------
 
 
+@sk.command("redistest.Reserve")
+class Reserve(msgspec.Struct):
+    key: str
+
+
+@sk.command("redistest.Release")
+class Release(msgspec.Struct):
+    key: str
+
+
+@sk.reply("redistest.Reserved")
+class Reserved(msgspec.Struct):
+    value: int
+
+
+class Refused(sk.BusinessError):
+    code = "redistest.Refused"
+
+
+@dataclass
+class Order:
+    key: str
+    total: int = 0
+
+
+EFFECTS = "CREATE TABLE IF NOT EXISTS effects (seq INTEGER PRIMARY KEY, saga TEXT, what TEXT)"
+
+
+def reserving(part: sk.Participant, refuse: set[str]) -> None:
+    """A participant that reserves (refusing keys in ``refuse``) and releases."""
+
+    async def effect(ctx: sk.Context, key: str, what: str) -> None:
+        await ctx.db.execute(EFFECTS)
+        await ctx.db.execute("INSERT INTO effects (saga, what) VALUES (?, ?)", key, what)
+
+    @part.command(Reserve)
+    async def reserve(cmd: Reserve, ctx: sk.Context) -> Reserved:
+        if cmd.key in refuse:
+            raise Refused(f"{part.name} refuses {cmd.key}")
+        await effect(ctx, cmd.key, f"T:{part.name}")
+        return Reserved(1)
+
+    @part.command(Release)
+    async def release(cmd: Release, ctx: sk.Context) -> None:
+        await effect(ctx, cmd.key, f"C:{part.name}")
+
+
+async def effects(store: sk.Store, key: str) -> list[str]:
+    async with store.transaction() as tx:
+        await tx.execute(EFFECTS)
+        rows = await tx.fetchall("SELECT what FROM effects WHERE saga = ? ORDER BY seq", key)
+    return [r[0] for r in rows]
+
+
+def two_steps() -> sk.SagaDefinition[Order]:
+    saga = sk.Saga("redis-two-steps", Order)
+    for name in ("a", "b"):
+        (
+            saga.step(name)
+            .invoke(name, lambda d: Reserve(d.key))
+            .on_reply(Reserved, lambda d, r: Order(d.key, d.total + r.value))
+            .compensate(name, lambda d: Release(d.key))
+        )
+    return saga.build()
+
+
 async def test_two_step_saga_over_redis_with_a_sqlite_store(
     tmp_path: Path, redis_url: str, key_prefix: str, raw: aioredis.Redis
 ) -> None:
-    plan = Plan()
-    plan.refuse["bad"] = {"b"}
     fast = sk.RetryPolicy(max_attempts=4, initial=0.01, max_delay=0.02)
     app = sk.App(
         f"sqlite:///{tmp_path}/e2e.db",
         transport=f"{redis_url}?prefix={key_prefix}&lease=2",
         settings=sk.Settings(retry=fast, max_poll=0.02),
     )
-    bench(app, ["a", "b"], plan)
-    two = app.saga(linear("two", ["a", "b"]))
+    reserving(app.participant("a"), refuse=set())
+    reserving(app.participant("b"), refuse={"bad"})
+    two = app.saga(two_steps())
     async with app:
         assert isinstance(app.transport, RedisTransport)
-        await app.sagas.start(two, Data("good"), saga_id="good")
-        await app.sagas.start(two, Data("bad"), saga_id="bad")
+        await app.sagas.start(two, Order("good"), saga_id="good")
+        await app.sagas.start(two, Order("bad"), saga_id="bad")
         good = await app.sagas.wait("good", timeout=20)
         bad = await app.sagas.wait("bad", timeout=20)
         assert good.state == "completed" and good.data.total == 2
-        assert bad.state == "compensated"
+        assert bad.state == "compensated" and "redistest.Refused" in (bad.error or "")
         assert await effects(app.store, "good") == ["T:a", "T:b"]
         assert await effects(app.store, "bad") == ["T:a", "C:a"]
     # everything the saga sent went through Redis and was acknowledged
