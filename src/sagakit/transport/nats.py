@@ -1,0 +1,765 @@
+"""The NATS JetStream transport (nats-py), selected by ``nats://`` URLs.
+
+How it maps the transport contract:
+
+- One JetStream stream (``SAGAKIT`` by default, file storage, limits
+  retention) holds every message under one subject prefix (``sagakit``).
+  Commands and replies for queue ``Q`` are published on ``sagakit.q.<Q>``,
+  events of topic ``T`` on ``sagakit.e.<T>``. Names keep their dots as subject
+  levels; every other character outside ``[A-Za-z0-9_-]`` is escaped as
+  ``~XX`` (hex of its UTF-8 bytes), so names map one-to-one onto subjects.
+- A queue is a set of **durable pull consumers**: one on ``sagakit.q.<Q>``
+  (deliver policy *all*: commands sent before the queue was declared are
+  kept) and, since nats-server 2.9 has no multi-subject filters, one per
+  bound topic on ``sagakit.e.<T>`` (deliver policy *new*, like a fresh
+  subscription). Every queue bound to a topic has its own consumer, so events
+  fan out to every queue; subscribers of one queue pull from the same durable
+  consumers, so they compete for its messages.
+- :meth:`NatsTransport.publish` waits for every PubAck (the stream holds the
+  message on disk) and sets ``Nats-Msg-Id`` to the message id, so a message
+  relayed twice within the duplicate window is stored once.
+- Consumers pull with their own flow control: requests for at most
+  ``ceil(prefetch / consumers)`` messages ahead per consumer, and a semaphore
+  that keeps at most ``prefetch`` handlers of a subscription running.
+  ``ack`` waits for the server's confirmation (``ack_sync``), ``nack(delay)`` is
+  a NAK with delay, and a message nobody acknowledges within ``ack_wait``
+  seconds (the lease) is delivered again. ``Delivery.attempt`` is JetStream's
+  delivery count.
+- The connection reconnects forever; pull requests lost with a connection are
+  re-issued after a reconnect (and expire locally in any case). Broker errors
+  surface as :class:`~sagakit.errors.TransportError`.
+
+Options come as keyword arguments or URL query parameters, e.g.
+``nats://127.0.0.1:4222?stream=ORDERS&prefix=orders&ack_wait=60``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import math
+import string
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ..errors import ConfigurationError, TransportError
+
+try:
+    import nats
+    import nats.errors
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription as NatsSub
+    from nats.js import api
+    from nats.js.errors import APIError, NotFoundError
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ConfigurationError(
+        "the NATS transport needs nats-py: pip install 'sagakit[nats]'"
+    ) from exc
+
+if TYPE_CHECKING:
+    from nats.js.client import JetStreamContext
+    from nats.js.manager import JetStreamManager
+
+    from ..store import Store
+    from . import Handler, Outgoing
+
+log = logging.getLogger("sagakit.transport.nats")
+
+DEFAULT_STREAM = "SAGAKIT"
+DEFAULT_PREFIX = "sagakit"
+STATUS = "Status"
+MAX_CONSUMER_NAME = 200
+PUBLISH_CHUNK = 512
+
+# Errors that mean "the broker or the connection failed": translated at this boundary.
+BROKER_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, OSError)
+
+REFRESH_ERRORS: tuple[type[BaseException], ...] = (TransportError, *BROKER_ERRORS)
+
+T = TypeVar("T")
+
+_KEEP = frozenset(string.ascii_letters + string.digits + "_-")
+
+
+def transport(url: str, **options: Any) -> NatsTransport:
+    """The transport for a ``nats://`` URL (called by ``open_transport``)."""
+    return NatsTransport(url, **options)
+
+
+# -- names -------------------------------------------------------------------
+
+
+def escape(name: str) -> str:
+    """``name`` as one subject token / consumer-name part: ``[A-Za-z0-9_-]`` and ``~XX``."""
+    if not name:
+        raise ConfigurationError("empty queue or topic name")
+    return "".join(c if c in _KEEP else "".join(f"~{b:02X}" for b in c.encode()) for c in name)
+
+
+def subject_tokens(name: str) -> str:
+    """``name`` as subject tokens: dots stay levels, other characters are escaped."""
+    parts = name.split(".")
+    if not all(parts):
+        raise ConfigurationError(f"invalid queue or topic name {name!r}: empty segment")
+    return ".".join(escape(p) for p in parts)
+
+
+def consumer_name(queue: str, topic: str | None = None) -> str:
+    """The durable consumer of ``queue`` for its commands, or for events of ``topic``.
+
+    ``~~`` never occurs in an escaped name, so it separates queue and topic
+    unambiguously; very long names are shortened with a hash of the full name.
+    """
+    name = escape(queue) if topic is None else f"{escape(queue)}~~{escape(topic)}"
+    if len(name) > MAX_CONSUMER_NAME:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        name = f"{name[: MAX_CONSUMER_NAME - 19]}~~~{digest}"
+    return name
+
+
+def _check_prefix(prefix: str) -> str:
+    parts = prefix.split(".")
+    if not all(parts) or any(set(p) - _KEEP for p in parts):
+        raise ConfigurationError(f"invalid NATS subject prefix {prefix!r}")
+    return prefix
+
+
+def _parse(url: str) -> tuple[list[str], dict[str, str]]:
+    base, _, query = url.partition("?")
+    servers = [s.strip() for s in base.split(",") if s.strip()]
+    options: dict[str, str] = {}
+    for pair in query.split("&"):
+        if pair:
+            key, _, value = pair.partition("=")
+            options[key] = value
+    return servers, options
+
+
+def _number(explicit: float | None, query: dict[str, str], key: str, default: float) -> float:
+    if explicit is not None:
+        return float(explicit)
+    try:
+        return float(query.get(key, default))
+    except ValueError:
+        raise ConfigurationError(f"NATS option {key}={query[key]!r} is not a number") from None
+
+
+def _flag(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    return value.lower() in ("1", "true", "yes", "on")
+
+
+# -- deliveries --------------------------------------------------------------
+
+
+class NatsDelivery:
+    """One message pulled from a JetStream consumer."""
+
+    __slots__ = ("_msg", "_transport", "attempt", "data", "received", "settled")
+
+    def __init__(self, transport: NatsTransport, msg: Msg) -> None:
+        self._transport, self._msg = transport, msg
+        self.data: bytes = msg.data
+        try:
+            self.attempt: int = msg.metadata.num_delivered
+        except Exception:  # not a JetStream message: cannot happen on a pull consumer
+            self.attempt = 1
+        self.settled = False
+        self.received = time.monotonic()
+
+    async def touch(self) -> None:
+        """Tell the server we are still working on it (restarts ``ack_wait``)."""
+        if not self.settled:
+            await self._msg.in_progress()
+
+    async def ack(self) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        try:
+            if self._transport.ack_sync:
+                t, msg = self._transport, self._msg
+                await t.guarded(lambda: msg.ack_sync(timeout=t.ack_timeout), "ack")
+            else:
+                await self._msg.ack()
+        except BROKER_ERRORS as exc:
+            raise TransportError(f"could not acknowledge a NATS message: {exc!r}") from exc
+
+    async def nack(self, delay: float) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        try:
+            await self._msg.nak(delay=delay if delay > 0 else None)
+        except BROKER_ERRORS as exc:
+            raise TransportError(f"could not nak a NATS message: {exc!r}") from exc
+
+
+# -- consuming ---------------------------------------------------------------
+
+
+class _Request:
+    """A pull request we sent and the messages it may still bring."""
+
+    __slots__ = ("deadline", "remaining")
+
+    def __init__(self, remaining: int, deadline: float) -> None:
+        self.remaining, self.deadline = remaining, deadline
+
+
+class PullLoop:
+    """Keeps pull requests outstanding on one durable consumer."""
+
+    def __init__(self, sub: NatsSubscription, consumer: str, cap: int) -> None:
+        self.sub, self.consumer, self.cap = sub, consumer, cap
+        t = sub.transport
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{t.stream}.{consumer}"
+        self._requests: deque[_Request] = deque()
+        self.waiting = 0  # received, waiting for a handler slot
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._nsub: NatsSub | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def outstanding(self) -> int:
+        return sum(r.remaining for r in self._requests)
+
+    async def start(self) -> None:
+        nc = self.sub.transport.client
+        self._inbox = nc.new_inbox()
+        self._nsub = await nc.subscribe(self._inbox, cb=self._on_msg)
+        self._task = asyncio.create_task(self._run(), name=f"sagakit-nats-pull-{self.consumer}")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def reset(self) -> None:
+        """Forget outstanding requests (after a reconnect they are gone)."""
+        self._requests.clear()
+        self.wake()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = msg.headers.get(STATUS) if msg.headers else None
+        if status is not None and not msg.data:
+            if status in ("408", "409", "404"):
+                # the oldest request ended (expired, or refused by the server)
+                if self._requests:
+                    self._requests.popleft()
+                if status == "409":
+                    log.debug("pull on %s refused: %s", self.consumer, msg.headers)
+                self.wake()
+            return  # 100 (heartbeat) or anything else: nothing to do
+        while self._requests and self._requests[0].remaining <= 0:
+            self._requests.popleft()
+        if self._requests:
+            self._requests[0].remaining -= 1
+            if self._requests[0].remaining <= 0:
+                self._requests.popleft()
+        self.waiting += 1
+        self.sub.dispatch(self, msg)
+
+    async def _run(self) -> None:
+        t = self.sub.transport
+        backoff = 0.05
+        while not self._closed:
+            now = time.monotonic()
+            while self._requests and self._requests[0].deadline <= now:
+                self._requests.popleft()
+            pending = self.waiting + self.outstanding
+            want = self.cap - pending
+            if want > 0 and (not self._requests or want >= max(1, self.cap // 2)):
+                if t.connected:
+                    try:
+                        await self._pull(want)
+                        backoff = 0.05
+                    except BROKER_ERRORS as exc:
+                        log.warning("pull on %s failed, will retry: %r", self.consumer, exc)
+                        await asyncio.sleep(backoff)
+                        backoff = min(backoff * 2, 2.0)
+                    continue
+                timeout = 0.25  # disconnected: reset() wakes us on reconnect
+            else:
+                nearest = min((r.deadline for r in self._requests), default=now + t.pull_expires)
+                timeout = max(0.01, nearest - now)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _pull(self, batch: int) -> None:
+        t = self.sub.transport
+        expires = t.pull_expires
+        request = {"batch": batch, "expires": int(expires * 1e9)}
+        self._requests.append(_Request(batch, time.monotonic() + expires + 1.0))
+        await t.client.publish(self._next_subject, json.dumps(request).encode(), reply=self._inbox)
+
+    async def close(self) -> None:
+        self._closed = True
+        self.wake()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._nsub is not None:
+            with contextlib.suppress(*BROKER_ERRORS):
+                await self._nsub.unsubscribe()
+
+
+class NatsSubscription:
+    """The consumers of one queue, with at most ``prefetch`` handlers running."""
+
+    def __init__(
+        self, transport: NatsTransport, queue: str, handler: Handler, prefetch: int
+    ) -> None:
+        self.transport, self.queue, self.handler = transport, queue, handler
+        self.prefetch = max(1, prefetch)
+        self._sem = asyncio.Semaphore(self.prefetch)
+        self.loops: dict[str, PullLoop] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._refresher: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._live: set[NatsDelivery] = set()
+        self.running = 0
+
+    async def start(self, consumers: Sequence[str]) -> None:
+        await self._add(consumers)
+        self._refresher = asyncio.create_task(self._refresh(), name=f"sagakit-nats-{self.queue}")
+        if self.transport.keepalive:
+            self._keeper = asyncio.create_task(self._keep(), name=f"sagakit-nats-keep-{self.queue}")
+
+    async def _add(self, consumers: Sequence[str]) -> None:
+        new = [c for c in consumers if c not in self.loops]
+        if not new or self._stopping:
+            return
+        cap = max(1, math.ceil(self.prefetch / (len(self.loops) + len(new))))
+        for loop in self.loops.values():
+            loop.cap = cap
+        for name in new:
+            loop = self.loops[name] = PullLoop(self, name, cap)
+            await loop.start()
+
+    async def _refresh(self) -> None:
+        """Pick up consumers that other processes declared for this queue."""
+        while not self._stopping:
+            await asyncio.sleep(self.transport.refresh)
+            try:
+                await self._add(await self.transport.consumers_of(self.queue))
+            except REFRESH_ERRORS as exc:
+                log.debug("could not list consumers of %s: %r", self.queue, exc)
+
+    async def _keep(self) -> None:
+        """Extend the lease of deliveries held longer than a third of ``ack_wait``,
+        so a slow handler is not mistaken for a dead one; a process that dies
+        stops extending and its messages come back after ``ack_wait``."""
+        every = max(0.05, self.transport.ack_wait / 3)
+        while True:
+            await asyncio.sleep(every)
+            old = time.monotonic() - every
+            for delivery in [d for d in self._live if d.received <= old]:
+                try:
+                    await delivery.touch()
+                except BROKER_ERRORS as exc:
+                    log.debug("could not extend a lease on %s: %r", self.queue, exc)
+
+    def reset(self) -> None:
+        for loop in self.loops.values():
+            loop.reset()
+
+    def dispatch(self, loop: PullLoop, msg: Msg) -> None:
+        task = asyncio.create_task(self._handle(loop, msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, loop: PullLoop, msg: Msg) -> None:
+        delivery = NatsDelivery(self.transport, msg)
+        started = False
+        self._live.add(delivery)
+        try:
+            async with self._sem:
+                loop.waiting -= 1
+                started = True
+                loop.wake()
+                if self._stopping:
+                    await _quiet(delivery.nack(0))  # let another subscriber have it now
+                    return
+                self.running += 1
+                try:
+                    await self.handler(delivery)
+                except Exception:
+                    log.exception("handler crashed on %s", self.queue)
+                    await _quiet(delivery.nack(1.0))
+                finally:
+                    self.running -= 1
+        finally:
+            self._live.discard(delivery)
+            if not started:
+                loop.waiting -= 1
+
+    async def stop(self) -> None:
+        """Take no new messages; wait for in-flight handlers to finish."""
+        await self._halt()
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await _cancel(self._keeper)
+
+    async def abort(self) -> None:
+        """Vanish like a crashed process: in-flight deliveries stay unsettled and
+        come back to another consumer after ``ack_wait``."""
+        await self._halt()
+        await _cancel(self._keeper)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _halt(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        self.transport.forget(self)
+        await _cancel(self._refresher)
+        await asyncio.gather(*(loop.close() for loop in self.loops.values()))
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _quiet(aw: Awaitable[None]) -> None:
+    try:
+        await aw
+    except Exception as exc:
+        log.warning("could not settle a NATS message (it will be redelivered): %r", exc)
+
+
+# -- the transport -----------------------------------------------------------
+
+
+class NatsTransport:
+    """Queues and topics on one JetStream stream; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str = "nats://127.0.0.1:4222",
+        *,
+        stream: str | None = None,
+        prefix: str | None = None,
+        ack_wait: float | None = None,
+        lease: float | None = None,
+        max_age: float | None = None,
+        duplicate_window: float | None = None,
+        storage: str | None = None,
+        ack_sync: bool | None = None,
+        pull_expires: float | None = None,
+        publish_timeout: float | None = None,
+        refresh: float | None = None,
+        keepalive: bool | None = None,
+        name: str = "sagakit",
+    ) -> None:
+        servers, q = _parse(url)
+        if not servers:
+            raise ConfigurationError(f"no NATS server in {url!r}")
+        self.url = url
+        self.local_store: Store | None = None
+        self.servers = servers
+        self.stream = stream or q.get("stream", DEFAULT_STREAM)
+        if not self.stream or set(self.stream) - _KEEP:
+            raise ConfigurationError(f"invalid JetStream stream name {self.stream!r}")
+        self.prefix = _check_prefix(prefix or q.get("prefix", DEFAULT_PREFIX))
+        self.ack_wait = _number(ack_wait or lease, q, "ack_wait", _number(None, q, "lease", 30.0))
+        self.max_age = _number(max_age, q, "max_age", 7 * 86400.0)
+        self.duplicate_window = _number(duplicate_window, q, "duplicate_window", 120.0)
+        self.storage = (storage or q.get("storage", "file")).lower()
+        if self.storage not in ("file", "memory"):
+            raise ConfigurationError(f"NATS storage must be 'file' or 'memory', not {storage!r}")
+        self.ack_sync = _flag(ack_sync if ack_sync is not None else q.get("ack_sync", True))
+        self.ack_timeout = 5.0
+        self.keepalive = _flag(keepalive if keepalive is not None else q.get("keepalive", True))
+        self.pull_expires = _number(pull_expires, q, "pull_expires", 5.0)
+        self.publish_timeout = _number(publish_timeout, q, "publish_timeout", 10.0)
+        self.refresh = _number(refresh, q, "refresh", 10.0)
+        self.name = name
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._jsm: JetStreamManager | None = None
+        self._declared: set[str] = set()
+        self._subs: set[NatsSubscription] = set()
+        self._closing = False
+        self._up = asyncio.Event()  # set while connected
+        self._down = asyncio.Event()  # set once the current connection is lost
+
+    # -- connection ----------------------------------------------------------
+
+    @property
+    def client(self) -> Client:
+        if self._nc is None:
+            raise TransportError("the NATS transport is not open")
+        return self._nc
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    async def open(self) -> None:
+        if self._nc is not None and not self._nc.is_closed:
+            return
+        try:
+            self._nc = await nats.connect(
+                servers=self.servers,
+                name=self.name,
+                allow_reconnect=True,
+                max_reconnect_attempts=1,  # fail fast while opening; forever once open
+                reconnect_time_wait=0.5,
+                connect_timeout=5,
+                ping_interval=10,
+                max_outstanding_pings=3,
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+            )
+            self._nc.options["max_reconnect_attempts"] = -1
+            self._js = self._nc.jetstream(timeout=self.publish_timeout)
+            self._jsm = self._nc.jsm(timeout=self.publish_timeout)
+            self._down = asyncio.Event()
+            self._up.set()
+            self._closing = False
+            await self._ensure_stream()
+        except BROKER_ERRORS as exc:
+            await self._abandon()
+            raise TransportError(f"cannot open NATS at {self.servers}: {exc!r}") from exc
+        except BaseException:
+            await self._abandon()
+            raise
+
+    async def _abandon(self) -> None:
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+        self._nc = self._js = self._jsm = None
+
+    async def close(self) -> None:
+        """Stop every subscription, flush pending acks and close the connection."""
+        for sub in list(self._subs):
+            await sub.stop()
+        self._closing = True
+        nc, self._nc, self._js, self._jsm = self._nc, None, None, None
+        self._declared.clear()
+        if nc is None or nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(nc.drain(), 10.0)
+        except BROKER_ERRORS as exc:
+            log.warning("NATS drain failed, closing: %r", exc)
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("NATS connection error: %r", exc)
+
+    async def _on_disconnected(self) -> None:
+        self._up.clear()
+        self._down.set()
+        if not self._closing:
+            log.warning("NATS disconnected; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        self._down = asyncio.Event()
+        self._up.set()
+        log.info("NATS reconnected")
+        for sub in list(self._subs):
+            sub.reset()
+
+    async def guarded(self, start: Callable[[], Awaitable[T]], what: str) -> T:
+        """Run a request, failing fast if the connection drops meanwhile.
+
+        A request written just before a connection is lost never gets its answer;
+        rather than wait for its timeout, give up as soon as nats-py notices, so
+        the caller can retry on the new connection. While reconnecting, wait
+        (up to ``publish_timeout``) for the connection to come back first.
+        """
+        if not self._up.is_set():
+            try:
+                await asyncio.wait_for(self._up.wait(), self.publish_timeout)
+            except TimeoutError:
+                raise TransportError(f"NATS {what}: not connected") from None
+        down = self._down
+        task = asyncio.ensure_future(start())
+        lost = asyncio.ensure_future(down.wait())
+        try:
+            await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            raise TransportError(f"NATS {what}: the connection was lost; retry")
+        return task.result()
+
+    def forget(self, sub: NatsSubscription) -> None:
+        self._subs.discard(sub)
+
+    def _manager(self) -> JetStreamManager:
+        if self._jsm is None:
+            raise TransportError("the NATS transport is not open")
+        return self._jsm
+
+    async def _ensure_stream(self) -> None:
+        jsm = self._manager()
+        subjects = f"{self.prefix}.>"
+        try:
+            info = await jsm.stream_info(self.stream)
+        except NotFoundError:
+            config = api.StreamConfig(
+                name=self.stream,
+                subjects=[subjects],
+                retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType(self.storage),
+                max_age=self.max_age or None,
+                duplicate_window=self.duplicate_window,
+                description="sagakit messages",
+            )
+            try:
+                await jsm.add_stream(config)
+                return
+            except APIError:  # created concurrently by another process?
+                info = await jsm.stream_info(self.stream)
+        if subjects not in (info.config.subjects or []):
+            raise ConfigurationError(
+                f"JetStream stream {self.stream!r} exists without subjects {subjects!r}"
+            )
+
+    # -- names ---------------------------------------------------------------
+
+    def queue_subject(self, queue: str) -> str:
+        return f"{self.prefix}.q.{subject_tokens(queue)}"
+
+    def topic_subject(self, topic: str) -> str:
+        return f"{self.prefix}.e.{subject_tokens(topic)}"
+
+    # -- the Transport protocol ----------------------------------------------
+
+    async def declare(self, queue: str, topics: Sequence[str]) -> None:
+        await self._ensure_consumer(queue, None)
+        for topic in topics:
+            await self._ensure_consumer(queue, topic)
+
+    async def _ensure_consumer(self, queue: str, topic: str | None) -> str:
+        name = consumer_name(queue, topic)
+        if name in self._declared:
+            return name
+        subject = self.queue_subject(queue) if topic is None else self.topic_subject(topic)
+        description = json.dumps({"sagakit": 1, "queue": queue, "topic": topic})
+        config = api.ConsumerConfig(
+            name=name,
+            durable_name=name,
+            description=description,
+            filter_subject=subject,
+            deliver_policy=api.DeliverPolicy.ALL if topic is None else api.DeliverPolicy.NEW,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait,
+            max_deliver=-1,
+        )
+        jsm = self._manager()
+        try:
+            try:
+                await jsm.add_consumer(self.stream, config)
+            except APIError as exc:
+                # exists with a config that cannot be changed in place: keep it
+                info = await jsm.consumer_info(self.stream, name)
+                log.warning("kept existing NATS consumer %s (%r): %r", name, info.config, exc)
+        except BROKER_ERRORS as exc:
+            raise TransportError(f"cannot declare NATS consumer {name!r}: {exc!r}") from exc
+        self._declared.add(name)
+        return name
+
+    async def consumers_of(self, queue: str) -> list[str]:
+        """Names of the durable consumers that feed ``queue``."""
+        jsm = self._manager()
+        names: list[str] = []
+        offset = 0
+        try:
+            while True:
+                page = await jsm.consumers_info(self.stream, offset=offset)
+                for info in page:
+                    if _queue_of(info) == queue and info.name:
+                        names.append(info.name)
+                if len(page) < 256:
+                    break
+                offset += len(page)
+        except BROKER_ERRORS as exc:
+            raise TransportError(f"cannot list NATS consumers: {exc!r}") from exc
+        return sorted(names)
+
+    async def publish(self, messages: Sequence[Outgoing]) -> None:
+        if not messages:
+            return
+        if self._js is None:
+            raise TransportError("the NATS transport is not open")
+        js = self._js
+
+        async def one(m: Outgoing) -> None:
+            subject = (
+                self.topic_subject(m.destination)
+                if m.kind == "event"
+                else self.queue_subject(m.destination)
+            )
+            await js.publish(
+                subject,
+                m.data,
+                timeout=self.publish_timeout,
+                stream=self.stream,
+                headers={"Nats-Msg-Id": m.id},
+            )
+
+        async def batch(chunk: Sequence[Outgoing]) -> None:
+            await asyncio.gather(*(one(m) for m in chunk))
+
+        try:
+            for i in range(0, len(messages), PUBLISH_CHUNK):
+                chunk = messages[i : i + PUBLISH_CHUNK]
+                await self.guarded(functools.partial(batch, chunk), "publish")
+        except BROKER_ERRORS as exc:
+            raise TransportError(f"NATS publish failed: {exc!r}") from exc
+
+    async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> NatsSubscription:
+        try:
+            await self._ensure_consumer(queue, None)
+            consumers = await self.consumers_of(queue)
+            sub = NatsSubscription(self, queue, handler, prefetch)
+            self._subs.add(sub)
+            await sub.start(consumers)
+        except BROKER_ERRORS as exc:
+            raise TransportError(f"cannot consume {queue!r} from NATS: {exc!r}") from exc
+        return sub
+
+
+def _queue_of(info: api.ConsumerInfo) -> str | None:
+    description = info.config.description if info.config else None
+    if not description or not description.startswith("{"):
+        return None
+    try:
+        data = json.loads(description)
+    except ValueError:
+        return None
+    queue = data.get("queue") if isinstance(data, dict) and data.get("sagakit") else None
+    return queue if isinstance(queue, str) else None
+
+
+__all__ = [
+    "NatsDelivery",
+    "NatsSubscription",
+    "NatsTransport",
+    "consumer_name",
+    "escape",
+    "subject_tokens",
+    "transport",
+]
