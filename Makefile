@@ -28,8 +28,15 @@ fmt: $(STAMP)
 	$(BIN)/ruff format src tests benchmarks examples
 	$(BIN)/ruff check --fix src tests benchmarks examples
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/throughput.py
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+# sagakit vs DBOS vs a hand-written saga vs pgbench (issue #7); BENCH_ARGS=--quick for a smoke run
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/compare.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .sagakit
