@@ -370,3 +370,29 @@ def test_demo_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert demo.main(["--orders", "0"]) == 2
     with pytest.raises(SystemExit):
         demo.main(["--orders", "many"])
+
+
+def test_the_diagram_is_generated_from_the_definition() -> None:
+    import xml.dom.minidom
+
+    from order_fulfillment.diagram import render
+    from order_fulfillment.saga import create_order
+
+    svg = render(create_order)
+    xml.dom.minidom.parseString(svg)  # well-formed
+    for step in create_order.steps:
+        assert f". {step.name}<" in svg
+    for name in ("orders.RejectOrder", "customers.ReleaseCredit", "inventory.ReleaseStock"):
+        assert name in svg
+    assert "PIVOT" in svg
+    committed = Path(__file__).parent.parent / "docs" / "create-order.svg"
+    if committed.exists():
+        assert committed.read_text() == svg, "regenerate docs/create-order.svg"
+
+
+def test_demo_on_postgres(postgres_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each service in its own schema of one PostgreSQL database."""
+    code = demo.main(["--orders", "20", "--json", "--store", postgres_url])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0, result
+    assert all(result["invariants"].values()) and result["as_planned"], result

@@ -433,9 +433,12 @@ def report(result: Result, args: argparse.Namespace) -> None:
     console.print(table)
     console.print(
         f"sagas: [green]{out['completed']} completed[/], {out['compensated']} compensated, "
-        f"{out['failed']} failed, {out['pending']} pending · the carrier refused "
-        f"{result.shipping_refusals} bookings, all retried · "
-        f"[bold]{out['elapsed_s']:.2f} s, {out['sagas_per_s']:.0f} sagas/s[/]"
+        f"{out['failed']} failed, {out['pending']} pending in [bold]{out['elapsed_s']:.2f} s "
+        f"({out['sagas_per_s']:.0f} sagas/s)[/]"
+    )
+    console.print(
+        f"the carrier refused {result.shipping_refusals} bookings; "
+        "each was retried until the parcel shipped"
     )
     inv = Table(title="invariants across the six services")
     inv.add_column("invariant")
