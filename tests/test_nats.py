@@ -156,9 +156,10 @@ def test_missing_nats_py_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 async def test_unreachable_server_is_a_transport_error() -> None:
-    t = NatsTransport("nats://127.0.0.1:1", stream="X", prefix="x")
-    with pytest.raises(TransportError):
+    t = NatsTransport("nats://me:secret@127.0.0.1:1", stream="X", prefix="x")
+    with pytest.raises(TransportError) as info:
         await asyncio.wait_for(t.open(), 20)
+    assert "secret" not in str(info.value) and "me:***@127.0.0.1:1" in str(info.value)
 
 
 # -- the contract ------------------------------------------------------------
@@ -302,6 +303,30 @@ async def test_events_fan_out_to_every_bound_queue(make: Factory) -> None:
     assert sorted(recs["billing"].data) == [b"e1", b"e2", b"m3"]
     assert recs["email"].data == [b"e1"]
     assert recs["stock"].data == []
+
+
+async def test_redeclare_updates_or_keeps_an_existing_consumer(
+    make: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = await make(ack_wait=2.0)
+    await first.declare("redecl", ["redecl.E"])
+    second = await make(ack_wait=3.0)
+    await second.declare("redecl", ["redecl.E"])  # ack_wait can change in place
+    jsm = second.client.jsm()
+    info = await jsm.consumer_info(second.stream, nats_mod.consumer_name("redecl"))
+    assert info.config.ack_wait == 3.0
+    # a consumer the server will not change (deliver policy) is kept, with a log line
+    await jsm.add_consumer(
+        second.stream,
+        nats_mod.api.ConsumerConfig(
+            durable_name="odd",
+            name="odd",
+            filter_subject=second.queue_subject("odd"),
+            deliver_policy=nats_mod.api.DeliverPolicy.NEW,
+        ),
+    )
+    await second.declare("odd", [])
+    assert "kept existing NATS consumer odd" in caplog.text
 
 
 async def test_a_consumer_declared_elsewhere_is_picked_up(make: Factory) -> None:

@@ -142,6 +142,16 @@ def _parse(url: str) -> tuple[list[str], dict[str, str]]:
     return servers, options
 
 
+def _redact(url: str) -> str:
+    """``url`` without its password (or token), for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    auth, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = auth.partition(":")[0] if ":" in auth else "***"
+    return f"{scheme}{sep}{user}:***@{host}"
+
+
 def _number(explicit: float | None, query: dict[str, str], key: str, default: float) -> float:
     if explicit is not None:
         return float(explicit)
@@ -534,7 +544,8 @@ class NatsTransport:
             await self._ensure_stream()
         except BROKER_ERRORS as exc:
             await self._abandon()
-            raise TransportError(f"cannot open NATS at {self.servers}: {exc!r}") from exc
+            where = ", ".join(_redact(u) for u in self.servers)
+            raise TransportError(f"cannot open NATS at {where}: {exc!r}") from exc
         except BaseException:
             await self._abandon()
             raise
@@ -732,8 +743,8 @@ class NatsTransport:
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> NatsSubscription:
         try:
-            await self._ensure_consumer(queue, None)
-            consumers = await self.consumers_of(queue)
+            own = await self._ensure_consumer(queue, None)
+            consumers = sorted({own, *await self.consumers_of(queue)})
             sub = NatsSubscription(self, queue, handler, prefetch)
             self._subs.add(sub)
             await sub.start(consumers)
