@@ -43,6 +43,9 @@ _RETRYABLE_CLASSES = ("08", "53")
 _HEALTH_EVERY_S = 10.0
 _RECONNECT_MAX_S = 5.0
 
+# create_pool() options that asyncpg.connect() (used for LISTEN) does not take.
+_POOL_ONLY = ("init", "setup", "reset", "max_queries", "max_inactive_connection_lifetime")
+
 DBError = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 
@@ -175,6 +178,10 @@ class PostgresDriver:
         self.channel = channel
         self.min_size, self.max_size = min_size, max_size
         self.acquire_timeout = acquire_timeout
+        self.pool_options: dict[str, Any] = {"reset": _keep_session}
+        self.pool_options.update(
+            (k, connect_options.pop(k)) for k in _POOL_ONLY if k in connect_options
+        )
         self.connect_options = connect_options
         self._pool: Any = None
         self._on_notify: Callable[[str], None] | None = None
@@ -186,7 +193,11 @@ class PostgresDriver:
             return
         try:
             self._pool = await asyncpg.create_pool(
-                self.url, min_size=self.min_size, max_size=self.max_size, **self.connect_options
+                self.url,
+                min_size=self.min_size,
+                max_size=self.max_size,
+                **self.pool_options,
+                **self.connect_options,
             )
         except DBError as exc:
             raise translate(exc) from exc
@@ -290,6 +301,16 @@ async def _transaction(conn: Any, channel: str, tx: PostgresTx) -> AsyncIterator
     except DBError as exc:
         await _quietly(outer.rollback())
         raise translate(exc) from exc
+
+
+async def _keep_session(conn: Any) -> None:
+    """Pool reset that skips asyncpg's per-release ``RESET ALL``/``UNLISTEN`` round trip.
+
+    asyncpg still rolls back a transaction left open. sagakit keeps no session
+    state on pooled connections (LISTEN has its own connection, advisory locks
+    are transaction-scoped); handlers should use ``SET LOCAL``, not ``SET``.
+    Pass ``reset=None`` to restore asyncpg's full reset.
+    """
 
 
 async def _quietly(aw: Any) -> None:
