@@ -47,6 +47,7 @@ class Settings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     auto_migrate: bool = True
     prefix: str = "sagakit_"
+    shutdown_grace: float = 10.0
 
 
 class App:
@@ -134,7 +135,8 @@ class App:
         if not self._started:
             return
         self._started = False
-        await asyncio.gather(*(s.stop() for s in self._subs), return_exceptions=True)
+        grace = self.settings.shutdown_grace
+        await asyncio.gather(*(_stop(s, grace) for s in self._subs), return_exceptions=True)
         await asyncio.gather(*(r.stop() for r in self._relays), return_exceptions=True)
         self._subs.clear()
         self._relays.clear()
@@ -218,6 +220,16 @@ class App:
                 )
                 relay.start()
                 self._relays.append(relay)
+
+
+async def _stop(sub: Subscription, grace: float) -> None:
+    """Stop a consumer, cancelling it if its handlers outlast the grace period."""
+    if isinstance(sub, QueueConsumer):
+        return await sub.stop(grace)
+    try:
+        await asyncio.wait_for(sub.stop(), grace + 1.0)
+    except TimeoutError:
+        log.warning("a consumer did not stop within %.1fs; abandoning it", grace)
 
 
 def _transport_options(url: str, s: Settings) -> dict[str, Any]:

@@ -14,6 +14,7 @@ messages on the store's own queues, so they are durable and claimed with
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from .errors import (
     UnknownSaga,
 )
 from .messages import Done, Envelope, Failure, Headers, caused_by, command, encode_json, new_id
+from .policies import RetryPolicy
 from .saga import SagaDefinition, StepDef
 from .store.core import LogEntry, SagaRecord
 
@@ -69,6 +71,7 @@ class Pending(msgspec.Struct):
     phase: str
     waiting: bool = False
     timer: str | None = None
+    base: int = 0  # attempts made before the last operator retry
 
 
 class Progress(msgspec.Struct):
@@ -297,7 +300,7 @@ class Coordinator:
             return  # the step moved on; a stale timer changes nothing
         del inst.progress.pending[step]
         if timer.kind == "retry":
-            self._send(inst, inst.defn.step(step), p.phase, p.attempt + 1, out)
+            self._send(inst, inst.defn.step(step), p.phase, p.attempt + 1, out, base=p.base)
         else:
             inst.log("timeout", step, p.message_id, f"no reply within {timer.seconds}s")
             self._failed(inst, step, p, f"timeout after {timer.seconds}s", out, maybe_applied=True)
@@ -378,16 +381,13 @@ class Coordinator:
     ) -> None:
         """A step failed: retry it, compensate, or stop for an operator."""
         sdef = inst.defn.step(step)
-        phase = p.phase if p else "forward"
-        attempt = p.attempt if p else 1
-        if phase == "forward" and sdef.on_failure is not None:
+        p = p or Pending("", 1, "forward")
+        if p.phase == "forward" and sdef.on_failure is not None:
             self._fold_failure(inst, sdef, failure or Failure("sagakit.StepFailed", reason, True))
-        if phase == "compensate":
-            return self._retry_or_stop(
-                inst, sdef, phase, attempt, inst.defn.compensation_retry, reason, out
-            )
+        if p.phase == "compensate":
+            return self._retry_or_stop(inst, sdef, p, inst.defn.compensation_retry, reason, out)
         if sdef.kind == "retriable" and sdef.retry is not None:
-            return self._retry_or_stop(inst, sdef, phase, attempt, sdef.retry, reason, out)
+            return self._retry_or_stop(inst, sdef, p, sdef.retry, reason, out)
         self._begin_compensation(
             inst, f"step {step!r} failed: {reason}", out, also=[step] if maybe_applied else []
         )
@@ -407,26 +407,27 @@ class Coordinator:
         self,
         inst: Instance,
         sdef: StepDef,
-        phase: str,
-        attempt: int,
-        policy: Any,
+        p: Pending,
+        policy: RetryPolicy,
         reason: str,
         out: Outbox,
     ) -> None:
-        if policy.gives_up_after(attempt):
-            inst.progress.stuck = Pending("", attempt, phase)
+        """Schedule the next attempt, or stop in ``failed`` when the policy gives up."""
+        tries = p.attempt - p.base
+        if policy.gives_up_after(tries):
+            inst.progress.stuck = Pending("", p.attempt, p.phase)
             inst.progress.stuck_step = sdef.name
             inst.rec.error = (
-                f"step {sdef.name!r} ({phase}) gave up after {attempt} attempts: {reason}"
+                f"step {sdef.name!r} ({p.phase}) gave up after {tries} attempts: {reason}"
             )
             return self._finish(inst, "failed")
-        delay, token = policy.delay(attempt), new_id()
+        delay, token = policy.delay(tries), new_id()
         self._schedule(inst, out, sdef.name, Timer("retry", token, delay), delay)
-        inst.progress.pending[sdef.name] = Pending(token, attempt, phase, waiting=True)
-        inst.log("retry-scheduled", sdef.name, token, f"attempt {attempt} failed: {reason}")
+        inst.progress.pending[sdef.name] = Pending(token, p.attempt, p.phase, True, base=p.base)
+        inst.log("retry-scheduled", sdef.name, token, f"attempt {p.attempt} failed: {reason}")
 
     def _begin_compensation(
-        self, inst: Instance, reason: str, out: Outbox, also: list[str]
+        self, inst: Instance, reason: str, out: Outbox, also: builtins.list[str]
     ) -> None:
         prog = inst.progress
         in_flight = [n for n, p in prog.pending.items() if p.phase == "forward"]
@@ -457,7 +458,9 @@ class Coordinator:
             inst.progress.stuck, inst.progress.stuck_step = None, None
         inst.log(state, detail=inst.rec.error if state != "completed" else None)
 
-    def _send(self, inst: Instance, sdef: StepDef, phase: str, attempt: int, out: Outbox) -> None:
+    def _send(
+        self, inst: Instance, sdef: StepDef, phase: str, attempt: int, out: Outbox, base: int = 0
+    ) -> None:
         """Send a step's command (or its compensation) and await the reply."""
         headers = self._headers(inst, sdef.name, phase, attempt)
         ep = self.ep
@@ -469,7 +472,7 @@ class Coordinator:
             assert action is not None
             env = ep.codec.make(action.factory(inst.data), headers)
             out.send(env, action.participant)
-        pending = Pending(env.id, attempt, phase)
+        pending = Pending(env.id, attempt, phase, base=base)
         if sdef.timeout is not None:
             timer = Timer("timeout", env.id, sdef.timeout)
             pending.timer = self._schedule(inst, out, sdef.name, timer, sdef.timeout)
@@ -537,7 +540,9 @@ class Coordinator:
         stuck, step = prog.stuck, prog.stuck_step
         prog.stuck, prog.stuck_step = None, None
         inst.rec.state = "compensating" if stuck.phase == "compensate" else "running"
-        self._send(inst, inst.defn.step(step), stuck.phase, stuck.attempt + 1, out)
+        self._send(
+            inst, inst.defn.step(step), stuck.phase, stuck.attempt + 1, out, base=stuck.attempt
+        )
 
     def _op_compensate(self, inst: Instance, out: Outbox) -> None:
         if inst.rec.state != "running" or inst.progress.pivoted:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("sagakit.endpoint")
 
 OUTBOX_QUEUE = "sagakit.outbox"
+
+
+class RaceLost(SagakitError):
+    """A concurrent transaction recorded this key first; roll back and retry."""
+
+    retryable = True
 
 
 class LeaseLost(SagakitError):
@@ -159,10 +166,8 @@ class Endpoint:
             if env is not None and env.kind == "command" and env.headers.reply_to:
                 await self.fail_command(tx, out, env, exc, technical=technical)
 
-        try:
+        with suppress(LeaseLost):
             await self.in_transaction(delivery, body)
-        except LeaseLost:
-            pass
 
     async def fail_command(
         self, tx: Tx, out: Outbox, env: Envelope, exc: Exception, *, technical: bool
@@ -183,7 +188,10 @@ class Endpoint:
         """Record the outcome of ``env`` under its inbox key (replacing a failure)."""
         data = self.codec.encode(reply) if reply is not None else None
         row = InboxRow(outcome, data, env.headers.reply_to, env.headers.attempt)
-        await self.store.inbox_put(tx, self.name, inbox_key(env), row, replace=True)
+        if not await self.store.inbox_put(tx, self.name, inbox_key(env), row, replace=True):
+            raise RaceLost(
+                f"{inbox_key(env)} was settled concurrently", saga_id=env.headers.saga_id
+            )
 
 
 def inbox_key(env: Envelope) -> str:

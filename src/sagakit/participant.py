@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .endpoint import RaceLost
 from .errors import BusinessError, ConfigurationError, DuplicateRegistration
 from .messages import Done, Envelope, Failure, caused_by, spec_of
 from .store.core import InboxRow
@@ -114,7 +115,7 @@ class Participant:
     async def _run_event(self, env: Envelope, tx: Tx, out: Outbox, ep: Endpoint) -> None:
         if not await ep.store.inbox_put(tx, ep.name, env.id, InboxRow("success", None, None, 1)):
             return
-        payload = ep.codec.payload(env)
+        payload: Any = ep.codec.payload(env)
         await self.events[env.type](payload, Context(tx, env, ep, out))
 
     async def _run_command(self, env: Envelope, tx: Tx, out: Outbox, ep: Endpoint) -> None:
@@ -123,7 +124,7 @@ class Participant:
             return _refuse(env, out, ep)
         if seen is not None and not _retry_of_failure(env, seen):
             return _resend(env, seen, out, ep)
-        payload = ep.codec.payload(env)
+        payload: Any = ep.codec.payload(env)
         compensating = env.headers.phase == "compensate"
         if compensating and await _null_compensation(env, tx, ep):
             return await _answer(env, Done(), "success", tx, out, ep)
@@ -188,7 +189,10 @@ async def _null_compensation(env: Envelope, tx: Tx, ep: Endpoint) -> bool:
         return False
     if fwd is None:
         row = InboxRow(CANCELLED, None, None, env.headers.attempt)
-        await ep.store.inbox_put(tx, ep.name, _sibling(env, "forward"), row)
+        if not await ep.store.inbox_put(tx, ep.name, _sibling(env, "forward"), row):
+            raise RaceLost(
+                "the forward command committed concurrently", saga_id=env.headers.saga_id
+            )
     return True
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -259,10 +259,8 @@ class Store:
         """Sleep until a commit wakes ``queue`` or ``timeout`` passes."""
         ev = self.waker.event(queue)
         if not ev.is_set():
-            try:
+            with suppress(TimeoutError):
                 await asyncio.wait_for(ev.wait(), timeout * (0.8 + 0.4 * random.random()))
-            except TimeoutError:
-                pass
         ev.clear()
 
     # -- inbox -------------------------------------------------------------
@@ -288,12 +286,16 @@ class Store:
         *,
         replace: bool = False,
     ) -> bool:
-        """Record a handled key; False if it was there already (and not replaced)."""
+        """Record a handled key; False if it was there already.
+
+        With ``replace`` only an earlier *failure* is overwritten (a retry of a
+        failed step); a success or a compensation barrier is never replaced.
+        """
         p = self.prefix
         conflict = (
             "ON CONFLICT (consumer, key) DO UPDATE SET outcome = excluded.outcome, "
             "reply = excluded.reply, destination = excluded.destination, "
-            "attempt = excluded.attempt"
+            f"attempt = excluded.attempt WHERE {p}inbox.outcome = 'failure'"
             if replace
             else "ON CONFLICT DO NOTHING"
         )

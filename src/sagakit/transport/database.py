@@ -101,12 +101,20 @@ class QueueConsumer:
             log.exception("handler crashed on %s; releasing", self.queue)
             await _quiet(delivery.nack(1.0))
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 10.0) -> None:
+        """Take no new rows; give in-flight handlers ``grace`` seconds, then cancel them.
+
+        A cancelled handler's transaction rolls back and its lease expires, so
+        the message is delivered again: nothing is lost.
+        """
         self._stopping = True
         self.store.waker.wake(self.queue)
         await asyncio.gather(self._task, return_exceptions=True)
         if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
+            _, late = await asyncio.wait(self._inflight, timeout=grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
 
 
 async def _quiet(aw: object) -> None:

@@ -1,0 +1,59 @@
+"""Small shared pieces for tests: message types and a bank of participants."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+
+import msgspec
+
+import sagakit as sk
+
+
+@sk.command("test.Do")
+class Do(msgspec.Struct):
+    key: str
+    amount: int = 1
+
+
+@sk.command("test.Undo")
+class Undo(msgspec.Struct):
+    key: str
+
+
+@sk.reply("test.Done")
+class DidIt(msgspec.Struct):
+    value: int
+
+
+@sk.event("test.Happened")
+class Happened(msgspec.Struct):
+    key: str
+
+
+class Refused(sk.BusinessError):
+    code = "test.Refused"
+
+
+@dataclass
+class Data:
+    key: str
+    total: int = 0
+    log: list[str] = field(default_factory=list)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout: float = 10.0, every: float = 0.01
+) -> None:
+    """Poll ``check`` until it is true; fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not await check():
+        if loop.time() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(every)
+
+
+def add(d: Data, r: DidIt) -> Data:
+    return replace(d, total=d.total + r.value)
