@@ -359,3 +359,25 @@ async def _dead(app: sk.App, kind: str) -> bool:
 def test_refused_is_a_business_error() -> None:
     assert issubclass(Refused, sk.BusinessError)
     assert Undo("x").key == "x"
+
+
+async def test_pivot_timeout_asks_again_instead_of_compensating(tmp_path, plan: Plan) -> None:
+    clock = sk.FakeClock()
+    app = make_app(tmp_path, clock)
+    bench(app, ["a", "pay"], plan, tmp_path)
+    saga = linear("pt", ["a", "pay"], pivot="pay", timeouts={"pay": 5.0}, deadline=60.0)
+    app.saga(saga)
+    hold = plan.hold[("card", "pay")] = asyncio.Event()
+    async with app:
+        await app.sagas.start(saga, Data("card"), saga_id="card")
+        await eventually(lambda: _logged(app, "card", "command-sent", times=2))
+        clock.advance(61)  # both the step timeout and the deadline are due
+        app.store.waker.wake_all()
+        await eventually(lambda: _logged(app, "card", "retry-scheduled"))
+        await eventually(lambda: _logged(app, "card", "deadline-passed"))
+        hold.set()
+        clock.advance(1)
+        app.store.waker.wake_all()
+        view = await app.sagas.wait("card")
+        assert view.state == "completed"
+        assert committed(plan, "card") == ["T:a", "T:pay"]  # charged once, never undone

@@ -233,8 +233,12 @@ async def _stop(sub: Subscription, grace: float) -> None:
 
 
 def _transport_options(url: str, s: Settings) -> dict[str, Any]:
-    if url.split(":", 1)[0] in ("database", "db", ""):
+    """Settings a transport understands; options in the URL's query win."""
+    scheme = url.split(":", 1)[0]
+    if scheme in ("database", "db", ""):
         return {"lease": s.lease, "max_poll": s.max_poll}
+    if scheme in ("nats", "redis") and "lease=" not in url and "ack_wait=" not in url:
+        return {"lease": s.lease}
     return {}
 
 

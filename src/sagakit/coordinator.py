@@ -303,8 +303,20 @@ class Coordinator:
             self._send(inst, inst.defn.step(step), p.phase, p.attempt + 1, out, base=p.base)
         else:
             inst.log("timeout", step, p.message_id, f"no reply within {timer.seconds}s")
-            self._failed(inst, step, p, f"timeout after {timer.seconds}s", out, maybe_applied=True)
+            self._timed_out(inst, step, p, f"timeout after {timer.seconds}s", out)
         await self._save(tx, inst)
+
+    def _timed_out(self, inst: Instance, step: str, p: Pending, reason: str, out: Outbox) -> None:
+        """A reply is missing: compensate if the step can be undone, else ask again.
+
+        A step with no compensation (the pivot, say) may have taken effect, and
+        nothing could undo it, so its command is sent again: the participant's
+        barrier answers a repeat with the stored outcome instead of acting twice.
+        """
+        sdef = inst.defn.step(step)
+        if p.phase == "forward" and sdef.compensation is None and sdef.kind != "retriable":
+            return self._retry_or_stop(inst, sdef, p, inst.defn.compensation_retry, reason, out)
+        self._failed(inst, step, p, reason, out, maybe_applied=True)
 
     async def run_local(self, delivery: Delivery, ep: Endpoint) -> None:
         """Run a local step outside any transaction, then apply its outcome."""
@@ -505,10 +517,22 @@ class Coordinator:
             inst.cancel.append(p.timer)
 
     async def _deadline(self, inst: Instance, tx: Tx, out: Outbox) -> None:
-        if inst.rec.state == "running" and not inst.progress.pivoted:
+        """Compensate a saga that ran out of time, unless it is past the point of no return.
+
+        A step that cannot be undone still in flight (the pivot) also stops the
+        deadline: compensating around it could leave its effect in place.
+        """
+        prog = inst.progress
+        undoable = all(
+            inst.defn.step(n).compensation is not None or p.phase != "forward"
+            for n, p in prog.pending.items()
+        )
+        if inst.rec.state == "running" and not prog.pivoted and undoable:
             self._begin_compensation(inst, "deadline passed", out, also=[])
         else:
-            inst.log("deadline-passed", detail=f"state {inst.rec.state}; no action")
+            inst.log(
+                "deadline-passed", detail=f"state {inst.rec.state}; past the point of no return"
+            )
         await self._save(tx, inst)
 
     # -- operator actions ----------------------------------------------------
