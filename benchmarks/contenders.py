@@ -26,6 +26,7 @@ It prints one JSON object on its last line.
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import json
 import logging
@@ -492,8 +493,18 @@ async def drive(
     states: Counter[str] = Counter()
     rss: list[tuple[int, float]] = []
     total = 0
+    lat: array.array[float] = array.array("d")
+    lat_n = 0
 
-    async def phase(seconds: float | None, n: int | None, lat: list[float] | None) -> float:
+    def record(seconds: float) -> None:
+        nonlocal lat_n
+        if lat_n < len(lat):
+            lat[lat_n] = seconds
+        else:
+            lat.append(seconds)
+        lat_n += 1
+
+    async def phase(seconds: float | None, n: int | None, measure: bool) -> float:
         nonlocal total
         started = time.perf_counter()
         end = started + seconds if seconds is not None else None
@@ -510,11 +521,11 @@ async def drive(
                 i = total + issued
                 t0 = time.perf_counter()
                 state = await c.one(i, fail)
-                if lat is not None:
-                    lat.append(time.perf_counter() - t0)
+                if measure:
+                    record(time.perf_counter() - t0)
                     states[state] += 1
-                    if rss_every and len(lat) % rss_every == 0:
-                        rss.append((len(lat), current_rss_mb()))
+                    if rss_every and lat_n % rss_every == 0:
+                        rss.append((lat_n, current_rss_mb()))
 
         await asyncio.gather(*(client() for _ in range(in_flight)))
         total += issued
@@ -522,15 +533,18 @@ async def drive(
 
     try:
         if warmup > 0:
-            await phase(warmup, None, None)
-        lat: list[float] = []
+            await phase(warmup, None, False)
+        # latencies as unboxed doubles, preallocated when the count is known, so
+        # that the client's own bookkeeping does not show up as memory growth
+        lat = array.array("d", bytes(8 * count)) if count else array.array("d")
         commits0, cpu0 = CommitCounter.count, time.process_time()
-        elapsed = await phase(duration, count, lat)
+        elapsed = await phase(duration, count, True)
         cpu = time.process_time() - cpu0
         commits = CommitCounter.count - commits0
     finally:
         await c.teardown()
-    n = len(lat)
+    n = lat_n
+    del lat[n:]
     expected = EXPECTED[variant]
     return {
         "sagas": n,
