@@ -182,8 +182,10 @@ class Coordinator:
 
         Starting twice with the same ``saga_id`` is a no-op returning that id.
         """
-        if self.definitions.get(defn.key) is not defn:
+        registered = self.definitions.get(defn.key)
+        if registered is None:
             raise SagaVersionUnknown(f"saga {defn.name!r} v{defn.version} is not registered")
+        defn = registered  # steps run as registered under this name and version
         saga_id = saga_id or new_id()
         now = self.store.clock.now()
         deadline = now + defn.deadline if defn.deadline else None
