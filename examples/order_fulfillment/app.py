@@ -8,12 +8,17 @@ every participant and the coordinator in this process:
   next to it (``dir/customers.db`` ...). The App relays their outboxes.
 * ``postgresql://...``: one database; sagakit's tables in ``public`` and each
   service's tables in a schema of its own (``customers.credit_reservations``).
+
+``run=["shipping"]`` (or ``["coordinator"]``...) makes the App consume only
+for those services in this process: that is how ``sagakit worker`` and the
+multi-process demo (``order_fulfillment.cluster``) split the application.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +70,8 @@ class OrderFulfillment:
         for service in self.services:
             await service.create_tables()
         await self.app.start()
-        if self.sweep_interval > 0:
+        # The stock sweeper belongs to the inventory service: only its processes run it.
+        if self.sweep_interval > 0 and self.app.runs("inventory"):
             self._sweeper = asyncio.create_task(self.inventory.run_sweeper(self.sweep_interval))
 
     async def stop(self) -> None:
@@ -131,9 +137,15 @@ def build(
     gateway: FakeCardGateway | None = None,
     stock_ttl: float = DEFAULT_TTL,
     sweep_interval: float = 1.0,
+    run: Iterable[str] | None = None,
 ) -> OrderFulfillment:
-    """The order-fulfillment application on ``store`` and ``transport``."""
-    app = sk.App(store, transport, settings=settings, clock=clock)
+    """The order-fulfillment application on ``store`` and ``transport``.
+
+    ``run`` selects the services (and/or ``"coordinator"``) this process
+    consumes for; None runs them all, ``[]`` none (a process that only places
+    orders and reads the books).
+    """
+    app = sk.App(store, transport, settings=settings, clock=clock, run=run)
     where = service_stores(store)
     services = {
         "orders": Orders(),

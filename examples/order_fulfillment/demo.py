@@ -11,12 +11,21 @@
    ``--json``, one JSON object as the last line) and exit 0 only if they hold.
 
 ``--serve`` keeps the HTTP API up afterwards (see ``order_fulfillment.api``).
+
+``--processes N`` runs the services in worker processes instead: N per
+service plus ``--coordinators`` (2) saga coordinators, started with
+``sagakit worker`` by :class:`order_fulfillment.cluster.Cluster`. This process
+then only prepares the databases, places the orders (its App consumes nothing;
+it relays its outbox) and checks the books. ``--chaos`` SIGKILLs one
+coordinator process once half of the sagas are final and restarts it a moment
+later; the run must still end with every invariant true.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -34,9 +43,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import sagakit as sk
+from sagakit.app import COORDINATOR
 
 from .app import OrderFulfillment, build
 from .catalog import CATALOG
+from .cluster import Cluster, WorkerFailed
 from .loyalty import points_for
 from .orders import APPROVED, REJECTED
 from .payments import CARD_DECLINED, CARD_INSUFFICIENT_FUNDS, CARD_OK
@@ -230,13 +241,16 @@ class Result:
 
 
 async def seed(of: OrderFulfillment, plan: Plan) -> None:
-    """Start from empty service tables, then load customers and stock."""
+    """Start from empty service tables, then load customers, stock and the
+    carrier's planned outages (in the shipping service's table, so that every
+    process running the shipping service sees them)."""
     for service in of.services:
         await service.reset()
     for i, (customer_id, limit) in enumerate(sorted(plan.customers.items())):
         await of.customers.add_customer(customer_id, f"Customer {i + 1}", limit)
     for sku, qty in sorted(plan.stock.items()):
         await of.inventory.add_product(sku, CATALOG[sku].name, qty)
+    await of.shipping.plan_outages(plan.outages)
 
 
 async def place_all(of: OrderFulfillment, plan: Plan, concurrency: int = 64) -> list[str]:
@@ -257,10 +271,29 @@ async def place_all(of: OrderFulfillment, plan: Plan, concurrency: int = 64) -> 
     return list(await asyncio.gather(*(place(o) for o in plan.orders)))
 
 
+@dataclass
+class Watch:
+    """How far the run is, for whoever waits on it (the chaos monkey)."""
+
+    finished: int = 0
+    total: int = 0
+    halfway: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def update(self, finished: int, total: int) -> None:
+        self.finished, self.total = finished, total
+        if 2 * finished >= total:
+            self.halfway.set()
+
+
 async def wait_all(
-    of: OrderFulfillment, saga_ids: list[str], timeout: float, progress: Progress | None
+    of: OrderFulfillment,
+    saga_ids: list[str],
+    timeout: float,
+    progress: Progress | None,
+    watch: Watch | None = None,
 ) -> None:
-    """Poll until every saga is final or ``timeout`` passes."""
+    """Poll until every saga is final or ``timeout`` passes, keeping ``watch``
+    up to date."""
     task = progress.add_task("sagas finished", total=len(saga_ids)) if progress else None
     waiting = set(saga_ids)
     loop = asyncio.get_running_loop()
@@ -273,6 +306,8 @@ async def wait_all(
                 waiting.discard(saga_id)
         if progress is not None and task is not None:
             progress.update(task, completed=len(saga_ids) - len(waiting))
+        if watch is not None:
+            watch.update(len(saga_ids) - len(waiting), len(saga_ids))
         if waiting:
             await asyncio.sleep(poll)
             poll = min(poll * 1.5, 0.25)
@@ -361,17 +396,19 @@ async def check(
         elapsed_s=elapsed,
         shipping_refusals=sum(v.data.retries.get("ship", 0) for v in views),
         store=_redact(args.store),
-        transport=args.transport,
+        transport=_redact(args.transport),
         seed=args.seed,
     )
 
 
 async def run(args: argparse.Namespace) -> Result:
+    if args.processes:
+        return await run_cluster(args)
     plan = make_plan(args.orders, args.seed)
-    # Outages for the planned orders only; orders placed later over HTTP
-    # (--serve) meet a carrier that refuses 10% of first bookings.
-    carrier = FakeCarrier(outages=plan.outages)
-    of = build(args.store, args.transport, carrier=carrier)
+    # Planned outages are in the shipping table (see seed); orders placed
+    # later over HTTP (--serve) meet a carrier that refuses 10% of first bookings.
+    carrier = FakeCarrier()
+    of = build(args.store, args.transport, carrier=carrier, settings=_settings(args))
     await of.start()
     try:
         await seed(of, plan)
@@ -394,6 +431,81 @@ async def run(args: argparse.Namespace) -> Result:
         return result
     finally:
         await of.stop()
+
+
+async def run_cluster(args: argparse.Namespace) -> Result:
+    """The demo with every service and the coordinator in worker processes.
+
+    This process migrates and seeds the databases, then starts the workers,
+    places the orders, waits, and checks the books; its own App runs no
+    handlers (``run=[]``) but relays what it writes to the outbox.
+    """
+    plan = make_plan(args.orders, args.seed)
+    of = build(args.store, args.transport, run=[], settings=_settings(args))
+    await of.start()
+    layout = Cluster.layout(per_service=args.processes, coordinators=args.coordinators)
+    cluster = Cluster(args.store, args.transport, layout, lease=args.lease, log_dir=args.log_dir)
+    chaos: dict[str, Any] = {}
+    try:
+        await seed(of, plan)
+        await cluster.start(timeout=60.0)
+        pids = cluster.pids()
+        progress = None if args.json else _progress()
+        watch = Watch()
+        monkey = asyncio.create_task(_chaos(cluster, watch, chaos)) if args.chaos else None
+        started = time.perf_counter()
+        if progress is not None:
+            progress.start()
+        try:
+            saga_ids = await place_all(of, plan)
+            await wait_all(of, saga_ids, args.timeout, progress, watch)
+        finally:
+            if progress is not None:
+                progress.stop()
+            if monkey is not None:
+                if not monkey.done():
+                    monkey.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await monkey
+        elapsed = time.perf_counter() - started
+        result = await check(of, plan, saga_ids, elapsed, args)
+    finally:
+        codes = cluster.stop()
+        await of.stop()
+    unclean = {n: c for n, c in codes.items() if c != 0}
+    result.extra = {
+        "processes": {name: pid for name, pid in pids.items()},
+        "worker_exit_codes": codes,
+        "workers_stopped_cleanly": not unclean,
+        "log_dir": str(cluster.log_dir),
+    }
+    if args.chaos:
+        result.extra["chaos"] = chaos
+        result.invariants["chaos_kill_happened"] = bool(chaos.get("killed"))
+        result.details["chaos_kill_happened"] = (
+            f"SIGKILLed {chaos['killed']} (pid {chaos['killed_pid']}) with "
+            f"{chaos['finished_at_kill']} sagas final; "
+            f"restarted as pid {chaos.get('restarted_pid')}"
+            if chaos.get("killed")
+            else "no coordinator was killed"
+        )
+    return result
+
+
+async def _chaos(cluster: Cluster, watch: Watch, out: dict[str, Any]) -> None:
+    """Once half of the sagas are final: SIGKILL the first coordinator, restart it
+    a second later (the other coordinators carry on meanwhile)."""
+    await watch.halfway.wait()
+    victim = cluster.running(COORDINATOR)[0]
+    out["killed"] = victim
+    out["killed_pid"] = cluster.kill(victim)
+    out["finished_at_kill"] = watch.finished
+    await asyncio.sleep(1.0)
+    out["restarted_pid"] = await cluster.restart(victim)
+
+
+def _settings(args: argparse.Namespace) -> sk.Settings | None:
+    return sk.Settings(lease=args.lease) if args.lease is not None else None
 
 
 async def serve(of: OrderFulfillment, host: str, port: int) -> None:
@@ -504,6 +616,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timeout", type=float, default=120.0, help="seconds to wait for the sagas (default 120)"
     )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the services in worker processes, N per service (default 0: all in this one)",
+    )
+    p.add_argument(
+        "--coordinators",
+        type=int,
+        default=2,
+        help="coordinator processes with --processes (default 2)",
+    )
+    p.add_argument(
+        "--chaos",
+        action="store_true",
+        help="with --processes: SIGKILL a coordinator halfway, then restart it",
+    )
+    p.add_argument(
+        "--lease",
+        type=float,
+        default=None,
+        help="Settings.lease in seconds: how soon a dead consumer's messages come back "
+        "(default 30; 2 with --chaos)",
+    )
+    p.add_argument("--log-dir", default=None, help="worker logs (default: a temporary directory)")
     return p
 
 
@@ -512,11 +650,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.orders < 1:
         print("sagakit demo: --orders must be at least 1", file=sys.stderr)
         return 2
+    if args.processes < 0 or (args.processes and args.coordinators < 1):
+        print("sagakit demo: --processes >= 0 and --coordinators >= 1", file=sys.stderr)
+        return 2
+    if args.processes and args.serve:
+        print("sagakit demo: --serve runs in one process; drop --processes", file=sys.stderr)
+        return 2
+    if args.chaos and (not args.processes or args.coordinators < 2):
+        print("sagakit demo: --chaos needs --processes and two coordinators", file=sys.stderr)
+        return 2
+    if args.chaos and args.lease is None:
+        args.lease = 2.0
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     args.store = args.store or default_store()
     try:
         result = asyncio.run(run(args))
-    except (sk.ConfigurationError, sk.StoreError, sk.TransportError, OSError) as exc:
+    except (
+        sk.ConfigurationError,
+        sk.StoreError,
+        sk.TransportError,
+        OSError,
+        WorkerFailed,
+    ) as exc:
         print(f"sagakit demo: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -5,6 +5,14 @@ refuses the first few bookings. The service answers those with
 ``shipping.CarrierUnavailable`` and the saga, past its pivot, retries the step
 with backoff until the carrier takes the parcel (forward recovery). A
 shipment is recorded once per order.
+
+Planned outages (the demo's "the carrier refuses this order's first k
+bookings") live in the service's own table ``carrier_outages``, written by
+:meth:`Shipping.plan_outages` before the orders are placed. Keeping them in
+the database rather than in the carrier object is what lets the demo run the
+shipping service in another process (or several): every process sees the
+same plan, and the booking attempt number comes from the saga, so which
+process handles an attempt makes no difference.
 """
 
 from __future__ import annotations
@@ -30,15 +38,18 @@ class FakeCarrier:
     flaky_percent: int = 0
     refused: int = 0
 
-    def failures_for(self, order_id: str) -> int:
+    def failures_for(self, order_id: str, planned: int | None = None) -> int:
+        """How many first bookings of the order fail: in-memory, planned, or flaky."""
         if order_id in self.outages:
             return self.outages[order_id]
+        if planned is not None:
+            return planned
         h = int.from_bytes(hashlib.sha256(order_id.encode()).digest()[:4], "big")
         return 1 + h % 2 if h % 100 < self.flaky_percent else 0
 
-    def book(self, order_id: str, attempt: int) -> str:
+    def book(self, order_id: str, attempt: int, planned: int | None = None) -> str:
         """A tracking number, or CarrierUnavailable."""
-        if attempt <= self.failures_for(order_id):
+        if attempt <= self.failures_for(order_id, planned):
             self.refused += 1
             raise CarrierUnavailable(f"carrier API unavailable (attempt {attempt})")
         return "TRK" + hashlib.sha256(order_id.encode()).hexdigest()[:10].upper()
@@ -52,6 +63,8 @@ class Shipping(Service):
             "address TEXT NOT NULL, parcels BIGINT NOT NULL, tracking TEXT NOT NULL, "
             "booking_attempts BIGINT NOT NULL, created_at DOUBLE PRECISION NOT NULL"
         ),
+        # the fake carrier's planned outages: refuse the first `failures` bookings
+        "carrier_outages": "order_id TEXT PRIMARY KEY, failures BIGINT NOT NULL",
     }
 
     def __init__(self, carrier: FakeCarrier | None = None) -> None:
@@ -67,8 +80,13 @@ class Shipping(Service):
         )
         if existing is not None:
             return OrderShipped(existing[0], existing[1])
+        planned = await ctx.db.fetchone(
+            f"SELECT failures FROM {self.t('carrier_outages')} WHERE order_id = ?", cmd.order_id
+        )
         # ctx.attempt is the saga's attempt number for this step.
-        tracking = self.carrier.book(cmd.order_id, ctx.attempt)
+        tracking = self.carrier.book(
+            cmd.order_id, ctx.attempt, int(planned[0]) if planned is not None else None
+        )
         shipment_id = sk.new_id()
         await ctx.db.execute(
             f"INSERT INTO {self.t('shipments')} (id, order_id, customer_id, address, parcels, "
@@ -83,6 +101,16 @@ class Shipping(Service):
             ctx.now,
         )
         return OrderShipped(shipment_id, tracking)
+
+    async def plan_outages(self, outages: dict[str, int]) -> None:
+        """Make the carrier refuse the first ``outages[order_id]`` bookings of each order."""
+        async with self._store().transaction() as tx:
+            for order_id, failures in sorted(outages.items()):
+                await tx.execute(
+                    f"INSERT INTO {self.t('carrier_outages')} (order_id, failures) VALUES (?, ?)",
+                    order_id,
+                    failures,
+                )
 
     async def shipped_orders(self) -> dict[str, int]:
         """order id -> booking attempts it took."""

@@ -5,28 +5,157 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import inspect
 import logging
+import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from .errors import ConfigurationError
+from .app import COORDINATOR, App, Settings
+from .errors import ConfigurationError, SagakitError
+
+log = logging.getLogger("sagakit.worker")
 
 
-def _load_app(spec: str) -> Any:
-    """Import ``module:attribute`` (an App, or a zero-argument factory of one)."""
+#: the options ``sagakit worker`` can hand to an app factory, by parameter name
+FACTORY_OPTIONS = ("store", "transport", "run", "settings")
+
+
+def _load_app(spec: str, **options: Any) -> Any:
+    """Import ``module:attribute``: an App (or any object with async ``start``/``stop``,
+    such as the demo's ``OrderFulfillment``), or a factory that returns one.
+
+    A factory is called with those of ``options`` (``store``, ``transport``,
+    ``run``, ``settings``) that are not None and that it accepts by name (all
+    of them if it takes ``**kwargs``). Asking for an option the target cannot
+    take is an error rather than being silently ignored.
+    """
     module, _, attr = spec.partition(":")
     if not module or not attr:
         raise ConfigurationError(f"--app wants MODULE:APP, got {spec!r}")
-    obj = getattr(importlib.import_module(module), attr)
-    return obj() if callable(obj) and not hasattr(obj, "start") else obj
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import {module!r}: {exc}") from exc
+    try:
+        obj = getattr(mod, attr)
+    except AttributeError:
+        raise ConfigurationError(f"module {module!r} has no attribute {attr!r}") from None
+    given = {k: v for k, v in options.items() if v is not None}
+    if _runnable(obj):
+        unusable = sorted(set(given) - {"run"})
+        if unusable:
+            raise ConfigurationError(
+                f"{spec} is a ready-made app; options {unusable} need a factory function"
+            )
+        return obj
+    if not callable(obj):
+        raise ConfigurationError(f"{spec} is neither an App nor a factory of one")
+    params: Mapping[str, inspect.Parameter]
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = {k: v for k, v in given.items() if takes_all or k in params}
+    unusable = sorted(set(given) - set(accepted) - {"run"})
+    if unusable:
+        raise ConfigurationError(f"the factory {spec} takes no {', '.join(unusable)} argument")
+    app = obj(**accepted)
+    if not _runnable(app):
+        raise ConfigurationError(f"{spec}() returned {type(app).__name__}, not an App")
+    if "run" in given and "run" not in accepted:
+        _select(app, given["run"])  # the factory does not filter: do it here
+    return app
+
+
+def _runnable(obj: Any) -> bool:
+    return (
+        not inspect.isclass(obj)
+        and inspect.iscoroutinefunction(getattr(obj, "start", None))
+        and inspect.iscoroutinefunction(getattr(obj, "stop", None))
+    )
+
+
+def _app_of(obj: Any) -> App | None:
+    """The sagakit App inside what the worker runs (itself, or its ``.app``)."""
+    if isinstance(obj, App):
+        return obj
+    inner = getattr(obj, "app", None)
+    return inner if isinstance(inner, App) else None
+
+
+def _select(obj: Any, services: list[str]) -> None:
+    app = _app_of(obj)
+    if app is None:
+        raise ConfigurationError("--service needs an App (or an object with an App as .app)")
+    app._run = set(services)
+
+
+def _check_services(obj: Any, services: list[str] | None) -> list[str]:
+    """The participants and/or coordinator this process runs; unknown names are errors."""
+    app = _app_of(obj)
+    if app is None:
+        return services or ["(all)"]
+    known = [*app.participants, COORDINATOR]
+    unknown = sorted(set(services or []) - set(known))
+    if unknown:
+        raise ConfigurationError(
+            f"unknown service(s) {', '.join(unknown)}; this app has {', '.join(known)}"
+        )
+    return sorted(services) if services else [n for n in known if app.runs(n)]
+
+
+async def _serve(obj: Any, services: list[str], ready_file: str | None) -> None:
+    """Start, report readiness, run until SIGTERM/SIGINT, then stop gracefully.
+
+    A second signal during the graceful stop exits at once (status 130).
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second signal during shutdown: exiting now")
+            os._exit(130)
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await obj.start()
+        line = f"sagakit worker ready: pid {os.getpid()}, services {','.join(services)}"
+        print(line, file=sys.stderr, flush=True)
+        if ready_file:
+            Path(ready_file).write_text(f"{os.getpid()}\n")
+        await stop.wait()
+    finally:
+        await obj.stop()
+    log.info("stopped cleanly")
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    app = _load_app(args.app)
-    if args.service:
-        app._run = set(args.service)
-    asyncio.run(app.run_forever())
+    settings = None
+    if args.lease is not None or args.prefetch is not None:
+        tuned = {"lease": args.lease, "prefetch": args.prefetch}
+        settings = Settings(**{k: v for k, v in tuned.items() if v is not None})
+    obj = _load_app(
+        args.app,
+        store=args.store or os.environ.get("SAGAKIT_STORE") or None,
+        transport=args.transport or os.environ.get("SAGAKIT_TRANSPORT") or None,
+        run=args.service,
+        settings=settings,
+    )
+    services = _check_services(obj, args.service)
+    try:
+        asyncio.run(_serve(obj, services, args.ready_file))
+    except SagakitError as exc:
+        print(f"sagakit worker: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -66,9 +195,23 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "demo", help="run the order-fulfillment demo (see 'sagakit demo --help')", add_help=False
     )
-    w = sub.add_parser("worker", help="run participants and/or the coordinator of an App")
-    w.add_argument("--app", required=True, help="MODULE:APP")
-    w.add_argument("--service", action="append", help="participant name or 'coordinator'")
+    w = sub.add_parser(
+        "worker",
+        help="run participants and/or the coordinator of an App",
+        description="Run an App's participants and/or its saga coordinator until SIGTERM or "
+        "SIGINT, then stop gracefully (in-flight messages finish).",
+    )
+    w.add_argument("--app", required=True, help="MODULE:APP (an App, or a factory of one)")
+    w.add_argument(
+        "--service",
+        action="append",
+        help="participant name or 'coordinator'; repeat for several (default: all)",
+    )
+    w.add_argument("--store", help="store URL for the factory (default $SAGAKIT_STORE)")
+    w.add_argument("--transport", help="transport URL for the factory (default $SAGAKIT_TRANSPORT)")
+    w.add_argument("--lease", type=float, help="Settings.lease in seconds, for the factory")
+    w.add_argument("--prefetch", type=int, help="Settings.prefetch, for the factory")
+    w.add_argument("--ready-file", help="write the pid to this file once consuming")
     w.set_defaults(func=cmd_worker)
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db", required=True)
     m = db.add_parser("migrate", help="apply pending schema migrations")
