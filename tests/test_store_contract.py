@@ -218,3 +218,22 @@ def test_rowcount_from_status() -> None:
     assert rowcount("DELETE 0") == 0
     assert rowcount("SELECT 5") == 0
     assert rowcount("CREATE TABLE") == 0
+
+
+async def test_concurrent_migrations_of_a_fresh_postgres_schema(
+    postgres_url: str, prefix: str
+) -> None:
+    """Several processes starting at once on an empty database all succeed."""
+    import asyncio
+
+    from sagakit.store import open_store
+    from sagakit.testing import drop_tables
+
+    stores = [open_store(postgres_url, prefix=prefix) for _ in range(4)]
+    try:
+        await asyncio.gather(*(s.open() for s in stores))
+        assert {await s.schema_version() for s in stores} == {1}
+    finally:
+        await drop_tables(stores[0])
+        for s in stores:
+            await s.close()

@@ -165,9 +165,9 @@ class Store:
         """Apply every migration newer than the database's; return the version."""
         p = self.prefix
         async with self.transaction() as tx:
-            await tx.execute(f"CREATE TABLE IF NOT EXISTS {p}schema (version INTEGER NOT NULL)")
-            if self.dialect == "postgresql":
+            if self.dialect == "postgresql":  # one migrator at a time, before any DDL
                 await tx.execute("SELECT pg_advisory_xact_lock(?)", _lock_key(p))
+            await tx.execute(f"CREATE TABLE IF NOT EXISTS {p}schema (version INTEGER NOT NULL)")
             row = await tx.fetchone(f"SELECT max(version) FROM {p}schema")
             current = int(row[0] or 0)
             for version in range(current + 1, SCHEMA_VERSION + 1):
