@@ -44,6 +44,10 @@ IN_FLIGHT = (1, 32)
 PGBENCH_CLIENTS = (1, 8, 32)
 
 
+class RunFailed(Exception):
+    """A measurement failed three times; its row is left out and a note printed."""
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -96,12 +100,20 @@ class Bench:
         if db == "postgresql":
             assert self.scratch is not None
             cmd.append(f"--url={self.scratch.url}")
-            before = self.scratch.xact_commit()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE)
-        shutil.rmtree(workdir, ignore_errors=True)
-        if proc.returncode != 0 or not proc.stdout.strip():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            raise RuntimeError(f"{contender}/{db}/{variant}/{in_flight} failed: {' | '.join(tail)}")
+        for attempt in range(3):  # the server is shared: e.g. "too many clients" now and then
+            if db == "postgresql":
+                assert self.scratch is not None
+                before = self.scratch.xact_commit()
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE)
+            shutil.rmtree(workdir, ignore_errors=True)
+            if proc.returncode == 0 and proc.stdout.strip():
+                break
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+            why = f"{contender}/{db}/{variant}/{in_flight} failed: {' | '.join(tail)}"
+            self.log(why + ("; retrying" if attempt < 2 else ""))
+            time.sleep(2)
+        else:
+            raise RunFailed(why)
         out: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
         if db == "postgresql":
             assert self.scratch is not None
@@ -114,10 +126,14 @@ class Bench:
         """Commits of starting and stopping a contender with no saga (median of 2)."""
         key = (contender, in_flight)
         if key not in self.baselines:
-            runs = [
-                self.worker(contender, "postgresql", "happy", in_flight, count=0)["server_commits"]
-                for _ in range(1 if self.args.quick else 2)
-            ]
+            runs = []
+            for _ in range(1 if self.args.quick else 2):
+                try:
+                    out = self.worker(contender, "postgresql", "happy", in_flight, count=0)
+                except RunFailed as exc:
+                    self.notes.append(f"baseline: {exc}")
+                    continue
+                runs.append(out["server_commits"])
             self.baselines[key] = bl.median(runs)
         return self.baselines[key]
 
@@ -244,21 +260,28 @@ class Bench:
                                 if db == "postgresql" and c.startswith("sagakit") and not sk_pg:
                                     continue
                                 self.log(f"rep {rep + 1}/{args.reps}: {c} {db} {variant} {inf}")
-                                out = self.worker(
-                                    c,
-                                    db,
-                                    variant,
-                                    inf,
-                                    duration=args.duration,
-                                    warmup=args.warmup,
-                                )
+                                try:
+                                    out = self.worker(
+                                        c,
+                                        db,
+                                        variant,
+                                        inf,
+                                        duration=args.duration,
+                                        warmup=args.warmup,
+                                    )
+                                except RunFailed as exc:
+                                    self.notes.append(str(exc))
+                                    continue
                                 if out["wrong_state"]:
                                     self.notes.append(f"{c} {db} {variant}: {out['states']}")
                                 runs[(c, db, variant, inf)].append(out)
                     if db == "postgresql" and has_pgbench:
                         for clients in PGBENCH_CLIENTS:
                             self.log(f"rep {rep + 1}/{args.reps}: pgbench {clients} clients")
-                            pgb[clients].append(self.pgbench(clients, args.pgbench_seconds))
+                            try:
+                                pgb[clients].append(self.pgbench(clients, args.pgbench_seconds))
+                            except (RuntimeError, StopIteration) as exc:
+                                self.notes.append(f"pgbench {clients}: {exc}")
             # commits per saga
             for (c, db, variant, inf), outs in runs.items():
                 if db == "postgresql":
@@ -266,9 +289,13 @@ class Bench:
                         out["commits_per_saga"] = self.pg_commits_per_saga(c, inf, out)
                 else:
                     self.log(f"counting commits: {c} {db} {variant} {inf}")
-                    out = self.worker(
-                        c, db, variant, inf, duration=args.count_seconds, count_commits=True
-                    )
+                    try:
+                        out = self.worker(
+                            c, db, variant, inf, duration=args.count_seconds, count_commits=True
+                        )
+                    except RunFailed as exc:
+                        self.notes.append(f"counting: {exc}")
+                        out = {"commits_per_saga": float("nan")}
                     sqlite_commits[(c, variant, inf)] = out["commits_per_saga"]
         rows = []
         for (c, db, variant, inf), outs in runs.items():
