@@ -449,7 +449,6 @@ async def run_cluster(args: argparse.Namespace) -> Result:
     try:
         await seed(of, plan)
         await cluster.start(timeout=60.0)
-        pids = cluster.pids()
         progress = None if args.json else _progress()
         watch = Watch()
         monkey = asyncio.create_task(_chaos(cluster, watch, chaos)) if args.chaos else None
@@ -463,18 +462,20 @@ async def run_cluster(args: argparse.Namespace) -> Result:
             if progress is not None:
                 progress.stop()
             if monkey is not None:
-                if not monkey.done():
+                # Let a kill already done finish its restart; never start one now.
+                if not watch.halfway.is_set():
                     monkey.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await monkey
         elapsed = time.perf_counter() - started
         result = await check(of, plan, saga_ids, elapsed, args)
+        pids = cluster.pids()
     finally:
         codes = cluster.stop()
         await of.stop()
     unclean = {n: c for n, c in codes.items() if c != 0}
     result.extra = {
-        "processes": {name: pid for name, pid in pids.items()},
+        "processes": pids,
         "worker_exit_codes": codes,
         "workers_stopped_cleanly": not unclean,
         "log_dir": str(cluster.log_dir),
