@@ -470,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--in-flight", default=",".join(map(str, IN_FLIGHT)))
     ap.add_argument("--no-pgbench", action="store_true")
     ap.add_argument("--verbose", action="store_true", help="progress on stderr even with --json")
+    ap.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown here")
     args = ap.parse_args(argv)
     args.contenders = [c for c in args.contenders.split(",") if c]
     args.databases = [d for d in args.databases.split(",") if d]
@@ -528,6 +529,10 @@ def main(argv: list[str] | None = None) -> None:
     bl.print_table(title, HEADERS, table_rows(rows))
     for line in goals(rows):
         print(line)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"{title}\n\n{bl.markdown_table(HEADERS, table_rows(rows))}\n\n")
+            f.write("\n".join(f"- {line}" for line in goals(rows)) + "\n")
     for note in dict.fromkeys(bench.notes):
         print("note:", note)
     if args.json:
