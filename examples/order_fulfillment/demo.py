@@ -560,6 +560,12 @@ def report(result: Result, args: argparse.Namespace) -> None:
     for name, ok in result.invariants.items():
         inv.add_row(name, "[green]✓[/]" if ok else "[red]✗[/]", result.details[name])
     console.print(inv)
+    if "processes" in out:
+        console.print(
+            f"{len(out['processes'])} worker processes "
+            f"({'stopped cleanly' if out['workers_stopped_cleanly'] else 'NOT stopped cleanly'})"
+            f", logs in {out['log_dir']}"
+        )
     console.print(f"store {result.store} · transport {result.transport}")
     if result.ok:
         console.print("[bold green]all invariants hold[/]")
