@@ -1,0 +1,800 @@
+"""The chaos harness: the order-fulfillment demo under crashes, duplicates and cuts.
+
+::
+
+    python benchmarks/chaos.py --store sqlite --runs 3 --sagas 300 --json
+    python benchmarks/chaos.py --store postgresql://127.0.0.1:5432/test \\
+        --transport amqp://guest:guest@127.0.0.1:5672/ --runs 3 --sagas 300 --json
+
+Each run starts the demo's six services and two saga coordinators as separate
+``sagakit worker`` processes (:class:`order_fulfillment.cluster.Cluster`,
+factory :mod:`chaos_app`), places N orders (spread over ``--place-over``
+seconds so that faults land while sagas are in flight) and, until every saga
+is final, injects faults at random moments:
+
+``kill_coordinator`` / ``kill_participant``
+    SIGKILL of a coordinator / a service's worker, restarted a moment later;
+``duplicate_delivery``
+    ``--dup`` of every process's sends go out twice through the real
+    transport (counted per copy; see :mod:`chaos_app`);
+``broker_cut``
+    RabbitMQ: the broker closes the run's connections (``rabbitmqctl
+    close_connection``, only connections of the run's private virtual host);
+    Redis: ``CLIENT KILL`` of the run's clients; NATS: a worker cuts its own
+    socket (SIGUSR1);
+``db_drop``
+    PostgreSQL: ``pg_terminate_backend`` of the workers' backends (the
+    workers connect with ``application_name=sagakit-chaos-worker``). On
+    SQLite a kill is the equivalent fault.
+
+Every run gets fresh state: a new SQLite folder, or a new database on the
+PostgreSQL server named by ``--store`` (dropped afterwards), a private RabbitMQ
+virtual host, NATS stream or Redis key prefix. At the end the harness waits
+(bounded by ``--timeout``) until every saga is final, lets late duplicates
+drain, and checks:
+
+* the demo's invariants across all services (credit, stock, payments,
+  shipments, points, orders vs sagas, no dead letters);
+* ``double_applied``: business effects committed more than once, counted from
+  the services' own tables: the effect ledger (one row per committed handler
+  run, no unique key), payments/shipments/awards per order, loyalty balances
+  vs awards;
+* ``lost``: sagas or orders that vanished, steps the coordinator counts as
+  done whose effect is not in the service's tables, compensations that did
+  not happen for an effect that did;
+* ``max_recovery_s``: the longest time from a restarted worker being ready to
+  the next step completed by its service (any step, for a coordinator).
+
+With ``--json`` the last line is one JSON object: ``runs, sagas, terminal,
+lost, double_applied, invariants_ok, faults_injected, max_recovery_s`` and
+details (``per_run``). Exit status 0 only if every run is clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import chaos_app  # noqa: E402
+from order_fulfillment import demo  # noqa: E402
+from order_fulfillment.app import OrderFulfillment, build  # noqa: E402
+from order_fulfillment.cluster import Cluster  # noqa: E402
+from order_fulfillment.saga import create_order  # noqa: E402
+
+import sagakit as sk  # noqa: E402
+from sagakit.app import COORDINATOR  # noqa: E402
+
+log = logging.getLogger("chaos")
+
+KILL_COORDINATOR = "kill_coordinator"
+KILL_PARTICIPANT = "kill_participant"
+DUPLICATE = "duplicate_delivery"
+BROKER_CUT = "broker_cut"
+DB_DROP = "db_drop"
+FAULTS = (KILL_COORDINATOR, KILL_PARTICIPANT, DUPLICATE, BROKER_CUT, DB_DROP)
+WORKER_APP_NAME = "sagakit-chaos-worker"
+TERMINAL = ("completed", "compensated", "failed", "aborted")
+#: step name -> the service that runs it
+STEP_SERVICE = {s.name: s.action.participant for s in create_order.steps if s.action}
+COMPENSATED_BY = {s.name for s in create_order.steps if s.compensation is not None}
+
+
+# -- per-run infrastructure ----------------------------------------------------
+
+
+@dataclass
+class Infra:
+    """Where one run lives, and how to clean it up."""
+
+    store: str  # for this process
+    worker_store: str  # for the workers (tagged for db_drop)
+    transport: str
+    kind: str  # database | rabbitmq | nats | redis
+    folder: Path
+    cleanups: list[Any] = field(default_factory=list)
+    vhost: str | None = None
+    pg_admin: str | None = None
+    pg_db: str | None = None
+    redis_prefix: str | None = None
+
+
+def _with_query(url: str, **params: str) -> str:
+    u = urlsplit(url)
+    query = "&".join(p for p in (u.query, urlencode(params)) if p)
+    return urlunsplit(u._replace(query=query))
+
+
+async def _pg_exec(url: str, sql: str, *args: Any) -> list[Any]:
+    import asyncpg  # type: ignore[import-untyped]
+
+    conn = await asyncpg.connect(url)
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
+
+
+def _rabbitmqctl(*args: str, timeout: float = 60.0) -> str:
+    done = subprocess.run(
+        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout, check=True
+    )
+    return done.stdout
+
+
+async def prepare(store: str, transport: str, folder: Path, tag: str) -> Infra:
+    folder.mkdir(parents=True, exist_ok=True)
+    if store in ("sqlite", "sqlite:"):
+        store_url = worker_store = f"sqlite:///{folder / 'db' / 'sagakit.db'}"
+        (folder / "db").mkdir(exist_ok=True)
+        pg_admin = pg_db = None
+    elif store.startswith("sqlite:///"):
+        base = Path(store[len("sqlite:///") :])
+        run_dir = (base.parent if base.suffix else base) / f"chaos-{tag}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        store_url = worker_store = f"sqlite:///{run_dir / 'sagakit.db'}"
+        pg_admin = pg_db = None
+    elif store.startswith(("postgresql://", "postgres://")):
+        pg_admin, pg_db = store, f"sagakit_chaos_{tag}"
+        await _pg_exec(pg_admin, f"CREATE DATABASE {pg_db}")
+        store_url = urlunsplit(urlsplit(store)._replace(path=f"/{pg_db}"))
+        worker_store = _with_query(store_url, application_name=WORKER_APP_NAME)
+    else:
+        raise sk.ConfigurationError(f"unsupported --store {store!r}")
+    infra = Infra(store_url, worker_store, transport, "database", folder)
+    infra.pg_admin, infra.pg_db = pg_admin, pg_db
+    scheme = transport.split(":", 1)[0]
+    if scheme in ("amqp", "amqps"):
+        infra.kind = "rabbitmq"
+        u = urlsplit(transport)
+        if shutil.which("rabbitmqctl") and u.path in ("", "/"):
+            vhost = f"sagakit-chaos-{tag}"
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, _rabbitmqctl, "add_vhost", vhost)
+            user = u.username or "guest"
+            await loop.run_in_executor(
+                None, _rabbitmqctl, "set_permissions", "-p", vhost, user, ".*", ".*", ".*"
+            )
+            infra.vhost = vhost
+            infra.transport = f"{transport.rstrip('/')}/{quote(vhost, safe='')}"
+    elif scheme == "nats":
+        infra.kind = "nats"
+        stream = f"SAGAKIT_CHAOS_{tag.upper()}"
+        infra.transport = _with_query(transport, stream=stream, prefix=f"sagakit-chaos-{tag}")
+        infra.cleanups.append(("nats", transport, stream))
+    elif scheme == "redis":
+        infra.kind = "redis"
+        infra.redis_prefix = f"sagakit-chaos-{tag}"
+        infra.transport = _with_query(transport, prefix=infra.redis_prefix)
+    elif scheme not in ("database", "db", ""):
+        raise sk.ConfigurationError(f"unsupported --transport {transport!r}")
+    return infra
+
+
+async def cleanup(infra: Infra) -> None:
+    loop = asyncio.get_running_loop()
+    if infra.vhost:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            await loop.run_in_executor(None, _rabbitmqctl, "delete_vhost", infra.vhost)
+    if infra.kind == "nats":
+        for _, url, stream in infra.cleanups:
+            with contextlib.suppress(Exception):
+                import nats
+
+                nc = await nats.connect(url.split("?", 1)[0])
+                try:
+                    await nc.jsm().delete_stream(stream)
+                finally:
+                    await nc.close()
+    if infra.kind == "redis" and infra.redis_prefix:
+        with contextlib.suppress(Exception):
+            import redis.asyncio as aioredis
+
+            raw = aioredis.Redis.from_url(infra.transport.split("?", 1)[0])
+            try:
+                keys = [k async for k in raw.scan_iter(match=f"{infra.redis_prefix}:*")]
+                if keys:
+                    await raw.delete(*keys)
+            finally:
+                await raw.aclose()
+    if infra.pg_admin and infra.pg_db:
+        with contextlib.suppress(Exception):
+            await _pg_exec(infra.pg_admin, f"DROP DATABASE IF EXISTS {infra.pg_db} WITH (FORCE)")
+
+
+# -- faults --------------------------------------------------------------------
+
+
+@dataclass
+class Restart:
+    worker: str
+    service: str
+    killed_at: float
+    ready_at: float | None = None
+
+
+@dataclass
+class Monkey:
+    """Injects faults at random moments until told to stop."""
+
+    cluster: Cluster
+    infra: Infra
+    rng: random.Random
+    kinds: list[str]
+    interval: tuple[float, float]
+    min_kills: int = 5
+    counts: Counter[str] = field(default_factory=Counter)
+    restarts: list[Restart] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    down: set[str] = field(default_factory=set)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self) -> None:
+        """Every ``interval``: one fault; the first ones cycle through every kind."""
+        weights = {KILL_COORDINATOR: 2, KILL_PARTICIPANT: 3, BROKER_CUT: 1, DB_DROP: 1}
+        kinds = [k for k in self.kinds if k in weights]
+        if not kinds:
+            return
+        first = self.rng.sample(kinds, len(kinds))
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.rng.uniform(*self.interval))
+            if self._stop.is_set():
+                break
+            kills = self.counts[KILL_COORDINATOR] + self.counts[KILL_PARTICIPANT]
+            if first:
+                kind = first.pop()
+            elif kills < self.min_kills and self.rng.random() < 0.8:
+                kind = self.rng.choice([k for k in kinds if k.startswith("kill_")] or kinds)
+            else:
+                kind = self.rng.choices(kinds, [weights[k] for k in kinds])[0]
+            if kind in (BROKER_CUT, DB_DROP):  # slow to inject (rabbitmqctl): in the background
+                self._spawn(self._guarded(kind))
+            else:
+                await self._guarded(kind)
+
+    async def _guarded(self, kind: str) -> None:
+        try:
+            await self.inject(kind)
+        except Exception as exc:  # a fault that could not be injected is reported
+            self.errors.append(f"{kind}: {exc!r}")
+
+    async def inject(self, kind: str) -> None:
+        if kind in (KILL_COORDINATOR, KILL_PARTICIPANT):
+            coord = kind == KILL_COORDINATOR
+            names = [
+                n
+                for n, w in self.cluster.workers.items()
+                if (COORDINATOR in w.services) == coord and n not in self.down
+            ]
+            if not names:
+                return
+            victim = self.rng.choice(names)
+            self.down.add(victim)
+            self.cluster.kill(victim)
+            rec = Restart(victim, self.cluster.workers[victim].services[0], time.time())
+            self.restarts.append(rec)
+            self.counts[kind] += 1
+            self._spawn(self._restart(rec))
+        elif kind == BROKER_CUT:
+            if await self.cut_broker():
+                self.counts[kind] += 1
+        elif kind == DB_DROP and await self.drop_db():
+            self.counts[kind] += 1
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _restart(self, rec: Restart) -> None:
+        await asyncio.sleep(self.rng.uniform(0.1, 1.0))
+        try:
+            await self.cluster.restart(rec.worker, timeout=90.0)
+            rec.ready_at = time.time()
+        except Exception as exc:
+            self.errors.append(f"restart {rec.worker}: {exc!r}")
+        finally:
+            self.down.discard(rec.worker)
+
+    async def cut_broker(self) -> bool:
+        infra, loop = self.infra, asyncio.get_running_loop()
+        if infra.kind == "rabbitmq" and infra.vhost:
+            out = await loop.run_in_executor(
+                None, _rabbitmqctl, "list_connections", "pid", "vhost", "-q"
+            )
+            conns = [
+                line.split("\t")[0]
+                for line in out.splitlines()
+                if line.split("\t")[-1:] == [infra.vhost]
+            ]
+            if not conns:
+                return False
+            chosen = conns if self.rng.random() < 0.5 else [self.rng.choice(conns)]
+            for pid in chosen:
+                with contextlib.suppress(subprocess.SubprocessError):
+                    await loop.run_in_executor(
+                        None, _rabbitmqctl, "close_connection", pid, "sagakit chaos"
+                    )
+            return True
+        if infra.kind == "redis" and infra.redis_prefix:
+            import redis.asyncio as aioredis
+
+            raw = aioredis.Redis.from_url(infra.transport.split("?", 1)[0])
+            try:
+                name = f"sagakit:{infra.redis_prefix}"
+                ids = [c["id"] for c in await raw.client_list() if c.get("name") == name]
+                if not ids:
+                    return False
+                chosen = ids if self.rng.random() < 0.5 else [self.rng.choice(ids)]
+                for cid in chosen:
+                    await raw.execute_command("CLIENT", "KILL", "ID", cid)
+            finally:
+                await raw.aclose()
+            return True
+        if infra.kind == "nats":
+            alive = [n for n in self.cluster.names if self.cluster.alive(n) and n not in self.down]
+            if not alive:
+                return False
+            victim = self.cluster.workers[self.rng.choice(alive)].process
+            assert victim is not None
+            with contextlib.suppress(ProcessLookupError):
+                victim.send_signal(signal.SIGUSR1)
+            return True
+        return False
+
+    async def drop_db(self) -> bool:
+        infra = self.infra
+        if not infra.pg_db:
+            return False
+        rows = await _pg_exec(
+            infra.store,
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = $2",
+            infra.pg_db,
+            WORKER_APP_NAME,
+        )
+        pids = [r[0] for r in rows]
+        if not pids:
+            return False
+        chosen = pids if self.rng.random() < 0.3 else self.rng.sample(pids, max(1, len(pids) // 3))
+        await _pg_exec(
+            infra.store, "SELECT pg_terminate_backend(p) FROM unnest($1::int[]) p", chosen
+        )
+        return True
+
+    async def stop(self, runner: asyncio.Task[None]) -> None:
+        """Inject nothing more (a fault under way finishes); wait for the restarts."""
+        self._stop.set()
+        await asyncio.gather(runner, return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+# -- accounting ----------------------------------------------------------------
+
+
+async def _rows(of: OrderFulfillment, service: Any, sql: str, *args: Any) -> list[Any]:
+    return list(await service.query(sql, *args))
+
+
+async def account(of: OrderFulfillment, saga_ids: list[str], plan: demo.Plan) -> dict[str, Any]:
+    """lost / double_applied from the services' own tables."""
+    views = {}
+    lost_detail: list[str] = []
+    double_detail: list[str] = []
+    for sid in saga_ids:
+        try:
+            views[sid] = await of.app.sagas.get(sid, history=False)
+        except sk.SagaNotFound:
+            lost_detail.append(f"saga {sid} vanished")
+    ledger: Counter[tuple[str, str, str]] = Counter()  # (saga, step, phase) -> rows
+    for service in of.services:
+        table = chaos_app.effects_table(of, service)
+        for saga_id, step, phase, n in await _rows(
+            of,
+            service,
+            f"SELECT saga_id, step, phase, count(*) FROM {table} "
+            "WHERE saga_id IS NOT NULL GROUP BY saga_id, step, phase",
+        ):
+            ledger[(saga_id, step, phase)] += int(n)
+    double = 0
+    for key, n in ledger.items():
+        if n > 1:
+            double += n - 1
+            double_detail.append(f"{key} applied {n} times")
+    for sid, v in views.items():
+        for step in STEP_SERVICE:
+            fwd = ledger[(sid, step, "forward")]
+            comp = ledger[(sid, step, "compensate")]
+            if step in v.done and fwd == 0:
+                lost_detail.append(f"{sid} {step}: done per the saga, no effect in the service")
+            if v.state == "compensated" and step in COMPENSATED_BY and fwd and not comp:
+                lost_detail.append(f"{sid} {step}: applied but never compensated")
+            if comp and not fwd:
+                double_detail.append(f"{sid} {step}: compensation ran without its effect")
+                double += 1
+            if v.state == "completed" and comp:
+                double_detail.append(f"{sid} {step}: compensated in a completed saga")
+                double += 1
+    # the services' business tables, per order
+    per_order = {
+        "payments": (of.payments, "payments"),
+        "shipments": (of.shipping, "shipments"),
+        "awards": (of.loyalty, "awards"),
+        "credit_reservations": (of.customers, "credit_reservations"),
+    }
+    for label, (service, table) in per_order.items():
+        for order_id, n in await _rows(
+            of,
+            service,
+            f"SELECT order_id, count(*) FROM {service.t(table)} GROUP BY order_id "
+            "HAVING count(*) > 1",
+        ):
+            double += int(n) - 1
+            double_detail.append(f"{label}: order {order_id} has {n} rows")
+    awards = await _rows(
+        of,
+        of.loyalty,
+        f"SELECT customer_id, SUM(points) FROM {of.loyalty.t('awards')} GROUP BY customer_id",
+    )
+    balances = await of.loyalty.balances()
+    for customer_id, total in awards:
+        have = balances.get(customer_id, 0)
+        if have > int(total):
+            double += 1
+            double_detail.append(f"loyalty {customer_id}: balance {have} > awards {total}")
+        elif have < int(total):
+            lost_detail.append(f"loyalty {customer_id}: balance {have} < awards {total}")
+    orders = {o.id for o in await of.orders.all()}
+    missing = [o.order_id for o in plan.orders if o.order_id not in orders]
+    lost_detail += [f"order {i} vanished" for i in missing]
+    return {
+        "lost": len(lost_detail),
+        "double_applied": double,
+        "lost_detail": lost_detail[:20],
+        "double_detail": double_detail[:20],
+        "ledger_rows": sum(ledger.values()),
+        "views": views,
+    }
+
+
+async def completions(of: OrderFulfillment) -> list[tuple[float, str]]:
+    """(time, service) of every successful step reply the coordinators processed."""
+    p = of.app.store.prefix
+    async with of.app.store.transaction() as tx:
+        rows = await tx.fetchall(
+            f"SELECT at, step, detail FROM {p}saga_log WHERE entry = 'reply' ORDER BY at"
+        )
+    return [
+        (float(at), STEP_SERVICE.get(step, "?"))
+        for at, step, detail in rows
+        if detail and detail.endswith("(success)")
+    ]
+
+
+def recovery_times(restarts: list[Restart], done: list[tuple[float, str]]) -> list[float]:
+    out = []
+    for r in restarts:
+        if r.ready_at is None:
+            continue
+        nxt = next(
+            (
+                t
+                for t, svc in done
+                if t >= r.ready_at and (r.service == COORDINATOR or svc == r.service)
+            ),
+            None,
+        )
+        if nxt is not None:
+            out.append(nxt - r.ready_at)
+    return out
+
+
+def duplicates_sent(folder: Path) -> int:
+    total = 0
+    for f in folder.glob("dup-*"):
+        with contextlib.suppress(OSError, ValueError):
+            total += int(f.read_text() or 0)
+    return total
+
+
+# -- one run -------------------------------------------------------------------
+
+
+async def place_paced(
+    of: OrderFulfillment, plan: demo.Plan, over: float, concurrency: int = 32
+) -> list[str]:
+    """Start the sagas spread evenly over ``over`` seconds; saga ids in plan order."""
+    gate = asyncio.Semaphore(concurrency)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    n = len(plan.orders)
+
+    async def place(i: int, o: demo.PlannedOrder) -> str:
+        await asyncio.sleep(max(0.0, start + over * i / n - loop.time()))
+        async with gate:
+            for attempt in range(20):
+                try:
+                    _, saga_id = await of.place_order(
+                        o.customer_id,
+                        o.items,
+                        card_token=o.card_token,
+                        address=o.address,
+                        order_id=o.order_id,
+                    )
+                    return saga_id
+                except sk.StoreError:  # e.g. SQLite busy under load: try again
+                    await asyncio.sleep(0.1 * (attempt + 1))
+            raise RuntimeError(f"could not place order {o.order_id}")
+
+    return list(await asyncio.gather(*(place(i, o) for i, o in enumerate(plan.orders))))
+
+
+async def drain(of: OrderFulfillment, infra: Infra, lease: float, bound: float = 30.0) -> None:
+    """Let late duplicates and redeliveries arrive before the books are read."""
+    await asyncio.sleep(lease + 1.0)
+    if infra.kind != "database":
+        return
+    end = time.monotonic() + bound
+    p = of.app.store.prefix
+    while time.monotonic() < end:
+        async with of.app.store.transaction() as tx:
+            row = await tx.fetchone(
+                f"SELECT count(*) FROM {p}messages WHERE queue NOT LIKE 'sagakit.%'"
+            )
+        if int(row[0]) == 0:
+            return
+        await asyncio.sleep(0.25)
+
+
+async def one_run(args: argparse.Namespace, k: int, root: Path) -> dict[str, Any]:
+    tag = f"{uuid.uuid4().hex[:8]}"
+    folder = root / f"run-{k + 1}"
+    infra = await prepare(args.store, args.transport, folder, tag)
+    rng = random.Random(args.seed * 1000 + k)
+    settings = sk.Settings(lease=args.lease)
+    try:
+        plan = demo.make_plan(args.sagas, args.seed + k)
+        of = build(infra.store, infra.transport, run=[], settings=settings)
+        parent_dups = chaos_app.DupCounter(str(folder))
+        chaos_app.duplicate_sends(of, args.dup, parent_dups)
+        await of.start()
+        try:
+            await chaos_app.create_effect_tables(of)
+            await demo.seed(of, plan)
+            layout = Cluster.layout(per_service=1, coordinators=args.coordinators)
+            env = {
+                "PYTHONPATH": os.pathsep.join(
+                    [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]
+                ),
+                chaos_app.DUP_ENV: str(args.dup),
+                chaos_app.DIR_ENV: str(folder),
+                chaos_app.FAKE_DOUBLE_ENV: str(args.self_test_double),
+            }
+            cluster = Cluster(
+                infra.worker_store,
+                infra.transport,
+                layout,
+                app="chaos_app:create",
+                lease=args.lease,
+                log_dir=folder / "logs",
+                env=env,
+            )
+            kinds = [k for k in args.faults if _applies(k, infra)]
+            monkey = Monkey(
+                cluster, infra, rng, kinds, (args.min_gap, args.max_gap), args.min_kills
+            )
+            try:
+                await cluster.start(timeout=90.0)
+                started = time.perf_counter()
+                chaos = asyncio.create_task(monkey.run())
+                saga_ids = await place_paced(of, plan, args.place_over)
+                await demo.wait_all(of, saga_ids, args.timeout, None)
+                await monkey.stop(chaos)
+                # anything still down is brought back before the books are read
+                for name in cluster.names:
+                    if not cluster.alive(name):
+                        await cluster.restart(name, timeout=90.0)
+                await demo.wait_all(of, saga_ids, args.timeout, None)
+                elapsed = time.perf_counter() - started
+                await drain(of, infra, args.lease)
+                ns = SimpleNamespace(store=infra.store, transport=infra.transport, seed=args.seed)
+                result = await demo.check(of, plan, saga_ids, elapsed, ns)
+                acc = await account(of, saga_ids, plan)
+                done = await completions(of)
+            finally:
+                codes = cluster.stop()
+        finally:
+            await of.stop()
+    finally:
+        if not args.keep:
+            await cleanup(infra)
+    views = acc.pop("views")
+    states = Counter(v.state for v in views.values())
+    faults = Counter(monkey.counts)
+    dups = duplicates_sent(folder)
+    if args.dup > 0:
+        faults[DUPLICATE] = dups
+    recov = recovery_times(monkey.restarts, done)
+    kills = faults[KILL_COORDINATOR] + faults[KILL_PARTICIPANT]
+    return {
+        "run": k + 1,
+        "sagas": len(saga_ids),
+        "terminal": sum(states[s] for s in TERMINAL),
+        "states": dict(states),
+        "lost": acc["lost"],
+        "double_applied": acc["double_applied"],
+        "invariants_ok": result.ok,
+        "invariants": result.invariants,
+        "as_planned": result.as_planned,
+        "outcomes": result.to_json()["outcomes"],
+        "faults_injected": {f: faults[f] for f in FAULTS if f in kinds or faults[f]},
+        "kills": kills,
+        "restarts": sum(1 for r in monkey.restarts if r.ready_at is not None),
+        "max_recovery_s": round(max(recov), 3) if recov else 0.0,
+        "mean_recovery_s": round(sum(recov) / len(recov), 3) if recov else 0.0,
+        "elapsed_s": round(elapsed, 2),
+        "ledger_rows": acc["ledger_rows"],
+        "lost_detail": acc["lost_detail"],
+        "double_detail": acc["double_detail"],
+        "fault_errors": monkey.errors[:10],
+        "worker_exit_codes": codes,
+        "log_dir": str(folder / "logs"),
+    }
+
+
+def _applies(kind: str, infra: Infra) -> bool:
+    if kind == BROKER_CUT:
+        return infra.kind != "database" and (infra.kind != "rabbitmq" or infra.vhost is not None)
+    if kind == DB_DROP:
+        return infra.pg_db is not None
+    return True
+
+
+def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    faults: Counter[str] = Counter()
+    for r in runs:
+        faults.update(r["faults_injected"])
+    return {
+        "runs": len(runs),
+        "sagas": sum(r["sagas"] for r in runs),
+        "terminal": sum(r["terminal"] for r in runs),
+        "lost": sum(r["lost"] for r in runs),
+        "double_applied": sum(r["double_applied"] for r in runs),
+        "invariants_ok": all(r["invariants_ok"] for r in runs),
+        "faults_injected": dict(faults),
+        "max_recovery_s": max((r["max_recovery_s"] for r in runs), default=0.0),
+        "kills_per_run": [r["kills"] for r in runs],
+        "store": demo._redact(args.store),
+        "transport": demo._redact(args.transport),
+        "dup_fraction": args.dup,
+        "lease_s": args.lease,
+        "elapsed_s": round(sum(r["elapsed_s"] for r in runs), 2),
+        "per_run": runs,
+    }
+
+
+def clean(summary: dict[str, Any]) -> bool:
+    return (
+        summary["lost"] == 0
+        and summary["double_applied"] == 0
+        and summary["invariants_ok"]
+        and summary["terminal"] == summary["sagas"]
+    )
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    root = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="sagakit-chaos-"))
+    runs = []
+    for k in range(args.runs):
+        r = await one_run(args, k, root)
+        runs.append(r)
+        if not args.json:
+            print(_line(r), flush=True)
+    if (
+        not args.log_dir
+        and not args.keep
+        and all(r["lost"] == 0 and r["double_applied"] == 0 and r["invariants_ok"] for r in runs)
+    ):
+        shutil.rmtree(root, ignore_errors=True)
+    return summarize(runs, args)
+
+
+def _line(r: dict[str, Any]) -> str:
+    faults = ", ".join(f"{k} {v}" for k, v in r["faults_injected"].items())
+    return (
+        f"run {r['run']}: {r['terminal']}/{r['sagas']} terminal {r['states']}, "
+        f"lost {r['lost']}, double-applied {r['double_applied']}, "
+        f"invariants {'ok' if r['invariants_ok'] else 'VIOLATED'}; faults: {faults}; "
+        f"max recovery {r['max_recovery_s']} s; {r['elapsed_s']} s"
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chaos", description=__doc__.split("\n\n")[0])
+    p.add_argument("--store", default="sqlite", help="sqlite (fresh files) or a PostgreSQL URL")
+    p.add_argument("--transport", default="database", help="database, amqp://, nats://, redis://")
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--sagas", type=int, default=100, help="orders per run")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--dup", type=float, default=0.1, help="fraction of sends duplicated (0.1)")
+    p.add_argument("--coordinators", type=int, default=2)
+    p.add_argument("--lease", type=float, default=2.0, help="consumer lease in seconds (2)")
+    p.add_argument(
+        "--place-over",
+        type=float,
+        default=None,
+        help="seconds over which the orders are placed (default: sagas/15, at least 8)",
+    )
+    p.add_argument(
+        "--min-kills", type=int, default=5, help="prefer kills until this many per run (5)"
+    )
+    p.add_argument("--min-gap", type=float, default=0.5, help="min seconds between faults")
+    p.add_argument("--max-gap", type=float, default=2.0, help="max seconds between faults")
+    p.add_argument(
+        "--faults",
+        default=",".join(FAULTS),
+        help=f"comma-separated fault kinds (default all that apply: {','.join(FAULTS)})",
+    )
+    p.add_argument("--timeout", type=float, default=240.0, help="bound on waiting per run (s)")
+    p.add_argument("--log-dir", default=None, help="keep worker logs here")
+    p.add_argument("--keep", action="store_true", help="keep databases and queues afterwards")
+    p.add_argument("--json", action="store_true", help="one JSON object as the last line")
+    p.add_argument(
+        "--self-test-double",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="negative control: workers write F of their ledger rows twice, so the run "
+        "must report double_applied > 0 (checks the harness, not sagakit)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    args.faults = [f.strip() for f in args.faults.split(",") if f.strip()]
+    unknown = set(args.faults) - set(FAULTS)
+    if unknown or args.runs < 1 or args.sagas < 1:
+        print(f"chaos: bad arguments ({sorted(unknown)})", file=sys.stderr)
+        return 2
+    if DUPLICATE not in args.faults:
+        args.dup = 0.0
+    if args.place_over is None:
+        args.place_over = max(8.0, args.sagas / 15)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    for noisy in ("aio_pika", "aiormq", "nats", "redis"):  # cuts are on purpose here
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    summary = asyncio.run(main_async(args))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        s = {k: v for k, v in summary.items() if k != "per_run"}
+        print(json.dumps(s, indent=1))
+    return 0 if clean(summary) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
