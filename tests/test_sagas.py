@@ -381,3 +381,31 @@ async def test_pivot_timeout_asks_again_instead_of_compensating(tmp_path, plan: 
         view = await app.sagas.wait("card")
         assert view.state == "completed"
         assert committed(plan, "card") == ["T:a", "T:pay"]  # charged once, never undone
+
+
+async def test_reordered_replies_in_a_parallel_group_join_correctly(tmp_path, plan: Plan) -> None:
+    app = make_app(tmp_path)
+    bench(app, ["a", "b", "c"], plan, tmp_path)
+    saga = (
+        sk.Saga("reorder", Data)
+        .step("a")
+        .invoke("a", lambda d: Do(d.key))
+        .on_reply(DidIt, lambda d, r: Data(d.key, d.total + 1, [*d.log, "a"]))
+        .step("b", parallel=True)
+        .invoke("b", lambda d: Do(d.key))
+        .on_reply(DidIt, lambda d, r: Data(d.key, d.total + 10, [*d.log, "b"]))
+        .step("c")
+        .invoke("c", lambda d: Do(d.key))
+        .build()
+    )
+    app.saga(saga)
+    hold = plan.hold[("ro", "a")] = asyncio.Event()
+    async with app:
+        await app.sagas.start(saga, Data("ro"), saga_id="ro")
+        await eventually(lambda: _logged(app, "ro", "reply"))  # b answered first
+        assert committed(plan, "ro") == ["T:b"]
+        assert "c" not in (await app.sagas.get("ro")).pending  # not joined yet
+        hold.set()
+        view = await app.sagas.wait("ro")
+        assert view.state == "completed" and view.data.total == 11
+        assert view.data.log == ["b", "a"] and committed(plan, "ro") == ["T:b", "T:a", "T:c"]
