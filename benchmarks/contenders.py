@@ -541,6 +541,7 @@ async def drive(
         elapsed = await phase(duration, count, True)
         cpu = time.process_time() - cpu0
         commits = CommitCounter.count - commits0
+        peak = peak_rss_mb()  # before the statistics below allocate their own lists
     finally:
         await c.teardown()
     n = lat_n
@@ -555,7 +556,7 @@ async def drive(
         "p99_ms": percentile(lat, 99) * 1000,
         "cpu_ms_per_saga": cpu * 1000 / n if n else float("nan"),
         "commits_per_saga": commits / n if n and CommitCounter.installed else None,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak,
         "rss_samples": rss,
         "wrong_state": n - states[expected],
         "states": dict(states),
