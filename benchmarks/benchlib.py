@@ -343,6 +343,13 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[fmt(c) for c in r] for r in rows]
-    out = ["| " + " | ".join(headers) + " |", "|" + "---:|" * len(headers)]
+    numeric = [
+        all(isinstance(r[i], int | float) or r[i] is None for r in rows)
+        for i in range(len(headers))
+    ]
+    out = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "".join("---:|" if n else "---|" for n in numeric),
+    ]
     out += ["| " + " | ".join(r) + " |" for r in cells]
     return "\n".join(out)
