@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -31,6 +31,7 @@ Kind = Literal["command", "event", "reply"]
 T = TypeVar("T")
 
 DEFAULT_MAX_SIZE = 256 * 1024
+MAX_ATTEMPT = 2**31 - 1
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.:-]{0,199}$")
 _last_ms = 0
 _seq = 0
@@ -121,7 +122,8 @@ class Headers(msgspec.Struct, omit_defaults=True):
     phase: str | None = None
     reply_to: str | None = None
     outcome: str | None = None
-    attempt: int = 1
+    #: bounded so that a stored attempt always fits a database integer column
+    attempt: Annotated[int, msgspec.Meta(ge=0, le=MAX_ATTEMPT)] = 1
     traceparent: str | None = None
     created_at: float = 0.0
     extra: dict[str, str] = {}
@@ -196,7 +198,8 @@ class Codec:
         self._check_size(data)
         try:
             return _envelope_decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+            # msgspec reports invalid UTF-8 inside a string as UnicodeDecodeError
             raise MalformedMessage(f"not a valid envelope: {exc}") from None
 
     def payload(self, envelope: Envelope, cls: type[T] | None = None) -> T:
@@ -207,7 +210,7 @@ class Codec:
             decoder = self._decoders[target] = msgspec.json.Decoder(target)
         try:
             return decoder.decode(envelope.payload)  # type: ignore[no-any-return]
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             raise SchemaMismatch(
                 f"payload of {envelope.type!r} does not match its schema: {exc}",
                 saga_id=envelope.headers.saga_id,
