@@ -80,7 +80,7 @@ if str(HERE) not in sys.path:
 import chaos_app  # noqa: E402
 from order_fulfillment import demo  # noqa: E402
 from order_fulfillment.app import OrderFulfillment, build  # noqa: E402
-from order_fulfillment.cluster import Cluster  # noqa: E402
+from order_fulfillment.cluster import Cluster, WorkerFailed  # noqa: E402
 from order_fulfillment.saga import create_order  # noqa: E402
 
 import sagakit as sk  # noqa: E402
@@ -247,6 +247,7 @@ class Monkey:
     counts: Counter[str] = field(default_factory=Counter)
     restarts: list[Restart] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    failed_starts: list[str] = field(default_factory=list)
     down: set[str] = field(default_factory=set)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -312,10 +313,18 @@ class Monkey:
     async def _restart(self, rec: Restart) -> None:
         await asyncio.sleep(self.rng.uniform(0.1, 1.0))
         try:
-            await self.cluster.restart(rec.worker, timeout=90.0)
-            rec.ready_at = time.time()
-        except Exception as exc:
-            self.errors.append(f"restart {rec.worker}: {exc!r}")
+            for attempt in range(1, 4):
+                try:
+                    await self.cluster.restart(rec.worker, timeout=90.0)
+                    rec.ready_at = time.time()
+                    return
+                except WorkerFailed as exc:
+                    # e.g. a db_drop hit the worker while it started: it exits 1, as
+                    # sagakit worker does on a startup error; a supervisor restarts it
+                    self.failed_starts.append(f"{rec.worker}: {str(exc).splitlines()[-1]}")
+                    if attempt == 3:
+                        self.errors.append(f"restart {rec.worker}: {exc!r}")
+                    await asyncio.sleep(0.5)
         finally:
             self.down.discard(rec.worker)
 
@@ -660,6 +669,7 @@ async def one_run(args: argparse.Namespace, k: int, root: Path) -> dict[str, Any
         "lost_detail": acc["lost_detail"],
         "double_detail": acc["double_detail"],
         "fault_errors": monkey.errors[:10],
+        "failed_starts": monkey.failed_starts[:10],
         "worker_exit_codes": codes,
         "log_dir": str(folder / "logs"),
     }
