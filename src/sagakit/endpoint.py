@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -166,8 +165,15 @@ class Endpoint:
             if env is not None and env.kind == "command" and env.headers.reply_to:
                 await self.fail_command(tx, out, env, exc, technical=technical)
 
-        with suppress(LeaseLost):
+        try:
             await self.in_transaction(delivery, body)
+        except LeaseLost:
+            pass
+        except RaceLost:
+            # A concurrent copy of this message recorded its outcome first (its
+            # failure here was likely that copy's unique key): deliver it again
+            # and the inbox answers with the stored reply.
+            await delivery.nack(0.05)
 
     async def fail_command(
         self, tx: Tx, out: Outbox, env: Envelope, exc: Exception, *, technical: bool
