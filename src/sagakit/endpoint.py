@@ -36,6 +36,14 @@ class RaceLost(SagakitError):
     retryable = True
 
 
+class Refusal(Exception):
+    """A handler refused its command with a business error: record it anew."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class LeaseLost(SagakitError):
     """Another consumer took over this delivery; roll back and let it finish."""
 
@@ -100,6 +108,8 @@ class Endpoint:
             await self.in_transaction(delivery, lambda tx, out: route(env, tx, out, self))
         except LeaseLost:
             log.info("lease lost on %s; another consumer has it", env.id)
+        except Refusal as refusal:
+            await self.refuse(delivery, env, refusal.error)
         except (MessageError, RoutingError) as exc:
             await self.dead_letter(delivery, env, exc)
         except Exception as exc:
@@ -135,6 +145,19 @@ class Endpoint:
                 await store.enqueue(tx, dest, env.id, data)
         for env, queue, delay in out.scheduled:
             await store.enqueue(tx, queue, env.id, self.codec.encode(env), delay=delay)
+
+    async def refuse(self, delivery: Delivery, env: Envelope, error: Exception) -> None:
+        """Answer a refused command with a failure reply, kept in the inbox."""
+
+        async def body(tx: Tx, out: Outbox) -> None:
+            await self.fail_command(tx, out, env, error, technical=False)
+
+        try:
+            await self.in_transaction(delivery, body)
+        except LeaseLost:
+            pass
+        except RaceLost:
+            await delivery.nack(0.05)  # settled concurrently: the inbox will answer
 
     async def technical_failure(self, delivery: Delivery, env: Envelope, exc: Exception) -> None:
         """Retry with backoff; when the policy gives up, dead-letter and reply."""
@@ -183,7 +206,8 @@ class Endpoint:
         failure = Failure(code=code, message=str(exc), technical=technical)
         reply_env = self.make_reply(env, failure, outcome="failure")
         await self.remember(tx, env, "failure", reply_env)
-        out.send(reply_env, env.headers.reply_to or "")
+        if env.headers.reply_to:
+            out.send(reply_env, env.headers.reply_to)
 
     def make_reply(self, env: Envelope, payload: object, *, outcome: str) -> Envelope:
         h = env.headers

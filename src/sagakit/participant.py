@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .endpoint import RaceLost
+from .endpoint import RaceLost, Refusal
 from .errors import BusinessError, ConfigurationError, DuplicateRegistration
 from .messages import Done, Envelope, Failure, caused_by, spec_of
 from .store.core import InboxRow
@@ -131,11 +131,11 @@ class Participant:
         if not compensating and env.headers.saga_id and await _compensated_already(env, tx, ep):
             return _refuse(env, out, ep)
         try:
-            async with tx.savepoint():
-                result = await self.commands[env.type](payload, Context(tx, env, ep, out))
+            result = await self.commands[env.type](payload, Context(tx, env, ep, out))
         except BusinessError as exc:
-            out.messages.clear()
-            return await ep.fail_command(tx, out, env, exc, technical=False)
+            # Roll the whole transaction back (no savepoint on the happy path);
+            # the endpoint records the refusal in a fresh one.
+            raise Refusal(exc) from exc
         await _answer(env, Done() if result is None else result, "success", tx, out, ep)
 
 

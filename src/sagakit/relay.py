@@ -18,6 +18,7 @@ from .errors import SagakitError
 from .messages import Kind
 from .store.core import Queued
 from .transport import Outgoing
+from .transport.database import first_poll
 
 if TYPE_CHECKING:
     from .store import Store
@@ -53,18 +54,18 @@ class Relay:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
-        idle = 0.005
+        first = first_poll(self.store, self.max_poll)
+        idle = first
         while not self._stopping:
             try:
                 moved = await self.relay_once()
             except SagakitError as exc:
                 log.warning("relay failed, will retry: %s", exc)
                 moved = 0
-            if moved:
-                idle = 0.005
-                continue
+            if moved == self.batch:
+                continue  # a full batch: there may be more
             await self.store.wait(OUTBOX_QUEUE, idle)
-            idle = min(idle * 2, self.max_poll)
+            idle = first if moved else min(idle * 2, self.max_poll)
 
     async def relay_once(self) -> int:
         """Publish one batch; return how many rows moved."""

@@ -54,6 +54,9 @@ class Driver(Protocol):
 
     def transaction(self) -> AbstractAsyncContextManager[Tx]: ...
 
+    async def fetch_single(self, sql: str, *args: Any) -> list[Any]:
+        """Run one statement as a transaction of its own (one round trip where possible)."""
+
     async def listen(self, on_notify: Callable[[str], None]) -> None: ...
 
 

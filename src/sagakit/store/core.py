@@ -219,8 +219,7 @@ class Store:
     async def claim(self, queue: str, limit: int, lease: float) -> list[Queued]:
         """Lease up to ``limit`` due messages of ``queue`` (skipping locked rows)."""
         now = self.clock.now()
-        async with self.transaction() as tx:
-            rows = await tx.fetchall(self._claim_sql, now + lease, queue, now, limit)
+        rows = await self.driver.fetch_single(self._claim_sql, now + lease, queue, now, limit)
         return [Queued(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in rows]
 
     async def ack(self, tx: Tx, item: Queued) -> bool:

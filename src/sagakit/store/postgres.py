@@ -97,6 +97,7 @@ class PostgresTx:
         self.connection = conn
         self._callbacks: list[Callable[[], None]] = []
         self.queues: set[str] = set()
+        self._savepoints = 0
 
     async def execute(self, sql: str, *args: Any) -> int:
         try:
@@ -125,18 +126,19 @@ class PostgresTx:
     @asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
         """A nested transaction: rolled back alone if the block raises."""
-        try:
-            sp = self.connection.transaction()
-            await sp.start()
-        except DBError as exc:
-            raise translate(exc) from exc
+        self._savepoints += 1
+        name = f"sagakit_sp{self._savepoints}"
+        await self._simple(f"SAVEPOINT {name}")
         try:
             yield
         except BaseException:
-            await _quietly(sp.rollback())
+            await _quietly(self.connection.execute(f"ROLLBACK TO SAVEPOINT {name}"))
             raise
+        await self._simple(f"RELEASE SAVEPOINT {name}")
+
+    async def _simple(self, sql: str) -> None:
         try:
-            await sp.commit()
+            await self.connection.execute(sql)
         except DBError as exc:
             raise translate(exc) from exc
 
@@ -187,6 +189,8 @@ class PostgresDriver:
         self._on_notify: Callable[[str], None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self.listener_pid: int | None = None
+        # Backends of our own pool: their NOTIFYs echo commits already woken locally.
+        self._own_pids: set[int] = set()
 
     async def open(self) -> None:
         if self._pool is not None:
@@ -223,6 +227,7 @@ class PostgresDriver:
             conn = await pool.acquire(timeout=self.acquire_timeout)
         except DBError as exc:
             raise translate(exc) from exc
+        self._own_pids.add(conn.get_server_pid())
         try:
             tx = PostgresTx(conn)
             async with _transaction(conn, self.channel, tx):
@@ -230,6 +235,18 @@ class PostgresDriver:
         finally:
             await _quietly(pool.release(conn))
         tx.committed(self._on_notify)
+
+    async def fetch_single(self, sql: str, *args: Any) -> list[Any]:
+        """One statement in autocommit mode: a single round trip, no BEGIN/COMMIT."""
+        pool = self._pool
+        if pool is None:
+            raise StoreError("store is closed", retryable=False)
+        try:
+            async with pool.acquire(timeout=self.acquire_timeout) as conn:
+                self._own_pids.add(conn.get_server_pid())
+                return list(await conn.fetch(to_dollar(sql), *args))
+        except DBError as exc:
+            raise translate(exc) from exc
 
     async def listen(self, on_notify: Callable[[str], None]) -> None:
         """Start waking ``on_notify`` for local commits and NOTIFYs of other processes.
@@ -271,7 +288,13 @@ class PostgresDriver:
         """LISTEN on ``conn`` until it drops; probe it now and then to notice silent loss."""
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _c: lost.set())
-        await conn.add_listener(self.channel, lambda _c, _pid, _ch, queue: on_notify(queue))
+        own = self._own_pids
+
+        def woken(_conn: Any, pid: int, _channel: str, queue: str) -> None:
+            if pid not in own:  # our own commits already woke local consumers
+                on_notify(queue)
+
+        await conn.add_listener(self.channel, woken)
         self.listener_pid = conn.get_server_pid()
         ready.set()
         while not lost.is_set():
@@ -283,24 +306,40 @@ class PostgresDriver:
 
 @asynccontextmanager
 async def _transaction(conn: Any, channel: str, tx: PostgresTx) -> AsyncIterator[None]:
-    """BEGIN; the body; NOTIFY the touched queues; COMMIT (or ROLLBACK on error)."""
+    """BEGIN; the body; NOTIFY the touched queues and COMMIT in one round trip."""
     try:
-        outer = conn.transaction()
-        await outer.start()
+        await conn.execute("BEGIN")
     except DBError as exc:
         raise translate(exc) from exc
     try:
         yield
     except BaseException:
-        await _quietly(outer.rollback())
+        await _quietly(conn.execute("ROLLBACK"))
         raise
     try:
-        if tx.queues:
-            await conn.execute(_NOTIFY_SQL, channel, sorted(tx.queues))
-        await outer.commit()
+        await conn.execute(_commit_sql(channel, tx.queues))
     except DBError as exc:
-        await _quietly(outer.rollback())
+        await _quietly(conn.execute("ROLLBACK"))
         raise translate(exc) from exc
+
+
+def _commit_sql(channel: str, queues: set[str]) -> str:
+    """``SELECT pg_notify(...), ...; COMMIT`` as one simple query (no parameters).
+
+    NOTIFY is delivered only if the COMMIT succeeds, so listeners never wake
+    for work that was rolled back.
+    """
+    if not queues:
+        return "COMMIT"
+    notes = ", ".join(f"pg_notify({_literal(channel)}, {_literal(q)})" for q in sorted(queues))
+    return f"SELECT {notes}; COMMIT"
+
+
+def _literal(text: str) -> str:
+    """A SQL string literal (standard_conforming_strings: only quotes need doubling)."""
+    if "\x00" in text:
+        raise StoreError(f"NUL in queue or channel name {text!r}", retryable=False)
+    return "'" + text.replace("'", "''") + "'"
 
 
 async def _keep_session(conn: Any) -> None:

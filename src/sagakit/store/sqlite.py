@@ -145,6 +145,11 @@ class SqliteDriver:
                 raise _translate(exc) from exc
         tx.committed(self._on_notify)
 
+    async def fetch_single(self, sql: str, *args: Any) -> list[Any]:
+        """One statement in its own (serialised, busy-aware) transaction."""
+        async with self.transaction() as tx:
+            return await tx.fetchall(sql, *args)
+
     async def _begin(self, conn: sqlite3.Connection) -> None:
         waited = 0.0
         while True:

@@ -26,6 +26,17 @@ MIN_POLL_S = 0.005
 MAX_POLL_S = 0.25
 
 
+def first_poll(store: Store, max_poll: float) -> float:
+    """How soon to look again after an empty claim.
+
+    PostgreSQL pushes wake-ups (LISTEN/NOTIFY) and every commit in this process
+    wakes its consumers directly, so polling only catches delayed messages
+    coming due. SQLite shared between processes has no push: poll briefly,
+    backing off.
+    """
+    return max_poll if store.dialect == "postgresql" else MIN_POLL_S
+
+
 class DbDelivery:
     """A leased queue row."""
 
@@ -70,7 +81,8 @@ class QueueConsumer:
         self._task = asyncio.create_task(self._run(), name=f"sagakit-consume-{queue}")
 
     async def _run(self) -> None:
-        idle = MIN_POLL_S
+        first = first_poll(self.store, self.max_poll)
+        idle = first
         while not self._stopping:
             free = self.prefetch - len(self._inflight)
             if free <= 0:
@@ -81,13 +93,15 @@ class QueueConsumer:
             except SagakitError as exc:
                 log.warning("claim on %s failed: %s", self.queue, exc)
                 batch = []
-            if not batch:
-                await self.store.wait(self.queue, idle)
-                idle = min(idle * 2, self.max_poll)
-                continue
-            idle = MIN_POLL_S
             for item in batch:
                 self._spawn(DbDelivery(self.store, item))
+            if len(batch) == free:
+                idle = first
+                continue  # there may be more right away
+            # Drained: sleep until a commit wakes the queue (a wake-up that came
+            # while claiming is kept by the event) or the next poll is due.
+            await self.store.wait(self.queue, idle)
+            idle = first if batch else min(idle * 2, self.max_poll)
 
     def _spawn(self, delivery: DbDelivery) -> None:
         task = asyncio.create_task(self._handle(delivery))
