@@ -43,6 +43,14 @@ class Data:
     log: list[str] = field(default_factory=list)
 
 
+def die_with_parent() -> None:
+    """preexec_fn for worker subprocesses: SIGTERM them if the test process dies."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 async def eventually(
     check: Callable[[], Awaitable[bool]], timeout: float = 10.0, every: float = 0.01
 ) -> None:

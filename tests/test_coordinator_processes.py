@@ -15,6 +15,7 @@ import pytest
 
 import sagakit as sk
 from sagakit.testing import drop_tables
+from tests.helpers import die_with_parent
 from tests.workers.saga_worker import Job, build, definition
 
 WORKER = Path(__file__).parent / "workers" / "saga_worker.py"
@@ -44,7 +45,9 @@ async def target(
 
 def spawn(url: str, prefix: str, *services: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    return subprocess.Popen([sys.executable, str(WORKER), url, prefix, *services], env=env)
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), url, prefix, *services], env=env, preexec_fn=die_with_parent
+    )
 
 
 async def start_sagas(url: str, prefix: str, n: int) -> sk.App:

@@ -25,6 +25,7 @@ import pytest
 from sagakit.messages import Envelope, Headers, new_id
 from sagakit.store import Store, open_store
 from sagakit.testing import drop_tables
+from tests.helpers import die_with_parent
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -77,6 +78,7 @@ def _start(store: Store, log: Path) -> subprocess.Popen[bytes]:
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=die_with_parent,
         )
 
 
