@@ -24,7 +24,10 @@ How it maps the transport contract:
   ``ack`` waits for the server's confirmation (``ack_sync``), ``nack(delay)`` is
   a NAK with delay, and a message nobody acknowledges within ``ack_wait``
   seconds (the lease) is delivered again. ``Delivery.attempt`` is JetStream's
-  delivery count.
+  delivery count. Pull requests expire after ``pull_expires``, at most half
+  of ``ack_wait``, so that a dead consumer's requests are gone before its
+  messages come back (older servers would count such a redelivery as a first
+  delivery).
 - The connection reconnects forever; pull requests lost with a connection are
   re-issued after a reconnect (and expire locally in any case). Broker errors
   surface as :class:`~sagakit.errors.TransportError`.
@@ -493,7 +496,15 @@ class NatsTransport:
         self.ack_sync = _flag(ack_sync if ack_sync is not None else q.get("ack_sync", True))
         self.ack_timeout = 5.0
         self.keepalive = _flag(keepalive if keepalive is not None else q.get("keepalive", True))
-        self.pull_expires = _number(pull_expires, q, "pull_expires", 5.0)
+        # A pull request must expire well before a message delivered to it can
+        # come back (``ack_wait`` after its last lease extension): nats-server
+        # < 2.10 re-sends a redelivery that finds only dead requests (expired,
+        # or their subscriber gone, e.g. a crashed process's) as a *first*
+        # delivery (num_delivered 1). Capped at half of ``ack_wait``, a crashed
+        # consumer's requests are gone before its messages are redelivered.
+        self.pull_expires = min(
+            _number(pull_expires, q, "pull_expires", 5.0), max(0.1, self.ack_wait / 2)
+        )
         self.publish_timeout = _number(publish_timeout, q, "publish_timeout", 10.0)
         self.refresh = _number(refresh, q, "refresh", 10.0)
         self.name = name
