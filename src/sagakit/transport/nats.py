@@ -47,7 +47,7 @@ import logging
 import math
 import string
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -173,18 +173,25 @@ def _flag(value: str | bool) -> bool:
 # -- deliveries --------------------------------------------------------------
 
 
+_ATTEMPTS_KEPT = 10_000  # bounded memory for attempt_of
+
+
 class NatsDelivery:
     """One message pulled from a JetStream consumer."""
 
-    __slots__ = ("_msg", "_transport", "attempt", "data", "received", "settled")
+    __slots__ = ("_key", "_msg", "_transport", "attempt", "data", "received", "settled")
 
     def __init__(self, transport: NatsTransport, msg: Msg) -> None:
         self._transport, self._msg = transport, msg
         self.data: bytes = msg.data
+        self._key: tuple[str, int] | None = None
         try:
-            self.attempt: int = msg.metadata.num_delivered
+            meta = msg.metadata
+            reported = meta.num_delivered
+            self._key = (meta.consumer, meta.sequence.stream)
         except Exception:  # not a JetStream message: cannot happen on a pull consumer
-            self.attempt = 1
+            reported = 1
+        self.attempt: int = transport.attempt_of(self._key, reported)
         self.settled = False
         self.received = time.monotonic()
 
@@ -197,6 +204,7 @@ class NatsDelivery:
         if self.settled:
             return
         self.settled = True
+        self._transport.attempts_seen.pop(self._key, None)
         try:
             if self._transport.ack_sync:
                 t, msg = self._transport, self._msg
@@ -513,6 +521,8 @@ class NatsTransport:
         self._jsm: JetStreamManager | None = None
         self._declared: set[str] = set()
         self._subs: set[NatsSubscription] = set()
+        # Highest delivery count seen per (consumer, stream sequence): see attempt_of.
+        self.attempts_seen: OrderedDict[tuple[str, int] | None, int] = OrderedDict()
         self._closing = False
         self._up = asyncio.Event()  # set while connected
         self._down = asyncio.Event()  # set once the current connection is lost
@@ -625,6 +635,21 @@ class NatsTransport:
         if task.cancelled():
             raise TransportError(f"NATS {what}: the connection was lost; retry")
         return task.result()
+
+    def attempt_of(self, key: tuple[str, int] | None, reported: int) -> int:
+        """The server's delivery count, but never lower than one this process saw.
+
+        nats-server before 2.10 can send a redelivery that meets only expired
+        pull requests as if it were a first delivery (``num_delivered`` 1), which
+        would reset a message's attempt count and so its retry budget.
+        """
+        if key is None:
+            return reported
+        attempt = max(reported, self.attempts_seen.pop(key, 0) + 1)
+        self.attempts_seen[key] = attempt
+        if len(self.attempts_seen) > _ATTEMPTS_KEPT:
+            self.attempts_seen.popitem(last=False)
+        return attempt
 
     def forget(self, sub: NatsSubscription) -> None:
         self._subs.discard(sub)
