@@ -101,10 +101,15 @@ class Harness:
         if data in dead:
             assert dead[data], "a dead letter without a reason"
             return True
-        env = self.expectation(data)
-        if env is None:
+        try:
+            env = self.app.codec.decode(data)
+        except MessageError:
             return False
-        return env.id in self.seen or await self.in_inbox(env)
+        if env.kind == "command" and await self.in_inbox(env):
+            # Its id (hypothesis reuses ids across examples) was already handled:
+            # the inbox answers it as a duplicate before its payload is read.
+            return True
+        return self.expectation(data) is not None and env.id in self.seen
 
     async def check_batch(self, batch: list[bytes]) -> None:
         for data in batch:
