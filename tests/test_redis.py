@@ -18,7 +18,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,22 +31,11 @@ import sagakit as sk
 from sagakit.errors import ConfigurationError, TransportError
 from sagakit.transport import Delivery, Outgoing, open_transport
 from sagakit.transport.redis import GROUP, RedisTransport, transport
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
 LEASE = 0.6
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout: float = 10.0, every: float = 0.01
-) -> None:
-    """Poll ``check`` until it is true; fail after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not await check():
-        if loop.time() > end:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(every)
 
 
 def cmd(queue: str, body: str, mid: str | None = None) -> Outgoing:

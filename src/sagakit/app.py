@@ -22,7 +22,7 @@ from .clock import Clock
 from .coordinator import COORDINATOR_QUEUE, LOCAL_QUEUE, TIMER_QUEUE, Coordinator
 from .endpoint import Endpoint, Route
 from .errors import DuplicateRegistration
-from .messages import DEFAULT_MAX_SIZE, Codec, Envelope, TypeRegistry, spec_of
+from .messages import DEFAULT_MAX_SIZE, Codec, Envelope, TypeRegistry
 from .participant import Participant
 from .policies import RetryPolicy
 from .relay import Relay
@@ -240,8 +240,3 @@ def _transport_options(url: str, s: Settings) -> dict[str, Any]:
     if scheme in ("nats", "redis") and "lease=" not in url and "ack_wait=" not in url:
         return {"lease": s.lease}
     return {}
-
-
-def message_name(cls: type[Any]) -> str:
-    """The registered name of a message class."""
-    return spec_of(cls).name

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from .endpoint import Outbox
 from .errors import (
     BusinessError,
     DuplicateRegistration,
@@ -36,7 +37,7 @@ from .saga import SagaDefinition, StepDef
 from .store.core import LogEntry, SagaRecord
 
 if TYPE_CHECKING:
-    from .endpoint import Endpoint, Outbox
+    from .endpoint import Endpoint
     from .store import Store, Tx
     from .transport import Delivery
 
@@ -196,7 +197,7 @@ class Coordinator:
             rec, defn, data, Progress(correlation_id=correlation_id or saga_id), None, now
         )
         inst.log("started", detail=f"{defn.name} v{defn.version}")
-        ep, out = self.ep, _new_outbox()
+        ep, out = self.ep, Outbox()
         self._advance(inst, out)
         if deadline is not None:
             self._schedule(inst, out, "", Timer("deadline", saga_id), defn.deadline or 0.0)
@@ -211,6 +212,9 @@ class Coordinator:
         rec = await self.store.saga_get(saga_id)
         if rec is None:
             raise SagaNotFound(f"no saga {saga_id!r}", saga_id=saga_id)
+        return await self._view(rec, history)
+
+    async def _view(self, rec: SagaRecord, history: bool) -> SagaView:
         progress = _progress_decoder.decode(rec.progress)
         defn = self.definitions.get((rec.type, rec.version))
         data = self._decode_data(defn, rec.data) if defn else msgspec.json.decode(rec.data)
@@ -226,7 +230,7 @@ class Coordinator:
             list(progress.done),
             list(progress.compensated),
             sorted(progress.pending),
-            await self.store.history(saga_id) if history else [],
+            await self.store.history(rec.id) if history else [],
         )
 
     async def list(
@@ -242,7 +246,7 @@ class Coordinator:
         recs = await self.store.saga_list(
             type=type, state=state, created_before=before, limit=limit
         )
-        return [await self.get(r.id, history=False) for r in recs]
+        return [await self._view(r, history=False) for r in recs]
 
     async def counts(self, *, type: str | None = None) -> dict[str, int]:
         return await self.store.saga_counts(type=type)
@@ -254,7 +258,7 @@ class Coordinator:
         while True:
             rec = await self.store.saga_get(saga_id)
             if rec is not None and rec.state in TERMINAL:
-                return await self.get(saga_id)
+                return await self._view(rec, history=True)
             if loop.time() > end:
                 raise TimeoutError(f"saga {saga_id} not final after {timeout}s")
             await asyncio.sleep(poll)
@@ -279,7 +283,7 @@ class Coordinator:
         if p is None or p.waiting or p.message_id != env.headers.causation_id:
             outcome = env.headers.outcome or "success"
             inst.log("reply-ignored", step, env.id, f"{env.type} ({outcome}): not awaited")
-            return await self._save(tx, inst)
+            return await self.store.log(tx, inst.entries)  # the instance is unchanged
         self._settle(inst, step, p)
         inst.log("reply", step, env.id, f"{env.type} ({env.headers.outcome})")
         if env.failed:
@@ -549,7 +553,7 @@ class Coordinator:
     ) -> None:
         if not by or not reason:
             raise InvalidOperatorAction("operator actions need 'by' and 'reason'", saga_id=saga_id)
-        ep, out = self.ep, _new_outbox()
+        ep, out = self.ep, Outbox()
         async with self.store.transaction() as tx:
             inst = await self._load(tx, saga_id, None, missing=SagaNotFound)
             inst.log(f"operator-{action}", detail=f"by {by}: {reason}")
@@ -626,12 +630,6 @@ class Coordinator:
 
 class _Unexpected(Exception):
     pass
-
-
-def _new_outbox() -> Outbox:
-    from .endpoint import Outbox
-
-    return Outbox()
 
 
 def _failure_of(env: Envelope) -> Failure:

@@ -152,12 +152,23 @@ class Endpoint:
         async def body(tx: Tx, out: Outbox) -> None:
             await self.fail_command(tx, out, env, error, technical=False)
 
+        await self.settle(delivery, body)
+
+    async def settle(
+        self, delivery: Delivery, body: Callable[[Tx, Outbox], Awaitable[None]]
+    ) -> None:
+        """Record an outcome for ``delivery`` unless someone else already did.
+
+        A lost lease means another consumer has the message. A lost inbox race
+        means a concurrent copy recorded its outcome first (its unique key is
+        often what failed here): deliver it again and the inbox answers.
+        """
         try:
             await self.in_transaction(delivery, body)
         except LeaseLost:
             pass
         except RaceLost:
-            await delivery.nack(0.05)  # settled concurrently: the inbox will answer
+            await delivery.nack(0.05)
 
     async def technical_failure(self, delivery: Delivery, env: Envelope, exc: Exception) -> None:
         """Retry with backoff; when the policy gives up, dead-letter and reply."""
@@ -188,15 +199,7 @@ class Endpoint:
             if env is not None and env.kind == "command" and env.headers.reply_to:
                 await self.fail_command(tx, out, env, exc, technical=technical)
 
-        try:
-            await self.in_transaction(delivery, body)
-        except LeaseLost:
-            pass
-        except RaceLost:
-            # A concurrent copy of this message recorded its outcome first (its
-            # failure here was likely that copy's unique key): deliver it again
-            # and the inbox answers with the stored reply.
-            await delivery.nack(0.05)
+        await self.settle(delivery, body)
 
     async def fail_command(
         self, tx: Tx, out: Outbox, env: Envelope, exc: Exception, *, technical: bool

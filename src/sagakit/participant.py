@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .endpoint import RaceLost, Refusal
+from .endpoint import RaceLost, Refusal, inbox_key
 from .errors import BusinessError, ConfigurationError, DuplicateRegistration
 from .messages import Done, Envelope, Failure, caused_by, spec_of
 from .store.core import InboxRow
@@ -119,7 +119,7 @@ class Participant:
         await self.events[env.type](payload, Context(tx, env, ep, out))
 
     async def _run_command(self, env: Envelope, tx: Tx, out: Outbox, ep: Endpoint) -> None:
-        seen = await ep.store.inbox_get(tx, ep.name, _key(env))
+        seen = await ep.store.inbox_get(tx, ep.name, inbox_key(env))
         if seen is not None and seen.outcome == CANCELLED:
             return _refuse(env, out, ep)
         if seen is not None and not _retry_of_failure(env, seen):
@@ -137,12 +137,6 @@ class Participant:
             # the endpoint records the refusal in a fresh one.
             raise Refusal(exc) from exc
         await _answer(env, Done() if result is None else result, "success", tx, out, ep)
-
-
-def _key(env: Envelope) -> str:
-    from .endpoint import inbox_key
-
-    return inbox_key(env)
 
 
 def _retry_of_failure(env: Envelope, seen: InboxRow) -> bool:

@@ -13,7 +13,6 @@ transport outgoing messages go through the store's outbox and a relay.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -23,8 +22,6 @@ from ..messages import Kind
 
 if TYPE_CHECKING:
     from ..store import Store
-
-log = logging.getLogger("sagakit.transport")
 
 
 @dataclass(frozen=True, slots=True)
