@@ -201,9 +201,17 @@ class Store:
     async def enqueue_event(self, tx: Tx, topic: str, message_id: str, data: bytes) -> None:
         """Fan an event out to the queue of every group subscribed to ``topic``."""
         p, now = self.prefix, self.clock.now()
-        rows = await tx.fetchall(f"SELECT queue FROM {p}subscriptions WHERE topic = ?", topic)
+        rows = await tx.fetchall(
+            f"INSERT INTO {p}messages (id, queue, destination, data, available_at, created_at) "
+            f"SELECT ?, queue, NULL, ?, ?, ? FROM {p}subscriptions WHERE topic = ? "
+            "RETURNING queue",
+            message_id,
+            data,
+            now,
+            now,
+            topic,
+        )
         for row in rows:
-            await tx.execute(self._enqueue_sql, message_id, row[0], None, data, now, now)
             tx.notify(row[0])
 
     async def subscribe(self, topic: str, queue: str) -> None:
