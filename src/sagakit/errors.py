@@ -10,23 +10,29 @@ transports), so callers never see ``sqlite3`` or ``asyncpg`` exceptions.
     ├── ConfigurationError            bad URL, bad identifier, missing extra
     │   ├── DuplicateRegistration     a durable name registered twice
     │   └── DefinitionError           an invalid saga definition (names step and rule)
+    │   └── NotStarted                the App (or its coordinator) is not running
     ├── MessageError                  bad input; never retryable, dead-lettered
     │   ├── MalformedMessage          not JSON, or not a valid envelope
     │   ├── OversizeMessage           larger than the payload limit (checked before decoding)
     │   ├── UnknownMessageType        no registered type under that name
-    │   └── SchemaMismatch            payload does not match the registered schema
+    │   ├── SchemaMismatch            payload does not match the registered schema
+    │   └── DeliveryLimitExceeded     delivered more often than Settings.max_deliveries
     ├── RoutingError                  a well-formed message nobody can take
     │   ├── NoHandler                 no handler for this type at this endpoint
     │   └── UnknownSaga               a reply for a saga id the store does not know
     ├── BusinessError                 raised by a handler: becomes a failure reply
+    │   └── Cancelled                 the command came after its compensation; no effect
     ├── HandlerFailed                 a technical failure that exhausted its retries
+    │   └── HandlerTimeout            a handler ran past Settings.handler_timeout (retryable)
     ├── StoreError                    database trouble (retryable)
     │   └── ConcurrencyConflict       optimistic version check lost (retryable)
     ├── TransportError                broker trouble (retryable)
+    │   └── LeaseLost                 another consumer took the message over (retryable)
     └── SagaError                     saga API misuse
         ├── SagaNotFound
         ├── SagaVersionUnknown        instance of a definition version not registered
-        └── InvalidOperatorAction     the action does not fit the instance's state
+        ├── InvalidOperatorAction     the action does not fit the instance's state
+        └── WaitTimeout               wait() ran out of time (also a TimeoutError)
 """
 
 from __future__ import annotations
@@ -73,6 +79,10 @@ class DefinitionError(ConfigurationError):
     """A saga definition breaks a rule; the message names the step and the rule."""
 
 
+class NotStarted(ConfigurationError):
+    """An operation that needs a running App was called before ``start()``."""
+
+
 class MessageError(SagakitError):
     """A message that can never be processed; it is dead-lettered with the reason."""
 
@@ -91,6 +101,14 @@ class UnknownMessageType(MessageError):
 
 class SchemaMismatch(MessageError):
     """The payload does not match the registered schema of its type."""
+
+
+class DeliveryLimitExceeded(MessageError):
+    """A message was delivered more often than allowed; dead-lettered, never retried.
+
+    The usual cause is a handler that crashes its process or outlives every
+    lease; the dead letter keeps the message for an operator.
+    """
 
 
 class RoutingError(SagakitError):
@@ -123,6 +141,18 @@ class HandlerFailed(SagakitError):
     """A handler kept failing for technical reasons until its retry policy gave up."""
 
 
+class Cancelled(BusinessError):
+    """The command arrived after its compensation; it had no effect."""
+
+    code = "sagakit.Cancelled"
+
+
+class HandlerTimeout(HandlerFailed):
+    """A handler ran longer than its timeout and was cancelled; it is retried."""
+
+    retryable = True
+
+
 class StoreError(SagakitError):
     """The database failed; the operation may succeed if retried."""
 
@@ -139,6 +169,10 @@ class TransportError(SagakitError):
     retryable = True
 
 
+class LeaseLost(TransportError):
+    """Another consumer took this delivery over; roll back and let it finish."""
+
+
 class SagaError(SagakitError):
     """Misuse of the saga API."""
 
@@ -153,3 +187,10 @@ class SagaVersionUnknown(SagaError):
 
 class InvalidOperatorAction(SagaError):
     """An operator action that does not fit the instance's current state."""
+
+
+class WaitTimeout(SagaError, TimeoutError):
+    """``wait()`` gave up before the saga reached a final state.
+
+    It is also a :class:`TimeoutError`, so ``except TimeoutError`` keeps working.
+    """

@@ -5,10 +5,17 @@ handler's transaction commits, competing consumers within a queue, and fan-out
 of events to every queue bound to their topic. Choose one by URL with
 :func:`open_transport`.
 
-The database transport is special: its queue lives in a :class:`Store`, so an
-endpoint on that same store writes outgoing messages and acknowledges
-deliveries inside its own local transaction (``local_store``). For any other
-transport outgoing messages go through the store's outbox and a relay.
+Two small hooks let the database transport do better than "ack after commit"
+without the layers above knowing which transport they run on:
+
+- :meth:`Delivery.ack_in` acknowledges a delivery *inside* a transaction of the
+  store that holds it (the database transport deletes its leased row there, so
+  the acknowledgement commits with the business change); every other delivery
+  answers ``False`` and is acknowledged after the commit.
+- :meth:`Transport.direct_writer` gives a writer that puts outgoing messages
+  straight onto the transport's queues inside a store transaction (the
+  database transport on its own store); every other transport answers ``None``
+  and messages go through the store's outbox and a relay (``sagakit.outbox``).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from ..errors import ConfigurationError
 from ..messages import Kind
 
 if TYPE_CHECKING:
-    from ..store import Store
+    from ..store import Store, Tx
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +51,20 @@ class Delivery(Protocol):
 
     async def nack(self, delay: float) -> None: ...
 
+    async def ack_in(self, store: Store, tx: Tx) -> bool:
+        """Acknowledge inside ``tx`` if this delivery lives in ``store``.
+
+        Returns False when it cannot (the caller acks after the commit).
+        Raises :class:`~sagakit.errors.LeaseLost` if another consumer took the
+        message over, so the transaction rolls back.
+        """
+
+
+class Writer(Protocol):
+    """Writes outgoing messages inside a store transaction."""
+
+    async def write(self, tx: Tx, messages: Sequence[Outgoing]) -> None: ...
+
 
 Handler = Callable[[Delivery], Awaitable[None]]
 
@@ -51,15 +72,19 @@ Handler = Callable[[Delivery], Awaitable[None]]
 class Subscription(Protocol):
     """A running consumer."""
 
-    async def stop(self) -> None:
-        """Take no new messages; wait for in-flight handlers to finish."""
+    async def stop(self, grace: float = 10.0) -> None:
+        """Take no new messages; give in-flight handlers ``grace`` seconds.
+
+        Handlers still running after that are cancelled and their messages
+        released at once (nack with no delay), so a restarted worker gets them
+        without waiting out a lease.
+        """
 
 
 class Transport(Protocol):
     """What every transport provides."""
 
     url: str
-    local_store: Store | None
 
     async def open(self) -> None: ...
 
@@ -73,6 +98,9 @@ class Transport(Protocol):
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> Subscription:
         """Run ``handler`` for each message of ``queue``, at most ``prefetch`` at once."""
+
+    def direct_writer(self, store: Store) -> Writer | None:
+        """A writer onto this transport's queues inside ``store``'s transactions, if any."""
 
 
 def open_transport(url: str, store: Store, **options: Any) -> Transport:
@@ -96,4 +124,12 @@ def open_transport(url: str, store: Store, **options: Any) -> Transport:
     raise ConfigurationError(f"unsupported transport URL {url!r}")
 
 
-__all__ = ["Delivery", "Handler", "Outgoing", "Subscription", "Transport", "open_transport"]
+__all__ = [
+    "Delivery",
+    "Handler",
+    "Outgoing",
+    "Subscription",
+    "Transport",
+    "Writer",
+    "open_transport",
+]
