@@ -67,12 +67,12 @@ async def measure(store_url: str, prefix: str, messages: int, prefetch: int) -> 
         async with store.transaction() as tx:
             for i in range(start, min(messages, start + 500)):
                 env = app.codec.make(Work(i), Headers(reply_to="bench.sink"))
-                await store.enqueue(tx, "worker", env.id, app.codec.encode(env))
+                await store.queue.put(tx, "worker", env.id, app.codec.encode(env))
     cpu0, t0 = time.process_time(), time.perf_counter()
     await app.start()
     await asyncio.wait_for(done.wait(), 600)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    left = await store.queue_depth("worker")
+    left = await store.queue.depth("worker")
     await app.stop()
     return {
         "elapsed": elapsed,

@@ -4,8 +4,9 @@
   running (null compensation).
 * A command that arrives after its compensation has no effect and is answered
   with a failure, so nothing hangs.
-* On PostgreSQL the two can even overlap: a command still inside its
-  transaction when the compensation commits loses the race and is refused.
+* On PostgreSQL the two could overlap in time; they no longer do: a
+  compensation that arrives while its command is still in its transaction
+  waits for it, sees that it took effect, and undoes it.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ async def send(app: sk.App, payload: object, phase: str) -> None:
     headers = Headers(saga_id="s1", saga_type="t", step="x", phase=phase, reply_to=REPLIES)
     env = app.codec.make(payload, headers)
     async with app.store.transaction() as tx:
-        await app.store.enqueue(tx, "p", env.id, app.codec.encode(env))
+        await app.store.queue.put(tx, "p", env.id, app.codec.encode(env))
 
 
 async def replies(app: sk.App) -> list[tuple[str, str]]:
@@ -102,18 +103,18 @@ async def test_command_then_compensation_both_run(bench) -> None:
 
 
 @pytest.mark.parametrize("bench", ["postgresql"], indirect=True)  # SQLite never overlaps
-async def test_command_overlapping_its_compensation_is_refused(bench) -> None:
+async def test_compensation_waits_for_its_command_in_flight_then_undoes_it(bench) -> None:
     app, latches = bench
     latches.hold = True
     await send(app, Do("k"), "forward")
     await asyncio.wait_for(latches.entered.wait(), 10)  # the command is mid-transaction
     await send(app, Undo("k"), "compensate")
-    await eventually(lambda: _replies(app, 1))
-    assert await replies(app) == [("compensate", "success")]  # null compensation
-    latches.release.set()  # the command commits last: it must lose
+    await asyncio.sleep(0.5)
+    assert await replies(app) == [], "the compensation waits for the command"
+    latches.release.set()  # the command commits; the compensation must see it
     await eventually(lambda: _replies(app, 2))
-    assert await replies(app) == [("compensate", "success"), ("forward", "failure")]
-    assert latches.effects == []
+    assert await replies(app) == [("forward", "success"), ("compensate", "success")]
+    assert latches.effects == ["do", "undo"]
 
 
 async def _replies(app: sk.App, n: int) -> bool:

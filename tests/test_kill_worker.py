@@ -66,7 +66,7 @@ async def _prepare(store: Store) -> dict[str, int]:
                 msgspec.Raw(b'{"amount":%d}' % (i + 1)),
                 Headers(),
             )
-            await store.enqueue(tx, "ledger", env.id, msgspec.json.encode(env))
+            await store.queue.put(tx, "ledger", env.id, msgspec.json.encode(env))
             sent[env.id] = i + 1
     return sent
 
@@ -128,7 +128,7 @@ async def _finish(store: Store, log: Path) -> None:
     try:
         await _wait_for(store, N, worker, log)
         deadline = time.monotonic() + 30
-        while await store.queue_depth() > 0:
+        while await store.queue.depth() > 0:
             assert time.monotonic() < deadline, "queue did not drain"
             await asyncio.sleep(0.02)
     finally:
@@ -158,5 +158,5 @@ async def test_sigkill_loses_nothing_and_duplicates_nothing(store: Store, tmp_pa
     assert [m for m, (count, _) in effects.items() if count != 1] == [], "applied twice"
     assert all(effects[m][1] == amount for m, amount in sent.items())
     assert total == sum(sent.values())
-    assert await store.queue_depth() == 0
+    assert await store.queue.depth() == 0
     assert await store.dead_letters() == []

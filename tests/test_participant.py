@@ -57,7 +57,7 @@ async def send(app: sk.App, payload: object, *, msg_id: str | None = None) -> st
 
 async def raw(app: sk.App, queue: str, data: bytes, msg_id: str = "raw") -> None:
     async with app.store.transaction() as tx:
-        await app.store.enqueue(tx, queue, msg_id, data)
+        await app.store.queue.put(tx, queue, msg_id, data)
 
 
 async def replies(app: sk.App) -> list[sk.Envelope]:

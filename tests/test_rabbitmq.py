@@ -264,10 +264,10 @@ async def test_saga_completes_over_rabbitmq(
     # The relay deletes a batch after the broker confirmed it, so a saga can
     # complete a moment before its last outbox row is gone.
     for _ in range(200):
-        if await app.store.queue_depth("sagakit.outbox") == 0:
+        if await app.store.queue.depth("sagakit.outbox") == 0:
             break
         await asyncio.sleep(0.05)
-    assert await app.store.queue_depth("sagakit.outbox") == 0, "the relay emptied the outbox"
+    assert await app.store.queue.depth("sagakit.outbox") == 0, "the relay emptied the outbox"
     assert await app.store.dead_letters() == []
 
 

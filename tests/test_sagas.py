@@ -163,7 +163,7 @@ async def reply_to(
     headers = Headers(saga_id=saga_id, step=step, causation_id=causation, outcome=outcome)
     env = app.codec.make(payload, headers, kind="reply")
     async with app.store.transaction() as tx:
-        await app.store.enqueue(tx, "sagakit.coordinator", env.id, app.codec.encode(env))
+        await app.store.queue.put(tx, "sagakit.coordinator", env.id, app.codec.encode(env))
 
 
 async def test_duplicate_and_stray_replies_are_recorded_not_applied(app: sk.App) -> None:
@@ -276,7 +276,7 @@ async def test_step_timeout_compensates_and_late_reply_is_ignored(tmp_path, plan
         await app.sagas.start(saga, Data("slow"), saga_id="slow")
         await eventually(lambda: _logged(app, "slow", "command-sent", times=2))
         clock.advance(6)
-        app.store.waker.wake_all()
+        app.store.queue.waker.wake_all()
         await eventually(lambda: _logged(app, "slow", "timeout"))
         hold.set()  # b commits after all; its reply is late, and b is compensated
         view = await app.sagas.wait("slow")
@@ -294,7 +294,7 @@ async def test_timer_of_a_step_that_replied_in_time_is_cancelled(tmp_path, plan:
     async with app:
         view = await app.sagas.wait(await app.sagas.start(saga, Data("quick")))
         assert view.state == "completed"
-        assert await app.store.queue_depth("sagakit.timers") == 0
+        assert await app.store.queue.depth("sagakit.timers") == 0
 
 
 async def test_deadline_compensates_a_saga_that_runs_too_long(tmp_path, plan: Plan) -> None:
@@ -308,7 +308,7 @@ async def test_deadline_compensates_a_saga_that_runs_too_long(tmp_path, plan: Pl
         await app.sagas.start(saga, Data("late"), saga_id="late")
         await eventually(lambda: _logged(app, "late", "command-sent", times=2))
         clock.advance(61)
-        app.store.waker.wake_all()
+        app.store.queue.waker.wake_all()
         await eventually(lambda: _logged(app, "late", "compensating"))
         hold.set()
         view = await app.sagas.wait("late")
@@ -372,12 +372,12 @@ async def test_pivot_timeout_asks_again_instead_of_compensating(tmp_path, plan: 
         await app.sagas.start(saga, Data("card"), saga_id="card")
         await eventually(lambda: _logged(app, "card", "command-sent", times=2))
         clock.advance(61)  # both the step timeout and the deadline are due
-        app.store.waker.wake_all()
+        app.store.queue.waker.wake_all()
         await eventually(lambda: _logged(app, "card", "retry-scheduled"))
         await eventually(lambda: _logged(app, "card", "deadline-passed"))
         hold.set()
         clock.advance(1)
-        app.store.waker.wake_all()
+        app.store.queue.waker.wake_all()
         view = await app.sagas.wait("card")
         assert view.state == "completed"
         assert committed(plan, "card") == ["T:a", "T:pay"]  # charged once, never undone

@@ -17,7 +17,7 @@ import pytest
 from sagakit.clock import FakeClock
 from sagakit.errors import ConfigurationError, StoreError
 from sagakit.store import Store, open_store
-from sagakit.store.core import Queued
+from sagakit.store.queue import Queued
 from sagakit.store.postgres import PostgresDriver, rowcount, to_dollar
 from sagakit.testing import StoreContract, drop_tables
 
@@ -68,7 +68,7 @@ async def pair(postgres_url: str, prefix: str) -> AsyncIterator[tuple[Store, Sto
 
 
 async def _woken(store: Store, queue: str, action: Callable[[], object]) -> bool:
-    ev = store.waker.event(queue)
+    ev = store.queue.waker.event(queue)
     ev.clear()
     result = action()
     if asyncio.iscoroutine(result):
@@ -82,7 +82,7 @@ async def _woken(store: Store, queue: str, action: Callable[[], object]) -> bool
 
 async def _enqueue(store: Store, queue: str, message_id: str) -> None:
     async with store.transaction() as tx:
-        await store.enqueue(tx, queue, message_id, b"x")
+        await store.queue.put(tx, queue, message_id, b"x")
 
 
 async def test_notify_wakes_another_process_store(pair: tuple[Store, Store]) -> None:
@@ -95,7 +95,7 @@ async def test_other_prefix_is_not_woken(pair: tuple[Store, Store], postgres_url
     other = open_store(postgres_url, prefix=a.prefix + "x", clock=FakeClock())
     await other.open()
     try:
-        ev = other.waker.event("jobs")
+        ev = other.queue.waker.event("jobs")
         ev.clear()
         assert await _woken(a, "jobs", lambda: _enqueue(a, "jobs", "m1"))
         await asyncio.sleep(0.2)  # a NOTIFY would have arrived by now; nothing to poll for
@@ -126,11 +126,11 @@ async def test_competing_stores_never_share_a_row(pair: tuple[Store, Store]) -> 
     ids = [f"m{i:03d}" for i in range(200)]
     async with a.transaction() as tx:
         for i in ids:
-            await a.enqueue(tx, "q", i, b"x")
+            await a.queue.put(tx, "q", i, b"x")
 
     async def drain(store: Store) -> list[Queued]:
         got: list[Queued] = []
-        while batch := await store.claim("q", 5, 60.0):
+        while batch := await store.queue.claim("q", 5, 60.0):
             got.extend(batch)
         return got
 
@@ -147,11 +147,11 @@ async def test_competing_sqlite_connections(tmp_path: Path, prefix: str) -> None
         ids = [f"m{i:03d}" for i in range(100)]
         async with a.transaction() as tx:
             for i in ids:
-                await a.enqueue(tx, "q", i, b"x")
+                await a.queue.put(tx, "q", i, b"x")
 
         async def drain(store: Store) -> list[str]:
             got: list[str] = []
-            while batch := await store.claim("q", 3, 60.0):
+            while batch := await store.queue.claim("q", 3, 60.0):
                 got.extend(i.id for i in batch)
             return got
 
@@ -232,7 +232,7 @@ async def test_concurrent_migrations_of_a_fresh_postgres_schema(
     stores = [open_store(postgres_url, prefix=prefix) for _ in range(4)]
     try:
         await asyncio.gather(*(s.open() for s in stores))
-        assert {await s.schema_version() for s in stores} == {1}
+        assert {await s.schema_version() for s in stores} == {SCHEMA_VERSION}
     finally:
         await drop_tables(stores[0])
         for s in stores:

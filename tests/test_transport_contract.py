@@ -22,9 +22,10 @@ import pytest
 
 from sagakit.clock import SystemClock
 from sagakit.store import Store, open_store
+from sagakit.store.consumer import QueueConsumer
 from sagakit.testing import TransportContract, drop_tables
 from sagakit.transport import Subscription, Transport
-from sagakit.transport.database import DatabaseTransport, QueueConsumer
+from sagakit.transport.database import DatabaseTransport
 from sagakit.transport.memory import MemoryTransport
 from tests.test_nats import cut_nats, nats_options, remove_nats
 from tests.test_rabbitmq import amqp_url, cut_rabbitmq, rabbitmq_vhosts, remove_rabbitmq
@@ -72,10 +73,15 @@ class DatabaseContract(TransportContract):
         if peer.store is not transport.store:
             await peer.store.close()
 
+    def app_store(self, transport: Transport) -> Store:
+        assert isinstance(transport, DatabaseTransport)
+        return transport.store
+
     async def crash(self, transport: Transport, subscription: Subscription) -> None:
         assert isinstance(subscription, QueueConsumer)
         subscription._stopping = True
         subscription._task.cancel()
+        subscription._beat.cancel()
         for task in list(subscription._inflight):
             task.cancel()
 

@@ -1,72 +1,66 @@
-"""sagakit: durable sagas, process managers and 2PC for Python services."""
+"""sagakit: durable sagas, process managers and 2PC for Python services.
+
+The names here are the ones an application needs. Everything else is in its
+module: the whole error tree in :mod:`sagakit.errors`, backends in
+:mod:`sagakit.store` and :mod:`sagakit.transport`, the saga machinery in
+:mod:`sagakit.saga`, test helpers in :mod:`sagakit.testing`.
+"""
 
 from .app import App, Settings
 from .clock import Clock, FakeClock, SystemClock
-from .coordinator import Coordinator, SagaView
 from .errors import (
     BusinessError,
-    ConcurrencyConflict,
+    Cancelled,
     ConfigurationError,
     DefinitionError,
     DuplicateRegistration,
-    HandlerFailed,
     InvalidOperatorAction,
     MalformedMessage,
     MessageError,
-    NoHandler,
     OversizeMessage,
-    RoutingError,
-    SagaError,
     SagakitError,
     SagaNotFound,
-    SagaVersionUnknown,
     SchemaMismatch,
     StoreError,
     TransportError,
     UnknownMessageType,
-    UnknownSaga,
+    WaitTimeout,
 )
-from .messages import Done, Envelope, Failure, Headers, command, event, new_id, reply
-from .participant import Cancelled, Context, Participant
+from .messages import Done, Envelope, Failure, command, event, new_id, reply
+from .participant import Context, Participant
 from .policies import RetryPolicy
-from .saga import Saga, SagaDefinition
+from .saga import Saga, SagaDefinition, Sagas, SagaState, SagaView
 from .store import Store, open_store
 from .transport import Transport, open_transport
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "App",
     "BusinessError",
     "Cancelled",
     "Clock",
-    "ConcurrencyConflict",
     "ConfigurationError",
     "Context",
-    "Coordinator",
     "DefinitionError",
     "Done",
     "DuplicateRegistration",
     "Envelope",
     "Failure",
     "FakeClock",
-    "HandlerFailed",
-    "Headers",
     "InvalidOperatorAction",
     "MalformedMessage",
     "MessageError",
-    "NoHandler",
     "OversizeMessage",
     "Participant",
     "RetryPolicy",
-    "RoutingError",
     "Saga",
     "SagaDefinition",
-    "SagaError",
     "SagaNotFound",
-    "SagaVersionUnknown",
+    "SagaState",
     "SagaView",
     "SagakitError",
+    "Sagas",
     "SchemaMismatch",
     "Settings",
     "Store",
@@ -75,7 +69,7 @@ __all__ = [
     "Transport",
     "TransportError",
     "UnknownMessageType",
-    "UnknownSaga",
+    "WaitTimeout",
     "__version__",
     "command",
     "event",

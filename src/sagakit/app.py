@@ -7,6 +7,12 @@
     app.saga(create_order)
     async with app:                             # migrate, declare, consume
         saga_id = await app.sagas.start(create_order, data)
+        view = await app.sagas.wait(saga_id)
+
+Everything is wired when the App is built: the codec, one outbox writer per
+store (straight onto the database transport's queues, or into the store's
+outbox for a relay), the saga coordinator. ``start()`` opens the stores and
+the transport and starts the consumers this process runs (``run=``).
 """
 
 from __future__ import annotations
@@ -16,38 +22,55 @@ import logging
 import signal
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .clock import Clock
-from .coordinator import COORDINATOR_QUEUE, LOCAL_QUEUE, TIMER_QUEUE, Coordinator
-from .endpoint import Endpoint, Route
+from .endpoint import Endpoint, HopPolicy, Route, Router
 from .errors import DuplicateRegistration
 from .messages import DEFAULT_MAX_SIZE, Codec, Envelope, TypeRegistry
+from .outbox import OutboxWriter, Relay
 from .participant import Participant
 from .policies import RetryPolicy
-from .relay import Relay
-from .saga import SagaDefinition
+from .saga import Sagas
+from .saga.coordinator import COORDINATOR_QUEUE, LOCAL_QUEUE, TIMER_QUEUE, Coordinator
+from .saga.definition import SagaDefinition
+from .saga.registry import SagaRegistry
 from .store import Store, open_store
+from .store.consumer import QueueConsumer
 from .transport import Subscription, Transport, open_transport
-from .transport.database import QueueConsumer
 
 log = logging.getLogger("sagakit.app")
 
 COORDINATOR = "coordinator"
+D = TypeVar("D")
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Tuning for an App; the defaults suit most deployments."""
+    """Tuning for an App; the defaults suit most deployments.
+
+    ``lease``: how long a claimed database-queue message stays hidden from
+    other consumers; a running handler's lease is extended every third of it.
+    ``handler_timeout``: one run of a handler longer than this is cancelled
+    and retried (None: no limit; a handler may set its own). ``max_deliveries``:
+    a message delivered more often than this (its handler keeps crashing the
+    process or never finishes) is dead-lettered.
+    """
 
     prefetch: int = 32
     lease: float = 30.0
     max_poll: float = 0.25
     max_message_size: int = DEFAULT_MAX_SIZE
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    handler_timeout: float | None = 60.0
+    max_deliveries: int = 25
     auto_migrate: bool = True
     prefix: str = "sagakit_"
     shutdown_grace: float = 10.0
+
+    @property
+    def hop(self) -> HopPolicy:
+        return HopPolicy(self.retry, self.handler_timeout, self.max_deliveries)
 
 
 class App:
@@ -63,9 +86,7 @@ class App:
         run: Iterable[str] | None = None,
     ) -> None:
         self.settings = s = settings or Settings()
-        self.store = (
-            store if isinstance(store, Store) else open_store(store, prefix=s.prefix, clock=clock)
-        )
+        self.store = store if isinstance(store, Store) else self._open(store, clock)
         self.transport = (
             transport
             if not isinstance(transport, str)
@@ -73,7 +94,9 @@ class App:
         )
         self.registry = TypeRegistry()
         self.codec = Codec(self.registry, s.max_message_size)
-        self.sagas = Coordinator(self.store)
+        self._writers: dict[int, OutboxWriter] = {}
+        coordinator = Coordinator(SagaRegistry(), self.writer_for(self.store), s.retry)
+        self.sagas = Sagas(coordinator.registry, coordinator)
         self.participants: dict[str, Participant] = {}
         self._pstores: dict[str, Store] = {}
         self._run = set(run) if run is not None else None
@@ -89,16 +112,14 @@ class App:
             raise DuplicateRegistration(f"participant {name!r} already exists (or is reserved)")
         p = self.participants[name] = Participant(name)
         if store is not None:
-            self._pstores[name] = (
-                store
-                if isinstance(store, Store)
-                else open_store(store, prefix=self.settings.prefix, clock=self.store.clock)
-            )
+            own = store if isinstance(store, Store) else self._open(store, self.store.clock)
+            self._pstores[name] = own
+            self.writer_for(own)
         return p
 
-    def saga(self, definition: SagaDefinition[Any]) -> SagaDefinition[Any]:
+    def saga(self, definition: SagaDefinition[D]) -> SagaDefinition[D]:
         """Register a saga definition (each name and version once)."""
-        self.sagas.register(definition)
+        self.sagas.registry.register(definition)
         for step in definition.steps:
             for cls, _ in step.on_reply.values():
                 self.registry.add(cls)
@@ -107,6 +128,13 @@ class App:
     def store_of(self, participant: str) -> Store:
         """The store a participant's handlers run in."""
         return self._pstores.get(participant, self.store)
+
+    def writer_for(self, store: Store) -> OutboxWriter:
+        """The outbox writer of ``store``, chosen once for this App's transport."""
+        writer = self._writers.get(id(store))
+        if writer is None:
+            writer = self._writers[id(store)] = OutboxWriter(store, self.transport, self.codec)
+        return writer
 
     def runs(self, name: str) -> bool:
         return self._run is None or name in self._run
@@ -118,12 +146,12 @@ class App:
         if self._started:
             return
         self._started = True
-        migrate = self.settings.auto_migrate
         for store in self._stores():
-            await store.open(migrate=migrate)
+            await store.open(migrate=self.settings.auto_migrate)
         await self.transport.open()
-        self._register_types()
-        self.sagas.endpoint = self._endpoint(COORDINATOR_QUEUE, self.store, self._route_reply)
+        for p in self.participants.values():
+            for cls in p.types:
+                self.registry.add(cls)
         await self._declare()
         await self._start_participants()
         if self.runs(COORDINATOR) and self.sagas.definitions:
@@ -163,19 +191,17 @@ class App:
 
     # -- internals -----------------------------------------------------------
 
+    def _open(self, url: str, clock: Clock | None) -> Store:
+        return open_store(url, prefix=self.settings.prefix, clock=clock)
+
     def _stores(self) -> list[Store]:
         unique: dict[int, Store] = {id(self.store): self.store}
         for st in self._pstores.values():
             unique[id(st)] = st
         return list(unique.values())
 
-    def _register_types(self) -> None:
-        for p in self.participants.values():
-            for cls in p.types:
-                self.registry.add(cls)
-
-    def _endpoint(self, name: str, store: Store, router: Any) -> Endpoint:
-        return Endpoint(name, store, self.transport, self.codec, router, retry=self.settings.retry)
+    def _endpoint(self, name: str, store: Store, router: Router) -> Endpoint:
+        return Endpoint(name, self.writer_for(store), router, policy=self.settings.hop)
 
     async def _declare(self) -> None:
         for name, p in self.participants.items():
@@ -186,14 +212,15 @@ class App:
         for name, p in self.participants.items():
             if self.runs(name):
                 ep = self._endpoint(name, self.store_of(name), p.route)
-                await self._consume(self.transport, name, ep)
+                await self._consume(name, ep)
 
     async def _start_coordinator(self) -> None:
-        coord = self.sagas
-        await self._consume(self.transport, COORDINATOR_QUEUE, coord.ep)
-        timers = self._endpoint(TIMER_QUEUE, self.store, lambda env: coord.on_timer)
+        coord = self.sagas.coordinator
+        replies = self._endpoint(COORDINATOR_QUEUE, self.store, _route_replies(coord))
+        await self._consume(COORDINATOR_QUEUE, replies)
+        timers = self._endpoint(TIMER_QUEUE, self.store, lambda env: Route(coord.on_timer))
         self._subs.append(self._store_consumer(TIMER_QUEUE, timers.handle))
-        local = self._endpoint(LOCAL_QUEUE, self.store, self._route_reply)
+        local = self._endpoint(LOCAL_QUEUE, self.store, _route_replies(coord))
         self._subs.append(self._store_consumer(LOCAL_QUEUE, lambda d: coord.run_local(d, local)))
 
     def _store_consumer(self, queue: str, handler: Any) -> QueueConsumer:
@@ -202,32 +229,32 @@ class App:
             self.store, queue, handler, prefetch=s.prefetch, lease=s.lease, max_poll=s.max_poll
         )
 
-    async def _consume(self, transport: Transport, queue: str, ep: Endpoint) -> None:
-        sub = await transport.consume(queue, ep.handle, prefetch=self.settings.prefetch)
+    async def _consume(self, queue: str, ep: Endpoint) -> None:
+        sub = await self.transport.consume(queue, ep.handle, prefetch=self.settings.prefetch)
         self._subs.append(sub)
-
-    def _route_reply(self, env: Envelope) -> Route | None:
-        return self.sagas.on_reply if env.kind == "reply" else None
 
     def _start_relays(self) -> None:
         for store in self._stores():
-            if self.transport.local_store is not store:
-                relay = Relay(
-                    store,
-                    self.transport,
-                    lease=self.settings.lease,
-                    max_poll=self.settings.max_poll,
-                )
+            if self.writer_for(store).relayed:
+                s = self.settings
+                relay = Relay(store, self.transport, lease=s.lease, max_poll=s.max_poll)
                 relay.start()
                 self._relays.append(relay)
 
 
+def _route_replies(coord: Coordinator) -> Router:
+    route = Route(coord.on_reply)
+
+    def router(env: Envelope) -> Route | None:
+        return route if env.kind == "reply" else None
+
+    return router
+
+
 async def _stop(sub: Subscription, grace: float) -> None:
-    """Stop a consumer, cancelling it if its handlers outlast the grace period."""
-    if isinstance(sub, QueueConsumer):
-        return await sub.stop(grace)
+    """Stop a consumer; one that hangs past its grace period is abandoned."""
     try:
-        await asyncio.wait_for(sub.stop(), grace + 1.0)
+        await asyncio.wait_for(sub.stop(grace), grace + 5.0)
     except TimeoutError:
         log.warning("a consumer did not stop within %.1fs; abandoning it", grace)
 

@@ -1,76 +1,131 @@
-"""Where a delivery becomes a committed local transaction.
+"""The hop: where a delivery becomes one committed local transaction.
 
-An :class:`Endpoint` consumes one queue. For each delivery it decodes the
-envelope, finds the route for its type, and runs the route inside one local
-transaction together with the outgoing messages and (on the database
-transport) the acknowledgement. Bad input is dead-lettered with its reason;
-technical failures are retried with backoff, then dead-lettered, and a command
-that gives up still gets a failure reply so no saga waits forever.
+Every handler — participant, coordinator, timers, local steps — runs through
+the same hop. An :class:`Endpoint` consumes one queue; for each delivery it
+
+1. decodes the envelope (bad input is dead-lettered with its reason);
+2. refuses a message delivered more than ``max_deliveries`` times;
+3. runs the route inside one transaction of its store, bounded by the
+   handler timeout: the route admits the message through the inbox, runs the
+   user handler or the pure decision, and fills a :class:`Scope`'s outbox;
+4. writes the outgoing messages and acknowledges the delivery in that same
+   transaction when the transport can (database transport), else right after
+   the commit.
+
+A business refusal rolls the transaction back and records the failure in a
+fresh one. Technical failures are retried with backoff; when the policy gives
+up, the message is dead-lettered and a command gets a failure reply, so no
+saga waits forever. Every outcome for a command goes through the inbox, so a
+copy that lost the race is answered with the outcome that won.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .errors import MessageError, NoHandler, RoutingError, SagakitError
-from .messages import Codec, Envelope, Failure, caused_by
+import msgspec
+
+from .errors import (
+    DeliveryLimitExceeded,
+    HandlerTimeout,
+    LeaseLost,
+    MessageError,
+    NoHandler,
+    RoutingError,
+)
+from .inbox import FAILURE, Admission, Inbox, Verdict
+from .messages import Codec, Envelope, Failure, Headers, caused_by, new_id
+from .outbox import Outbox, OutboxWriter
 from .policies import RetryPolicy
-from .store.core import InboxRow
-from .transport.database import DbDelivery
 
 if TYPE_CHECKING:
-    from .store import Store, Tx
-    from .transport import Delivery, Transport
+    from .store import InboxRow, Store, Tx
+    from .transport import Delivery
 
 log = logging.getLogger("sagakit.endpoint")
 
-OUTBOX_QUEUE = "sagakit.outbox"
+CANCELLED_CODE = "sagakit.Cancelled"
 
 
-class RaceLost(SagakitError):
-    """A concurrent transaction recorded this key first; roll back and retry."""
+@dataclass(frozen=True, slots=True)
+class HopPolicy:
+    """How the hop treats slow, failing and repeated messages."""
 
-    retryable = True
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    handler_timeout: float | None = 60.0
+    max_deliveries: int = 25
 
 
 class Refusal(Exception):
-    """A handler refused its command with a business error: record it anew."""
+    """Control flow: a handler refused its command; record the failure anew."""
 
     def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
 
 
-class LeaseLost(SagakitError):
-    """Another consumer took over this delivery; roll back and let it finish."""
-
-    retryable = True
-
-
 @dataclass(slots=True)
-class Outbox:
-    """Messages a transaction will send; written to the store on flush."""
+class Scope:
+    """What a route gets for one message: its transaction, outbox and inbox."""
 
-    messages: list[tuple[Envelope, str]] = field(default_factory=list)
-    scheduled: list[tuple[Envelope, str, float]] = field(default_factory=list)
+    env: Envelope
+    tx: Tx
+    inbox: Inbox
+    codec: Codec
+    out: Outbox = field(default_factory=Outbox)
 
-    def send(self, envelope: Envelope, destination: str) -> None:
-        """Send a command or reply to the queue ``destination``."""
-        self.messages.append((envelope, destination))
+    async def answer(self, payload: Any, outcome: str) -> None:
+        """Record this command's outcome in the inbox and send it as the reply."""
+        env = self.env
+        reply = self.codec.reply(env, payload, outcome=outcome)
+        await self.inbox.record(self.tx, env, outcome, self.codec.encode(reply))
+        if env.headers.reply_to:
+            self.out.send(reply, env.headers.reply_to)
 
-    def publish(self, envelope: Envelope) -> None:
-        """Publish an event to every group subscribed to its type."""
-        self.messages.append((envelope, envelope.type))
+    def resend(self, stored: InboxRow) -> None:
+        """Answer a copy with the stored reply, re-addressed to this copy.
 
-    def schedule(self, envelope: Envelope, queue: str, delay: float) -> None:
-        """Put a message on one of the store's own queues (timers, local steps)."""
-        self.scheduled.append((envelope, queue, delay))
+        The re-sent reply gets a message id of its own: brokers that dedupe by
+        id (NATS JetStream) would otherwise drop it as the first reply's twin.
+        """
+        h = self.env.headers
+        if stored.reply is None or not h.reply_to:
+            return
+        reply = self.codec.decode(stored.reply)
+        reply.id = new_id()
+        reply.headers = caused_by(
+            self.env, step=h.step, phase=h.phase, outcome=reply.headers.outcome, attempt=h.attempt
+        )
+        self.out.send(reply, h.reply_to)
+
+    def refuse(self) -> None:
+        """Answer a command barred by its compensation: a failure, no effect."""
+        if self.env.headers.reply_to:
+            failure = Failure(CANCELLED_CODE, "the step was already compensated")
+            reply = self.codec.reply(self.env, failure, outcome=FAILURE)
+            self.out.send(reply, self.env.headers.reply_to)
+
+    async def settled_elsewhere(self, admission: Admission) -> bool:
+        """Answer a duplicate or a refused copy; True if that was the whole job."""
+        if admission.verdict is Verdict.REFUSED:
+            self.refuse()
+        elif admission.verdict is Verdict.DUPLICATE and admission.stored is not None:
+            self.resend(admission.stored)
+        return admission.verdict is not Verdict.NEW
 
 
-Route = Callable[[Envelope, "Tx", Outbox, "Endpoint"], Awaitable[None]]
+class Route(NamedTuple):
+    """A message's handler in the hop, with its own timeout (None: the policy's)."""
+
+    run: Callable[[Scope], Awaitable[None]]
+    timeout: float | None = None
+
+
+Router = Callable[[Envelope], Route | None]
 
 
 class Endpoint:
@@ -79,20 +134,19 @@ class Endpoint:
     def __init__(
         self,
         name: str,
-        store: Store,
-        transport: Transport,
-        codec: Codec,
-        router: Callable[[Envelope], Route | None],
+        writer: OutboxWriter,
+        router: Router,
         *,
-        retry: RetryPolicy,
+        policy: HopPolicy,
+        consumer: str | None = None,
     ) -> None:
         self.name = name
-        self.store = store
-        self.transport = transport
-        self.codec = codec
+        self.writer = writer
+        self.store: Store = writer.store
+        self.codec: Codec = writer.codec
         self.router = router
-        self.retry = retry
-        self.local = transport.local_store is store
+        self.policy = policy
+        self.inbox = Inbox(self.store, consumer or name)
 
     async def handle(self, delivery: Delivery) -> None:
         """Process one delivery to the end: committed, retried or dead-lettered."""
@@ -101,135 +155,147 @@ class Endpoint:
         except MessageError as exc:
             await self.dead_letter(delivery, None, exc)
             return
-        route = self.router(env)
+        if delivery.attempt > self.policy.max_deliveries:
+            await self._over_limit(delivery, env)
+            return
+        await self._dispatch(delivery, env)
+
+    async def _dispatch(self, delivery: Delivery, env: Envelope) -> None:
         try:
+            route = self.router(env)
             if route is None:
                 raise NoHandler(f"no handler for {env.type!r} ({env.kind}) at {self.name!r}")
-            await self.in_transaction(delivery, lambda tx, out: route(env, tx, out, self))
+            await self._bounded(delivery, env, route)
         except LeaseLost:
             log.info("lease lost on %s; another consumer has it", env.id)
         except Refusal as refusal:
-            await self.refuse(delivery, env, refusal.error)
+            await self.fail_command(delivery, env, refusal.error, technical=False)
         except (MessageError, RoutingError) as exc:
             await self.dead_letter(delivery, env, exc)
         except Exception as exc:
             await self.technical_failure(delivery, env, exc)
 
-    async def in_transaction(
-        self, delivery: Delivery | None, body: Callable[[Tx, Outbox], Awaitable[None]]
+    async def _bounded(self, delivery: Delivery, env: Envelope, route: Route) -> None:
+        timeout = route.timeout if route.timeout is not None else self.policy.handler_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await self.transact(env, route.run, delivery)
+        except TimeoutError as exc:
+            h = env.headers
+            raise HandlerTimeout(
+                f"handler of {env.type!r} ran past its {timeout}s timeout",
+                saga_id=h.saga_id,
+                step=h.step,
+                attempt=delivery.attempt,
+            ) from exc
+
+    async def transact(
+        self,
+        env: Envelope,
+        body: Callable[[Scope], Awaitable[None]],
+        delivery: Delivery | None = None,
     ) -> None:
         """Run ``body`` and flush its outbox in one transaction, then ack."""
-        out = Outbox()
+        acked = False
         async with self.store.transaction() as tx:
-            await body(tx, out)
-            await self.flush(tx, out)
-            if isinstance(delivery, DbDelivery) and delivery.store is self.store:
-                delivery.settled = True
-                if not await self.store.ack(tx, delivery.item):
-                    raise LeaseLost("lease lost")
-        if delivery is not None:
+            scope = Scope(env, tx, self.inbox, self.codec)
+            await body(scope)
+            await self.writer.flush(tx, scope.out)
+            if delivery is not None:
+                acked = await delivery.ack_in(self.store, tx)
+        if delivery is not None and not acked:
             await delivery.ack()
-
-    async def flush(self, tx: Tx, out: Outbox) -> None:
-        """Write outgoing messages: straight to their queues, or to the outbox."""
-        store = self.store
-        for env, dest in out.messages:
-            data = self.codec.encode(env)
-            if not self.local:
-                await store.enqueue(
-                    tx, OUTBOX_QUEUE, env.id, data, destination=f"{env.kind}:{dest}"
-                )
-            elif env.kind == "event":
-                await store.enqueue_event(tx, dest, env.id, data)
-            else:
-                await store.enqueue(tx, dest, env.id, data)
-        for env, queue, delay in out.scheduled:
-            await store.enqueue(tx, queue, env.id, self.codec.encode(env), delay=delay)
-
-    async def refuse(self, delivery: Delivery, env: Envelope, error: Exception) -> None:
-        """Answer a refused command with a failure reply, kept in the inbox."""
-
-        async def body(tx: Tx, out: Outbox) -> None:
-            await self.fail_command(tx, out, env, error, technical=False)
-
-        await self.settle(delivery, body)
-
-    async def settle(
-        self, delivery: Delivery, body: Callable[[Tx, Outbox], Awaitable[None]]
-    ) -> None:
-        """Record an outcome for ``delivery`` unless someone else already did.
-
-        A lost lease means another consumer has the message. A lost inbox race
-        means a concurrent copy recorded its outcome first (its unique key is
-        often what failed here): deliver it again and the inbox answers.
-        """
-        try:
-            await self.in_transaction(delivery, body)
-        except LeaseLost:
-            pass
-        except RaceLost:
-            await delivery.nack(0.05)
 
     async def technical_failure(self, delivery: Delivery, env: Envelope, exc: Exception) -> None:
         """Retry with backoff; when the policy gives up, dead-letter and reply."""
-        attempt = delivery.attempt
-        if not self.retry.gives_up_after(attempt) and getattr(exc, "retryable", True):
+        attempt, retry = delivery.attempt, self.policy.retry
+        if not retry.gives_up_after(attempt) and getattr(exc, "retryable", True):
             log.info("retrying %s (%s) after attempt %d: %r", env.type, env.id, attempt, exc)
-            await delivery.nack(self.retry.delay(attempt))
+            await delivery.nack(retry.delay(attempt))
             return
         log.warning("giving up on %s (%s) after %d attempts: %r", env.type, env.id, attempt, exc)
+        await self.dead_letter(delivery, env, exc, technical=True)
+
+    async def _over_limit(self, delivery: Delivery, env: Envelope) -> None:
+        limit = self.policy.max_deliveries
+        log.warning(
+            "message %s (%s) delivered %d times, over the limit of %d; dead-lettering it",
+            env.id,
+            env.type,
+            delivery.attempt,
+            limit,
+        )
+        h = env.headers
+        exc = DeliveryLimitExceeded(
+            f"delivered {delivery.attempt} times (limit {limit}): the handler never finished",
+            saga_id=h.saga_id,
+            step=h.step,
+            attempt=delivery.attempt,
+        )
         await self.dead_letter(delivery, env, exc, technical=True)
 
     async def dead_letter(
         self, delivery: Delivery, env: Envelope | None, exc: Exception, *, technical: bool = False
     ) -> None:
         """Store the message with its reason (and answer a command with a failure)."""
-        reason = f"{type(exc).__name__}: {exc}"
+        if env is not None and env.kind == "command":
+            await self.fail_command(delivery, env, exc, technical=technical, dead=True)
+            return
 
-        async def body(tx: Tx, out: Outbox) -> None:
-            await self.store.dead_letter(
-                tx,
-                self.name,
-                delivery.data,
-                reason,
-                type(exc).__name__,
-                message_id=env.id if env else None,
-                saga_id=env.headers.saga_id if env else None,
-            )
-            if env is not None and env.kind == "command" and env.headers.reply_to:
-                await self.fail_command(tx, out, env, exc, technical=technical)
+        async def body(scope: Scope) -> None:
+            await self._store_dead_letter(scope.tx, delivery.data, env, exc)
 
-        await self.settle(delivery, body)
+        await self._settle(delivery, env, body)
 
     async def fail_command(
-        self, tx: Tx, out: Outbox, env: Envelope, exc: Exception, *, technical: bool
+        self,
+        delivery: Delivery,
+        env: Envelope,
+        exc: Exception,
+        *,
+        technical: bool,
+        dead: bool = False,
     ) -> None:
-        """Answer ``env`` with a failure reply and remember it in the inbox."""
-        code = getattr(exc, "code", "") or type(exc).__name__
-        failure = Failure(code=code, message=str(exc), technical=technical)
-        reply_env = self.make_reply(env, failure, outcome="failure")
-        await self.remember(tx, env, "failure", reply_env)
-        if env.headers.reply_to:
-            out.send(reply_env, env.headers.reply_to)
+        """Record a failure as the command's outcome, unless another copy's outcome won."""
 
-    def make_reply(self, env: Envelope, payload: object, *, outcome: str) -> Envelope:
-        h = env.headers
-        headers = caused_by(env, step=h.step, phase=h.phase, outcome=outcome, attempt=h.attempt)
-        return self.codec.make(payload, headers, kind="reply")
+        async def body(scope: Scope) -> None:
+            if dead:
+                await self._store_dead_letter(scope.tx, delivery.data, env, exc)
+            if await scope.settled_elsewhere(await scope.inbox.admit(scope.tx, env)):
+                return
+            await scope.answer(_failure(exc, technical), FAILURE)
 
-    async def remember(self, tx: Tx, env: Envelope, outcome: str, reply: Envelope | None) -> None:
-        """Record the outcome of ``env`` under its inbox key (replacing a failure)."""
-        data = self.codec.encode(reply) if reply is not None else None
-        row = InboxRow(outcome, data, env.headers.reply_to, env.headers.attempt)
-        if not await self.store.inbox_put(tx, self.name, inbox_key(env), row, replace=True):
-            raise RaceLost(
-                f"{inbox_key(env)} was settled concurrently", saga_id=env.headers.saga_id
-            )
+        await self._settle(delivery, env, body)
+
+    async def _settle(
+        self,
+        delivery: Delivery,
+        env: Envelope | None,
+        body: Callable[[Scope], Awaitable[None]],
+    ) -> None:
+        try:
+            await self.transact(env or _NO_ENVELOPE, body, delivery)
+        except LeaseLost:
+            log.info("lease lost while settling; another consumer has the message")
+
+    async def _store_dead_letter(
+        self, tx: Tx, data: bytes, env: Envelope | None, exc: Exception
+    ) -> None:
+        await self.store.dead_letter(
+            tx,
+            self.name,
+            data,
+            f"{type(exc).__name__}: {exc}",
+            type(exc).__name__,
+            message_id=env.id if env else None,
+            saga_id=env.headers.saga_id if env else None,
+        )
 
 
-def inbox_key(env: Envelope) -> str:
-    """Saga commands dedupe by (saga, step, phase); everything else by message id."""
-    h = env.headers
-    if env.kind == "command" and h.saga_id and h.step:
-        return f"saga:{h.saga_id}:{h.step}:{h.phase or 'forward'}"
-    return env.id
+def _failure(exc: Exception, technical: bool) -> Failure:
+    code = getattr(exc, "code", "") or type(exc).__name__
+    return Failure(code=code, message=str(exc), technical=technical)
+
+
+#: stands in for the envelope of bytes that could not be decoded (dead letters only)
+_NO_ENVELOPE = Envelope("", "", "event", msgspec.Raw(b"null"), Headers())

@@ -221,12 +221,20 @@ class Codec:
         if len(data) > self.max_size:
             raise OversizeMessage(f"message of {len(data)} bytes exceeds limit of {self.max_size}")
 
-    def make(self, payload: Any, headers: Headers, *, kind: Kind | None = None) -> Envelope:
-        """Wrap a registered payload object in a fresh envelope."""
+    def make(
+        self, payload: Any, headers: Headers, *, kind: Kind | None = None, id: str | None = None
+    ) -> Envelope:
+        """Wrap a registered payload object in an envelope (a fresh id unless given)."""
         spec = self.registry.add(type(payload))
         raw = msgspec.Raw(_encoder.encode(payload))
         headers.created_at = headers.created_at or time.time()
-        return Envelope(new_id(), spec.name, kind or spec.kind, raw, headers)
+        return Envelope(id or new_id(), spec.name, kind or spec.kind, raw, headers)
+
+    def reply(self, to: Envelope, payload: Any, *, outcome: str) -> Envelope:
+        """A reply to the command ``to``, addressed by its step, phase and attempt."""
+        h = to.headers
+        headers = caused_by(to, step=h.step, phase=h.phase, outcome=outcome, attempt=h.attempt)
+        return self.make(payload, headers, kind="reply")
 
 
 def caused_by(parent: Envelope | None, **fields: Any) -> Headers:

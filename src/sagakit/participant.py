@@ -2,13 +2,18 @@
 
 A command handler returns its reply (or ``None`` for :class:`~sagakit.Done`)
 and may raise :class:`~sagakit.BusinessError` to refuse. It runs in one local
-transaction with the inbox row and the outgoing messages, so a redelivered
-command never applies its change twice: the stored reply is sent again.
+transaction with its inbox row and outgoing messages (see :mod:`sagakit.inbox`
+for the rules): a redelivered or duplicated command never applies its change
+twice, copies never run at the same time, and every copy gets the stored reply.
 
-Saga commands also pass a *barrier* keyed by (saga id, step, phase): a
-compensation for a step whose command never took effect succeeds without
-running (null compensation), and a command that arrives after its compensation
-is refused without effect.
+Saga compensations pass the barrier: a compensation whose forward command
+never took effect succeeds without running (null compensation), and the
+forward command is refused if it arrives afterwards.
+
+Side effects outside the database (an HTTP call to a payment provider) are
+not covered by the local transaction: a crash between the call and the commit
+runs the handler again. Pass :attr:`Context.idempotency_key` to such calls; it
+is the same for every copy and every retry of one saga step.
 """
 
 from __future__ import annotations
@@ -17,61 +22,79 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .endpoint import RaceLost, Refusal, inbox_key
+from .endpoint import Refusal, Route, Scope
 from .errors import BusinessError, ConfigurationError, DuplicateRegistration
-from .messages import Done, Envelope, Failure, caused_by, spec_of
-from .store.core import InboxRow
+from .inbox import SUCCESS, key_of
+from .messages import Done, Envelope, caused_by, spec_of
 
 if TYPE_CHECKING:
-    from .endpoint import Endpoint, Outbox
     from .store import Tx
 
-T = TypeVar("T")
+M = TypeVar("M")
+R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 CommandHandler = Callable[[Any, "Context"], Awaitable[Any]]
 EventHandler = Callable[[Any, "Context"], Awaitable[None]]
 
-CANCELLED = "cancelled"
 
-
-class Cancelled(BusinessError):
-    """The command arrived after its compensation; it had no effect."""
-
-    code = "sagakit.Cancelled"
-
-
-@dataclass(slots=True)
 class Context:
     """What a handler gets besides its message: the transaction and a way out."""
 
-    db: Tx
-    envelope: Envelope
-    _endpoint: Endpoint
-    _out: Outbox
+    __slots__ = ("_scope",)
+
+    def __init__(self, scope: Scope) -> None:
+        self._scope = scope
+
+    @property
+    def db(self) -> Tx:
+        """The local transaction: business changes commit with the inbox and outbox."""
+        return self._scope.tx
+
+    @property
+    def envelope(self) -> Envelope:
+        return self._scope.env
 
     @property
     def saga_id(self) -> str | None:
-        return self.envelope.headers.saga_id
+        return self._scope.env.headers.saga_id
 
     @property
     def correlation_id(self) -> str | None:
-        return self.envelope.headers.correlation_id
+        return self._scope.env.headers.correlation_id
 
     @property
     def attempt(self) -> int:
-        return self.envelope.headers.attempt
+        return self._scope.env.headers.attempt
+
+    @property
+    def idempotency_key(self) -> str:
+        """A key that is the same for every copy and retry of this step (or message).
+
+        Give it to external calls (payment providers, e-mail APIs) so a run
+        repeated after a crash does not repeat their effect.
+        """
+        return key_of(self._scope.env)
 
     @property
     def now(self) -> float:
-        return self._endpoint.store.clock.now()
+        return self._scope.inbox.store.clock.now()
 
     def publish(self, event: Any) -> None:
         """Publish an event when this transaction commits."""
-        self._out.publish(self._endpoint.codec.make(event, caused_by(self.envelope)))
+        scope = self._scope
+        scope.out.publish(scope.codec.make(event, caused_by(scope.env)))
 
     def send(self, command: Any, to: str, *, reply_to: str | None = None) -> None:
         """Send a command to participant ``to`` when this transaction commits."""
-        headers = caused_by(self.envelope, reply_to=reply_to, step=None, saga_id=None)
-        self._out.send(self._endpoint.codec.make(command, headers), to)
+        scope = self._scope
+        headers = caused_by(scope.env, reply_to=reply_to, step=None, saga_id=None)
+        scope.out.send(scope.codec.make(command, headers), to)
+
+
+@dataclass(frozen=True, slots=True)
+class _Registered:
+    handler: Callable[[Any, Context], Awaitable[Any]]
+    timeout: float | None
 
 
 @dataclass
@@ -79,120 +102,73 @@ class Participant:
     """A named endpoint with handlers; its name is its queue."""
 
     name: str
-    commands: dict[str, CommandHandler] = field(default_factory=dict)
-    events: dict[str, EventHandler] = field(default_factory=dict)
+    commands: dict[str, _Registered] = field(default_factory=dict)
+    events: dict[str, _Registered] = field(default_factory=dict)
     types: list[type[Any]] = field(default_factory=list)
 
-    def command(self, cls: type[Any]) -> Callable[[CommandHandler], CommandHandler]:
-        """Register the handler of command type ``cls``."""
-        return self._register(cls, "command", self.commands)
+    def command(
+        self, cls: type[M], *, timeout: float | None = None
+    ) -> Callable[[Callable[[M, Context], Awaitable[R]]], Callable[[M, Context], Awaitable[R]]]:
+        """Register the handler of command type ``cls``.
 
-    def event(self, cls: type[Any]) -> Callable[[EventHandler], EventHandler]:
+        ``timeout`` bounds one run of the handler (default:
+        ``Settings.handler_timeout``); a run past it is cancelled and retried.
+        """
+        return self._register(cls, "command", self.commands, timeout)
+
+    def event(
+        self, cls: type[M], *, timeout: float | None = None
+    ) -> Callable[[Callable[[M, Context], Awaitable[R]]], Callable[[M, Context], Awaitable[R]]]:
         """Register a handler of event type ``cls`` (this participant subscribes)."""
-        return self._register(cls, "event", self.events)
+        return self._register(cls, "event", self.events, timeout)
 
-    def _register(self, cls: type[Any], kind: str, table: dict[str, Any]) -> Callable[[T], T]:
+    def _register(
+        self, cls: type[Any], kind: str, table: dict[str, _Registered], timeout: float | None
+    ) -> Callable[[F], F]:
         spec = spec_of(cls)
         if spec.kind != kind:
             raise ConfigurationError(f"{spec.name!r} is a {spec.kind}, not a {kind}")
         if spec.name in table:
             raise DuplicateRegistration(f"{self.name!r} already handles {spec.name!r}")
 
-        def decorate(fn: T) -> T:
-            table[spec.name] = fn
+        def decorate(fn: F) -> F:
+            table[spec.name] = _Registered(fn, timeout)
             self.types.append(cls)
             return fn
 
         return decorate
 
-    def route(self, env: Envelope) -> Callable[..., Awaitable[None]] | None:
+    def route(self, env: Envelope) -> Route | None:
+        """The hop route for ``env``, or None if this participant does not take it."""
         if env.kind == "command" and env.type in self.commands:
-            return self._run_command
+            return Route(self._run_command, self.commands[env.type].timeout)
         if env.kind == "event" and env.type in self.events:
-            return self._run_event
+            return Route(self._run_event, self.events[env.type].timeout)
         return None
 
-    async def _run_event(self, env: Envelope, tx: Tx, out: Outbox, ep: Endpoint) -> None:
-        if not await ep.store.inbox_put(tx, ep.name, env.id, InboxRow("success", None, None, 1)):
+    async def _run_event(self, scope: Scope) -> None:
+        env = scope.env
+        if await scope.settled_elsewhere(await scope.inbox.admit(scope.tx, env)):
             return
-        payload: Any = ep.codec.payload(env)
-        await self.events[env.type](payload, Context(tx, env, ep, out))
+        payload: Any = scope.codec.payload(env)
+        await self.events[env.type].handler(payload, Context(scope))
+        await scope.inbox.record(scope.tx, env, SUCCESS, None)
 
-    async def _run_command(self, env: Envelope, tx: Tx, out: Outbox, ep: Endpoint) -> None:
-        seen = await ep.store.inbox_get(tx, ep.name, inbox_key(env))
-        if seen is not None and seen.outcome == CANCELLED:
-            return _refuse(env, out, ep)
-        if seen is not None and not _retry_of_failure(env, seen):
-            return _resend(env, seen, out, ep)
-        payload: Any = ep.codec.payload(env)
+    async def _run_command(self, scope: Scope) -> None:
+        env = scope.env
+        if await scope.settled_elsewhere(await scope.inbox.admit(scope.tx, env)):
+            return
+        payload: Any = scope.codec.payload(env)
         compensating = env.headers.phase == "compensate"
-        if compensating and await _null_compensation(env, tx, ep):
-            return await _answer(env, Done(), "success", tx, out, ep)
-        if not compensating and env.headers.saga_id and await _compensated_already(env, tx, ep):
-            return _refuse(env, out, ep)
+        if compensating and not await scope.inbox.forward_took_effect(scope.tx, env):
+            return await scope.answer(Done(), SUCCESS)  # null compensation
         try:
-            result = await self.commands[env.type](payload, Context(tx, env, ep, out))
+            result = await self.commands[env.type].handler(payload, Context(scope))
         except BusinessError as exc:
             # Roll the whole transaction back (no savepoint on the happy path);
             # the endpoint records the refusal in a fresh one.
             raise Refusal(exc) from exc
-        await _answer(env, Done() if result is None else result, "success", tx, out, ep)
+        await scope.answer(Done() if result is None else result, SUCCESS)
 
 
-def _retry_of_failure(env: Envelope, seen: InboxRow) -> bool:
-    return seen.outcome == "failure" and env.headers.attempt > seen.attempt
-
-
-def _refuse(env: Envelope, out: Outbox, ep: Endpoint) -> None:
-    """Answer a command that came after its compensation: failure, no effect."""
-    if env.headers.reply_to:
-        failure = Failure(Cancelled.code, "the step was already compensated")
-        out.send(ep.make_reply(env, failure, outcome="failure"), env.headers.reply_to)
-
-
-def _resend(env: Envelope, seen: InboxRow, out: Outbox, ep: Endpoint) -> None:
-    """Answer a duplicate with the stored reply, re-addressed to this command."""
-    if seen.reply is None or not env.headers.reply_to:
-        return
-    stored = ep.codec.decode(seen.reply)
-    h = env.headers
-    stored.headers = caused_by(
-        env, step=h.step, phase=h.phase, outcome=stored.headers.outcome, attempt=h.attempt
-    )
-    out.send(stored, h.reply_to or "")
-
-
-async def _answer(
-    env: Envelope, payload: Any, outcome: str, tx: Tx, out: Outbox, ep: Endpoint
-) -> None:
-    reply_env = ep.make_reply(env, payload, outcome=outcome)
-    await ep.remember(tx, env, outcome, reply_env)
-    if env.headers.reply_to:
-        out.send(reply_env, env.headers.reply_to)
-
-
-def _sibling(env: Envelope, phase: str) -> str:
-    h = env.headers
-    return f"saga:{h.saga_id}:{h.step}:{phase}"
-
-
-async def _null_compensation(env: Envelope, tx: Tx, ep: Endpoint) -> bool:
-    """True if the forward command never took effect; bars it from now on."""
-    fwd = await ep.store.inbox_get(tx, ep.name, _sibling(env, "forward"))
-    if fwd is not None and fwd.outcome == "success":
-        return False
-    if fwd is None:
-        row = InboxRow(CANCELLED, None, None, env.headers.attempt)
-        if not await ep.store.inbox_put(tx, ep.name, _sibling(env, "forward"), row):
-            raise RaceLost(
-                "the forward command committed concurrently", saga_id=env.headers.saga_id
-            )
-    return True
-
-
-async def _compensated_already(env: Envelope, tx: Tx, ep: Endpoint) -> bool:
-    comp = await ep.store.inbox_get(tx, ep.name, _sibling(env, "compensate"))
-    return comp is not None
-
-
-__all__ = ["Cancelled", "Context", "Failure", "Participant"]
+__all__ = ["Context", "Participant"]

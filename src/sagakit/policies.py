@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from .errors import ConfigurationError
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
@@ -22,9 +24,9 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if self.max_attempts is not None and self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1 (or None for forever)")
+            raise ConfigurationError("max_attempts must be at least 1 (or None for forever)")
         if self.initial < 0 or self.multiplier < 1 or self.max_delay < 0:
-            raise ValueError("delays must be non-negative and the multiplier at least 1")
+            raise ConfigurationError("delays must be non-negative and the multiplier at least 1")
 
     def gives_up_after(self, attempt: int) -> bool:
         """True if no attempt should follow attempt number ``attempt`` (1-based)."""

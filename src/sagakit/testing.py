@@ -22,7 +22,8 @@ from .clock import FakeClock
 from .errors import ConcurrencyConflict, ConfigurationError, StoreError, TransportError
 from .messages import Headers, Kind, command, new_id
 from .store import Store, open_store
-from .store.core import DeadLetter, InboxRow, LogEntry, Queued, SagaRecord
+from .store.core import DeadLetter, InboxRow, LogEntry, SagaRecord
+from .store.queue import Queued
 from .store.schema import SCHEMA_VERSION
 from .transport import Delivery, Outgoing, Subscription, Transport
 
@@ -56,12 +57,12 @@ def _fake_clock(store: Store) -> FakeClock:
 async def _put(store: Store, queue: str, *ids: str, delay: float = 0.0) -> None:
     async with store.transaction() as tx:
         for message_id in ids:
-            await store.enqueue(tx, queue, message_id, message_id.encode(), delay=delay)
+            await store.queue.put(tx, queue, message_id, message_id.encode(), delay=delay)
 
 
 async def _ack(store: Store, item: Queued) -> bool:
     async with store.transaction() as tx:
-        return await store.ack(tx, item)
+        return await store.queue.ack(tx, item)
 
 
 def _saga(
@@ -123,67 +124,67 @@ class StoreContract:
 
     async def test_claim_in_order_and_ack(self, store: Store) -> None:
         await _put(store, "q", "m1", "m2", "m3")
-        first = await store.claim("q", 2, 30.0)
+        first = await store.queue.claim("q", 2, 30.0)
         assert [i.id for i in first] == ["m1", "m2"]
         assert [i.data for i in first] == [b"m1", b"m2"]
         assert [i.attempts for i in first] == [1, 1]
-        rest = await store.claim("q", 10, 30.0)
+        rest = await store.queue.claim("q", 10, 30.0)
         assert [i.id for i in rest] == ["m3"]
-        assert await store.claim("q", 10, 30.0) == []
+        assert await store.queue.claim("q", 10, 30.0) == []
         assert all([await _ack(store, i) for i in first + rest])
-        assert await store.queue_depth("q") == 0
+        assert await store.queue.depth("q") == 0
 
     async def test_queues_are_separate(self, store: Store) -> None:
         await _put(store, "a", "m1")
         async with store.transaction() as tx:
-            await store.enqueue(tx, "b", "m2", b"x", destination="event:topic")
-        assert await store.queue_depth() == 2
-        assert await store.queue_depth("a") == 1
-        [b] = await store.claim("b", 10, 30.0)
+            await store.queue.put(tx, "b", "m2", b"x", destination="event:topic")
+        assert await store.queue.depth() == 2
+        assert await store.queue.depth("a") == 1
+        [b] = await store.queue.claim("b", 10, 30.0)
         assert (b.id, b.destination) == ("m2", "event:topic")
-        assert [i.id for i in await store.claim("a", 10, 30.0)] == ["m1"]
+        assert [i.id for i in await store.queue.claim("a", 10, 30.0)] == ["m1"]
 
     async def test_expired_lease_is_claimable_again(self, store: Store) -> None:
         clock = _fake_clock(store)
         await _put(store, "q", "m1")
-        [old] = await store.claim("q", 10, 10.0)
-        assert await store.claim("q", 10, 10.0) == []
+        [old] = await store.queue.claim("q", 10, 10.0)
+        assert await store.queue.claim("q", 10, 10.0) == []
         clock.advance(10.5)
-        [new] = await store.claim("q", 10, 10.0)
+        [new] = await store.queue.claim("q", 10, 10.0)
         assert (new.seq, new.id, new.attempts) == (old.seq, "m1", 2)
         assert await _ack(store, old) is False, "a stale lease token must not ack"
         assert await _ack(store, new) is True
         assert await _ack(store, new) is False
-        assert await store.queue_depth("q") == 0
+        assert await store.queue.depth("q") == 0
 
     async def test_release_makes_due_after_delay(self, store: Store) -> None:
         clock = _fake_clock(store)
         await _put(store, "q", "m1")
-        [item] = await store.claim("q", 1, 30.0)
-        await store.release(item, 5.0)
-        assert await store.claim("q", 1, 30.0) == []
+        [item] = await store.queue.claim("q", 1, 30.0)
+        await store.queue.release(item, 5.0)
+        assert await store.queue.claim("q", 1, 30.0) == []
         clock.advance(5.0)
-        [again] = await store.claim("q", 1, 30.0)
+        [again] = await store.queue.claim("q", 1, 30.0)
         assert again.attempts == 2
-        await store.release(item, 0.0)  # stale token: no effect
-        assert await store.claim("q", 1, 30.0) == []
+        await store.queue.release(item, 0.0)  # stale token: no effect
+        assert await store.queue.claim("q", 1, 30.0) == []
 
     async def test_delayed_message_waits(self, store: Store) -> None:
         clock = _fake_clock(store)
         await _put(store, "q", "later", delay=30.0)
         await _put(store, "q", "now")
-        [now] = await store.claim("q", 10, 5.0)
+        [now] = await store.queue.claim("q", 10, 5.0)
         assert now.id == "now" and await _ack(store, now)
         clock.advance(29.0)
-        assert await store.claim("q", 10, 5.0) == []
+        assert await store.queue.claim("q", 10, 5.0) == []
         clock.advance(1.0)
-        assert [i.id for i in await store.claim("q", 10, 5.0)] == ["later"]
+        assert [i.id for i in await store.queue.claim("q", 10, 5.0)] == ["later"]
 
     async def test_delete_message(self, store: Store) -> None:
         await _put(store, "q", "m1", "m2")
         async with store.transaction() as tx:
-            await store.delete_message(tx, "m1")
-        assert [i.id for i in await store.claim("q", 10, 5.0)] == ["m2"]
+            await store.queue.cancel(tx, "m1")
+        assert [i.id for i in await store.queue.claim("q", 10, 5.0)] == ["m2"]
 
     async def test_concurrent_claims_never_share_a_row(self, store: Store) -> None:
         ids = [f"m{i:03d}" for i in range(120)]
@@ -191,7 +192,7 @@ class StoreContract:
 
         async def drain() -> list[Queued]:
             got: list[Queued] = []
-            while batch := await store.claim("q", 7, 60.0):
+            while batch := await store.queue.claim("q", 7, 60.0):
                 got.extend(batch)
             return got
 
@@ -202,16 +203,16 @@ class StoreContract:
     async def test_rollback_enqueues_nothing(self, store: Store) -> None:
         with _raises(RuntimeError):
             async with store.transaction() as tx:
-                await store.enqueue(tx, "q", "m1", b"x")
+                await store.queue.put(tx, "q", "m1", b"x")
                 raise RuntimeError("boom")
-        assert await store.queue_depth("q") == 0
+        assert await store.queue.depth("q") == 0
 
     async def test_commit_wakes_local_consumers(self, store: Store) -> None:
         queue = f"wake-{store.prefix}"
-        ev = store.waker.event(queue)
+        ev = store.queue.waker.event(queue)
         ev.clear()
         async with store.transaction() as tx:
-            await store.enqueue(tx, queue, "m1", b"x")
+            await store.queue.put(tx, queue, "m1", b"x")
             assert not ev.is_set(), "woken before commit"
         assert ev.is_set()
 
@@ -229,41 +230,69 @@ class StoreContract:
     # -- events ----------------------------------------------------------
 
     async def test_event_fans_out_to_subscribed_queues(self, store: Store) -> None:
-        await store.subscribe("order.Placed", "billing")
-        await store.subscribe("order.Placed", "shipping")
-        await store.subscribe("order.Placed", "shipping")  # idempotent
-        await store.subscribe("order.Cancelled", "billing")
+        await store.queue.subscribe("order.Placed", "billing")
+        await store.queue.subscribe("order.Placed", "shipping")
+        await store.queue.subscribe("order.Placed", "shipping")  # idempotent
+        await store.queue.subscribe("order.Cancelled", "billing")
         async with store.transaction() as tx:
-            await store.enqueue_event(tx, "order.Placed", "e1", b"{}")
-            await store.enqueue_event(tx, "nobody.Listens", "e2", b"{}")
-        assert [i.id for i in await store.claim("billing", 10, 5.0)] == ["e1"]
-        assert [i.id for i in await store.claim("shipping", 10, 5.0)] == ["e1"]
-        assert await store.queue_depth() == 2
+            await store.queue.fan_out(tx, "order.Placed", "e1", b"{}")
+            await store.queue.fan_out(tx, "nobody.Listens", "e2", b"{}")
+        assert [i.id for i in await store.queue.claim("billing", 10, 5.0)] == ["e1"]
+        assert [i.id for i in await store.queue.claim("shipping", 10, 5.0)] == ["e1"]
+        assert await store.queue.depth() == 2
 
     # -- inbox -----------------------------------------------------------
 
-    async def test_inbox_dedupes_and_replaces_failures(self, store: Store) -> None:
+    async def test_inbox_admits_a_key_once_then_answers_with_its_outcome(
+        self, store: Store
+    ) -> None:
         ok = InboxRow("success", b"reply", "coordinator", 1)
-        failed = InboxRow("failure", b"no", "coordinator", 1)
         async with store.transaction() as tx:
-            assert await store.inbox_get(tx, "svc", "k1") is None
-            assert await store.inbox_put(tx, "svc", "k1", failed) is True
-            assert await store.inbox_put(tx, "svc", "k1", ok) is False
-            assert await store.inbox_get(tx, "svc", "k1") == failed
-            assert await store.inbox_put(tx, "svc", "k1", ok, replace=True) is True
-            assert await store.inbox_get(tx, "svc", "k1") == ok
-            assert await store.inbox_put(tx, "other", "k1", ok) is True, "keyed per consumer"
+            assert (await store.inbox_admit(tx, "svc", "k1", 1)).outcome == "running"
+            await store.inbox_record(tx, "svc", "k1", ok)
         async with store.transaction() as tx:
-            assert await store.inbox_get(tx, "svc", "k1") == ok
-            assert await store.inbox_get(tx, "svc", "k2") is None
+            assert await store.inbox_admit(tx, "svc", "k1", 2) == ok
+            other = await store.inbox_admit(tx, "other", "k1", 1)
+            assert other.outcome == "running", "keyed per consumer"
 
-    async def test_inbox_never_replaces_a_success(self, store: Store) -> None:
-        ok = InboxRow("success", None, None, 1)
+    async def test_inbox_admission_rolls_back_with_its_transaction(self, store: Store) -> None:
+        with _raises(RuntimeError):
+            async with store.transaction() as tx:
+                await store.inbox_admit(tx, "svc", "k", 1)
+                raise RuntimeError("handler crashed")
         async with store.transaction() as tx:
-            await store.inbox_put(tx, "svc", "k", ok)
-            again = InboxRow("failure", b"late", None, 2)
-            assert await store.inbox_put(tx, "svc", "k", again, replace=True) is False
-            assert await store.inbox_get(tx, "svc", "k") == ok
+            assert (await store.inbox_admit(tx, "svc", "k", 2)).outcome == "running"
+
+    async def test_inbox_bar_keeps_a_success_and_cancels_the_rest(self, store: Store) -> None:
+        async with store.transaction() as tx:
+            assert await store.inbox_bar(tx, "svc", "never-ran", 1) == "cancelled"
+            assert (await store.inbox_admit(tx, "svc", "never-ran", 1)).outcome == "cancelled"
+            for key, outcome in (("ok", "success"), ("failed", "failure")):
+                await store.inbox_admit(tx, "svc", key, 1)
+                await store.inbox_record(tx, "svc", key, InboxRow(outcome, b"r", None, 1))
+            assert await store.inbox_bar(tx, "svc", "ok", 1) == "success"
+            assert await store.inbox_bar(tx, "svc", "failed", 1) == "cancelled"
+
+    async def test_a_second_copy_waits_for_the_first_and_sees_its_outcome(
+        self, store: Store
+    ) -> None:
+        first_in = asyncio.Event()
+        ok = InboxRow("success", b"first", None, 1)
+
+        async def first() -> None:
+            async with store.transaction() as tx:
+                await store.inbox_admit(tx, "svc", "k", 1)
+                first_in.set()
+                await asyncio.sleep(0.2)  # the handler is still running
+                await store.inbox_record(tx, "svc", "k", ok)
+
+        async def second() -> InboxRow:
+            await first_in.wait()
+            async with store.transaction() as tx:
+                return await store.inbox_admit(tx, "svc", "k", 2)
+
+        _, seen = await asyncio.gather(first(), second())
+        assert seen == ok
 
     # -- dead letters ----------------------------------------------------
 
@@ -363,7 +392,7 @@ class StoreContract:
         assert [r.id for r in await store.saga_list()] == ["kept", "nested-ok"]
 
     async def test_failed_statement_in_savepoint_keeps_transaction(self, store: Store) -> None:
-        await store.subscribe("t", "q")
+        await store.queue.subscribe("t", "q")
         sql = f"INSERT INTO {store.prefix}subscriptions (topic, queue) VALUES (?, ?)"
         async with store.transaction() as tx:
             with _raises(StoreError) as caught:
@@ -464,6 +493,10 @@ async def _eventually(
         await asyncio.sleep(every)
 
 
+def _at_least(inbox: _Deliveries, n: int) -> Callable[[], bool]:
+    return lambda: len(inbox.data()) >= n
+
+
 def _out(kind: Kind, destination: str, data: bytes) -> Outgoing:
     return Outgoing(new_id(), kind, destination, data)
 
@@ -488,8 +521,8 @@ class TransportContract:
       settling its deliveries (default: skip the test);
     - :meth:`cut_connection`: cut the transport's connection to its broker or
       restart the broker (default: skip the test);
-    - :meth:`app_store`: the store of the app-level test (default: the
-      transport's ``local_store``, or a new in-memory SQLite store);
+    - :meth:`app_store`: the store of the app-level tests (default: a new
+      in-memory SQLite store; the database transport gives its own store);
     - :meth:`new_queue`: a unique queue name (the fixture can clean up after
       the names it hands out).
 
@@ -514,7 +547,7 @@ class TransportContract:
 
     def app_store(self, transport: Transport) -> Store:
         """The store of the app in the app-level test."""
-        return transport.local_store or open_store("memory://")
+        return open_store("memory://")
 
     async def crash(self, transport: Transport, subscription: Subscription) -> None:
         """Make ``subscription`` vanish with its deliveries unsettled."""
@@ -791,6 +824,48 @@ class TransportContract:
             assert dead[0].error_type == "MalformedMessage"
             assert dead[0].reason
         finally:
+            await app.stop()
+
+    async def test_a_duplicate_command_gets_the_stored_reply_and_it_arrives(
+        self, transport: Transport
+    ) -> None:
+        """A step retried after its timeout runs once, and *both* replies arrive.
+
+        The second reply is the first one re-sent from the inbox: a broker that
+        dedupes by message id (NATS JetStream) must not drop it.
+        """
+        from .app import App
+
+        name, replies = self.new_queue(), self.new_queue()
+        app = App(store=self.app_store(transport), transport=transport)
+        runs: list[int] = []
+        part = app.participant(name)
+
+        @part.command(ContractPing)
+        async def ping(cmd: ContractPing, ctx: Any) -> None:
+            runs.append(cmd.n)
+
+        await app.start()
+        inbox = _Deliveries()
+        await transport.declare(replies, [])
+        sub = await transport.consume(replies, inbox, prefetch=4)
+        try:
+            saga_id = new_id()
+            for attempt in (1, 2):  # the retry is a new message for the same step
+                headers = Headers(
+                    saga_id=saga_id, step="ping", phase="forward", reply_to=replies, attempt=attempt
+                )
+                env = app.codec.make(ContractPing(attempt), headers)
+                await transport.publish([_out("command", name, app.codec.encode(env))])
+                await self.wait(_at_least(inbox, attempt), f"reply {attempt} arrived")
+            await self.settle_down()
+            got = [app.codec.decode(d) for d in inbox.data()]
+            assert runs == [1], "the handler ran once"
+            assert [e.headers.outcome for e in got] == ["success", "success"]
+            assert [e.headers.attempt for e in got] == [1, 2]
+            assert len({e.id for e in got}) == 2, "the re-sent reply has an id of its own"
+        finally:
+            await sub.stop()
             await app.stop()
 
 

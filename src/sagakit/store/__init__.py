@@ -15,7 +15,8 @@ from typing import Any, Literal, Protocol
 
 from ..clock import Clock, SystemClock
 from ..errors import ConfigurationError
-from .core import DeadLetter, InboxRow, LogEntry, Queued, SagaRecord, Store
+from .core import DeadLetter, InboxRow, LogEntry, SagaRecord, Store
+from .queue import Queued, Waker, WorkQueue
 
 Dialect = Literal["sqlite", "postgresql"]
 
@@ -94,5 +95,7 @@ __all__ = [
     "SagaRecord",
     "Store",
     "Tx",
+    "Waker",
+    "WorkQueue",
     "open_store",
 ]

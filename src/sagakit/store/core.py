@@ -5,30 +5,18 @@ Records are plain frozen dataclasses; serialisation happens above this layer.
 
 from __future__ import annotations
 
-import asyncio
-import random
 from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager, suppress
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..clock import Clock
 from ..errors import ConcurrencyConflict
+from .queue import WorkQueue
 from .schema import SCHEMA_VERSION, check_prefix, statements
 
 if TYPE_CHECKING:
     from . import Driver, Tx
-
-
-@dataclass(frozen=True, slots=True)
-class Queued:
-    """A claimed queue row; ``attempts`` doubles as the lease token."""
-
-    seq: int
-    id: str
-    data: bytes
-    attempts: int
-    destination: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,50 +72,17 @@ class LogEntry:
     detail: str | None = None
 
 
-class Waker:
-    """In-process wake-ups for queue consumers, fed by commits and NOTIFY."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
-
-    def event(self, queue: str) -> asyncio.Event:
-        ev = self._events.get(queue)
-        if ev is None:
-            ev = self._events[queue] = asyncio.Event()
-        return ev
-
-    def wake(self, queue: str) -> None:
-        ev = self._events.get(queue)
-        if ev is not None:
-            ev.set()
-
-    def wake_all(self) -> None:
-        for ev in self._events.values():
-            ev.set()
-
-
 class Store:
     """sagakit's durable state in one database."""
 
     def __init__(self, driver: Driver, *, prefix: str, clock: Clock, url: str = "") -> None:
         self.driver = driver
-        self.prefix = p = check_prefix(prefix)
+        self.prefix = check_prefix(prefix)
         self.clock = clock
         self.url = url
-        self.waker = Waker()
         self._opened = False
-        skip = " FOR UPDATE SKIP LOCKED" if driver.dialect == "postgresql" else ""
         self._lock_row = " FOR UPDATE" if driver.dialect == "postgresql" else ""
-        self._claim_sql = (
-            f"UPDATE {p}messages SET available_at = ?, attempts = attempts + 1 "
-            f"WHERE seq IN (SELECT seq FROM {p}messages WHERE queue = ? AND available_at <= ? "
-            f"ORDER BY available_at LIMIT ?{skip}) "
-            "RETURNING seq, id, data, attempts, destination"
-        )
-        self._enqueue_sql = (
-            f"INSERT INTO {p}messages (id, queue, destination, data, available_at, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)"
-        )
+        self.queue = WorkQueue(self)
 
     @property
     def dialect(self) -> str:
@@ -147,7 +102,7 @@ class Store:
         self._opened = True
         if migrate:
             await self.migrate()
-        await self.driver.listen(self.waker.wake)
+        await self.driver.listen(self.queue.waker.wake)
 
     async def close(self) -> None:
         if self._opened:
@@ -181,143 +136,60 @@ class Store:
             row = await tx.fetchone(f"SELECT max(version) FROM {self.prefix}schema")
         return int(row[0] or 0)
 
-    # -- queue -------------------------------------------------------------
-
-    async def enqueue(
-        self,
-        tx: Tx,
-        queue: str,
-        message_id: str,
-        data: bytes,
-        *,
-        delay: float = 0.0,
-        destination: str | None = None,
-    ) -> None:
-        """Add a message to ``queue`` inside ``tx``; consumers wake on commit."""
-        now = self.clock.now()
-        await tx.execute(self._enqueue_sql, message_id, queue, destination, data, now + delay, now)
-        tx.notify(queue)
-
-    async def enqueue_event(self, tx: Tx, topic: str, message_id: str, data: bytes) -> None:
-        """Fan an event out to the queue of every group subscribed to ``topic``."""
-        p, now = self.prefix, self.clock.now()
-        rows = await tx.fetchall(
-            f"INSERT INTO {p}messages (id, queue, destination, data, available_at, created_at) "
-            f"SELECT ?, queue, NULL, ?, ?, ? FROM {p}subscriptions WHERE topic = ? "
-            "RETURNING queue",
-            message_id,
-            data,
-            now,
-            now,
-            topic,
-        )
-        for row in rows:
-            tx.notify(row[0])
-
-    async def subscribe(self, topic: str, queue: str) -> None:
-        """Bind ``queue`` to receive every event of type ``topic``."""
-        async with self.transaction() as tx:
-            await tx.execute(
-                f"INSERT INTO {self.prefix}subscriptions (topic, queue) VALUES (?, ?) "
-                "ON CONFLICT DO NOTHING",
-                topic,
-                queue,
-            )
-
-    async def claim(self, queue: str, limit: int, lease: float) -> list[Queued]:
-        """Lease up to ``limit`` due messages of ``queue`` (skipping locked rows)."""
-        now = self.clock.now()
-        rows = await self.driver.fetch_single(self._claim_sql, now + lease, queue, now, limit)
-        return [Queued(r[0], r[1], bytes(r[2]), r[3], r[4]) for r in rows]
-
-    async def ack(self, tx: Tx, item: Queued) -> bool:
-        """Delete a claimed row inside ``tx``; False if its lease was lost."""
-        n = await tx.execute(
-            f"DELETE FROM {self.prefix}messages WHERE seq = ? AND attempts = ?",
-            item.seq,
-            item.attempts,
-        )
-        return n == 1
-
-    async def release(self, item: Queued, delay: float) -> None:
-        """Make a claimed row due again after ``delay`` seconds."""
-        async with self.transaction() as tx:
-            await tx.execute(
-                f"UPDATE {self.prefix}messages SET available_at = ? WHERE seq = ? AND attempts = ?",
-                self.clock.now() + delay,
-                item.seq,
-                item.attempts,
-            )
-
-    async def delete_message(self, tx: Tx, message_id: str) -> None:
-        """Remove a queued message by id (e.g. a timer that is no longer needed)."""
-        await tx.execute(f"DELETE FROM {self.prefix}messages WHERE id = ?", message_id)
-
-    async def queue_depth(self, queue: str | None = None) -> int:
-        sql, args = f"SELECT count(*) FROM {self.prefix}messages", []
-        if queue is not None:
-            sql += " WHERE queue = ?"
-            args.append(queue)
-        async with self.transaction() as tx:
-            row = await tx.fetchone(sql, *args)
-        return int(row[0])
-
-    async def wait(self, queue: str, timeout: float) -> None:
-        """Sleep until a commit wakes ``queue`` or ``timeout`` passes."""
-        ev = self.waker.event(queue)
-        if not ev.is_set():
-            with suppress(TimeoutError):
-                await asyncio.wait_for(ev.wait(), timeout * (0.8 + 0.4 * random.random()))
-        ev.clear()
-
     # -- inbox -------------------------------------------------------------
 
-    async def inbox_get(self, tx: Tx, consumer: str, key: str) -> InboxRow | None:
+    async def inbox_admit(self, tx: Tx, consumer: str, key: str, attempt: int) -> InboxRow:
+        """Claim ``key`` for a handler run, or return what is stored under it.
+
+        One statement that also serialises copies: a new key is inserted as
+        ``running`` (a concurrent copy's insert waits on it until this
+        transaction ends); an existing row is locked by the no-op update. A
+        returned ``running`` row is ours: a committed row is never ``running``.
+        """
         row = await tx.fetchone(
-            f"SELECT outcome, reply, destination, attempt FROM {self.prefix}inbox "
-            f"WHERE consumer = ? AND key = ?{self._lock_row}",
+            f"INSERT INTO {self.prefix}inbox (consumer, key, outcome, attempt, created_at) "
+            "VALUES (?, ?, 'running', ?, ?) ON CONFLICT (consumer, key) DO UPDATE SET "
+            "consumer = excluded.consumer RETURNING outcome, reply, destination, attempt",
             consumer,
             key,
+            attempt,
+            self.clock.now(),
         )
-        if row is None:
-            return None
         reply = bytes(row[1]) if row[1] is not None else None
         return InboxRow(row[0], reply, row[2], row[3])
 
-    async def inbox_put(
-        self,
-        tx: Tx,
-        consumer: str,
-        key: str,
-        row: InboxRow,
-        *,
-        replace: bool = False,
-    ) -> bool:
-        """Record a handled key; False if it was there already.
-
-        With ``replace`` only an earlier *failure* is overwritten (a retry of a
-        failed step); a success or a compensation barrier is never replaced.
-        """
-        p = self.prefix
-        conflict = (
-            "ON CONFLICT (consumer, key) DO UPDATE SET outcome = excluded.outcome, "
-            "reply = excluded.reply, destination = excluded.destination, "
-            f"attempt = excluded.attempt WHERE {p}inbox.outcome = 'failure'"
-            if replace
-            else "ON CONFLICT DO NOTHING"
-        )
-        n = await tx.execute(
-            f"INSERT INTO {p}inbox (consumer, key, outcome, reply, destination, attempt, "
-            f"created_at) VALUES (?, ?, ?, ?, ?, ?, ?) {conflict}",
-            consumer,
-            key,
+    async def inbox_record(self, tx: Tx, consumer: str, key: str, row: InboxRow) -> None:
+        """Store the outcome of the run that :meth:`inbox_admit` let through."""
+        await tx.execute(
+            f"UPDATE {self.prefix}inbox SET outcome = ?, reply = ?, destination = ?, "
+            "attempt = ? WHERE consumer = ? AND key = ?",
             row.outcome,
             row.reply,
             row.destination,
             row.attempt,
+            consumer,
+            key,
+        )
+
+    async def inbox_bar(self, tx: Tx, consumer: str, key: str, attempt: int) -> str:
+        """Bar ``key`` unless it succeeded; returns the outcome now stored.
+
+        ``success`` means the barred run had taken effect and stays; anything
+        else becomes ``cancelled``, so the run can never take effect later.
+        Waits for a run of ``key`` still in its transaction.
+        """
+        p = self.prefix
+        row = await tx.fetchone(
+            f"INSERT INTO {p}inbox (consumer, key, outcome, attempt, created_at) "
+            "VALUES (?, ?, 'cancelled', ?, ?) ON CONFLICT (consumer, key) DO UPDATE SET "
+            f"outcome = CASE WHEN {p}inbox.outcome = 'success' THEN 'success' "
+            "ELSE 'cancelled' END RETURNING outcome",
+            consumer,
+            key,
+            attempt,
             self.clock.now(),
         )
-        return n == 1
+        return str(row[0])
 
     # -- dead letters ------------------------------------------------------
 

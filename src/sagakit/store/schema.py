@@ -47,6 +47,11 @@ MIGRATIONS: list[list[str]] = [
             step TEXT, message_id TEXT, detail TEXT)""",
         "CREATE INDEX IF NOT EXISTS {p}saga_log_saga ON {p}saga_log (saga_id, seq)",
     ],
+    [
+        # The outbox keeps each message's kind in a column of its own instead of
+        # folding it into ``destination`` as "kind:dest".
+        "ALTER TABLE {p}messages ADD COLUMN kind TEXT",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

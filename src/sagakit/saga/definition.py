@@ -30,9 +30,9 @@ from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
 
-from .errors import DefinitionError
-from .messages import spec_of
-from .policies import RetryPolicy
+from ..errors import DefinitionError
+from ..messages import spec_of
+from ..policies import RetryPolicy
 
 D = TypeVar("D")
 StepKind = Literal["compensatable", "pivot", "retriable"]

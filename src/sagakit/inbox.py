@@ -1,0 +1,104 @@
+"""The inbox: whether a message may run, in one place.
+
+Every handled message is recorded under a key in the ``inbox`` table of the
+store its handler runs in. :meth:`Inbox.admit` is the first statement of a
+handler's transaction and returns a typed verdict:
+
+- ``NEW``: run the handler. The key is now held by this transaction, so a
+  second copy of the same command (a duplicate delivery, or a retry sent after
+  a step timeout while this one still runs) waits until this one commits or
+  rolls back, then sees its outcome. Copies of one command never overlap.
+- ``DUPLICATE``: an outcome is already stored; answer with the stored reply.
+  The first outcome is final: a later copy can never replace it, with one
+  exception that the saga asked for — a *failure* is replaced by a later run
+  of a strictly higher attempt (the coordinator retrying a failed step; it
+  acts only on the reply of its latest attempt, so a stale copy never wins).
+- ``REFUSED``: the barrier stopped it: the step was compensated first, so the
+  command must have no effect (it is answered with :class:`Cancelled`).
+
+Keys: saga commands dedupe by (saga id, step, phase), so every copy and every
+attempt of one step shares a key; everything else dedupes by message id.
+
+The barrier for compensations: :meth:`Inbox.forward_took_effect` records a
+``cancelled`` outcome for the forward step unless it succeeded, waiting for a
+forward run still in its transaction. A compensation whose forward never took
+effect does nothing (null compensation), and that forward can never run later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from .store.core import InboxRow
+
+if TYPE_CHECKING:
+    from .messages import Envelope
+    from .store import Store, Tx
+
+RUNNING = "running"
+SUCCESS = "success"
+FAILURE = "failure"
+CANCELLED = "cancelled"
+
+
+class Verdict(Enum):
+    NEW = "new"
+    DUPLICATE = "duplicate"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The verdict on one message, with the stored outcome for a duplicate."""
+
+    verdict: Verdict
+    stored: InboxRow | None = None
+
+
+def key_of(env: Envelope) -> str:
+    """Saga commands dedupe by (saga, step, phase); everything else by message id."""
+    h = env.headers
+    if env.kind == "command" and h.saga_id and h.step:
+        return f"saga:{h.saga_id}:{h.step}:{h.phase or 'forward'}"
+    return env.id
+
+
+def _forward_key(env: Envelope) -> str:
+    h = env.headers
+    return f"saga:{h.saga_id}:{h.step}:forward"
+
+
+def _is_retry(env: Envelope, row: InboxRow) -> bool:
+    """A saga command retrying a stored failure with a higher attempt."""
+    return row.outcome == FAILURE and env.headers.attempt > row.attempt and key_of(env) != env.id
+
+
+class Inbox:
+    """One consumer's inbox in one store."""
+
+    def __init__(self, store: Store, consumer: str) -> None:
+        self.store = store
+        self.consumer = consumer
+
+    async def admit(self, tx: Tx, env: Envelope) -> Admission:
+        """Hold the message's key in ``tx`` and say whether its handler may run."""
+        row = await self.store.inbox_admit(tx, self.consumer, key_of(env), env.headers.attempt)
+        if row.outcome == RUNNING or _is_retry(env, row):
+            return Admission(Verdict.NEW)
+        if row.outcome == CANCELLED:
+            return Admission(Verdict.REFUSED, row)
+        return Admission(Verdict.DUPLICATE, row)
+
+    async def record(self, tx: Tx, env: Envelope, outcome: str, reply: bytes | None) -> None:
+        """Store the outcome of a run that :meth:`admit` let through."""
+        row = InboxRow(outcome, reply, env.headers.reply_to, env.headers.attempt)
+        await self.store.inbox_record(tx, self.consumer, key_of(env), row)
+
+    async def forward_took_effect(self, tx: Tx, env: Envelope) -> bool:
+        """For a compensation: True if its forward step succeeded; else bar the forward."""
+        outcome = await self.store.inbox_bar(
+            tx, self.consumer, _forward_key(env), env.headers.attempt
+        )
+        return outcome == SUCCESS

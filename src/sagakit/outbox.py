@@ -1,0 +1,157 @@
+"""Outgoing messages: the buffer a handler fills, the writer, and the relay.
+
+A handler's messages are collected in an :class:`Outbox` and written in the
+handler's own transaction by one :class:`OutboxWriter`, chosen once when the
+App is wired:
+
+- the transport's *direct* writer when its queues live in the same store (the
+  database transport): messages land on their queues at commit, no relay;
+- otherwise the store's outbox queue, ``sagakit.outbox``, whose rows keep
+  each message's kind and destination; a :class:`Relay` publishes them to the
+  broker after the commit and deletes them once the broker holds them.
+
+Durable timers and local steps go on the store's own queues whatever the
+transport (:meth:`Outbox.schedule`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
+
+from .errors import SagakitError
+from .messages import Codec, Envelope, Kind
+from .store.consumer import first_poll
+from .transport import Outgoing
+
+if TYPE_CHECKING:
+    from .store import Store, Tx
+    from .store.queue import Queued
+    from .transport import Transport, Writer
+
+log = logging.getLogger("sagakit.outbox")
+
+OUTBOX_QUEUE = "sagakit.outbox"
+
+
+@dataclass(slots=True)
+class Outbox:
+    """Messages a transaction will send; written to the store on flush."""
+
+    messages: list[tuple[Envelope, str]] = field(default_factory=list)
+    scheduled: list[tuple[Envelope, str, float]] = field(default_factory=list)
+
+    def send(self, envelope: Envelope, destination: str) -> None:
+        """Send a command or reply to the queue ``destination``."""
+        self.messages.append((envelope, destination))
+
+    def publish(self, envelope: Envelope) -> None:
+        """Publish an event to every group subscribed to its type."""
+        self.messages.append((envelope, envelope.type))
+
+    def schedule(self, envelope: Envelope, queue: str, delay: float) -> None:
+        """Put a message on one of the store's own queues (timers, local steps)."""
+        self.scheduled.append((envelope, queue, delay))
+
+
+class OutboxTable:
+    """Writes outgoing messages to the store's outbox queue, for the relay."""
+
+    def __init__(self, store: Store) -> None:
+        self.queue = store.queue
+
+    async def write(self, tx: Tx, messages: Sequence[Outgoing]) -> None:
+        for m in messages:
+            await self.queue.put(
+                tx, OUTBOX_QUEUE, m.id, m.data, destination=m.destination, kind=m.kind
+            )
+
+
+class OutboxWriter:
+    """Flushes an :class:`Outbox` into one store's transaction."""
+
+    def __init__(self, store: Store, transport: Transport, codec: Codec) -> None:
+        self.store = store
+        self.codec = codec
+        direct = transport.direct_writer(store)
+        self.relayed = direct is None
+        self.writer: Writer = direct if direct is not None else OutboxTable(store)
+
+    async def flush(self, tx: Tx, out: Outbox) -> None:
+        if out.messages:
+            encode = self.codec.encode
+            batch = [Outgoing(e.id, e.kind, dest, encode(e)) for e, dest in out.messages]
+            await self.writer.write(tx, batch)
+        for env, queue, delay in out.scheduled:
+            await self.store.queue.put(tx, queue, env.id, self.codec.encode(env), delay=delay)
+
+
+class Relay:
+    """Moves one store's outbox to a transport.
+
+    Rows are claimed in batches with a lease (``SKIP LOCKED`` on PostgreSQL),
+    so several relays share the work. A relay that dies after publishing but
+    before deleting makes the batch be published again: consumers dedupe, so
+    nothing is lost or applied twice.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        transport: Transport,
+        *,
+        batch: int = 256,
+        lease: float = 30.0,
+        max_poll: float = 0.25,
+    ) -> None:
+        self.store, self.transport = store, transport
+        self.batch, self.lease, self.max_poll = batch, lease, max_poll
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="sagakit-relay")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.store.queue.waker.wake(OUTBOX_QUEUE)
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        first = first_poll(self.store, self.max_poll)
+        idle = first
+        while not self._stopping:
+            try:
+                moved = await self.relay_once()
+            except SagakitError as exc:
+                log.warning("relay failed, will retry: %s", exc)
+                moved = 0
+            if moved == self.batch:
+                continue  # a full batch: there may be more
+            await self.store.queue.wait(OUTBOX_QUEUE, idle)
+            idle = first if moved else min(idle * 2, self.max_poll)
+
+    async def relay_once(self) -> int:
+        """Publish one batch; return how many rows moved."""
+        queue = self.store.queue
+        items = await queue.claim(OUTBOX_QUEUE, self.batch, self.lease)
+        if not items:
+            return 0
+        try:
+            await self.transport.publish([_outgoing(i) for i in items])
+        except Exception:
+            for item in items:
+                await queue.release(item, 1.0)
+            raise
+        async with self.store.transaction() as tx:
+            for item in items:
+                await queue.ack(tx, item)
+        return len(items)
+
+
+def _outgoing(item: Queued) -> Outgoing:
+    return Outgoing(item.id, cast(Kind, item.kind or "command"), item.destination or "", item.data)

@@ -1,0 +1,281 @@
+"""The Saga Execution Coordinator: a thin shell around the pure machine.
+
+For every event — a start, a reply, a timer, a local step's result, an
+operator's action — the shell loads the instance (row-locked on PostgreSQL,
+revision-checked everywhere), asks :class:`~sagakit.saga.machine.SagaMachine`
+for a decision, and in the same transaction persists the new instance and its
+history, writes the commands to the outbox, and starts or cancels durable
+timers. A saga that reaches a final state wakes its waiters at commit, in this
+process directly and in others through the store's notifications.
+
+Timers and local steps are messages on the store's own queues
+(``sagakit.timers``, ``sagakit.local``), so they are durable and claimed by
+whichever coordinator process is free.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ..errors import BusinessError, InvalidOperatorAction, SagaNotFound, UnknownSaga
+from ..messages import Done, Envelope, Failure, Headers, caused_by, command, encode_json, new_id
+from ..outbox import Outbox
+from ..store.core import LogEntry, SagaRecord
+from .machine import (
+    LOCAL_RESULT,
+    CancelTimer,
+    Decision,
+    Event,
+    HistoryLine,
+    Instance,
+    OperatorAction,
+    ReplyReceived,
+    RunLocalStep,
+    SendCommand,
+    Started,
+    StartTimer,
+    TimerFired,
+)
+from .state import Progress, SagaState, progress_decoder
+
+if TYPE_CHECKING:
+    from ..endpoint import Endpoint, Scope
+    from ..outbox import OutboxWriter
+    from ..policies import RetryPolicy
+    from ..store import Store, Tx
+    from ..transport import Delivery
+    from .definition import SagaDefinition
+    from .registry import SagaRegistry
+
+log = logging.getLogger("sagakit.saga.coordinator")
+
+COORDINATOR_QUEUE = "sagakit.coordinator"
+TIMER_QUEUE = "sagakit.timers"
+LOCAL_QUEUE = "sagakit.local"
+FINISHED = "sagakit.finished:"
+
+
+def finished(saga_id: str) -> str:
+    """The wake-up name a saga's commit sends when it reaches a final state."""
+    return FINISHED + saga_id
+
+
+@command("sagakit.Timer")
+class Timer(msgspec.Struct, frozen=True):
+    """A durable timer on the wire: ``timeout`` and ``retry`` carry the awaited id."""
+
+    kind: str
+    token: str
+    seconds: float = 0.0
+
+
+@command("sagakit.RunLocal")
+class RunLocal(msgspec.Struct, frozen=True):
+    """Asks a coordinator process to run a local step."""
+
+
+class Coordinator:
+    """Runs saga definitions; one per App, any number of processes per store."""
+
+    def __init__(self, registry: SagaRegistry, writer: OutboxWriter, retry: RetryPolicy) -> None:
+        self.registry = registry
+        self.writer = writer
+        self.store: Store = writer.store
+        self.codec = writer.codec
+        self.retry = retry
+
+    # -- entry points ---------------------------------------------------------
+
+    async def start(
+        self,
+        defn: SagaDefinition[Any],
+        data: Any,
+        *,
+        saga_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> str:
+        """Persist a new instance and send its first commands, in one transaction.
+
+        Starting twice with the same ``saga_id`` is a no-op returning that id.
+        """
+        defn = self.registry.registered(defn)  # steps run as registered
+        saga_id = saga_id or new_id()
+        now = self.store.clock.now()
+        deadline = now + defn.deadline if defn.deadline else None
+        progress = Progress(correlation_id=correlation_id or saga_id)
+        inst = Instance(saga_id, defn.name, defn.version, SagaState.RUNNING, data, progress)
+        decision = self.registry.machine(defn.name, defn.version).apply(inst, Started())
+        rec = SagaRecord(saga_id, defn.name, defn.version, "", b"", b"", 0, now, now, deadline)
+        _record(rec, decision.instance)
+        out = Outbox()
+        async with self.store.transaction() as tx:
+            if await self.store.saga_insert(tx, rec):
+                await self._carry_out(tx, out, rec, decision, None, insert=True)
+                await self.writer.flush(tx, out)
+        return saga_id
+
+    async def on_reply(self, scope: Scope) -> None:
+        """Route: a reply (or a local step's result) for a saga step."""
+        env, h = scope.env, scope.env.headers
+        event = ReplyReceived(
+            h.step or "",
+            h.causation_id,
+            env.id,
+            env.type,
+            h.outcome or "success",
+            bytes(env.payload),
+        )
+        await self.apply(scope.tx, scope.out, h.saga_id, event, env)
+
+    async def on_timer(self, scope: Scope) -> None:
+        """Route: a durable timer came due."""
+        env = scope.env
+        timer = scope.codec.payload(env, Timer)
+        event = TimerFired(timer.kind, timer.token, env.headers.step or "", timer.seconds)  # type: ignore[arg-type]
+        await self.apply(scope.tx, scope.out, env.headers.saga_id, event, env)
+
+    async def operate(self, saga_id: str, action: OperatorAction) -> None:
+        """Apply an operator's action to one instance, in one transaction."""
+        if not action.by or not action.reason:
+            raise InvalidOperatorAction("operator actions need 'by' and 'reason'", saga_id=saga_id)
+        out = Outbox()
+        async with self.store.transaction() as tx:
+            await self.apply(tx, out, saga_id, action, None, missing=SagaNotFound)
+            await self.writer.flush(tx, out)
+
+    async def run_local(self, delivery: Delivery, endpoint: Endpoint) -> None:
+        """Run a local step outside any transaction, then apply its outcome."""
+        env = self.codec.decode(delivery.data)
+        rec = await self.store.saga_get(env.headers.saga_id or "")
+        pending = progress_decoder.decode(rec.progress).pending if rec else {}
+        p = pending.get(env.headers.step or "")
+        if rec is None or p is None or p.message_id != env.id:
+            return await delivery.ack()  # the step moved on
+        reply = await self._local_outcome(rec, env, delivery)
+        if reply is not None:
+            await endpoint.transact(reply, self.on_reply, delivery)
+
+    # -- the shell --------------------------------------------------------------
+
+    async def apply(
+        self,
+        tx: Tx,
+        out: Outbox,
+        saga_id: str | None,
+        event: Event,
+        cause: Envelope | None,
+        *,
+        missing: type[Exception] = UnknownSaga,
+    ) -> Decision:
+        """Load, decide, persist and send: the whole step of the coordinator."""
+        rec = await self.store.saga_load(tx, saga_id or "")
+        if rec is None:
+            raise missing(f"no saga instance {saga_id!r}", saga_id=saga_id)  # type: ignore[call-arg]
+        machine = self.registry.machine(rec.type, rec.version, rec.id)
+        inst = Instance(
+            rec.id,
+            rec.type,
+            rec.version,
+            SagaState(rec.state),
+            machine.decode(machine.defn.data_type, rec.data),
+            progress_decoder.decode(rec.progress),
+            rec.error,
+        )
+        decision = machine.apply(inst, event)
+        await self._carry_out(tx, out, rec, decision, cause)
+        return decision
+
+    async def _carry_out(
+        self,
+        tx: Tx,
+        out: Outbox,
+        rec: SagaRecord,
+        d: Decision,
+        cause: Envelope | None,
+        *,
+        insert: bool = False,
+    ) -> None:
+        """Persist a decision and turn its effects into messages, in ``tx``."""
+        inst = d.instance
+        for effect in d.effects:
+            await self._effect(tx, out, inst, effect, cause)
+        if d.changed and not insert:
+            _record(rec, inst)
+            await self.store.saga_update(tx, rec)
+        now = self.store.clock.now()
+        lines = [
+            LogEntry(rec.id, now, e.entry, e.step, e.message_id, e.detail)
+            for e in d.of(HistoryLine)
+        ]
+        await self.store.log(tx, lines)
+        if d.changed and inst.state.terminal:
+            tx.notify(finished(rec.id))
+
+    async def _effect(
+        self, tx: Tx, out: Outbox, inst: Instance, effect: Any, cause: Envelope | None
+    ) -> None:
+        make = self.codec.make
+        if isinstance(effect, SendCommand):
+            headers = _headers(inst, effect.step, effect.phase, effect.attempt, cause)
+            out.send(make(effect.command, headers, id=effect.message_id), effect.participant)
+        elif isinstance(effect, RunLocalStep):
+            headers = _headers(inst, effect.step, effect.phase, effect.attempt, cause)
+            out.schedule(make(RunLocal(), headers, id=effect.message_id), LOCAL_QUEUE, 0.0)
+        elif isinstance(effect, StartTimer):
+            timer = Timer(effect.kind, effect.token, effect.seconds)
+            headers = _headers(inst, effect.step, "timer", 1, cause)
+            env = make(timer, headers, id=effect.message_id)
+            out.schedule(env, TIMER_QUEUE, effect.seconds)
+        elif isinstance(effect, CancelTimer):
+            await self.store.queue.cancel(tx, effect.message_id)
+
+    async def _local_outcome(
+        self, rec: SagaRecord, env: Envelope, delivery: Delivery
+    ) -> Envelope | None:
+        """Run the local function; its result or failure as a reply (None: retry later)."""
+        machine = self.registry.machine(rec.type, rec.version, rec.id)
+        fn = machine.defn.step(env.headers.step or "").local
+        assert fn is not None
+        try:
+            result = await fn(machine.decode(machine.defn.data_type, rec.data))
+        except BusinessError as exc:
+            return self._reply(env, Failure(exc.code, str(exc)), "failure")
+        except Exception as exc:
+            if not self.retry.gives_up_after(delivery.attempt):
+                await delivery.nack(self.retry.delay(delivery.attempt))
+                return None
+            return self._reply(env, Failure(type(exc).__name__, str(exc), True), "failure")
+        reply = self._reply(env, Done(), "success")
+        if result is not None:
+            reply.type, reply.payload = LOCAL_RESULT, msgspec.Raw(encode_json(result))
+        return reply
+
+    def _reply(self, env: Envelope, payload: Any, outcome: str) -> Envelope:
+        return self.codec.reply(env, payload, outcome=outcome)
+
+
+def _record(rec: SagaRecord, inst: Instance) -> None:
+    rec.state = inst.state.value
+    rec.data = encode_json(inst.data)
+    rec.progress = encode_json(inst.progress)
+    rec.error = inst.error
+
+
+def _headers(
+    inst: Instance, step: str, phase: str, attempt: int, cause: Envelope | None
+) -> Headers:
+    fields: dict[str, Any] = {
+        "saga_id": inst.id,
+        "saga_type": inst.type,
+        "step": step,
+        "phase": phase,
+        "reply_to": COORDINATOR_QUEUE,
+        "attempt": attempt,
+        "correlation_id": inst.progress.correlation_id,
+    }
+    if cause is None:
+        return Headers(**fields)
+    return caused_by(cause, **fields)

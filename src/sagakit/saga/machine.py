@@ -1,0 +1,482 @@
+"""The saga state machine: where a reply goes next, as a pure function.
+
+:meth:`SagaMachine.apply` takes an instance and one event — the saga started,
+a reply came in, a timer fired, an operator acted — and returns a
+:class:`Decision`: the new instance and the effects to carry out (commands to
+send, local steps to run, timers to start or cancel, history lines). It does
+no I/O; :mod:`sagakit.saga.coordinator` loads, applies, persists and sends in
+one transaction. So the whole saga logic can be tested, and drawn, without a
+database.
+
+The rules, in the words of the original saga paper: the executed sequence is
+T1..Tn, or T1..Tj then Cj..C1, plus forward recovery after the pivot.
+
+- A group's steps are sent together; the next group starts when all replied.
+- A failure before the pivot compensates the completed steps in reverse
+  order; compensations are retried by the definition's compensation policy.
+- A retriable step (after the pivot) is retried by its own policy.
+- A step with no compensation that times out may have taken effect, so it is
+  asked again instead of compensated around: the participant's inbox answers
+  a repeat with the stored outcome.
+- Only the reply to the latest command of a step counts; any other reply is
+  recorded as ignored and changes nothing.
+- When a retry policy gives up the instance stops in ``failed`` for an
+  operator, who may retry it with a fresh budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgspec
+
+from ..errors import InvalidOperatorAction
+from ..messages import Failure, new_id, spec_of
+from ..policies import RetryPolicy
+from .definition import SagaDefinition, StepDef
+from .state import Pending, Phase, Progress, SagaState
+
+LOCAL_RESULT = "sagakit.LocalResult"
+RUN_LOCAL = "sagakit.RunLocal"
+
+
+@dataclass(slots=True)
+class Instance:
+    """A saga instance as the machine sees it: plain data."""
+
+    id: str
+    type: str
+    version: int
+    state: SagaState
+    data: Any
+    progress: Progress
+    error: str | None = None
+
+    def copy(self) -> Instance:
+        return dataclasses.replace(self, progress=self.progress.copy())
+
+
+# -- events ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A new instance: send its first group."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyReceived:
+    """A reply (or a local step's result) for ``step``."""
+
+    step: str
+    causation_id: str | None
+    message_id: str
+    type: str
+    outcome: str
+    payload: bytes
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome == "failure"
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired:
+    """A durable timer: ``timeout`` and ``retry`` carry the awaited message id."""
+
+    kind: Literal["timeout", "retry", "deadline"]
+    token: str
+    step: str
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorAction:
+    """An operator's decision about a stuck or unwanted instance."""
+
+    action: Literal["retry", "compensate", "abort"]
+    by: str
+    reason: str
+
+
+Event = Started | ReplyReceived | TimerFired | OperatorAction
+
+
+# -- effects -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendCommand:
+    """Send ``command`` to ``participant`` under ``message_id``; the reply comes back."""
+
+    message_id: str
+    step: str
+    phase: str
+    attempt: int
+    participant: str
+    command: Any
+
+
+@dataclass(frozen=True, slots=True)
+class RunLocalStep:
+    """Run the step's local function in a coordinator process."""
+
+    message_id: str
+    step: str
+    phase: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartTimer:
+    """A durable timer firing :class:`TimerFired` after ``seconds``."""
+
+    message_id: str
+    step: str
+    kind: Literal["timeout", "retry", "deadline"]
+    token: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTimer:
+    message_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryLine:
+    entry: str
+    step: str | None = None
+    message_id: str | None = None
+    detail: str | None = None
+
+
+Effect = SendCommand | RunLocalStep | StartTimer | CancelTimer | HistoryLine
+
+
+@dataclass(slots=True)
+class Decision:
+    """The new instance and what to do; ``changed`` is False if only history grew."""
+
+    instance: Instance
+    effects: list[Effect] = field(default_factory=list)
+    changed: bool = True
+
+    def of(self, kind: type[Any]) -> list[Any]:
+        """The effects of one kind, in order."""
+        return [e for e in self.effects if isinstance(e, kind)]
+
+
+class SagaMachine:
+    """The decisions of one saga definition."""
+
+    def __init__(self, defn: SagaDefinition[Any], *, ids: Callable[[], str] = new_id) -> None:
+        self.defn = defn
+        self.ids = ids
+        self._decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
+
+    def apply(self, instance: Instance, event: Event) -> Decision:
+        """The decision for ``event``; ``instance`` itself is left unchanged."""
+        run = _Run(self, Decision(instance.copy()))
+        if isinstance(event, Started):
+            run.started()
+        elif isinstance(event, ReplyReceived):
+            run.reply(event)
+        elif isinstance(event, TimerFired):
+            run.timer(event)
+        else:
+            run.operator(event)
+        return run.decision
+
+    def decode(self, cls: type[Any], raw: bytes) -> Any:
+        dec = self._decoders.get(cls)
+        if dec is None:
+            dec = self._decoders[cls] = msgspec.json.Decoder(cls)
+        return dec.decode(raw)
+
+
+class _Unexpected(Exception):
+    pass
+
+
+class _Run:
+    """One application of the machine: the instance being changed and the effects."""
+
+    def __init__(self, machine: SagaMachine, decision: Decision) -> None:
+        self.m = machine
+        self.defn = machine.defn
+        self.decision = decision
+        self.inst = decision.instance
+        self.prog = decision.instance.progress
+
+    def emit(self, effect: Effect) -> None:
+        self.decision.effects.append(effect)
+
+    def log(
+        self, entry: str, step: str | None = None, mid: str | None = None, detail: str | None = None
+    ) -> None:
+        self.emit(HistoryLine(entry, step, mid, detail))
+
+    # -- events ---------------------------------------------------------------
+
+    def started(self) -> None:
+        self.log("started", detail=f"{self.defn.name} v{self.defn.version}")
+        self.advance()
+        if self.defn.deadline:
+            tid = self.m.ids()
+            self.emit(StartTimer(tid, "", "deadline", self.inst.id, self.defn.deadline))
+
+    def reply(self, r: ReplyReceived) -> None:
+        p = self.prog.pending.get(r.step)
+        if p is None or p.waiting or p.message_id != r.causation_id:
+            self.log("reply-ignored", r.step, r.message_id, f"{r.type} ({r.outcome}): not awaited")
+            self.decision.changed = False
+            return
+        self.settle(r.step, p)
+        self.log("reply", r.step, r.message_id, f"{r.type} ({r.outcome})")
+        if r.failed:
+            failure = _failure_of(r.payload)
+            text = f"{failure.code}: {failure.message}"
+            self.failed(r.step, p, text, maybe_applied=False, failure=failure)
+        elif p.phase == Phase.COMPENSATE:
+            self.compensated(r.step)
+        else:
+            self.succeeded(r.step, r)
+
+    def timer(self, t: TimerFired) -> None:
+        if t.kind == "deadline":
+            return self.deadline()
+        p = self.prog.pending.get(t.step)
+        if p is None or p.message_id != t.token:
+            self.decision.changed = False  # the step moved on; a stale timer changes nothing
+            return
+        del self.prog.pending[t.step]
+        if t.kind == "retry":
+            return self.send(self.defn.step(t.step), p.phase, p.attempt + 1, base=p.base)
+        self.log("timeout", t.step, p.message_id, f"no reply within {t.seconds}s")
+        self.timed_out(t.step, p, f"timeout after {t.seconds}s")
+
+    def operator(self, op: OperatorAction) -> None:
+        self.log(f"operator-{op.action}", detail=f"by {op.by}: {op.reason}")
+        {"retry": self.op_retry, "compensate": self.op_compensate, "abort": self.op_abort}[
+            op.action
+        ]()
+
+    # -- forward ----------------------------------------------------------------
+
+    def advance(self) -> None:
+        """Send the next group's steps, or complete the saga."""
+        done = set(self.prog.done)
+        for group in self.defn.groups:
+            todo = [s for s in group if s.name not in done]
+            if todo:
+                for s in todo:
+                    self.send(s, Phase.FORWARD, 1)
+                return
+        self.finish(SagaState.COMPLETED)
+
+    def succeeded(self, step: str, r: ReplyReceived) -> None:
+        sdef = self.defn.step(step)
+        try:
+            self.inst.data = self.fold(sdef, r)
+        except msgspec.ValidationError as exc:
+            return self.failed(step, None, f"bad reply {r.type}: {exc}", maybe_applied=False)
+        except _Unexpected as exc:
+            return self.failed(step, None, str(exc), maybe_applied=True)
+        self.prog.done.append(step)
+        if sdef.kind in ("pivot", "retriable"):
+            self.prog.pivoted = True
+        if not self.prog.pending:
+            self.advance()
+
+    def fold(self, sdef: StepDef, r: ReplyReceived) -> Any:
+        if r.type == LOCAL_RESULT:
+            return self.m.decode(self.defn.data_type, r.payload)
+        if not sdef.on_reply:
+            return self.inst.data
+        handler = sdef.on_reply.get(r.type)
+        if handler is None:
+            raise _Unexpected(f"unexpected reply type {r.type!r} for step {sdef.name!r}")
+        cls, fn = handler
+        new = fn(self.inst.data, self.m.decode(cls, r.payload))
+        return self.inst.data if new is None else new
+
+    # -- failure ----------------------------------------------------------------
+
+    def failed(
+        self,
+        step: str,
+        p: Pending | None,
+        reason: str,
+        *,
+        maybe_applied: bool,
+        failure: Failure | None = None,
+    ) -> None:
+        """A step failed: retry it, compensate, or stop for an operator."""
+        sdef = self.defn.step(step)
+        p = p or Pending("", 1, Phase.FORWARD)
+        if p.phase == Phase.FORWARD and sdef.on_failure is not None:
+            self.fold_failure(sdef, failure or Failure("sagakit.StepFailed", reason, True))
+        if p.phase == Phase.COMPENSATE:
+            return self.retry_or_stop(sdef, p, self.defn.compensation_retry, reason)
+        if sdef.kind == "retriable" and sdef.retry is not None:
+            return self.retry_or_stop(sdef, p, sdef.retry, reason)
+        also = [step] if maybe_applied else []
+        self.begin_compensation(f"step {step!r} failed: {reason}", also)
+
+    def fold_failure(self, sdef: StepDef, failure: Failure) -> None:
+        """Let the step's ``on_failure`` record the failure in the data."""
+        assert sdef.on_failure is not None
+        try:
+            new = sdef.on_failure(self.inst.data, failure)
+        except Exception as exc:  # a bug in user code must not wedge the instance
+            self.log("on-failure-raised", sdef.name, detail=f"{type(exc).__name__}: {exc}")
+            return
+        if new is not None:
+            self.inst.data = new
+
+    def timed_out(self, step: str, p: Pending, reason: str) -> None:
+        """A reply is missing: compensate if the step can be undone, else ask again.
+
+        A step with no compensation (the pivot, say) may have taken effect, and
+        nothing could undo it, so its command is sent again: the participant's
+        inbox answers a repeat with the stored outcome instead of acting twice.
+        """
+        sdef = self.defn.step(step)
+        if p.phase == Phase.FORWARD and sdef.compensation is None and sdef.kind != "retriable":
+            return self.retry_or_stop(sdef, p, self.defn.compensation_retry, reason)
+        self.failed(step, p, reason, maybe_applied=True)
+
+    def retry_or_stop(self, sdef: StepDef, p: Pending, policy: RetryPolicy, reason: str) -> None:
+        """Schedule the next attempt, or stop in ``failed`` when the policy gives up."""
+        tries = p.attempt - p.base
+        if policy.gives_up_after(tries):
+            self.prog.stuck = Pending("", p.attempt, p.phase)
+            self.prog.stuck_step = sdef.name
+            self.inst.error = (
+                f"step {sdef.name!r} ({p.phase}) gave up after {tries} attempts: {reason}"
+            )
+            return self.finish(SagaState.FAILED)
+        delay, token = policy.delay(tries), self.m.ids()
+        self.emit(StartTimer(token, sdef.name, "retry", token, delay))
+        self.prog.pending[sdef.name] = Pending(token, p.attempt, p.phase, True, base=p.base)
+        self.log("retry-scheduled", sdef.name, token, f"attempt {p.attempt} failed: {reason}")
+
+    # -- backward ---------------------------------------------------------------
+
+    def begin_compensation(self, reason: str, also: list[str]) -> None:
+        prog = self.prog
+        in_flight = [n for n, p in prog.pending.items() if p.phase == Phase.FORWARD]
+        for p in prog.pending.values():
+            if p.timer:
+                self.emit(CancelTimer(p.timer))
+        prog.pending.clear()
+        candidates = also + in_flight + list(reversed(prog.done))
+        order = [n for n in dict.fromkeys(candidates) if self.defn.step(n).compensatable]
+        prog.compensations = order
+        self.inst.state, self.inst.error = SagaState.COMPENSATING, reason
+        self.log("compensating", detail=reason)
+        self.compensate_next()
+
+    def compensate_next(self) -> None:
+        if not self.prog.compensations:
+            return self.finish(SagaState.COMPENSATED)
+        head = self.prog.compensations[0]
+        self.send(self.defn.step(head), Phase.COMPENSATE, 1)
+
+    def compensated(self, step: str) -> None:
+        prog = self.prog
+        if prog.compensations and prog.compensations[0] == step:
+            prog.compensations.pop(0)
+        prog.compensated.append(step)
+        self.compensate_next()
+
+    def deadline(self) -> None:
+        """Compensate a saga that ran out of time, unless it is past the point of no return.
+
+        A step that cannot be undone still in flight (the pivot) also stops the
+        deadline: compensating around it could leave its effect in place.
+        """
+        prog = self.prog
+        undoable = all(
+            self.defn.step(n).compensation is not None or p.phase != Phase.FORWARD
+            for n, p in prog.pending.items()
+        )
+        if self.inst.state == SagaState.RUNNING and not prog.pivoted and undoable:
+            return self.begin_compensation("deadline passed", [])
+        detail = f"state {self.inst.state}; past the point of no return"
+        self.log("deadline-passed", detail=detail)
+
+    # -- shared -----------------------------------------------------------------
+
+    def finish(self, state: SagaState) -> None:
+        self.inst.state = state
+        if state != SagaState.FAILED:
+            self.prog.stuck, self.prog.stuck_step = None, None
+        self.log(state.value, detail=self.inst.error if state != SagaState.COMPLETED else None)
+
+    def send(self, sdef: StepDef, phase: str, attempt: int, base: int = 0) -> None:
+        """Send a step's command (or its compensation) and await the reply."""
+        mid = self.m.ids()
+        if sdef.local is not None:
+            self.emit(RunLocalStep(mid, sdef.name, phase, attempt))
+            type_name = RUN_LOCAL
+        else:
+            action = sdef.action if phase == Phase.FORWARD else sdef.compensation
+            assert action is not None
+            cmd = action.factory(self.inst.data)
+            self.emit(SendCommand(mid, sdef.name, phase, attempt, action.participant, cmd))
+            type_name = spec_of(type(cmd)).name
+        timer = None
+        if sdef.timeout is not None:
+            timer = self.m.ids()
+            self.emit(StartTimer(timer, sdef.name, "timeout", mid, sdef.timeout))
+        self.prog.pending[sdef.name] = Pending(mid, attempt, phase, timer=timer, base=base)
+        verb = "compensation-sent" if phase == Phase.COMPENSATE else "command-sent"
+        self.log(verb, sdef.name, mid, f"{type_name} attempt {attempt}")
+
+    def settle(self, step: str, p: Pending) -> None:
+        del self.prog.pending[step]
+        if p.timer:
+            self.emit(CancelTimer(p.timer))
+
+    # -- operator -----------------------------------------------------------------
+
+    def op_retry(self) -> None:
+        prog, inst = self.prog, self.inst
+        if inst.state != SagaState.FAILED or prog.stuck is None or prog.stuck_step is None:
+            raise InvalidOperatorAction("only a failed instance can be retried", saga_id=inst.id)
+        stuck, step = prog.stuck, prog.stuck_step
+        prog.stuck, prog.stuck_step = None, None
+        compensating = stuck.phase == Phase.COMPENSATE
+        inst.state = SagaState.COMPENSATING if compensating else SagaState.RUNNING
+        self.send(self.defn.step(step), stuck.phase, stuck.attempt + 1, base=stuck.attempt)
+
+    def op_compensate(self) -> None:
+        if self.inst.state != SagaState.RUNNING or self.prog.pivoted:
+            raise InvalidOperatorAction(
+                "only a running instance before its pivot can be compensated",
+                saga_id=self.inst.id,
+            )
+        self.begin_compensation("forced by operator", [])
+
+    def op_abort(self) -> None:
+        state = self.inst.state
+        if state in (SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.ABORTED):
+            raise InvalidOperatorAction(f"instance is already {state}", saga_id=self.inst.id)
+        for p in self.prog.pending.values():
+            if p.timer:
+                self.emit(CancelTimer(p.timer))
+        self.prog.pending.clear()
+        self.inst.error = "aborted by operator"
+        self.finish(SagaState.ABORTED)
+
+
+def _failure_of(payload: bytes) -> Failure:
+    try:
+        return msgspec.json.decode(payload, type=Failure)
+    except msgspec.MsgspecError:
+        return Failure("sagakit.StepFailed", "failure reply without a Failure payload", True)

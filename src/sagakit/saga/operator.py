@@ -1,0 +1,34 @@
+"""Operator actions on saga instances, recorded in each instance's history.
+
+Each action is one transaction through the coordinator shell: the machine
+checks it fits the instance's state (:class:`~sagakit.InvalidOperatorAction`
+otherwise), and the history records who did it and why.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .machine import OperatorAction
+
+if TYPE_CHECKING:
+    from .coordinator import Coordinator
+
+
+class SagaOperator:
+    """Retry, compensate or abort one instance."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+
+    async def retry(self, saga_id: str, *, by: str, reason: str) -> None:
+        """Re-send the step a ``failed`` instance is stuck on, with a fresh retry budget."""
+        await self.coordinator.operate(saga_id, OperatorAction("retry", by, reason))
+
+    async def compensate(self, saga_id: str, *, by: str, reason: str) -> None:
+        """Force compensation of a running instance before its pivot."""
+        await self.coordinator.operate(saga_id, OperatorAction("compensate", by, reason))
+
+    async def abort(self, saga_id: str, *, by: str, reason: str) -> None:
+        """Stop an unfinished instance where it is, without compensating."""
+        await self.coordinator.operate(saga_id, OperatorAction("abort", by, reason))

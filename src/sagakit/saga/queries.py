@@ -1,0 +1,125 @@
+"""Reading saga instances: one, many, counts, and waiting for one to finish.
+
+:meth:`SagaQueries.wait` does not poll the database in a loop: it watches the
+wake-up that the commit finishing the saga sends — directly in this process,
+through LISTEN/NOTIFY from other processes on PostgreSQL — and re-reads the
+instance only then. A slow poll (``poll`` seconds) remains as the fallback
+for what no notification reaches (SQLite shared by several processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ..errors import SagaNotFound, WaitTimeout
+from .coordinator import finished
+from .state import TERMINAL, SagaState, progress_decoder
+
+if TYPE_CHECKING:
+    from ..store import LogEntry, SagaRecord, Store
+    from .registry import SagaRegistry
+
+
+@dataclass
+class SagaView:
+    """A saga instance as the query API returns it."""
+
+    id: str
+    type: str
+    version: int
+    state: SagaState
+    data: Any
+    error: str | None
+    created_at: float
+    updated_at: float
+    done: list[str]
+    compensated: list[str]
+    pending: list[str]
+    history: list[LogEntry] = field(default_factory=list)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
+class SagaQueries:
+    """Read-only views of one store's saga instances."""
+
+    def __init__(self, store: Store, registry: SagaRegistry) -> None:
+        self.store = store
+        self.registry = registry
+
+    async def get(self, saga_id: str, *, history: bool = True) -> SagaView:
+        rec = await self.store.saga_get(saga_id)
+        if rec is None:
+            raise SagaNotFound(f"no saga {saga_id!r}", saga_id=saga_id)
+        return await self.view(rec, history)
+
+    async def list(
+        self,
+        *,
+        type: str | None = None,
+        state: str | None = None,
+        older_than: float | None = None,
+        limit: int = 100,
+    ) -> list[SagaView]:
+        """Instances by type, state and age (seconds since creation), oldest first."""
+        before = self.store.clock.now() - older_than if older_than is not None else None
+        recs = await self.store.saga_list(
+            type=type, state=state, created_before=before, limit=limit
+        )
+        return [await self.view(r, history=False) for r in recs]
+
+    async def counts(self, *, type: str | None = None) -> dict[str, int]:
+        """Number of instances per state."""
+        return await self.store.saga_counts(type=type)
+
+    async def wait(self, saga_id: str, timeout: float = 30.0, poll: float = 1.0) -> SagaView:
+        """Wait until the instance reaches a final state; :class:`WaitTimeout` if not."""
+        waker, name = self.store.queue.waker, finished(saga_id)
+        woken = waker.watch(name)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._until_final(saga_id, woken, poll)
+        except TimeoutError:
+            raise WaitTimeout(
+                f"saga {saga_id} not final after {timeout}s", saga_id=saga_id
+            ) from None
+        finally:
+            waker.unwatch(name)
+
+    async def _until_final(self, saga_id: str, woken: asyncio.Event, poll: float) -> SagaView:
+        while True:
+            woken.clear()  # a commit after this read sets it again
+            rec = await self.store.saga_get(saga_id)
+            if rec is not None and rec.state in TERMINAL:
+                return await self.view(rec, True)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), poll)
+
+    async def view(self, rec: SagaRecord, history: bool) -> SagaView:
+        progress = progress_decoder.decode(rec.progress)
+        defn = self.registry.definitions.get((rec.type, rec.version))
+        if defn is not None:
+            data = self.registry.machine(rec.type, rec.version).decode(defn.data_type, rec.data)
+        else:
+            data = msgspec.json.decode(rec.data)
+        return SagaView(
+            rec.id,
+            rec.type,
+            rec.version,
+            SagaState(rec.state),
+            data,
+            rec.error,
+            rec.created_at,
+            rec.updated_at,
+            list(progress.done),
+            list(progress.compensated),
+            sorted(progress.pending),
+            await self.store.history(rec.id) if history else [],
+        )

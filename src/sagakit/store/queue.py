@@ -1,0 +1,204 @@
+"""The store's own work queue: claim, lease, ack in the handler's transaction, delay.
+
+Queues are rows of the ``messages`` table. A consumer *claims* due rows,
+which moves their ``available_at`` forward by the lease and bumps
+``attempts`` (the lease token: an ack or release only counts if ``attempts``
+is still what the claim returned). The row is deleted by the handler's own
+transaction, so the acknowledgement commits with the business change.
+Delayed messages and durable timers are rows whose ``available_at`` lies in
+the future. Events fan out to every queue subscribed to their topic.
+
+One clock: on PostgreSQL every lease and due time is computed from the
+server's clock (``clock_timestamp()``), so hosts whose clocks disagree never
+steal a leased row early or delay a message; only a :class:`FakeClock` in
+tests overrides it. SQLite is one file on one host, so its processes share
+that host's clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..clock import SystemClock
+
+if TYPE_CHECKING:
+    from . import Tx
+    from .core import Store
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A claimed queue row; ``attempts`` doubles as the lease token."""
+
+    seq: int
+    id: str
+    data: bytes
+    attempts: int
+    destination: str | None = None
+    kind: str | None = None
+
+
+class Waker:
+    """In-process wake-ups for queue consumers and saga waiters.
+
+    Fed by commits in this process and by NOTIFY from other processes. A name
+    nobody watches costs nothing when woken.
+    """
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+        self._watchers: dict[str, int] = {}
+
+    def event(self, name: str) -> asyncio.Event:
+        ev = self._events.get(name)
+        if ev is None:
+            ev = self._events[name] = asyncio.Event()
+        return ev
+
+    def watch(self, name: str) -> asyncio.Event:
+        """Like :meth:`event`, counted, for short-lived names; pair with :meth:`unwatch`."""
+        self._watchers[name] = self._watchers.get(name, 0) + 1
+        return self.event(name)
+
+    def unwatch(self, name: str) -> None:
+        left = self._watchers.get(name, 1) - 1
+        if left > 0:
+            self._watchers[name] = left
+            return
+        self._watchers.pop(name, None)
+        self._events.pop(name, None)
+
+    def wake(self, name: str) -> None:
+        ev = self._events.get(name)
+        if ev is not None:
+            ev.set()
+
+    def wake_all(self) -> None:
+        for ev in self._events.values():
+            ev.set()
+
+
+class WorkQueue:
+    """The ``messages`` table as queues: one per store (``store.queue``)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.waker = Waker()
+        p = store.prefix
+        pg = store.dialect == "postgresql"
+        #: lease and due times from the database server's clock (PostgreSQL, real time)
+        self.server_time = pg and isinstance(store.clock, SystemClock)
+        now = "COALESCE(?::float8, extract(epoch from clock_timestamp()))" if pg else "?"
+        skip = " FOR UPDATE SKIP LOCKED" if pg else ""
+        self._claim_sql = (
+            f"UPDATE {p}messages SET available_at = {now} + ?, attempts = attempts + 1 "
+            f"WHERE seq IN (SELECT seq FROM {p}messages WHERE queue = ? AND available_at <= {now} "
+            f"ORDER BY available_at LIMIT ?{skip}) "
+            "RETURNING seq, id, data, attempts, destination, kind"
+        )
+        self._put_sql = (
+            f"INSERT INTO {p}messages (id, queue, destination, kind, data, available_at, "
+            f"created_at) VALUES (?, ?, ?, ?, ?, {now} + ?, ?)"
+        )
+        self._fan_out_sql = (
+            f"INSERT INTO {p}messages (id, queue, destination, kind, data, available_at, "
+            f"created_at) SELECT ?, queue, NULL, 'event', ?, {now}, ? FROM {p}subscriptions "
+            "WHERE topic = ? RETURNING queue"
+        )
+        self._lease_sql = (
+            f"UPDATE {p}messages SET available_at = {now} + ? WHERE seq = ? AND attempts = ?"
+        )
+
+    def _now(self) -> float | None:
+        """The time to bind: None lets PostgreSQL use its own clock."""
+        return None if self.server_time else self.store.clock.now()
+
+    async def put(
+        self,
+        tx: Tx,
+        queue: str,
+        message_id: str,
+        data: bytes,
+        *,
+        delay: float = 0.0,
+        destination: str | None = None,
+        kind: str | None = None,
+    ) -> None:
+        """Add a message to ``queue`` inside ``tx``; consumers wake on commit."""
+        args = (message_id, queue, destination, kind, data, self._now(), delay)
+        await tx.execute(self._put_sql, *args, self.store.clock.now())
+        tx.notify(queue)
+
+    async def fan_out(self, tx: Tx, topic: str, message_id: str, data: bytes) -> None:
+        """Put an event on the queue of every group subscribed to ``topic``."""
+        now = self.store.clock.now()
+        rows = await tx.fetchall(self._fan_out_sql, message_id, data, self._now(), now, topic)
+        for row in rows:
+            tx.notify(row[0])
+
+    async def subscribe(self, topic: str, queue: str) -> None:
+        """Bind ``queue`` to receive every event of type ``topic``."""
+        async with self.store.transaction() as tx:
+            await tx.execute(
+                f"INSERT INTO {self.store.prefix}subscriptions (topic, queue) VALUES (?, ?) "
+                "ON CONFLICT DO NOTHING",
+                topic,
+                queue,
+            )
+
+    async def claim(self, queue: str, limit: int, lease: float) -> list[Queued]:
+        """Lease up to ``limit`` due messages of ``queue`` (skipping locked rows)."""
+        now = self._now()
+        rows = await self.store.driver.fetch_single(self._claim_sql, now, lease, queue, now, limit)
+        return [Queued(r[0], r[1], bytes(r[2]), r[3], r[4], r[5]) for r in rows]
+
+    async def ack(self, tx: Tx, item: Queued) -> bool:
+        """Delete a claimed row inside ``tx``; False if its lease was lost."""
+        n = await tx.execute(
+            f"DELETE FROM {self.store.prefix}messages WHERE seq = ? AND attempts = ?",
+            item.seq,
+            item.attempts,
+        )
+        return n == 1
+
+    async def release(self, item: Queued, delay: float) -> None:
+        """Make a claimed row due again after ``delay`` seconds."""
+        async with self.store.transaction() as tx:
+            await tx.execute(self._lease_sql, self._now(), delay, item.seq, item.attempts)
+
+    async def extend(self, items: Sequence[Queued], lease: float) -> int:
+        """Push the leases of ``items`` forward (a heartbeat); returns how many held."""
+        if not items:
+            return 0
+        now, held = self._now(), 0
+        async with self.store.transaction() as tx:
+            for item in items:
+                held += await tx.execute(self._lease_sql, now, lease, item.seq, item.attempts)
+        return held
+
+    async def cancel(self, tx: Tx, message_id: str) -> None:
+        """Remove a queued message by id (e.g. a timer that is no longer needed)."""
+        await tx.execute(f"DELETE FROM {self.store.prefix}messages WHERE id = ?", message_id)
+
+    async def depth(self, queue: str | None = None) -> int:
+        """How many messages wait (or are leased) on ``queue``, or on all queues."""
+        sql, args = f"SELECT count(*) FROM {self.store.prefix}messages", []
+        if queue is not None:
+            sql += " WHERE queue = ?"
+            args.append(queue)
+        async with self.store.transaction() as tx:
+            row = await tx.fetchone(sql, *args)
+        return int(row[0])
+
+    async def wait(self, queue: str, timeout: float) -> None:
+        """Sleep until a commit wakes ``queue`` or ``timeout`` passes (jittered)."""
+        ev = self.waker.event(queue)
+        if not ev.is_set():
+            with suppress(TimeoutError):
+                await asyncio.wait_for(ev.wait(), timeout * (0.8 + 0.4 * random.random()))
+        ev.clear()
