@@ -43,7 +43,7 @@ from order_fulfillment.app import OrderFulfillment
 from order_fulfillment.service import Service
 
 import sagakit as sk
-from sagakit.endpoint import OUTBOX_QUEUE
+from sagakit.outbox import OUTBOX_QUEUE
 from sagakit.transport import Outgoing
 
 log = logging.getLogger("chaos_app")

@@ -70,11 +70,8 @@ class Sagakit:
         import msgspec
 
         import sagakit as sk
-        from sagakit.coordinator import TERMINAL
 
         self.sk, self.url, self.prefix, self.transport = sk, url, prefix, transport
-        self.terminal = TERMINAL
-        self.waiters: dict[str, asyncio.Future[str]] = {}
         p = prefix
 
         class Data(msgspec.Struct):
@@ -140,30 +137,13 @@ class Sagakit:
         async with app.store.transaction() as tx:
             for stmt in _ddl(app.store.dialect, self.prefix):
                 await tx.execute(stmt)
-        self._hook(app.store)
         await app.start()
 
-    def _hook(self, store: Any) -> None:
-        """Resolve a waiter when its saga's final state commits (no polling)."""
-        orig = store.saga_update
-        waiters, terminal = self.waiters, self.terminal
-
-        async def saga_update(tx: Any, rec: Any) -> None:
-            await orig(tx, rec)
-            if rec.state in terminal:
-                fut = waiters.pop(rec.id, None)
-                if fut is not None:
-                    state = rec.state
-                    tx.on_commit(lambda: fut.done() or fut.set_result(state))
-
-        store.saga_update = saga_update
-
     async def one(self, i: int, fail: bool) -> str:
-        sid = self.sk.new_id()
-        fut = asyncio.get_running_loop().create_future()
-        self.waiters[sid] = fut
-        await self.app.sagas.start(self.definition, self.Data(i, fail), saga_id=sid)
-        return await asyncio.wait_for(fut, 60)
+        """One saga through the README's API: start, then wait for its final state."""
+        sagas = self.app.sagas
+        view = await sagas.wait(await sagas.start(self.definition, self.Data(i, fail)), 60)
+        return str(view.state)
 
     async def teardown(self) -> None:
         await self.app.stop()

@@ -39,7 +39,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sagakit as sk
-from sagakit.endpoint import inbox_key
+from sagakit.inbox import key_of as inbox_key
 from sagakit.errors import MessageError
 from sagakit.messages import Codec, Headers, TypeRegistry
 from sagakit.policies import RetryPolicy

@@ -17,8 +17,9 @@ import pytest
 from sagakit.clock import FakeClock
 from sagakit.errors import ConfigurationError, StoreError
 from sagakit.store import Store, open_store
-from sagakit.store.queue import Queued
 from sagakit.store.postgres import PostgresDriver, rowcount, to_dollar
+from sagakit.store.queue import Queued
+from sagakit.store.schema import SCHEMA_VERSION
 from sagakit.testing import StoreContract, drop_tables
 
 pytestmark = pytest.mark.timeout(60)

@@ -155,8 +155,19 @@ class Store:
             attempt,
             self.clock.now(),
         )
-        reply = bytes(row[1]) if row[1] is not None else None
-        return InboxRow(row[0], reply, row[2], row[3])
+        return InboxRow(row[0], bytes(row[1]) if row[1] is not None else None, row[2], row[3])
+
+    async def inbox_get(self, tx: Tx, consumer: str, key: str) -> InboxRow | None:
+        """What is stored under ``key`` (a plain read: no lock, no waiting)."""
+        row = await tx.fetchone(
+            f"SELECT outcome, reply, destination, attempt FROM {self.prefix}inbox "
+            "WHERE consumer = ? AND key = ?",
+            consumer,
+            key,
+        )
+        if row is None:
+            return None
+        return InboxRow(row[0], bytes(row[1]) if row[1] is not None else None, row[2], row[3])
 
     async def inbox_record(self, tx: Tx, consumer: str, key: str, row: InboxRow) -> None:
         """Store the outcome of the run that :meth:`inbox_admit` let through."""
