@@ -26,6 +26,16 @@ is final, injects faults at random moments:
     PostgreSQL: ``pg_terminate_backend`` of the workers' backends (the
     workers connect with ``application_name=sagakit-chaos-worker``). On
     SQLite a kill is the equivalent fault.
+``slow_handler``
+    ``--slow`` of every participant handler run sleeps 1.5-3 leases after
+    its work, before its transaction commits, so the lease runs out while it
+    holds its effects (counted per slowed run; see :mod:`chaos_app`);
+``divergent_duplicate``
+    ``--diverge`` of the commands that call a flaky external service
+    (``ReserveCredit``, ``ReserveStock``, ``ChargeCard``) are sent twice in
+    one go; the service fails one of the two copies at once and accepts the
+    other a little later, so the copies would reach different outcomes if
+    both counted (counted per pair sent).
 
 Every run gets fresh state: a new SQLite folder, or a new database on the
 PostgreSQL server named by ``--store`` (dropped afterwards), a private RabbitMQ
@@ -42,12 +52,22 @@ drain, and checks:
 * ``lost``: sagas or orders that vanished, steps the coordinator counts as
   done whose effect is not in the service's tables, compensations that did
   not happen for an effect that did;
+* ``outcome_mismatch``: sagas whose final state disagrees with what the
+  participants committed (ledger and business tables): a completed saga
+  without every step's effect exactly once, with a compensation, or whose
+  order is not approved, charged, shipped and awarded once; a compensated
+  saga with an effect not undone, an effect of the pivot or after, a
+  compensation without its effect, or an order not rejected or still charged,
+  shipped, awarded or holding credit. It overlaps ``lost`` and
+  ``double_applied`` on purpose: they count effects, it counts sagas;
 * ``max_recovery_s``: the longest time from a restarted worker being ready to
   the next step completed by its service (any step, for a coordinator).
 
 With ``--json`` the last line is one JSON object: ``runs, sagas, terminal,
-lost, double_applied, invariants_ok, faults_injected, max_recovery_s`` and
-details (``per_run``). Exit status 0 only if every run is clean.
+lost, double_applied, outcome_mismatch, invariants_ok, faults_injected,
+max_recovery_s`` and details (``per_run``). Exit status 0 only if every run
+is clean. Negative controls: ``--self-test-double F`` and
+``--self-test-mismatch N`` tamper with the ledger on purpose and must be seen.
 """
 
 from __future__ import annotations
