@@ -26,6 +26,16 @@ is final, injects faults at random moments:
     PostgreSQL: ``pg_terminate_backend`` of the workers' backends (the
     workers connect with ``application_name=sagakit-chaos-worker``). On
     SQLite a kill is the equivalent fault.
+``slow_handler``
+    ``--slow`` of every participant handler run sleeps 1.5-3 leases after
+    its work, before its transaction commits, so the lease runs out while it
+    holds its effects (counted per slowed run; see :mod:`chaos_app`);
+``divergent_duplicate``
+    ``--diverge`` of the commands that call a flaky external service
+    (``ReserveCredit``, ``ReserveStock``, ``ChargeCard``) are sent twice in
+    one go; the service fails one of the two copies at once and accepts the
+    other a little later, so the copies would reach different outcomes if
+    both counted (counted per pair sent).
 
 Every run gets fresh state: a new SQLite folder, or a new database on the
 PostgreSQL server named by ``--store`` (dropped afterwards), a private RabbitMQ
@@ -42,12 +52,22 @@ drain, and checks:
 * ``lost``: sagas or orders that vanished, steps the coordinator counts as
   done whose effect is not in the service's tables, compensations that did
   not happen for an effect that did;
+* ``outcome_mismatch``: sagas whose final state disagrees with what the
+  participants committed (ledger and business tables): a completed saga
+  without every step's effect exactly once, with a compensation, or whose
+  order is not approved, charged, shipped and awarded once; a compensated
+  saga with an effect not undone, an effect of the pivot or after, a
+  compensation without its effect, or an order not rejected or still charged,
+  shipped, awarded or holding credit. It overlaps ``lost`` and
+  ``double_applied`` on purpose: they count effects, it counts sagas;
 * ``max_recovery_s``: the longest time from a restarted worker being ready to
   the next step completed by its service (any step, for a coordinator).
 
 With ``--json`` the last line is one JSON object: ``runs, sagas, terminal,
-lost, double_applied, invariants_ok, faults_injected, max_recovery_s`` and
-details (``per_run``). Exit status 0 only if every run is clean.
+lost, double_applied, outcome_mismatch, invariants_ok, faults_injected,
+max_recovery_s`` and details (``per_run``). Exit status 0 only if every run
+is clean. Negative controls: ``--self-test-double F`` and
+``--self-test-mismatch N`` tamper with the ledger on purpose and must be seen.
 """
 
 from __future__ import annotations
@@ -81,6 +101,8 @@ import chaos_app  # noqa: E402
 from order_fulfillment import demo  # noqa: E402
 from order_fulfillment.app import OrderFulfillment, build  # noqa: E402
 from order_fulfillment.cluster import Cluster, WorkerFailed  # noqa: E402
+from order_fulfillment.customers import RESERVED  # noqa: E402
+from order_fulfillment.orders import APPROVED, REJECTED  # noqa: E402
 from order_fulfillment.saga import create_order  # noqa: E402
 
 import sagakit as sk  # noqa: E402
@@ -93,12 +115,30 @@ KILL_PARTICIPANT = "kill_participant"
 DUPLICATE = "duplicate_delivery"
 BROKER_CUT = "broker_cut"
 DB_DROP = "db_drop"
-FAULTS = (KILL_COORDINATOR, KILL_PARTICIPANT, DUPLICATE, BROKER_CUT, DB_DROP)
+SLOW_HANDLER = "slow_handler"
+DIVERGENT = "divergent_duplicate"
+FAULTS = (
+    KILL_COORDINATOR,
+    KILL_PARTICIPANT,
+    DUPLICATE,
+    BROKER_CUT,
+    DB_DROP,
+    SLOW_HANDLER,
+    DIVERGENT,
+)
+#: faults switched on in every worker for the whole run: kind -> counter file kind
+WORKER_FAULTS = {
+    DUPLICATE: chaos_app.DUP,
+    SLOW_HANDLER: chaos_app.SLOW,
+    DIVERGENT: chaos_app.DIVERGE,
+}
 WORKER_APP_NAME = "sagakit-chaos-worker"
 TERMINAL = ("completed", "compensated", "failed", "aborted")
 #: step name -> the service that runs it
 STEP_SERVICE = {s.name: s.action.participant for s in create_order.steps if s.action}
 COMPENSATED_BY = {s.name for s in create_order.steps if s.compensation is not None}
+#: steps whose committed effect cannot be undone: the pivot and the steps after it
+IRREVERSIBLE = {s.name for s in create_order.steps if s.action and s.kind != "compensatable"}
 
 
 # -- per-run infrastructure ----------------------------------------------------
@@ -409,7 +449,7 @@ async def _rows(of: OrderFulfillment, service: Any, sql: str, *args: Any) -> lis
 
 
 async def account(of: OrderFulfillment, saga_ids: list[str], plan: demo.Plan) -> dict[str, Any]:
-    """lost / double_applied from the services' own tables."""
+    """lost / double_applied / outcome_mismatch from the services' own tables."""
     views = {}
     lost_detail: list[str] = []
     double_detail: list[str] = []
@@ -479,14 +519,135 @@ async def account(of: OrderFulfillment, saga_ids: list[str], plan: demo.Plan) ->
     orders = {o.id for o in await of.orders.all()}
     missing = [o.order_id for o in plan.orders if o.order_id not in orders]
     lost_detail += [f"order {i} vanished" for i in missing]
+    mismatch, mismatch_detail = await mismatch_count(of, views, ledger)
     return {
         "lost": len(lost_detail),
         "double_applied": double,
+        "outcome_mismatch": mismatch,
         "lost_detail": lost_detail[:20],
         "double_detail": double_detail[:20],
+        "mismatch_detail": mismatch_detail[:20],
         "ledger_rows": sum(ledger.values()),
         "views": views,
     }
+
+
+@dataclass(frozen=True)
+class OrderBooks:
+    """What the services committed for one order, from their business tables."""
+
+    status: str | None = None  # orders
+    credit: str | None = None  # customers: the reservation's state
+    payments: int = 0
+    shipments: int = 0
+    awards: int = 0
+
+
+def outcome_mismatches(
+    state: str, ledger: dict[tuple[str, str], int], books: OrderBooks
+) -> list[str]:
+    """Why a saga's final state disagrees with what the participants committed.
+
+    ``ledger`` maps (step, phase) to the number of effect rows. A completed
+    saga must have every step's effect exactly once, no compensation, and the
+    order approved, charged, shipped and awarded once. A compensated saga must
+    have undone every effect it can undo, have no effect it cannot undo (the
+    pivot and after), no compensation without its effect, and the order
+    rejected with nothing charged, shipped, awarded or still reserved. Other
+    states are not judged here (they are not final, or need an operator).
+    """
+    if state == "completed":
+        why = [
+            f"{step}: forward x{ledger.get((step, 'forward'), 0)}, "
+            f"compensate x{ledger.get((step, 'compensate'), 0)} in a completed saga"
+            for step in STEP_SERVICE
+            if ledger.get((step, "forward"), 0) != 1 or ledger.get((step, "compensate"), 0)
+        ]
+        books_ok = books == OrderBooks(APPROVED, RESERVED, 1, 1, 1)
+    elif state == "compensated":
+        why = [f"{step}: {w}" for step in STEP_SERVICE if (w := _undo_mismatch(step, ledger))]
+        books_ok = books.status == REJECTED and books.credit != RESERVED
+        books_ok = books_ok and books.payments == books.shipments == books.awards == 0
+    else:
+        return []
+    if not books_ok:
+        why.append(f"order books {books} in a {state} saga")
+    return why
+
+
+def _undo_mismatch(step: str, ledger: dict[tuple[str, str], int]) -> str | None:
+    """A compensated saga's step: what is wrong with its effects, if anything."""
+    fwd, comp = ledger.get((step, "forward"), 0), ledger.get((step, "compensate"), 0)
+    if comp and not fwd:
+        return "compensated but its effect never committed"
+    if fwd and step in IRREVERSIBLE:
+        return "an effect that cannot be undone in a compensated saga"
+    if fwd and not comp and step in COMPENSATED_BY:
+        return "effect committed, never compensated"
+    return None
+
+
+async def order_books(of: OrderFulfillment) -> dict[str, OrderBooks]:
+    """Every order's :class:`OrderBooks`, read from the services' own tables."""
+    books: dict[str, dict[str, Any]] = {}
+    for o in await of.orders.all():
+        books.setdefault(o.id, {})["status"] = o.status
+    credit = f"SELECT order_id, state FROM {of.customers.t('credit_reservations')}"
+    for order_id, state in await _rows(of, of.customers, credit):
+        books.setdefault(order_id, {})["credit"] = state
+    counted = {
+        "payments": (of.payments, "payments"),
+        "shipments": (of.shipping, "shipments"),
+        "awards": (of.loyalty, "awards"),
+    }
+    for key, (service, table) in counted.items():
+        sql = f"SELECT order_id, count(*) FROM {service.t(table)} GROUP BY order_id"
+        for order_id, n in await _rows(of, service, sql):
+            books.setdefault(order_id, {})[key] = int(n)
+    return {order_id: OrderBooks(**b) for order_id, b in books.items()}
+
+
+async def mismatch_count(
+    of: OrderFulfillment, views: dict[str, Any], ledger: Counter[tuple[str, str, str]]
+) -> tuple[int, list[str]]:
+    """``outcome_mismatch``: sagas whose final state disagrees with the effects."""
+    books = await order_books(of)
+    by_saga: dict[str, dict[tuple[str, str], int]] = {}
+    for (sid, step, phase), n in ledger.items():
+        by_saga.setdefault(sid, {})[(step, phase)] = n
+    detail: list[str] = []
+    count = 0
+    for sid, v in views.items():
+        steps = by_saga.get(sid, {})
+        why = outcome_mismatches(v.state, steps, books.get(v.data.order_id, OrderBooks()))
+        if why:
+            count += 1
+            detail += [f"{sid} ({v.state}) {w}" for w in why]
+    return count, detail
+
+
+async def tamper(of: OrderFulfillment, saga_ids: list[str], n: int) -> int:
+    """Negative control: delete one compensation's ledger row in ``n`` compensated sagas.
+
+    Each such saga then has an effect that was, per the books, never undone;
+    :func:`mismatch_count` must report exactly those sagas. Returns how many
+    were tampered with (fewer if the run had fewer compensated sagas).
+    """
+    victims = []
+    for sid in saga_ids:
+        if len(victims) < n and (await of.app.sagas.get(sid, history=False)).state == "compensated":
+            victims.append(sid)
+    orders = of.orders
+    assert orders.store is not None
+    table = chaos_app.effects_table(of, orders)
+    for sid in victims:
+        async with orders.store.transaction() as tx:
+            await tx.execute(
+                f"DELETE FROM {table} WHERE saga_id = ? AND step = ? AND phase = 'compensate'",
+                sid,
+                "create-order",
+            )
+    return len(victims)
 
 
 async def completions(of: OrderFulfillment) -> list[tuple[float, str]]:
@@ -521,9 +682,10 @@ def recovery_times(restarts: list[Restart], done: list[tuple[float, str]]) -> li
     return out
 
 
-def duplicates_sent(folder: Path) -> int:
+def counted(folder: Path, kind: str) -> int:
+    """The total of one fault kind over every process's ``<kind>-<pid>`` file."""
     total = 0
-    for f in folder.glob("dup-*"):
+    for f in folder.glob(f"{kind}-*"):
         with contextlib.suppress(OSError, ValueError):
             total += int(f.read_text() or 0)
     return total
@@ -561,9 +723,9 @@ async def place_paced(
     return list(await asyncio.gather(*(place(i, o) for i, o in enumerate(plan.orders))))
 
 
-async def drain(of: OrderFulfillment, infra: Infra, lease: float, bound: float = 30.0) -> None:
-    """Let late duplicates and redeliveries arrive before the books are read."""
-    await asyncio.sleep(lease + 1.0)
+async def drain(of: OrderFulfillment, infra: Infra, settle: float, bound: float = 30.0) -> None:
+    """Let late duplicates, redeliveries and slowed handlers finish before the books are read."""
+    await asyncio.sleep(settle)
     if infra.kind != "database":
         return
     end = time.monotonic() + bound
@@ -587,7 +749,7 @@ async def one_run(args: argparse.Namespace, k: int, root: Path) -> dict[str, Any
     try:
         plan = demo.make_plan(args.sagas, args.seed + k)
         of = build(infra.store, infra.transport, run=[], settings=settings)
-        parent_dups = chaos_app.DupCounter(str(folder))
+        parent_dups = chaos_app.FaultCounter(str(folder), chaos_app.DUP)
         chaos_app.duplicate_sends(of, args.dup, parent_dups)
         await of.start()
         try:
@@ -599,6 +761,8 @@ async def one_run(args: argparse.Namespace, k: int, root: Path) -> dict[str, Any
                     [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]
                 ),
                 chaos_app.DUP_ENV: str(args.dup),
+                chaos_app.SLOW_ENV: str(args.slow),
+                chaos_app.DIVERGE_ENV: str(args.diverge),
                 chaos_app.DIR_ENV: str(folder),
                 chaos_app.FAKE_DOUBLE_ENV: str(args.self_test_double),
             }
@@ -628,9 +792,10 @@ async def one_run(args: argparse.Namespace, k: int, root: Path) -> dict[str, Any
                         await cluster.restart(name, timeout=90.0)
                 await demo.wait_all(of, saga_ids, args.timeout, None)
                 elapsed = time.perf_counter() - started
-                await drain(of, infra, args.lease)
+                await drain(of, infra, settle_time(args))
                 ns = SimpleNamespace(store=infra.store, transport=infra.transport, seed=args.seed)
                 result = await demo.check(of, plan, saga_ids, elapsed, ns)
+                tampered = await tamper(of, saga_ids, args.self_test_mismatch)
                 acc = await account(of, saga_ids, plan)
                 done = await completions(of)
             finally:
@@ -643,9 +808,9 @@ async def one_run(args: argparse.Namespace, k: int, root: Path) -> dict[str, Any
     views = acc.pop("views")
     states = Counter(v.state for v in views.values())
     faults = Counter(monkey.counts)
-    dups = duplicates_sent(folder)
-    if args.dup > 0:
-        faults[DUPLICATE] = dups
+    for kind, file_kind in WORKER_FAULTS.items():
+        if kind in kinds:
+            faults[kind] = counted(folder, file_kind)
     recov = recovery_times(monkey.restarts, done)
     kills = faults[KILL_COORDINATOR] + faults[KILL_PARTICIPANT]
     return {
@@ -655,6 +820,7 @@ async def one_run(args: argparse.Namespace, k: int, root: Path) -> dict[str, Any
         "states": dict(states),
         "lost": acc["lost"],
         "double_applied": acc["double_applied"],
+        "outcome_mismatch": acc["outcome_mismatch"],
         "invariants_ok": result.ok,
         "invariants": result.invariants,
         "as_planned": result.as_planned,
@@ -668,11 +834,23 @@ async def one_run(args: argparse.Namespace, k: int, root: Path) -> dict[str, Any
         "ledger_rows": acc["ledger_rows"],
         "lost_detail": acc["lost_detail"],
         "double_detail": acc["double_detail"],
+        "mismatch_detail": acc["mismatch_detail"],
+        "self_test_mismatch": tampered,
         "fault_errors": monkey.errors[:10],
         "failed_starts": monkey.failed_starts[:10],
         "worker_exit_codes": codes,
         "log_dir": str(folder / "logs"),
     }
+
+
+def settle_time(args: argparse.Namespace) -> float:
+    """How long a late copy can still be running once every saga is final.
+
+    A redelivery comes within a lease; a slowed handler run may sleep up to
+    ``SLOW_LEASES[1]`` leases on top of that.
+    """
+    slow = chaos_app.SLOW_LEASES[1] if args.slow > 0 else 0.0
+    return args.lease * (1 + slow) + 1.0
 
 
 def _applies(kind: str, infra: Infra) -> bool:
@@ -693,6 +871,7 @@ def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
         "terminal": sum(r["terminal"] for r in runs),
         "lost": sum(r["lost"] for r in runs),
         "double_applied": sum(r["double_applied"] for r in runs),
+        "outcome_mismatch": sum(r["outcome_mismatch"] for r in runs),
         "invariants_ok": all(r["invariants_ok"] for r in runs),
         "faults_injected": dict(faults),
         "max_recovery_s": max((r["max_recovery_s"] for r in runs), default=0.0),
@@ -700,6 +879,8 @@ def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
         "store": demo._redact(args.store),
         "transport": demo._redact(args.transport),
         "dup_fraction": args.dup,
+        "slow_fraction": args.slow,
+        "diverge_fraction": args.diverge,
         "lease_s": args.lease,
         "elapsed_s": round(sum(r["elapsed_s"] for r in runs), 2),
         "per_run": runs,
@@ -710,6 +891,7 @@ def clean(summary: dict[str, Any]) -> bool:
     return (
         summary["lost"] == 0
         and summary["double_applied"] == 0
+        and summary["outcome_mismatch"] == 0
         and summary["invariants_ok"]
         and summary["terminal"] == summary["sagas"]
     )
@@ -726,7 +908,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     if (
         not args.log_dir
         and not args.keep
-        and all(r["lost"] == 0 and r["double_applied"] == 0 and r["invariants_ok"] for r in runs)
+        and all(
+            r["lost"] == 0
+            and r["double_applied"] == 0
+            and r["outcome_mismatch"] == 0
+            and r["invariants_ok"]
+            for r in runs
+        )
     ):
         shutil.rmtree(root, ignore_errors=True)
     return summarize(runs, args)
@@ -737,6 +925,7 @@ def _line(r: dict[str, Any]) -> str:
     return (
         f"run {r['run']}: {r['terminal']}/{r['sagas']} terminal {r['states']}, "
         f"lost {r['lost']}, double-applied {r['double_applied']}, "
+        f"outcome mismatches {r['outcome_mismatch']}, "
         f"invariants {'ok' if r['invariants_ok'] else 'VIOLATED'}; faults: {faults}; "
         f"max recovery {r['max_recovery_s']} s; {r['elapsed_s']} s"
     )
@@ -750,6 +939,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sagas", type=int, default=100, help="orders per run")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--dup", type=float, default=0.1, help="fraction of sends duplicated (0.1)")
+    p.add_argument(
+        "--slow",
+        type=float,
+        default=0.02,
+        help="fraction of participant handler runs that sleep 1.5-3 leases before "
+        "committing (0.02)",
+    )
+    p.add_argument(
+        "--diverge",
+        type=float,
+        default=0.1,
+        help="fraction of flaky forward commands sent as a pair whose copies get "
+        "different answers from the external service (0.1)",
+    )
     p.add_argument("--coordinators", type=int, default=2)
     p.add_argument("--lease", type=float, default=2.0, help="consumer lease in seconds (2)")
     p.add_argument(
@@ -780,6 +983,14 @@ def parser() -> argparse.ArgumentParser:
         help="negative control: workers write F of their ledger rows twice, so the run "
         "must report double_applied > 0 (checks the harness, not sagakit)",
     )
+    p.add_argument(
+        "--self-test-mismatch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="negative control: before the books are read, delete one compensation's "
+        "ledger row in N compensated sagas, so the run must report outcome_mismatch == N",
+    )
     return p
 
 
@@ -792,6 +1003,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if DUPLICATE not in args.faults:
         args.dup = 0.0
+    if SLOW_HANDLER not in args.faults:
+        args.slow = 0.0
+    if DIVERGENT not in args.faults:
+        args.diverge = 0.0
     if args.place_over is None:
         args.place_over = max(8.0, args.sagas / 15)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

@@ -21,6 +21,26 @@ variables so the same factory serves every process of a run:
   JetStream's publish de-duplication does not swallow the copy). Each copy is
   counted, on commit, in ``$SAGAKIT_CHAOS_DIR/dup-<pid>``.
 
+* **Slow handler runs** (``SAGAKIT_CHAOS_SLOW=0.02``): that fraction of the
+  participant handler runs of this process, once the handler has done its
+  work, sleeps 1.5-3 leases before returning (so before its transaction
+  commits): the lease runs out while the handler still holds its effects, and
+  the transport may deliver the command again meanwhile. Counted, when the
+  sleep starts, in ``$SAGAKIT_CHAOS_DIR/slow-<pid>``.
+
+* **Divergent duplicates** (``SAGAKIT_CHAOS_DIVERGE=0.1``): that fraction of
+  the forward commands that call a flaky external service
+  (:data:`FLAKY_COMMANDS`) is sent twice *in one go* (same message id, one
+  send), so both copies are delivered at about the same moment. Their handler
+  first calls :class:`FlakyService`, whose answer depends only on the message
+  id and on how many times it was asked: of the first two calls one fails at
+  once (mostly a business refusal, sometimes a technical error) and the other
+  succeeds after a short delay. If both copies ran to the end they would
+  reach different outcomes; the engine must let only one of them count. Which
+  messages are chosen is a hash of the message id, so the sender and the
+  handler agree without talking. Pairs are counted, on commit, in
+  ``$SAGAKIT_CHAOS_DIR/diverge-<pid>``.
+
 ``SIGUSR1`` makes a worker cut its own broker connection(s) (NATS: the
 client's socket), for transports whose server cannot close one client's
 connection from outside.
@@ -30,14 +50,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import random
 import signal
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from order_fulfillment import worker
 from order_fulfillment.app import OrderFulfillment
 from order_fulfillment.service import Service
@@ -49,7 +73,20 @@ from sagakit.transport import Outgoing
 log = logging.getLogger("chaos_app")
 
 DUP_ENV = "SAGAKIT_CHAOS_DUP"
+SLOW_ENV = "SAGAKIT_CHAOS_SLOW"
+DIVERGE_ENV = "SAGAKIT_CHAOS_DIVERGE"
 DIR_ENV = "SAGAKIT_CHAOS_DIR"
+#: a slowed handler run sleeps this many leases (low, high) before it commits
+SLOW_LEASES = (1.5, 3.0)
+#: forward commands whose handler calls the flaky external service: the steps
+#: before the pivot (a refusal compensates them) and the pivot itself
+FLAKY_COMMANDS = frozenset(
+    {"customers.ReserveCredit", "inventory.ReserveStock", "payments.ChargeCard"}
+)
+#: how long the external service takes to say yes (its failures are immediate)
+FLAKY_SUCCESS_S = (0.2, 0.5)
+#: fault kinds as counted in $SAGAKIT_CHAOS_DIR (``<kind>-<pid>`` files)
+DUP, SLOW, DIVERGE = "dup", "slow", "diverge"
 #: negative control of the harness: this fraction of ledger rows is written twice
 FAKE_DOUBLE_ENV = "SAGAKIT_CHAOS_FAKE_DOUBLE"
 EFFECTS = "chaos_effects"
@@ -116,11 +153,15 @@ def _recording(
     return handler
 
 
-class DupCounter:
-    """Counts duplicated sends of this process into a file the harness reads."""
+class FaultCounter:
+    """Counts one kind of injected fault of this process into a file the harness reads.
 
-    def __init__(self, folder: str | None) -> None:
-        self.path = Path(folder) / f"dup-{os.getpid()}" if folder else None
+    A file per process (``<kind>-<pid>``), rewritten with the running total,
+    survives the process being SIGKILLed: what was injected before stays counted.
+    """
+
+    def __init__(self, folder: str | None, kind: str = "dup") -> None:
+        self.path = Path(folder) / f"{kind}-{os.getpid()}" if folder else None
         self.count = 0
 
     def add(self, n: int = 1) -> None:
@@ -130,7 +171,7 @@ class DupCounter:
                 self.path.write_text(str(self.count))
 
 
-def duplicate_sends(of: OrderFulfillment, fraction: float, counter: DupCounter) -> None:
+def duplicate_sends(of: OrderFulfillment, fraction: float, counter: FaultCounter) -> None:
     """Send ``fraction`` of this process's outgoing messages twice, for real."""
     if fraction <= 0:
         return
@@ -171,6 +212,175 @@ def duplicate_sends(of: OrderFulfillment, fraction: float, counter: DupCounter) 
     transport.publish = publish_twice  # type: ignore[method-assign]
 
 
+# -- slow handlers -------------------------------------------------------------
+
+
+def slow_down(of: OrderFulfillment, fraction: float, counter: FaultCounter) -> None:
+    """Make ``fraction`` of this process's participant handler runs outlive the lease."""
+    if fraction <= 0:
+        return
+    lease = of.app.settings.lease
+    rng = random.Random()
+    for service in of.services:
+        p = service.participant
+        assert p is not None
+        for name, fn in list(p.commands.items()):
+            p.commands[name] = _slowed(fn, fraction, lease, rng, counter)
+
+
+def _slowed(
+    fn: Callable[[Any, sk.Context], Awaitable[Any]],
+    fraction: float,
+    lease: float,
+    rng: random.Random,
+    counter: FaultCounter,
+) -> Callable[[Any, sk.Context], Awaitable[Any]]:
+    async def handler(cmd: Any, ctx: sk.Context) -> Any:
+        result = await fn(cmd, ctx)
+        if rng.random() < fraction:
+            counter.add()
+            await asyncio.sleep(lease * rng.uniform(*SLOW_LEASES))
+        return result
+
+    return handler
+
+
+# -- divergent duplicates --------------------------------------------------------
+
+
+class ExternalRefusal(sk.BusinessError):
+    """The flaky external service said no: a business refusal, the saga compensates."""
+
+    code = "chaos.ExternalRefusal"
+
+
+class ExternalOutage(RuntimeError):
+    """The flaky external service failed technically: the delivery is retried."""
+
+
+def _unit(key: str, salt: str = "") -> float:
+    """A number in [0, 1) that depends only on ``key``: the same in every process."""
+    digest = hashlib.blake2b(f"{salt}{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def diverges(message_id: str, fraction: float) -> bool:
+    """Whether this message is one whose copies are made to disagree."""
+    return fraction > 0 and _unit(message_id) < fraction
+
+
+@dataclass
+class FlakyService:
+    """A fake external API (a card gateway, a credit bureau) that is not idempotent.
+
+    Its answer to a request depends only on the request's key and on how many
+    times this process has asked: of the first two calls, one fails at once
+    (a refusal, or for a quarter of the keys an outage) and the other says yes
+    after 0.2-0.5 s; later calls say yes at once. So two concurrent copies of
+    one command get different answers, and the copy that fails is done first.
+    """
+
+    calls: Counter[str] = field(default_factory=Counter)
+    refusals: int = 0
+
+    async def call(self, key: str) -> None:
+        self.calls[key] += 1
+        n = self.calls[key]
+        if n > 2:
+            return
+        if n == (1 if _unit(key, "order") < 0.5 else 2):
+            self.refusals += 1
+            if _unit(key, "kind") < 0.25:
+                raise ExternalOutage(f"external service unavailable (call {n} for {key})")
+            raise ExternalRefusal(f"external service refused (call {n} for {key})")
+        low, high = FLAKY_SUCCESS_S
+        await asyncio.sleep(low + (high - low) * _unit(key, "delay"))
+
+
+def flaky_calls(of: OrderFulfillment, fraction: float) -> FlakyService:
+    """Make the handlers of :data:`FLAKY_COMMANDS` call a :class:`FlakyService` first,
+    for the messages :func:`diverges` chooses (those are the ones sent twice)."""
+    service = FlakyService()
+    if fraction <= 0:
+        return service
+    for svc in of.services:
+        p = svc.participant
+        assert p is not None
+        for name in FLAKY_COMMANDS & p.commands.keys():
+            p.commands[name] = _calling(p.commands[name], service, fraction)
+    return service
+
+
+def _calling(
+    fn: Callable[[Any, sk.Context], Awaitable[Any]], service: FlakyService, fraction: float
+) -> Callable[[Any, sk.Context], Awaitable[Any]]:
+    async def handler(cmd: Any, ctx: sk.Context) -> Any:
+        if diverges(ctx.envelope.id, fraction):
+            await service.call(ctx.envelope.id)
+        return await fn(cmd, ctx)
+
+    return handler
+
+
+class _Head(msgspec.Struct):
+    """The part of an envelope the sender needs to choose divergent pairs."""
+
+    id: str
+    type: str
+    kind: str
+
+
+def _flaky_pair(data: bytes, fraction: float) -> bool:
+    try:
+        head = msgspec.json.decode(data, type=_Head)
+    except msgspec.DecodeError:
+        return False
+    return head.type in FLAKY_COMMANDS and head.kind == "command" and diverges(head.id, fraction)
+
+
+def divergent_sends(of: OrderFulfillment, fraction: float, counter: FaultCounter) -> None:
+    """Send the chosen flaky commands twice in one go: two concurrent deliveries."""
+    if fraction <= 0:
+        return
+    transport = of.app.transport
+    local = transport.local_store
+    if local is not None:
+        original = local.enqueue
+
+        async def enqueue(
+            tx: Any,
+            queue: str,
+            message_id: str,
+            data: bytes,
+            *,
+            delay: float = 0.0,
+            destination: str | None = None,
+        ) -> None:
+            await original(tx, queue, message_id, data, delay=delay, destination=destination)
+            if queue != OUTBOX_QUEUE and _flaky_pair(data, fraction):
+                await original(tx, queue, message_id, data, delay=delay, destination=destination)
+                tx.on_commit(counter.add)
+
+        local.enqueue = enqueue  # type: ignore[method-assign]
+        return
+    publish = transport.publish
+
+    async def publish_pairs(messages: Sequence[Outgoing]) -> None:
+        copies = [
+            Outgoing(f"{m.id}-div", m.kind, m.destination, m.data)
+            for m in messages
+            if _flaky_pair(m.data, fraction)
+        ]
+        await publish(list(messages) + copies)
+        if copies:
+            counter.add(len(copies))
+
+    transport.publish = publish_pairs  # type: ignore[method-assign]
+
+
+# -- connections ---------------------------------------------------------------
+
+
 def cut_own_connection(of: OrderFulfillment) -> None:
     """Close this process's broker socket(s) abruptly; the transport must reconnect."""
     t: Any = of.app.transport
@@ -181,12 +391,21 @@ def cut_own_connection(of: OrderFulfillment) -> None:
         sock.close()
 
 
-def instrument(of: OrderFulfillment, *, fraction: float | None = None) -> DupCounter:
-    """Effects ledger + duplicated sends (+ SIGUSR1 connection cut) on ``of``."""
+def instrument(of: OrderFulfillment, *, fraction: float | None = None) -> FaultCounter:
+    """All the harness's instrumentation on ``of``, configured from the environment.
+
+    The flaky external call wraps the business handler, the ledger row comes
+    after it and the slow sleep last, so a slowed run holds its effects *and*
+    its ledger row uncommitted while it sleeps.
+    """
+    folder = os.environ.get(DIR_ENV)
+    flaky_calls(of, _env_fraction(DIVERGE_ENV))
     record_effects(of)
-    frac = float(os.environ.get(DUP_ENV, "0") or 0) if fraction is None else fraction
-    counter = DupCounter(os.environ.get(DIR_ENV))
+    slow_down(of, _env_fraction(SLOW_ENV), FaultCounter(folder, SLOW))
+    frac = _env_fraction(DUP_ENV) if fraction is None else fraction
+    counter = FaultCounter(folder, DUP)
     duplicate_sends(of, frac, counter)
+    divergent_sends(of, _env_fraction(DIVERGE_ENV), FaultCounter(folder, DIVERGE))
     start = of.start
 
     async def start_and_listen() -> None:
@@ -196,6 +415,10 @@ def instrument(of: OrderFulfillment, *, fraction: float | None = None) -> DupCou
 
     of.start = start_and_listen  # type: ignore[method-assign]
     return counter
+
+
+def _env_fraction(name: str) -> float:
+    return float(os.environ.get(name, "0") or 0)
 
 
 def create(
