@@ -39,8 +39,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sagakit as sk
-from sagakit.inbox import key_of as inbox_key
 from sagakit.errors import MessageError
+from sagakit.inbox import key_of as inbox_key
 from sagakit.messages import Codec, Headers, TypeRegistry
 from sagakit.policies import RetryPolicy
 from sagakit.transport import Outgoing, Transport
