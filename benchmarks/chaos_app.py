@@ -58,6 +58,7 @@ import signal
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +125,7 @@ def record_effects(of: OrderFulfillment) -> None:
         p = service.participant
         assert p is not None
         table = effects_table(of, service)
-        for name, fn in list(p.commands.items()):
-            p.commands[name] = _recording(service.name, name, fn, table, pid, fake)
+        p.wrap(partial(_recording, service.name, table=table, pid=pid, fake_double=fake))
 
 
 def _recording(
@@ -176,34 +176,37 @@ def duplicate_sends(of: OrderFulfillment, fraction: float, counter: FaultCounter
     if fraction <= 0:
         return
     rng = random.Random()
-    transport = of.app.transport
-    local = transport.local_store
-    if local is not None:
-        original = local.enqueue
+    _send_twice(of, lambda _data: rng.random() < fraction, counter, "dup")
 
-        async def enqueue(
-            tx: Any,
-            queue: str,
-            message_id: str,
-            data: bytes,
-            *,
-            delay: float = 0.0,
-            destination: str | None = None,
-        ) -> None:
-            await original(tx, queue, message_id, data, delay=delay, destination=destination)
-            if queue != OUTBOX_QUEUE and rng.random() < fraction:
-                await original(tx, queue, message_id, data, delay=delay, destination=destination)
+
+def _send_twice(
+    of: OrderFulfillment, chosen: Callable[[bytes], bool], counter: FaultCounter, tag: str
+) -> None:
+    """Send the chosen outgoing messages twice through the real transport.
+
+    On the database transport both copies are rows on the queue (same message
+    id, like a re-sent row); on a broker the copy is published under its own id.
+    """
+    transport = of.app.transport
+    if transport.direct_writer(of.app.store) is not None:
+        queue = of.app.store.queue
+        original = queue.put
+
+        async def put(tx: Any, queue_name: str, message_id: str, data: bytes, **kw: Any) -> None:
+            await original(tx, queue_name, message_id, data, **kw)
+            if queue_name != OUTBOX_QUEUE and chosen(data):
+                await original(tx, queue_name, message_id, data, **kw)
                 tx.on_commit(counter.add)
 
-        local.enqueue = enqueue  # type: ignore[method-assign]
+        queue.put = put  # type: ignore[method-assign]
         return
     publish = transport.publish
 
     async def publish_twice(messages: Sequence[Outgoing]) -> None:
         copies = [
-            Outgoing(f"{m.id}-dup", m.kind, m.destination, m.data)
+            Outgoing(f"{m.id}-{tag}", m.kind, m.destination, m.data)
             for m in messages
-            if rng.random() < fraction
+            if chosen(m.data)
         ]
         await publish(list(messages) + copies)
         if copies:
@@ -224,8 +227,7 @@ def slow_down(of: OrderFulfillment, fraction: float, counter: FaultCounter) -> N
     for service in of.services:
         p = service.participant
         assert p is not None
-        for name, fn in list(p.commands.items()):
-            p.commands[name] = _slowed(fn, fraction, lease, rng, counter)
+        p.wrap(lambda _name, fn: _slowed(fn, fraction, lease, rng, counter))
 
 
 def _slowed(
@@ -306,8 +308,7 @@ def flaky_calls(of: OrderFulfillment, fraction: float) -> FlakyService:
     for svc in of.services:
         p = svc.participant
         assert p is not None
-        for name in FLAKY_COMMANDS & p.commands.keys():
-            p.commands[name] = _calling(p.commands[name], service, fraction)
+        p.wrap(lambda name, fn: _calling(fn, service, fraction) if name in FLAKY_COMMANDS else fn)
     return service
 
 
@@ -342,40 +343,7 @@ def divergent_sends(of: OrderFulfillment, fraction: float, counter: FaultCounter
     """Send the chosen flaky commands twice in one go: two concurrent deliveries."""
     if fraction <= 0:
         return
-    transport = of.app.transport
-    local = transport.local_store
-    if local is not None:
-        original = local.enqueue
-
-        async def enqueue(
-            tx: Any,
-            queue: str,
-            message_id: str,
-            data: bytes,
-            *,
-            delay: float = 0.0,
-            destination: str | None = None,
-        ) -> None:
-            await original(tx, queue, message_id, data, delay=delay, destination=destination)
-            if queue != OUTBOX_QUEUE and _flaky_pair(data, fraction):
-                await original(tx, queue, message_id, data, delay=delay, destination=destination)
-                tx.on_commit(counter.add)
-
-        local.enqueue = enqueue  # type: ignore[method-assign]
-        return
-    publish = transport.publish
-
-    async def publish_pairs(messages: Sequence[Outgoing]) -> None:
-        copies = [
-            Outgoing(f"{m.id}-div", m.kind, m.destination, m.data)
-            for m in messages
-            if _flaky_pair(m.data, fraction)
-        ]
-        await publish(list(messages) + copies)
-        if copies:
-            counter.add(len(copies))
-
-    transport.publish = publish_pairs  # type: ignore[method-assign]
+    _send_twice(of, lambda data: _flaky_pair(data, fraction), counter, "div")
 
 
 # -- connections ---------------------------------------------------------------

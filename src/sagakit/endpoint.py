@@ -33,6 +33,7 @@ from .errors import (
     DeliveryLimitExceeded,
     HandlerTimeout,
     LeaseLost,
+    Refusal,
     MessageError,
     NoHandler,
     RoutingError,
@@ -58,14 +59,6 @@ class HopPolicy:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     handler_timeout: float | None = 60.0
     max_deliveries: int = 25
-
-
-class Refusal(Exception):
-    """Control flow: a handler refused its command; record the failure anew."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 @dataclass(slots=True)

@@ -22,6 +22,7 @@ transports), so callers never see ``sqlite3`` or ``asyncpg`` exceptions.
     │   └── UnknownSaga               a reply for a saga id the store does not know
     ├── BusinessError                 raised by a handler: becomes a failure reply
     │   └── Cancelled                 the command came after its compensation; no effect
+    ├── Refusal                       (internal) carries a BusinessError out of the handler
     ├── HandlerFailed                 a technical failure that exhausted its retries
     │   └── HandlerTimeout            a handler ran past Settings.handler_timeout (retryable)
     ├── StoreError                    database trouble (retryable)
@@ -135,6 +136,18 @@ class BusinessError(SagakitError):
     def __init__(self, message: str = "", *, code: str | None = None, **kw: Any) -> None:
         super().__init__(message or type(self).__name__, **kw)
         self.code = code or type(self).code or type(self).__name__
+
+
+class Refusal(SagakitError):
+    """Internal control flow of the hop, never raised to users.
+
+    A handler refused its command with :attr:`error` (a :class:`BusinessError`):
+    its transaction is rolled back and the failure recorded in a fresh one.
+    """
+
+    def __init__(self, error: BusinessError) -> None:
+        super().__init__(str(error), saga_id=error.saga_id, step=error.step)
+        self.error = error
 
 
 class HandlerFailed(SagakitError):

@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .endpoint import Refusal, Route, Scope
-from .errors import BusinessError, ConfigurationError, DuplicateRegistration
+from .endpoint import Route, Scope
+from .errors import BusinessError, ConfigurationError, DuplicateRegistration, Refusal
 from .inbox import SUCCESS, key_of
 from .messages import Done, Envelope, caused_by, spec_of
 
@@ -137,6 +137,15 @@ class Participant:
             return fn
 
         return decorate
+
+    def wrap(self, wrapper: Callable[[str, CommandHandler], CommandHandler]) -> None:
+        """Wrap every command handler registered so far, e.g. for instrumentation.
+
+        ``wrapper(type_name, handler)`` returns the handler to run instead (or
+        the same one); each handler's timeout stays as registered.
+        """
+        for name, reg in list(self.commands.items()):
+            self.commands[name] = _Registered(wrapper(name, reg.handler), reg.timeout)
 
     def route(self, env: Envelope) -> Route | None:
         """The hop route for ``env``, or None if this participant does not take it."""

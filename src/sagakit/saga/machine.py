@@ -199,7 +199,7 @@ class SagaMachine:
 
 
 class _Unexpected(Exception):
-    pass
+    """Internal: a reply type the step did not declare (never leaves the machine)."""
 
 
 class _Run:
