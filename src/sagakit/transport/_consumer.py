@@ -80,6 +80,7 @@ class Consumer(Generic[D]):
         self.running = 0  # handlers executing (not waiting for a slot)
         self._slots = asyncio.Semaphore(self.prefetch)
         self._tasks: dict[asyncio.Task[None], D] = {}
+        self._changed = asyncio.Event()  # a slot was freed, or stopping began
 
     # -- intake ----------------------------------------------------------------
 
@@ -93,9 +94,10 @@ class Consumer(Generic[D]):
         return list(self._tasks.values())
 
     async def wait_free(self) -> None:
-        """Return once at least one slot is free."""
-        while self.free <= 0:
-            await asyncio.wait(list(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+        """Return once at least one slot is free, or the consumer is stopping."""
+        while self.free <= 0 and not self.stopping:
+            self._changed.clear()
+            await self._changed.wait()
 
     def spawn(self, delivery: D) -> None:
         """Handle ``delivery`` in a task of its own, once a slot is free."""
@@ -105,6 +107,7 @@ class Consumer(Generic[D]):
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
+        self._changed.set()
 
     async def _handle(self, delivery: D) -> None:
         try:
@@ -148,7 +151,7 @@ class Consumer(Generic[D]):
         """
         if self.stopping:
             return
-        self.stopping = True
+        self._begin_stop()
         await self._halt()
         await self._drain(grace)
         await self._finish()
@@ -159,10 +162,14 @@ class Consumer(Generic[D]):
         The broker gives the deliveries to another consumer once their lease
         runs out (or the connection is gone). For tests.
         """
-        self.stopping = True
+        self._begin_stop()
         await self._halt()
         await self._cancel(list(self._tasks))
         await self._finish()
+
+    def _begin_stop(self) -> None:
+        self.stopping = True
+        self._changed.set()  # an intake loop waiting for a slot looks up
 
     async def _drain(self, grace: float) -> None:
         loop = asyncio.get_running_loop()

@@ -45,7 +45,7 @@ class MemorySubscription(Consumer[MemoryDelivery]):
 
     async def _take(self) -> None:
         # Wait for a slot *before* taking: a message taken is never dropped on stop.
-        while True:
+        while not self.stopping:
             await self.wait_free()
             data, attempt = await self._q.get()
             self.spawn(MemoryDelivery(self._t, self.queue, data, attempt))

@@ -409,7 +409,7 @@ class RedisSubscription(Consumer[RedisDelivery]):
         What this consumer held stays pending and is reclaimed by another
         consumer once its idle time passes the lease. For tests.
         """
-        self.stopping = True
+        self._begin_stop()
         self._stop.set()
         self._settled.set()
         tasks = [self._task, self._beat, *self._delayed]
