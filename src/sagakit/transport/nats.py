@@ -159,7 +159,34 @@ def _check_prefix(prefix: str) -> str:
 # -- deliveries --------------------------------------------------------------
 
 
-_ATTEMPTS_KEPT = 10_000  # bounded memory for attempt_of
+_ATTEMPTS_KEPT = 10_000  # bounded memory for Attempts
+
+
+class Attempts:
+    """The highest delivery count seen per (consumer, stream sequence).
+
+    nats-server before 2.10 can send a redelivery that meets only expired
+    pull requests as if it were a first delivery (``num_delivered`` 1), which
+    would reset a message's attempt count and so its retry budget.
+    """
+
+    def __init__(self) -> None:
+        self._seen: OrderedDict[tuple[str, int], int] = OrderedDict()
+
+    def of(self, key: tuple[str, int] | None, reported: int) -> int:
+        """The server's delivery count, but never lower than one this process saw."""
+        if key is None:
+            return reported
+        attempt = max(reported, self._seen.pop(key, 0) + 1)
+        self._seen[key] = attempt
+        if len(self._seen) > _ATTEMPTS_KEPT:
+            self._seen.popitem(last=False)
+        return attempt
+
+    def forget(self, key: tuple[str, int] | None) -> None:
+        """The message was acknowledged: it will not come back."""
+        if key is not None:
+            self._seen.pop(key, None)
 
 
 class NatsDelivery(BrokerDelivery):
@@ -175,7 +202,7 @@ class NatsDelivery(BrokerDelivery):
             key = (meta.consumer, meta.sequence.stream)
         except Exception:  # not a JetStream message: cannot happen on a pull consumer
             reported = 1
-        super().__init__(msg.data, transport.attempt_of(key, reported))
+        super().__init__(msg.data, transport.attempts.of(key, reported))
         self._transport, self._msg, self._key, self.loop = transport, msg, key, loop
         self.received = time.monotonic()
 
@@ -185,7 +212,7 @@ class NatsDelivery(BrokerDelivery):
             await self._msg.in_progress()
 
     async def _ack(self) -> None:
-        self._transport.attempts_seen.pop(self._key, None)
+        self._transport.attempts.forget(self._key)
         try:
             if self._transport.ack_sync:
                 t, msg = self._transport, self._msg
@@ -462,8 +489,7 @@ class NatsTransport:
         self._jsm: JetStreamManager | None = None
         self._declared: set[str] = set()
         self._subs: set[NatsSubscription] = set()
-        # Highest delivery count seen per (consumer, stream sequence): see attempt_of.
-        self.attempts_seen: OrderedDict[tuple[str, int] | None, int] = OrderedDict()
+        self.attempts = Attempts()
         self._closing = False
         self._up = asyncio.Event()  # set while connected
         self._down = asyncio.Event()  # set once the current connection is lost
@@ -576,21 +602,6 @@ class NatsTransport:
         if task.cancelled():
             raise TransportError(f"NATS {what}: the connection was lost; retry")
         return task.result()
-
-    def attempt_of(self, key: tuple[str, int] | None, reported: int) -> int:
-        """The server's delivery count, but never lower than one this process saw.
-
-        nats-server before 2.10 can send a redelivery that meets only expired
-        pull requests as if it were a first delivery (``num_delivered`` 1), which
-        would reset a message's attempt count and so its retry budget.
-        """
-        if key is None:
-            return reported
-        attempt = max(reported, self.attempts_seen.pop(key, 0) + 1)
-        self.attempts_seen[key] = attempt
-        if len(self.attempts_seen) > _ATTEMPTS_KEPT:
-            self.attempts_seen.popitem(last=False)
-        return attempt
 
     def forget(self, sub: NatsSubscription) -> None:
         self._subs.discard(sub)
