@@ -107,6 +107,7 @@ from order_fulfillment.saga import create_order  # noqa: E402
 
 import sagakit as sk  # noqa: E402
 from sagakit.app import COORDINATOR  # noqa: E402
+from sagakit.transport import redact  # noqa: E402
 
 log = logging.getLogger("chaos")
 
@@ -876,8 +877,8 @@ def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str,
         "faults_injected": dict(faults),
         "max_recovery_s": max((r["max_recovery_s"] for r in runs), default=0.0),
         "kills_per_run": [r["kills"] for r in runs],
-        "store": demo._redact(args.store),
-        "transport": demo._redact(args.transport),
+        "store": redact(args.store),
+        "transport": redact(args.transport),
         "dup_fraction": args.dup,
         "slow_fraction": args.slow,
         "diverge_fraction": args.diverge,

@@ -148,6 +148,20 @@ def test_options_come_from_the_url_query() -> None:
         NatsTransport("nats://h:1?ack_wait=soon")
 
 
+def test_unknown_or_malformed_url_options_are_refused_by_name() -> None:
+    with pytest.raises(ConfigurationError, match="'ackwait'"):
+        NatsTransport("nats://h:1?ackwait=7")  # was silently ignored
+    with pytest.raises(ConfigurationError, match="ack_sync"):
+        NatsTransport("nats://h:1?ack_sync=flase")  # was silently false
+    t = NatsTransport("nats://a:1,nats://b:2?lease=4", ack_wait=9)
+    assert t.servers == ["nats://a:1", "nats://b:2"] and t.ack_wait == 9.0
+    assert NatsTransport("nats://a:1?lease=4").ack_wait == 4.0
+
+
+def test_direct_writer_is_none() -> None:
+    assert NatsTransport("nats://h:1").direct_writer(None) is None  # type: ignore[arg-type]
+
+
 def test_missing_nats_py_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "nats", None)
     monkeypatch.delitem(sys.modules, "sagakit.transport.nats")

@@ -133,13 +133,14 @@ def test_bad_queue_type_is_a_configuration_error() -> None:
 def test_open_transport_picks_rabbitmq_by_url() -> None:
     t = sk.open_transport("amqp://guest:guest@127.0.0.1:5672/", sk.open_store("memory://"))
     assert isinstance(t, RabbitMQTransport) and t.local_store is None
+    assert t.direct_writer(sk.open_store("memory://")) is None
 
 
 async def test_unreachable_broker_is_a_transport_error() -> None:
     t = RabbitMQTransport("amqp://guest:secret@127.0.0.1:1/", reconnect_interval=0.1)
     with pytest.raises(sk.TransportError) as caught:
         await asyncio.wait_for(t.open(), 20)
-    assert "secret" not in str(caught.value)
+    assert "secret" not in str(caught.value) and "guest:***@127.0.0.1:1" in str(caught.value)
     await t.close()
 
 

@@ -508,6 +508,16 @@ async def test_open_transport_reads_options_from_the_url(redis_url: str) -> None
         transport("redis://127.0.0.1:6379/0?lease=soon")
 
 
+def test_url_options_for_redis_py_pass_through_and_typos_are_refused() -> None:
+    t = transport("redis://:pw@127.0.0.1:6379/0?socket_timeout=3&lease=2&health_check_interval=5")
+    assert t.lease == 2.0
+    assert t.redis_url == "redis://:pw@127.0.0.1:6379/0?socket_timeout=3&health_check_interval=5"
+    assert t.direct_writer(None) is None  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="'leese'") as info:
+        transport("redis://:pw@127.0.0.1:6379/0?leese=2")
+    assert "pw" not in str(info.value)
+
+
 async def test_unreachable_redis_is_a_transport_error() -> None:
     t = transport(f"redis://127.0.0.1:{_free_port()}/0?socket_connect_timeout=0.5")
     with pytest.raises(TransportError):

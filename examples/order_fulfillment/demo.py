@@ -44,6 +44,7 @@ from rich.table import Table
 
 import sagakit as sk
 from sagakit.app import COORDINATOR
+from sagakit.transport import redact
 
 from .app import OrderFulfillment, build
 from .catalog import CATALOG
@@ -395,8 +396,8 @@ async def check(
         details=details,
         elapsed_s=elapsed,
         shipping_refusals=sum(v.data.retries.get("ship", 0) for v in views),
-        store=_redact(args.store),
-        transport=_redact(args.transport),
+        store=redact(args.store),
+        transport=redact(args.transport),
         seed=args.seed,
     )
 
@@ -582,14 +583,6 @@ def _progress() -> Progress:
         console=Console(stderr=True),
         transient=True,
     )
-
-
-def _redact(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest and ":" in rest.split("@", 1)[0]:
-        user = rest.split("@", 1)[0].split(":", 1)[0]
-        return f"{scheme}{sep}{user}:***@{rest.split('@', 1)[1]}"
-    return url
 
 
 def default_store(root: Path = Path(".sagakit"), keep: int = 5) -> str:

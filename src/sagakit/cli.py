@@ -16,6 +16,7 @@ from typing import Any
 
 from .app import COORDINATOR, App, Settings
 from .errors import ConfigurationError, SagakitError
+from .transport import redact
 
 log = logging.getLogger("sagakit.worker")
 
@@ -169,7 +170,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             version = await store.migrate()
         finally:
             await store.close()
-        print(f"{args.store}: schema at version {version}")
+        print(f"{redact(args.store)}: schema at version {version}")
         return 0
 
     return asyncio.run(run())

@@ -3,7 +3,8 @@
 Every transport gives at-least-once delivery, acknowledgement after the
 handler's transaction commits, competing consumers within a queue, and fan-out
 of events to every queue bound to their topic. Choose one by URL with
-:func:`open_transport`.
+:func:`open_transport`; show a URL only through :func:`redact`, which hides
+its password.
 
 Two small hooks let the database transport do better than "ack after commit"
 without the layers above knowing which transport they run on:
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigurationError
 from ..messages import Kind
+from ._url import redact
 
 if TYPE_CHECKING:
     from ..store import Store, Tx
@@ -132,4 +134,5 @@ __all__ = [
     "Transport",
     "Writer",
     "open_transport",
+    "redact",
 ]

@@ -8,6 +8,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ._consumer import BrokerDelivery, Consumer
+
 if TYPE_CHECKING:
     from ..store import Store
     from . import Handler, Outgoing
@@ -15,56 +17,45 @@ if TYPE_CHECKING:
 log = logging.getLogger("sagakit.transport.memory")
 
 
-class MemoryDelivery:
-    __slots__ = ("_queue", "_transport", "attempt", "data", "settled")
+class MemoryDelivery(BrokerDelivery):
+    """A message taken from an in-process queue; a nack puts it back later."""
+
+    __slots__ = ("_queue", "_transport")
 
     def __init__(self, transport: MemoryTransport, queue: str, data: bytes, attempt: int) -> None:
+        super().__init__(data, attempt)
         self._transport, self._queue = transport, queue
-        self.data, self.attempt = data, attempt
-        self.settled = False
 
-    async def ack(self) -> None:
-        self.settled = True
+    async def _ack(self) -> None:
+        pass
 
-    async def nack(self, delay: float) -> None:
-        if not self.settled:
-            self.settled = True
-            loop = asyncio.get_running_loop()
-            loop.call_later(delay, self._transport.put, self._queue, self.data, self.attempt + 1)
+    async def _nack(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_later(delay, self._transport.put, self._queue, self.data, self.attempt + 1)
 
 
-class MemorySubscription:
+class MemorySubscription(Consumer[MemoryDelivery]):
+    """Takes from one asyncio queue only when a handler slot is free."""
+
     def __init__(self, transport: MemoryTransport, queue: str, handler: Handler, prefetch: int):
+        super().__init__(queue, handler, prefetch, log)
         self._q = transport.queue(queue)
-        self._t, self._name, self._handler = transport, queue, handler
-        self._sem = asyncio.Semaphore(max(1, prefetch))
-        self._inflight: set[asyncio.Task[None]] = set()
-        self._task = asyncio.create_task(self._run())
+        self._t = transport
+        self._task = asyncio.create_task(self._take(), name=f"sagakit-memory-{queue}")
 
-    async def _run(self) -> None:
-        while True:
+    async def _take(self) -> None:
+        # Wait for a slot *before* taking: a message taken is never dropped on stop.
+        while not self.stopping:
+            await self.wait_free()
             data, attempt = await self._q.get()
-            await self._sem.acquire()
-            task = asyncio.create_task(
-                self._handle(MemoryDelivery(self._t, self._name, data, attempt))
-            )
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            self.spawn(MemoryDelivery(self._t, self.queue, data, attempt))
 
-    async def _handle(self, delivery: MemoryDelivery) -> None:
-        try:
-            await self._handler(delivery)
-        except Exception:
-            log.exception("handler crashed on %s", self._name)
-            await delivery.nack(1.0)
-        finally:
-            self._sem.release()
-
-    async def stop(self) -> None:
+    async def _halt(self) -> None:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    def _unsettled(self, delivery: MemoryDelivery) -> None:
+        log.warning("a handler of %s left a delivery unsettled; it is lost", self.queue)
 
 
 class MemoryTransport:
@@ -72,7 +63,7 @@ class MemoryTransport:
 
     def __init__(self) -> None:
         self.url = "memory://"
-        self.local_store: Store | None = None
+        self.local_store = None  # removed at merge
         self._queues: dict[str, asyncio.Queue[tuple[bytes, int]]] = {}
         self._bindings: dict[str, set[str]] = defaultdict(set)
 
@@ -106,3 +97,7 @@ class MemoryTransport:
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> MemorySubscription:
         return MemorySubscription(self, queue, handler, prefetch)
+
+    def direct_writer(self, store: Store) -> None:
+        """None: messages go through the store's outbox and a relay."""
+        return None

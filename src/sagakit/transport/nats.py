@@ -19,8 +19,10 @@ How it maps the transport contract:
   message on disk) and sets ``Nats-Msg-Id`` to the message id, so a message
   relayed twice within the duplicate window is stored once.
 - Consumers pull with their own flow control: requests for at most
-  ``ceil(prefetch / consumers)`` messages ahead per consumer, and a semaphore
-  that keeps at most ``prefetch`` handlers of a subscription running.
+  ``ceil(prefetch / consumers)`` messages ahead per consumer, and the shared
+  consumer skeleton (``_consumer``) keeps at most ``prefetch`` handlers of a
+  subscription running. ``stop(grace)`` NAKs the messages of handlers it had
+  to cancel, so they are redelivered at once rather than after ``ack_wait``.
   ``ack`` waits for the server's confirmation (``ack_sync``), ``nack(delay)`` is
   a NAK with delay, and a message nobody acknowledges within ``ack_wait``
   seconds (the lease) is delivered again. ``Delivery.attempt`` is JetStream's
@@ -33,7 +35,9 @@ How it maps the transport contract:
   surface as :class:`~sagakit.errors.TransportError`.
 
 Options come as keyword arguments or URL query parameters, e.g.
-``nats://127.0.0.1:4222?stream=ORDERS&prefix=orders&ack_wait=60``.
+``nats://127.0.0.1:4222?stream=ORDERS&prefix=orders&ack_wait=60`` (keyword
+arguments win); an unknown or malformed one raises
+:class:`~sagakit.errors.ConfigurationError` naming it.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import ConfigurationError, TransportError
+from ._consumer import BrokerDelivery, Consumer
+from ._url import Option, flag, parse_url, redact, seconds, text
 
 try:
     import nats
@@ -87,6 +93,22 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, OSError)
 REFRESH_ERRORS: tuple[type[BaseException], ...] = (TransportError, *BROKER_ERRORS)
 
 T = TypeVar("T")
+
+# Options as URL query parameters (keyword arguments win); see NatsTransport.
+OPTIONS: dict[str, Option[Any]] = {
+    "stream": Option(text, DEFAULT_STREAM),
+    "prefix": Option(text, DEFAULT_PREFIX),
+    "ack_wait": Option(seconds, None),  # the lease; ``lease`` is another name for it
+    "lease": Option(seconds, 30.0),
+    "max_age": Option(seconds, 7 * 86400.0),
+    "duplicate_window": Option(seconds, 120.0),
+    "storage": Option(text, "file"),
+    "ack_sync": Option(flag, True),
+    "keepalive": Option(flag, True),
+    "pull_expires": Option(seconds, 5.0),
+    "publish_timeout": Option(seconds, 10.0),
+    "refresh": Option(seconds, 10.0),
+}
 
 _KEEP = frozenset(string.ascii_letters + string.digits + "_-")
 
@@ -134,65 +156,54 @@ def _check_prefix(prefix: str) -> str:
     return prefix
 
 
-def _parse(url: str) -> tuple[list[str], dict[str, str]]:
-    base, _, query = url.partition("?")
-    servers = [s.strip() for s in base.split(",") if s.strip()]
-    options: dict[str, str] = {}
-    for pair in query.split("&"):
-        if pair:
-            key, _, value = pair.partition("=")
-            options[key] = value
-    return servers, options
-
-
-def _redact(url: str) -> str:
-    """``url`` without its password (or token), for messages and logs."""
-    scheme, sep, rest = url.partition("://")
-    auth, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = auth.partition(":")[0] if ":" in auth else "***"
-    return f"{scheme}{sep}{user}:***@{host}"
-
-
-def _number(explicit: float | None, query: dict[str, str], key: str, default: float) -> float:
-    if explicit is not None:
-        return float(explicit)
-    try:
-        return float(query.get(key, default))
-    except ValueError:
-        raise ConfigurationError(f"NATS option {key}={query[key]!r} is not a number") from None
-
-
-def _flag(value: str | bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    return value.lower() in ("1", "true", "yes", "on")
-
-
 # -- deliveries --------------------------------------------------------------
 
 
-_ATTEMPTS_KEPT = 10_000  # bounded memory for attempt_of
+_ATTEMPTS_KEPT = 10_000  # bounded memory for Attempts
 
 
-class NatsDelivery:
-    """One message pulled from a JetStream consumer."""
+class Attempts:
+    """The highest delivery count seen per (consumer, stream sequence).
 
-    __slots__ = ("_key", "_msg", "_transport", "attempt", "data", "received", "settled")
+    nats-server before 2.10 can send a redelivery that meets only expired
+    pull requests as if it were a first delivery (``num_delivered`` 1), which
+    would reset a message's attempt count and so its retry budget.
+    """
 
-    def __init__(self, transport: NatsTransport, msg: Msg) -> None:
-        self._transport, self._msg = transport, msg
-        self.data: bytes = msg.data
-        self._key: tuple[str, int] | None = None
+    def __init__(self) -> None:
+        self._seen: OrderedDict[tuple[str, int], int] = OrderedDict()
+
+    def of(self, key: tuple[str, int] | None, reported: int) -> int:
+        """The server's delivery count, but never lower than one this process saw."""
+        if key is None:
+            return reported
+        attempt = max(reported, self._seen.pop(key, 0) + 1)
+        self._seen[key] = attempt
+        if len(self._seen) > _ATTEMPTS_KEPT:
+            self._seen.popitem(last=False)
+        return attempt
+
+    def forget(self, key: tuple[str, int] | None) -> None:
+        """The message was acknowledged: it will not come back."""
+        if key is not None:
+            self._seen.pop(key, None)
+
+
+class NatsDelivery(BrokerDelivery):
+    """One message pulled from a JetStream consumer by ``loop``."""
+
+    __slots__ = ("_key", "_msg", "_transport", "loop", "received")
+
+    def __init__(self, transport: NatsTransport, msg: Msg, loop: PullLoop) -> None:
+        key: tuple[str, int] | None = None
         try:
             meta = msg.metadata
             reported = meta.num_delivered
-            self._key = (meta.consumer, meta.sequence.stream)
+            key = (meta.consumer, meta.sequence.stream)
         except Exception:  # not a JetStream message: cannot happen on a pull consumer
             reported = 1
-        self.attempt: int = transport.attempt_of(self._key, reported)
-        self.settled = False
+        super().__init__(msg.data, transport.attempts.of(key, reported))
+        self._transport, self._msg, self._key, self.loop = transport, msg, key, loop
         self.received = time.monotonic()
 
     async def touch(self) -> None:
@@ -200,11 +211,8 @@ class NatsDelivery:
         if not self.settled:
             await self._msg.in_progress()
 
-    async def ack(self) -> None:
-        if self.settled:
-            return
-        self.settled = True
-        self._transport.attempts_seen.pop(self._key, None)
+    async def _ack(self) -> None:
+        self._transport.attempts.forget(self._key)
         try:
             if self._transport.ack_sync:
                 t, msg = self._transport, self._msg
@@ -214,10 +222,7 @@ class NatsDelivery:
         except BROKER_ERRORS as exc:
             raise TransportError(f"could not acknowledge a NATS message: {exc!r}") from exc
 
-    async def nack(self, delay: float) -> None:
-        if self.settled:
-            return
-        self.settled = True
+    async def _nack(self, delay: float) -> None:
         try:
             await self._msg.nak(delay=delay if delay > 0 else None)
         except BROKER_ERRORS as exc:
@@ -332,22 +337,17 @@ class PullLoop:
                 await self._nsub.unsubscribe()
 
 
-class NatsSubscription:
+class NatsSubscription(Consumer[NatsDelivery]):
     """The consumers of one queue, with at most ``prefetch`` handlers running."""
 
     def __init__(
         self, transport: NatsTransport, queue: str, handler: Handler, prefetch: int
     ) -> None:
-        self.transport, self.queue, self.handler = transport, queue, handler
-        self.prefetch = max(1, prefetch)
-        self._sem = asyncio.Semaphore(self.prefetch)
+        super().__init__(queue, handler, prefetch, log)
+        self.transport = transport
         self.loops: dict[str, PullLoop] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._stopping = False
         self._refresher: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
-        self._live: set[NatsDelivery] = set()
-        self.running = 0
 
     async def start(self, consumers: Sequence[str]) -> None:
         await self._add(consumers)
@@ -357,7 +357,7 @@ class NatsSubscription:
 
     async def _add(self, consumers: Sequence[str]) -> None:
         new = [c for c in consumers if c not in self.loops]
-        if not new or self._stopping:
+        if not new or self.stopping:
             return
         cap = max(1, math.ceil(self.prefetch / (len(self.loops) + len(new))))
         for loop in self.loops.values():
@@ -368,7 +368,7 @@ class NatsSubscription:
 
     async def _refresh(self) -> None:
         """Pick up consumers that other processes declared for this queue."""
-        while not self._stopping:
+        while not self.stopping:
             await asyncio.sleep(self.transport.refresh)
             try:
                 await self._add(await self.transport.consumers_of(self.queue))
@@ -383,7 +383,7 @@ class NatsSubscription:
         while True:
             await asyncio.sleep(every)
             old = time.monotonic() - every
-            for delivery in [d for d in self._live if d.received <= old]:
+            for delivery in [d for d in self.deliveries() if d.received <= old]:
                 try:
                     await delivery.touch()
                 except BROKER_ERRORS as exc:
@@ -394,71 +394,27 @@ class NatsSubscription:
             loop.reset()
 
     def dispatch(self, loop: PullLoop, msg: Msg) -> None:
-        task = asyncio.create_task(self._handle(loop, msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.spawn(NatsDelivery(self.transport, msg, loop))
 
-    async def _handle(self, loop: PullLoop, msg: Msg) -> None:
-        delivery = NatsDelivery(self.transport, msg)
-        started = False
-        self._live.add(delivery)
-        try:
-            async with self._sem:
-                loop.waiting -= 1
-                started = True
-                loop.wake()
-                if self._stopping:
-                    await _quiet(delivery.nack(0))  # let another subscriber have it now
-                    return
-                self.running += 1
-                try:
-                    await self.handler(delivery)
-                except Exception:
-                    log.exception("handler crashed on %s", self.queue)
-                    await _quiet(delivery.nack(1.0))
-                finally:
-                    self.running -= 1
-        finally:
-            self._live.discard(delivery)
-            if not started:
-                loop.waiting -= 1
-
-    async def stop(self) -> None:
-        """Take no new messages; wait for in-flight handlers to finish."""
-        await self._halt()
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        await _cancel(self._keeper)
-
-    async def abort(self) -> None:
-        """Vanish like a crashed process: in-flight deliveries stay unsettled and
-        come back to another consumer after ``ack_wait``."""
-        await self._halt()
-        await _cancel(self._keeper)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+    def _dequeued(self, delivery: NatsDelivery) -> None:
+        """A slot was found (or never will be): the pull loop may ask for more."""
+        delivery.loop.waiting -= 1
+        delivery.loop.wake()
 
     async def _halt(self) -> None:
-        if self._stopping:
-            return
-        self._stopping = True
+        """No new pulls, no new consumers; pulled messages still go through ``spawn``."""
         self.transport.forget(self)
         await _cancel(self._refresher)
         await asyncio.gather(*(loop.close() for loop in self.loops.values()))
+
+    async def _finish(self) -> None:
+        await _cancel(self._keeper)
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-
-
-async def _quiet(aw: Awaitable[None]) -> None:
-    try:
-        await aw
-    except Exception as exc:
-        log.warning("could not settle a NATS message (it will be redelivered): %r", exc)
 
 
 # -- the transport -----------------------------------------------------------
@@ -485,44 +441,55 @@ class NatsTransport:
         keepalive: bool | None = None,
         name: str = "sagakit",
     ) -> None:
-        servers, q = _parse(url)
-        if not servers:
-            raise ConfigurationError(f"no NATS server in {url!r}")
+        given = {
+            "stream": stream,
+            "prefix": prefix,
+            "ack_wait": ack_wait or lease,
+            "max_age": max_age,
+            "duplicate_window": duplicate_window,
+            "storage": storage,
+            "ack_sync": ack_sync,
+            "pull_expires": pull_expires,
+            "publish_timeout": publish_timeout,
+            "refresh": refresh,
+            "keepalive": keepalive,
+        }
+        parsed = parse_url(url, OPTIONS, given=given)
+        o = parsed.values
+        self.servers = [s.strip() for s in parsed.base.split(",") if s.strip()]
+        if not self.servers:
+            raise ConfigurationError(f"no NATS server in {redact(url)!r}")
         self.url = url
-        self.local_store: Store | None = None
-        self.servers = servers
-        self.stream = stream or q.get("stream", DEFAULT_STREAM)
+        self.local_store = None  # removed at merge
+        self.stream: str = o["stream"]
         if not self.stream or set(self.stream) - _KEEP:
             raise ConfigurationError(f"invalid JetStream stream name {self.stream!r}")
-        self.prefix = _check_prefix(prefix or q.get("prefix", DEFAULT_PREFIX))
-        self.ack_wait = _number(ack_wait or lease, q, "ack_wait", _number(None, q, "lease", 30.0))
-        self.max_age = _number(max_age, q, "max_age", 7 * 86400.0)
-        self.duplicate_window = _number(duplicate_window, q, "duplicate_window", 120.0)
-        self.storage = (storage or q.get("storage", "file")).lower()
+        self.prefix = _check_prefix(o["prefix"])
+        self.ack_wait: float = o["lease"] if o["ack_wait"] is None else o["ack_wait"]
+        self.max_age: float = o["max_age"]
+        self.duplicate_window: float = o["duplicate_window"]
+        self.storage: str = o["storage"].lower()
         if self.storage not in ("file", "memory"):
             raise ConfigurationError(f"NATS storage must be 'file' or 'memory', not {storage!r}")
-        self.ack_sync = _flag(ack_sync if ack_sync is not None else q.get("ack_sync", True))
+        self.ack_sync: bool = o["ack_sync"]
         self.ack_timeout = 5.0
-        self.keepalive = _flag(keepalive if keepalive is not None else q.get("keepalive", True))
+        self.keepalive: bool = o["keepalive"]
         # A pull request must expire well before a message delivered to it can
         # come back (``ack_wait`` after its last lease extension): nats-server
         # < 2.10 re-sends a redelivery that finds only dead requests (expired,
         # or their subscriber gone, e.g. a crashed process's) as a *first*
         # delivery (num_delivered 1). Capped at half of ``ack_wait``, a crashed
         # consumer's requests are gone before its messages are redelivered.
-        self.pull_expires = min(
-            _number(pull_expires, q, "pull_expires", 5.0), max(0.1, self.ack_wait / 2)
-        )
-        self.publish_timeout = _number(publish_timeout, q, "publish_timeout", 10.0)
-        self.refresh = _number(refresh, q, "refresh", 10.0)
+        self.pull_expires = min(o["pull_expires"], max(0.1, self.ack_wait / 2))
+        self.publish_timeout: float = o["publish_timeout"]
+        self.refresh: float = o["refresh"]
         self.name = name
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._jsm: JetStreamManager | None = None
         self._declared: set[str] = set()
         self._subs: set[NatsSubscription] = set()
-        # Highest delivery count seen per (consumer, stream sequence): see attempt_of.
-        self.attempts_seen: OrderedDict[tuple[str, int] | None, int] = OrderedDict()
+        self.attempts = Attempts()
         self._closing = False
         self._up = asyncio.Event()  # set while connected
         self._down = asyncio.Event()  # set once the current connection is lost
@@ -565,7 +532,7 @@ class NatsTransport:
             await self._ensure_stream()
         except BROKER_ERRORS as exc:
             await self._abandon()
-            where = ", ".join(_redact(u) for u in self.servers)
+            where = ", ".join(redact(u) for u in self.servers)
             raise TransportError(f"cannot open NATS at {where}: {exc!r}") from exc
         except BaseException:
             await self._abandon()
@@ -635,21 +602,6 @@ class NatsTransport:
         if task.cancelled():
             raise TransportError(f"NATS {what}: the connection was lost; retry")
         return task.result()
-
-    def attempt_of(self, key: tuple[str, int] | None, reported: int) -> int:
-        """The server's delivery count, but never lower than one this process saw.
-
-        nats-server before 2.10 can send a redelivery that meets only expired
-        pull requests as if it were a first delivery (``num_delivered`` 1), which
-        would reset a message's attempt count and so its retry budget.
-        """
-        if key is None:
-            return reported
-        attempt = max(reported, self.attempts_seen.pop(key, 0) + 1)
-        self.attempts_seen[key] = attempt
-        if len(self.attempts_seen) > _ATTEMPTS_KEPT:
-            self.attempts_seen.popitem(last=False)
-        return attempt
 
     def forget(self, sub: NatsSubscription) -> None:
         self._subs.discard(sub)
@@ -776,6 +728,10 @@ class NatsTransport:
                 await self.guarded(functools.partial(batch, chunk), "publish")
         except BROKER_ERRORS as exc:
             raise TransportError(f"NATS publish failed: {exc!r}") from exc
+
+    def direct_writer(self, store: Store) -> None:
+        """None: messages go through the store's outbox and a relay."""
+        return None
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> NatsSubscription:
         try:

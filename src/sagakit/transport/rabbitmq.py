@@ -13,10 +13,12 @@ How it maps the transport contract:
   queue compete for it.
 - Messages are persistent and published on a channel with publisher confirms:
   :meth:`RabbitMQTransport.publish` returns once the broker holds all of them.
-- Consumers use manual acknowledgement and ``basic.qos(prefetch)``; a local
-  semaphore keeps in-flight handlers at ``prefetch`` even across reconnects.
-  A consumer that dies leaves its deliveries unacknowledged and the broker
-  gives them to another consumer.
+- Consumers use manual acknowledgement and ``basic.qos(prefetch)``; the
+  shared consumer skeleton (``_consumer``) keeps in-flight handlers at
+  ``prefetch`` even across reconnects. A consumer that dies leaves its
+  deliveries unacknowledged and the broker gives them to another consumer;
+  ``stop(grace)`` releases the deliveries of handlers it had to cancel at
+  once (a republish with no delay).
 - ``nack(delay)`` publishes a copy (attempt + 1, confirmed) to a per-delay
   queue ``{namespace}.delay.{ms}`` whose message TTL dead-letters it back to
   the original queue, then acknowledges the original. A crash between the two
@@ -34,7 +36,6 @@ How it maps the transport contract:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import uuid
@@ -42,6 +43,8 @@ from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import ConfigurationError, TransportError
+from ._consumer import BrokerDelivery, Consumer
+from ._url import redact
 
 try:
     import aio_pika
@@ -93,10 +96,10 @@ def delay_bucket(delay: float) -> int:
     return math.ceil(2 ** (k / BUCKETS_PER_DOUBLING))
 
 
-class RabbitDelivery:
+class RabbitDelivery(BrokerDelivery):
     """One message taken from a RabbitMQ queue."""
 
-    __slots__ = ("_message", "_queue", "_transport", "attempt", "data", "settled")
+    __slots__ = ("_message", "_queue", "_transport")
 
     def __init__(
         self,
@@ -104,23 +107,15 @@ class RabbitDelivery:
         queue: str,
         message: aio_pika.abc.AbstractIncomingMessage,
     ) -> None:
+        super().__init__(message.body, attempt_of(message))
         self._transport, self._queue, self._message = transport, queue, message
-        self.data = message.body
-        self.attempt = attempt_of(message)
-        self.settled = False
 
-    async def ack(self) -> None:
+    async def _ack(self) -> None:
         """Acknowledge. If the channel died meanwhile the broker redelivers it."""
-        if self.settled:
-            return
-        self.settled = True
         await self._settle(self._message.ack())
 
-    async def nack(self, delay: float) -> None:
+    async def _nack(self, delay: float) -> None:
         """Have the message delivered again after about ``delay`` seconds."""
-        if self.settled:
-            return
-        self.settled = True
         try:
             await self._transport.republish(self._queue, self._message, self.attempt + 1, delay)
         except TransportError:
@@ -158,7 +153,7 @@ def _int(value: Any, default: int) -> int:
         return default
 
 
-class RabbitSubscription:
+class RabbitSubscription(Consumer[RabbitDelivery]):
     """A consumer of one queue on its own channel."""
 
     def __init__(
@@ -168,11 +163,8 @@ class RabbitSubscription:
         handler: Handler,
         prefetch: int,
     ) -> None:
-        self._t, self._queue_name, self._handler = transport, queue, handler
-        self.prefetch = max(1, prefetch)
-        self._sem = asyncio.Semaphore(self.prefetch)
-        self._inflight: set[asyncio.Task[None]] = set()
-        self._stopping = False
+        super().__init__(queue, handler, prefetch, log)
+        self._t = transport
         self._channel: aio_pika.abc.AbstractRobustChannel | None = None
         self._queue: aio_pika.abc.AbstractQueue | None = None
         self._tag: str | None = None
@@ -181,61 +173,28 @@ class RabbitSubscription:
         channel = await connection.channel()
         self._channel = channel
         await channel.set_qos(prefetch_count=self.prefetch)
-        self._queue = await self._t.declare_queue(channel, self._queue_name)
+        self._queue = await self._t.declare_queue(channel, self.queue)
         self._tag = await self._queue.consume(self._on_message, no_ack=False)
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._inflight.add(task)
-        try:
-            async with self._sem:
-                if self._stopping:
-                    await RabbitDelivery(self._t, self._queue_name, message)._settle(
-                        message.nack(requeue=True)
-                    )
-                    return
-                delivery = RabbitDelivery(self._t, self._queue_name, message)
-                try:
-                    await self._handler(delivery)
-                except Exception:
-                    log.exception("handler crashed on %s; retrying later", self._queue_name)
-                    try:
-                        await delivery.nack(1.0)
-                    except TransportError:
-                        log.warning("could not nack on %s", self._queue_name)
-        finally:
-            if task is not None:
-                self._inflight.discard(task)
+        self.spawn(RabbitDelivery(self._t, self.queue, message))
 
-    async def stop(self) -> None:
-        """Cancel the consumer, let in-flight handlers finish, close the channel."""
-        if self._stopping:
-            return
-        self._stopping = True
+    async def _halt(self) -> None:
+        """Cancel the broker-side consumer: no new deliveries on this channel."""
         if self._queue is not None and self._tag is not None:
             try:
                 await self._queue.cancel(self._tag)
             except BROKER_ERRORS as exc:
-                log.info("cancel on %s failed: %r", self._queue_name, exc)
-        if self._inflight:
-            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+                log.info("cancel on %s failed: %r", self.queue, exc)
+
+    async def _finish(self) -> None:
+        """Close the channel: whatever is still unacknowledged goes back to the queue."""
         if self._channel is not None and not self._channel.is_closed:
             try:
                 await self._channel.close()
             except BROKER_ERRORS as exc:
-                log.info("closing channel of %s failed: %r", self._queue_name, exc)
-        self._t._subs.discard(self)
-
-    async def abort(self) -> None:
-        """Stop without waiting: like a crashed process, nothing is settled."""
-        self._stopping = True
-        for task in list(self._inflight):
-            task.cancel()
-        if self._channel is not None and not self._channel.is_closed:
-            with contextlib.suppress(*BROKER_ERRORS):
-                await self._channel.close()
-        self._t._subs.discard(self)
+                log.info("closing channel of %s failed: %r", self.queue, exc)
+        self._t.forget(self)
 
 
 class RabbitMQTransport:
@@ -262,7 +221,7 @@ class RabbitMQTransport:
                 f"queue_type must be 'quorum' or 'classic', not {queue_type!r}"
             )
         self.url = url
-        self.local_store: Store | None = None
+        self.local_store = None  # removed at merge
         self.namespace = namespace
         self.queue_type: QueueType = queue_type
         self.reconnect_interval = reconnect_interval
@@ -301,7 +260,7 @@ class RabbitMQTransport:
         except BROKER_ERRORS as exc:
             await self.close()
             raise TransportError(
-                f"cannot connect to RabbitMQ at {_safe(self.url)}: {exc!r}"
+                f"cannot connect to RabbitMQ at {redact(self.url)}: {exc!r}"
             ) from exc
 
     async def close(self) -> None:
@@ -317,6 +276,10 @@ class RabbitMQTransport:
                 await conn.close()
             except BROKER_ERRORS as exc:
                 log.info("closing the RabbitMQ connection failed: %r", exc)
+
+    def forget(self, sub: RabbitSubscription) -> None:
+        """``sub`` has stopped: :meth:`close` need not stop it."""
+        self._subs.discard(sub)
 
     @property
     def connection(self) -> aio_pika.abc.AbstractRobustConnection:
@@ -468,6 +431,10 @@ class RabbitMQTransport:
         self.known_queues.add(queue)
         return sub
 
+    def direct_writer(self, store: Store) -> None:
+        """None: messages go through the store's outbox and a relay."""
+        return None
+
     # -- administration (tests, tools) -------------------------------------
 
     async def delete(self) -> None:
@@ -491,16 +458,6 @@ class RabbitMQTransport:
         self.known_delays.clear()
         self._queues.clear()
         self._delays.clear()
-
-
-def _safe(url: str) -> str:
-    """``url`` without its password."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
 
 
 __all__ = ["RabbitDelivery", "RabbitMQTransport", "RabbitSubscription", "delay_bucket", "transport"]

@@ -20,7 +20,8 @@ Layout (``prefix`` defaults to ``sagakit``)::
   the original (one Lua script: the copy exists before the original goes, so
   nothing is lost). If the process dies during the delay, the entry is still
   pending and is reclaimed like any abandoned one. Stopping a subscription
-  requeues its delayed entries at once.
+  requeues its delayed entries at once, and so the entries of handlers that
+  outlived ``stop(grace)`` and were cancelled.
 * **Abandoned entries** (the consumer died before acking) are taken over with a
   periodic ``XAUTOCLAIM`` whose min-idle time is the ``lease``. A live
   consumer refreshes the idle time of what it holds (handlers in flight and
@@ -37,7 +38,8 @@ Layout (``prefix`` defaults to ``sagakit``)::
 Options, as keyword arguments or URL query parameters
 (``redis://host:6379/0?prefix=app&lease=10``): ``prefix``, ``lease`` (s),
 ``claim_interval`` (s, default ``min(lease / 2, 5)``), ``block`` (s, longest
-wait of one read, default 1).
+wait of one read, default 1). redis-py's own connection options may be in the
+query too; any other name is a :class:`~sagakit.errors.ConfigurationError`.
 """
 
 from __future__ import annotations
@@ -45,15 +47,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import ConfigurationError, TransportError
+from ._consumer import BrokerDelivery, Consumer
+from ._url import Option, parse_url, redact, seconds, text
 
 try:
     import redis.asyncio as aioredis
@@ -77,7 +81,16 @@ GROUP = "sagakit"
 MAX_BACKOFF_S = 2.0
 RETRIES = 3
 CLAIM_PAGES = 10
-OPTIONS = {"prefix": str, "lease": float, "claim_interval": float, "block": float}
+DEFAULT_PREFIX = "sagakit"
+DEFAULT_LEASE = 30.0
+DEFAULT_BLOCK = 1.0
+# Options as URL query parameters; see the module docstring.
+OPTIONS: dict[str, Option[Any]] = {
+    "prefix": Option(text, DEFAULT_PREFIX),
+    "lease": Option(seconds, DEFAULT_LEASE),
+    "claim_interval": Option(seconds, None),
+    "block": Option(seconds, DEFAULT_BLOCK),
+}
 
 # Refresh the idle time of entries this consumer still owns (and only those).
 _TOUCH = """
@@ -130,44 +143,38 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-class RedisDelivery:
+class RedisDelivery(BrokerDelivery):
     """One stream entry read by one consumer."""
 
-    __slots__ = ("_sub", "attempt", "data", "entry_id", "message_id", "settled")
+    __slots__ = ("_sub", "entry_id", "message_id")
 
     def __init__(
         self, sub: RedisSubscription, entry_id: str, message_id: str, data: bytes, attempt: int
     ) -> None:
+        super().__init__(data, attempt)
         self._sub = sub
         self.entry_id, self.message_id = entry_id, message_id
-        self.data, self.attempt = data, attempt
-        self.settled = False
 
-    async def ack(self) -> None:
-        if not self.settled:
-            self.settled = True
-            await self._sub.ack(self)
+    async def _ack(self) -> None:
+        await self._sub.ack(self)
 
-    async def nack(self, delay: float) -> None:
-        if not self.settled:
-            self.settled = True
-            await self._sub.nack(self, delay)
+    async def _nack(self, delay: float) -> None:
+        await self._sub.nack(self, delay)
 
 
-class RedisSubscription:
+class RedisSubscription(Consumer[RedisDelivery]):
     """Reads one queue's stream as one consumer of its group."""
 
     def __init__(
         self, transport: RedisTransport, queue: str, handler: Handler, prefetch: int
     ) -> None:
-        self.transport, self.queue, self.handler = transport, queue, handler
-        self.prefetch = max(1, prefetch)
+        super().__init__(queue, handler, prefetch, log)
+        self.transport = transport
         self.key = transport.stream_key(queue)
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        #: entries this consumer owns: handlers in flight and delayed nacks
         self.held: dict[str, RedisDelivery] = {}
-        self._inflight: set[asyncio.Task[None]] = set()
         self._delayed: set[asyncio.Task[None]] = set()
-        self._stopping = False
         self._stop = asyncio.Event()
         self._read_done = asyncio.Event()  # stopping, and the read loop has ended
         self._settled = asyncio.Event()  # nothing held any more: heartbeats may end
@@ -184,20 +191,20 @@ class RedisSubscription:
             redis_connect_func=functools.partial(_remember_client_id, self._reader_id),
             client_name=transport.client_name,
         )
-        self._task = asyncio.create_task(self._run(), name=f"sagakit-redis-{queue}")
+        self._task = asyncio.create_task(self._read_loop(), name=f"sagakit-redis-{queue}")
         self._beat = asyncio.create_task(self._heartbeat(), name=f"sagakit-redis-beat-{queue}")
 
     # -- reading ---------------------------------------------------------------
 
-    async def _run(self) -> None:
+    async def _read_loop(self) -> None:
         loop = asyncio.get_running_loop()
         t = self.transport
         backoff = 0.05
         next_claim = 0.0
-        while not self._stopping:
-            free = self.prefetch - len(self._inflight)
+        while not self.stopping:
+            free = self.free
             if free <= 0:
-                await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+                await self.wait_free()
                 continue
             try:
                 now = loop.time()
@@ -249,11 +256,11 @@ class RedisSubscription:
             if not read.done():  # this task was cancelled
                 read.cancel()
                 read.add_done_callback(_retrieve)
-        # Entries read while stopping are still handled: stop() waits for them.
+        # Entries read while stopping are released at once (see Consumer.spawn).
         result: Any = read.result()
         for _stream, entries in result or ():
             for entry_id, fields in entries:
-                self._spawn(self._delivery(entry_id, fields, 1))
+                self.spawn(self._delivery(entry_id, fields, 1))
 
     async def _claim(self, free: int) -> None:
         """Take over entries idle for longer than the lease (abandoned)."""
@@ -286,7 +293,7 @@ class RedisSubscription:
         log.info("reclaimed %d abandoned entries of %s", len(claimed), self.key)
         for (entry_id, fields), pending in zip(claimed, counts, strict=True):
             delivered = int(pending[0]["times_delivered"]) if pending else 2
-            self._spawn(self._delivery(entry_id, fields, delivered))
+            self.spawn(self._delivery(entry_id, fields, delivered))
 
     def _delivery(
         self, entry_id: bytes | str, fields: dict[bytes, bytes], delivered: int
@@ -306,25 +313,14 @@ class RedisSubscription:
 
     # -- handling --------------------------------------------------------------
 
-    def _spawn(self, delivery: RedisDelivery) -> None:
+    def spawn(self, delivery: RedisDelivery) -> None:
         self.held[delivery.entry_id] = delivery
-        task = asyncio.create_task(self._handle(delivery))
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+        super().spawn(delivery)
 
-    async def _handle(self, delivery: RedisDelivery) -> None:
-        try:
-            await self.handler(delivery)
-        except Exception:
-            log.exception("handler crashed on %s; releasing", self.queue)
-            try:
-                await delivery.nack(1.0)
-            except Exception:
-                log.exception("could not release a delivery of %s", self.queue)
-        if not delivery.settled:
-            # Neither acked nor nacked: stop refreshing it, XAUTOCLAIM redelivers it.
-            log.warning("handler left %s unsettled; it will be redelivered", delivery.entry_id)
-            self.held.pop(delivery.entry_id, None)
+    def _unsettled(self, delivery: RedisDelivery) -> None:
+        # Neither acked nor nacked: stop refreshing it, XAUTOCLAIM redelivers it.
+        log.warning("handler left %s unsettled; it will be redelivered", delivery.entry_id)
+        self.held.pop(delivery.entry_id, None)
 
     async def ack(self, delivery: RedisDelivery) -> None:
         try:
@@ -339,7 +335,7 @@ class RedisSubscription:
             self.held.pop(delivery.entry_id, None)
 
     async def nack(self, delivery: RedisDelivery, delay: float) -> None:
-        if delay <= 0 and not self._stopping:
+        if delay <= 0 and not self.stopping:
             await self._requeue(delivery)
             return
         task = asyncio.create_task(self._requeue_after(delivery, delay))
@@ -357,7 +353,7 @@ class RedisSubscription:
                 await self._requeue(delivery)
                 return
             except TransportError as exc:
-                if self._stopping:
+                if self.stopping:
                     # Left pending: reclaimed by another consumer after the lease.
                     log.warning("could not requeue %s: %s", delivery.entry_id, exc)
                     return
@@ -386,16 +382,14 @@ class RedisSubscription:
 
     # -- stopping --------------------------------------------------------------
 
-    async def stop(self) -> None:
-        """Take no new entries, finish handlers in flight, requeue delayed nacks."""
-        if self._stopping:
-            return
-        self._stopping = True
+    async def _halt(self) -> None:
+        """End the read loop (unblocking its read); then delayed nacks requeue at once."""
         self._stop.set()
         await asyncio.gather(self._task, return_exceptions=True)
         self._read_done.set()
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    async def _finish(self) -> None:
+        """Requeue delayed nacks, stop the heartbeat, leave the group if owning nothing."""
         if self._delayed:
             await asyncio.gather(*self._delayed, return_exceptions=True)
         self._settled.set()
@@ -407,9 +401,7 @@ class RedisSubscription:
             mine = await r.xpending_range(self.key, GROUP, "-", "+", 1, consumername=self.consumer)
             if not mine:
                 await r.xgroup_delconsumer(self.key, GROUP, self.consumer)
-        with contextlib.suppress(RedisError):
-            await self._reader.aclose()
-        self.transport.subscriptions.discard(self)
+        await self._close_reader()
 
     async def abort(self) -> None:
         """Vanish like a crashed process: settle nothing, refresh nothing.
@@ -417,14 +409,18 @@ class RedisSubscription:
         What this consumer held stays pending and is reclaimed by another
         consumer once its idle time passes the lease. For tests.
         """
-        self._stopping = True
+        self._begin_stop()
         self._stop.set()
         self._settled.set()
-        tasks = [self._task, self._beat, *self._inflight, *self._delayed]
+        tasks = [self._task, self._beat, *self._delayed]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._cancel(list(self._tasks))
         self.held.clear()
+        await self._close_reader()
+
+    async def _close_reader(self) -> None:
         with contextlib.suppress(RedisError):
             await self._reader.aclose()
         self.transport.subscriptions.discard(self)
@@ -437,15 +433,15 @@ class RedisTransport:
         self,
         url: str,
         *,
-        prefix: str = "sagakit",
-        lease: float = 30.0,
+        prefix: str = DEFAULT_PREFIX,
+        lease: float = DEFAULT_LEASE,
         claim_interval: float | None = None,
-        block: float = 1.0,
+        block: float = DEFAULT_BLOCK,
     ) -> None:
         if lease <= 0 or block <= 0:
             raise ConfigurationError("lease and block must be positive")
         self.url = url
-        self.local_store: Store | None = None
+        self.local_store = None  # removed at merge
         self.redis_url = url
         self.prefix, self.lease, self.block = prefix, lease, block
         self.claim_interval = claim_interval if claim_interval else min(lease / 2, 5.0)
@@ -490,7 +486,7 @@ class RedisTransport:
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES),
         )
         try:
-            async with _translated(f"connect to {_safe(self.url)}"):
+            async with _translated(f"connect to {redact(self.url)}"):
                 await client.ping()
         except TransportError:
             await client.aclose()
@@ -556,6 +552,10 @@ class RedisTransport:
             if added:
                 await pipe.execute()
 
+    def direct_writer(self, store: Store) -> None:
+        """None: messages go through the store's outbox and a relay."""
+        return None
+
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> RedisSubscription:
         self.client  # noqa: B018 - fail early when not open
         sub = RedisSubscription(self, queue, handler, prefetch)
@@ -563,35 +563,32 @@ class RedisTransport:
         return sub
 
 
-def _safe(url: str) -> str:
-    """The URL without its password, for messages."""
-    u = urlsplit(url)
-    if u.password:
-        host = u.hostname or ""
-        netloc = f"{u.username or ''}:***@{host}" + (f":{u.port}" if u.port else "")
-        return urlunsplit(u._replace(netloc=netloc))
-    return url
+def _redis_py_options() -> frozenset[str]:
+    """Query parameters redis-py takes from a URL: those it parses, and the
+    keyword arguments of its connection classes (it passes the rest on as is)."""
+    from redis.asyncio import connection
+
+    names = set(connection.URL_QUERY_ARGUMENT_PARSERS)
+    for cls in connection.SSLConnection.__mro__ + connection.UnixDomainSocketConnection.__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is not None and cls is not object:
+            names.update(
+                p.name
+                for p in inspect.signature(init).parameters.values()
+                if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD
+            )
+    return frozenset(names - {"self"})
 
 
 def transport(url: str, **options: Any) -> RedisTransport:
     """A Redis transport for ``redis://`` (or ``rediss://``) ``url``.
 
-    sagakit's own options may be given in the query string; the rest of the
-    query goes to redis-py.
+    sagakit's own options may be given in the query string (keyword arguments
+    win); redis-py's connection options there go to redis-py, and any other
+    name raises :class:`~sagakit.errors.ConfigurationError`.
     """
-    u = urlsplit(url)
-    ours: dict[str, Any] = {}
-    theirs: list[tuple[str, str]] = []
-    for key, value in parse_qsl(u.query, keep_blank_values=True):
-        if key in OPTIONS:
-            try:
-                ours[key] = OPTIONS[key](value)
-            except ValueError as exc:
-                raise ConfigurationError(f"bad value for {key!r} in {_safe(url)!r}") from exc
-        else:
-            theirs.append((key, value))
-    ours.update(options)
-    t = RedisTransport(urlunsplit(u._replace(query=urlencode(theirs))), **ours)
+    parsed = parse_url(url, OPTIONS, given=options, foreign=_redis_py_options())
+    t = RedisTransport(parsed.base, **parsed.values)
     t.url = url
     return t
 

@@ -1,0 +1,162 @@
+"""Transport URLs: typed query-string options, and passwords kept out of messages.
+
+A broker URL carries the transport's own options in its query string
+(``nats://host:4222?stream=ORDERS&ack_wait=60``). :func:`parse_url` reads them
+against a declared spec, so a misspelt option or a bad value fails at start-up
+naming the option instead of being silently ignored. :func:`redact` is the one
+way to put a URL into an error message, a log line or a printout.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+from urllib.parse import unquote_plus
+
+from ..errors import ConfigurationError
+
+T = TypeVar("T")
+
+HIDDEN = "***"
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+# A bare user-info part is a secret token in these schemes (NATS), not a user name.
+_TOKEN_SCHEMES = frozenset({"nats", "tls", "ws", "wss"})
+# Query parameters whose values are secrets (libpq's ``password``, redis-py's, ...).
+_SECRET_PARAM = re.compile(r"(?i)([?&;][^=&;#]*(?:password|passwd|secret|token)[^=&;#]*=)[^&;#]*")
+# Where one URL of a comma-separated server list (NATS) begins.
+_SECRET_VALUE = r"\g<1>" + HIDDEN
+_NEXT_URL = re.compile(r",(?=[A-Za-z][A-Za-z0-9+.\-]*://)")
+
+
+@dataclass(frozen=True, slots=True)
+class Option(Generic[T]):
+    """One query-string option: how to read its text, and its value when absent."""
+
+    parse: Callable[[str], T]
+    default: T
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedUrl:
+    """A URL split into the part for the driver and the transport's own options."""
+
+    base: str
+    """The URL without the transport's options (driver options kept verbatim)."""
+    values: dict[str, Any]
+    """Every option of the spec: explicit keyword, else the query, else the default."""
+
+
+def text(value: str) -> str:
+    """A string option, as given."""
+    return value
+
+
+def seconds(value: str) -> float:
+    """A finite, non-negative number (a duration in seconds)."""
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError("not a finite, non-negative number")
+    return number
+
+
+def flag(value: str) -> bool:
+    """A boolean: ``1/true/yes/on`` or ``0/false/no/off``; anything else is a mistake."""
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("not a boolean (true/false, yes/no, on/off, 1/0)")
+
+
+def parse_url(
+    url: str,
+    spec: Mapping[str, Option[Any]],
+    *,
+    given: Mapping[str, Any] | None = None,
+    foreign: Collection[str] = (),
+) -> ParsedUrl:
+    """Read the options of ``spec`` from ``url``'s query string.
+
+    ``given`` holds explicit keyword arguments; those that are not None win
+    over the query. Names in ``foreign`` belong to the driver and stay in
+    :attr:`ParsedUrl.base`. Any other name, a repeated option or a value its
+    parser refuses raises :class:`ConfigurationError` naming the option.
+    """
+    head, _, rest = url.partition("?")
+    query, hash_, fragment = rest.partition("#")
+    found: dict[str, Any] = {}
+    kept: list[str] = []
+    for pair in filter(None, query.split("&")):
+        name, raw = _split_pair(pair, url)
+        if name in foreign and name not in spec:
+            kept.append(pair)
+            continue
+        if name not in spec:
+            known = ", ".join(sorted(spec))
+            raise ConfigurationError(f"unknown URL option {name!r} in {redact(url)} ({known})")
+        if name in found:
+            raise ConfigurationError(f"URL option {name!r} given twice in {redact(url)}")
+        found[name] = _read(spec[name], name, raw, url)
+    values = {name: found.get(name, option.default) for name, option in spec.items()}
+    values.update(_explicit(spec, given or {}))
+    base = head + ("?" + "&".join(kept) if kept else "") + hash_ + fragment
+    return ParsedUrl(base, values)
+
+
+def _split_pair(pair: str, url: str) -> tuple[str, str]:
+    name, eq, raw = pair.partition("=")
+    if not eq:
+        raise ConfigurationError(f"URL option {unquote_plus(name)!r} has no value in {redact(url)}")
+    return unquote_plus(name), unquote_plus(raw)
+
+
+def _read(option: Option[Any], name: str, raw: str, url: str) -> Any:
+    try:
+        return option.parse(raw)
+    except ValueError as exc:
+        raise ConfigurationError(f"bad URL option {name}={raw!r} in {redact(url)}: {exc}") from None
+
+
+def _explicit(spec: Mapping[str, Option[Any]], given: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(given) - set(spec))
+    if unknown:
+        raise ConfigurationError(f"unknown option {unknown[0]!r} ({', '.join(sorted(spec))})")
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def redact(url: str) -> str:
+    """``url`` with its password (or token) and secret query values replaced by ``***``.
+
+    Handles comma-separated server lists (NATS) and strings that are not
+    URLs at all (returned as they are), so any configured address can go
+    through it before it is shown.
+    """
+    return ",".join(_redact_one(part) for part in _NEXT_URL.split(url))
+
+
+def _redact_one(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, host = netloc.rpartition("@")
+    if at:
+        netloc = _hide_password(userinfo, scheme.lower()) + "@" + host
+    return f"{scheme}{sep}{netloc}{_SECRET_PARAM.sub(_SECRET_VALUE, tail)}"
+
+
+def _hide_password(userinfo: str, scheme: str) -> str:
+    user, colon, password = userinfo.partition(":")
+    if colon:
+        return f"{user}:{HIDDEN}" if password else userinfo
+    return HIDDEN if scheme in _TOKEN_SCHEMES and user else userinfo
+
+
+__all__ = ["Option", "ParsedUrl", "flag", "parse_url", "redact", "seconds", "text"]
