@@ -137,7 +137,7 @@ def test_options_come_from_the_url_query() -> None:
     assert isinstance(t, NatsTransport)
     assert t.servers == ["nats://127.0.0.1:4222"]
     assert (t.stream, t.prefix, t.ack_wait, t.ack_sync) == ("ORD", "ord.x", 7.0, False)
-    assert t.local_store is None
+    assert t.direct_writer(sk.open_store("memory://")) is None
     assert t.queue_subject("sagakit.coordinator") == "ord.x.q.sagakit.coordinator"
     assert t.topic_subject("shop.Paid") == "ord.x.e.shop.Paid"
     with pytest.raises(ConfigurationError):
@@ -524,7 +524,7 @@ async def test_two_step_saga_over_nats_with_sqlite_store(
     saga = app.saga(order_saga())
     try:
         async with app:
-            assert app.transport.local_store is None  # goes through the outbox relay
+            assert app.transport.direct_writer(app.store) is None  # through the outbox relay
             ok = await app.sagas.start(saga, Order("ok1", 10), saga_id="ok1")
             bad = await app.sagas.start(saga, Order("bad1", 5), saga_id="bad1")
             ok_view = await app.sagas.wait(ok, timeout=20)

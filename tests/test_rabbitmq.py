@@ -132,7 +132,7 @@ def test_bad_queue_type_is_a_configuration_error() -> None:
 
 def test_open_transport_picks_rabbitmq_by_url() -> None:
     t = sk.open_transport("amqp://guest:guest@127.0.0.1:5672/", sk.open_store("memory://"))
-    assert isinstance(t, RabbitMQTransport) and t.local_store is None
+    assert isinstance(t, RabbitMQTransport)
     assert t.direct_writer(sk.open_store("memory://")) is None
 
 

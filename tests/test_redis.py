@@ -502,7 +502,7 @@ async def test_open_transport_reads_options_from_the_url(redis_url: str) -> None
     t = open_transport(f"{redis_url}?prefix=abc&lease=2.5&block=0.5", store=None)  # type: ignore[arg-type]
     assert isinstance(t, RedisTransport)
     assert (t.prefix, t.lease, t.block, t.claim_interval) == ("abc", 2.5, 0.5, 1.25)
-    assert t.local_store is None
+    assert t.direct_writer(sk.open_store("memory://")) is None
     assert "prefix" not in t.redis_url
     with pytest.raises(ConfigurationError):
         transport("redis://127.0.0.1:6379/0?lease=soon")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from mypy import api
 
-USER_CODE = '''
+USER_CODE = """
 import msgspec
 import sagakit as sk
 
@@ -35,7 +35,7 @@ saga = sk.Saga("s", Order).step("a").invoke("stock", lambda d: Reserve(d.n)).bui
 async def go() -> None:
     await app.sagas.start(saga, Order(1))
     await app.sagas.start(saga, Reserve(1))  # expect an error
-'''
+"""
 
 
 def test_mypy_rejects_a_handler_or_saga_data_of_the_wrong_type(tmp_path: Path) -> None:

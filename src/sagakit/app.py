@@ -38,6 +38,7 @@ from .saga.registry import SagaRegistry
 from .store import Store, open_store
 from .store.consumer import QueueConsumer
 from .transport import Subscription, Transport, open_transport
+from .transport._url import has_option
 
 log = logging.getLogger("sagakit.app")
 
@@ -264,6 +265,6 @@ def _transport_options(url: str, s: Settings) -> dict[str, Any]:
     scheme = url.split(":", 1)[0]
     if scheme in ("database", "db", ""):
         return {"lease": s.lease, "max_poll": s.max_poll}
-    if scheme in ("nats", "redis") and "lease=" not in url and "ack_wait=" not in url:
+    if scheme in ("nats", "redis") and not has_option(url, "lease", "ack_wait"):
         return {"lease": s.lease}
     return {}

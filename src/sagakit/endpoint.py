@@ -33,9 +33,9 @@ from .errors import (
     DeliveryLimitExceeded,
     HandlerTimeout,
     LeaseLost,
-    Refusal,
     MessageError,
     NoHandler,
+    Refusal,
     RoutingError,
 )
 from .inbox import FAILURE, Admission, Inbox, Verdict

@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol
 
 from ..clock import Clock, SystemClock
 from ..errors import ConfigurationError
+from ..transport._url import redact
 from .core import DeadLetter, InboxRow, LogEntry, SagaRecord, Store
 from .queue import Queued, Waker, WorkQueue
 
@@ -81,7 +82,7 @@ def open_store(
         # Wake-ups are per table prefix, so apps sharing a database do not wake each other.
         driver = PostgresDriver(url, **{"channel": f"{prefix}wake", **options})
     else:
-        raise ConfigurationError(f"unsupported store URL {url!r}")
+        raise ConfigurationError(f"unsupported store URL {redact(url)!r}")
     return Store(driver, prefix=prefix, clock=clock or SystemClock(), url=url)
 
 

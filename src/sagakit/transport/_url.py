@@ -130,6 +130,13 @@ def _explicit(spec: Mapping[str, Option[Any]], given: Mapping[str, Any]) -> dict
     return {name: value for name, value in given.items() if value is not None}
 
 
+def has_option(url: str, *names: str) -> bool:
+    """Whether the URL's query string sets any of ``names``."""
+    query = url.partition("?")[2].partition("#")[0]
+    given = {pair.partition("=")[0] for pair in re.split(r"[&;]", query) if pair}
+    return not given.isdisjoint(names)
+
+
 def redact(url: str) -> str:
     """``url`` with its password (or token) and secret query values replaced by ``***``.
 

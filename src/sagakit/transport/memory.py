@@ -63,7 +63,6 @@ class MemoryTransport:
 
     def __init__(self) -> None:
         self.url = "memory://"
-        self.local_store = None  # removed at merge
         self._queues: dict[str, asyncio.Queue[tuple[bytes, int]]] = {}
         self._bindings: dict[str, set[str]] = defaultdict(set)
 

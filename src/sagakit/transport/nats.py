@@ -460,7 +460,6 @@ class NatsTransport:
         if not self.servers:
             raise ConfigurationError(f"no NATS server in {redact(url)!r}")
         self.url = url
-        self.local_store = None  # removed at merge
         self.stream: str = o["stream"]
         if not self.stream or set(self.stream) - _KEEP:
             raise ConfigurationError(f"invalid JetStream stream name {self.stream!r}")

@@ -221,7 +221,6 @@ class RabbitMQTransport:
                 f"queue_type must be 'quorum' or 'classic', not {queue_type!r}"
             )
         self.url = url
-        self.local_store = None  # removed at merge
         self.namespace = namespace
         self.queue_type: QueueType = queue_type
         self.reconnect_interval = reconnect_interval

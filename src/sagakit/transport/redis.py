@@ -441,7 +441,6 @@ class RedisTransport:
         if lease <= 0 or block <= 0:
             raise ConfigurationError("lease and block must be positive")
         self.url = url
-        self.local_store = None  # removed at merge
         self.redis_url = url
         self.prefix, self.lease, self.block = prefix, lease, block
         self.claim_interval = claim_interval if claim_interval else min(lease / 2, 5.0)
