@@ -378,10 +378,8 @@ async def test_shutdown_releases_the_lease_of_a_cancelled_handler(
         await asyncio.sleep(0.3)  # the handler is running
     hang = False
     second = build()
-    began = time.monotonic()
-    async with second:
+    async with second:  # well within the 30 s lease the first worker had taken
         await eventually(lambda: _n_replies(second, 1), timeout=20)
-    assert time.monotonic() - began < 10, "the message waited for the lease to run out"
 
 
 # -- one clock --------------------------------------------------------------------
@@ -424,12 +422,9 @@ async def test_a_message_from_a_host_ahead_is_due_at_once(
 # -- waiting without polling ---------------------------------------------------------
 
 
-async def test_wait_is_woken_by_the_commit_not_by_polling(
-    url: str, prefix: str, cleanup: list[Store]
-) -> None:
+def _waited_app(url: str, prefix: str, **kw: object) -> tuple[sk.App, sk.SagaDefinition[Order]]:
     saga = sk.Saga("waited", Order).step("do").invoke("p", lambda d: Do(d.order)).build()
-    app = sk.App(url, settings=_settings(prefix))
-    cleanup.append(app.store)
+    app = sk.App(url, settings=_settings(prefix), **kw)  # type: ignore[arg-type]
     app.saga(saga)
     part = app.participant("p")
 
@@ -437,33 +432,31 @@ async def test_wait_is_woken_by_the_commit_not_by_polling(
     async def do(cmd: Do, ctx: sk.Context) -> None:
         await asyncio.sleep(0.2)
 
+    return app, saga
+
+
+async def test_wait_is_woken_by_the_commit_not_by_polling(
+    url: str, prefix: str, cleanup: list[Store]
+) -> None:
+    app, saga = _waited_app(url, prefix)
+    cleanup.append(app.store)
     async with app:
         saga_id = await app.sagas.start(saga, Order("o"))
-        began = time.monotonic()
-        view = await app.sagas.wait(saga_id, timeout=30, poll=60.0)  # no poll in reach
+        # The fallback poll is out of reach: only the finishing commit can wake it.
+        view = await app.sagas.wait(saga_id, timeout=20, poll=60.0)
         assert view.state == sk.SagaState.COMPLETED
-        assert time.monotonic() - began < 10
 
 
 async def test_wait_in_another_process_is_woken_by_notify(
     postgres_url: str, prefix: str, cleanup: list[Store]
 ) -> None:
     """A client process with no coordinator waits; PostgreSQL's NOTIFY wakes it."""
-    saga = sk.Saga("waited", Order).step("do").invoke("p", lambda d: Do(d.order)).build()
-    worker = sk.App(postgres_url, settings=_settings(prefix))
+    worker, saga = _waited_app(postgres_url, prefix)
     cleanup.append(worker.store)
-    worker.saga(saga)
-    part = worker.participant("p")
-
-    @part.command(Do)
-    async def do(cmd: Do, ctx: sk.Context) -> None:
-        await asyncio.sleep(0.3)
-
-    client = sk.App(postgres_url, settings=_settings(prefix), run=[])
-    client.saga(saga)
+    client, _ = _waited_app(postgres_url, prefix, run=[])
     async with worker, client:
         saga_id = await client.sagas.start(saga, Order("o"))
-        view = await client.sagas.wait(saga_id, timeout=30, poll=60.0)
+        view = await client.sagas.wait(saga_id, timeout=20, poll=60.0)
         assert view.state == sk.SagaState.COMPLETED
 
 

@@ -1,0 +1,16 @@
+"""Test support shipped with sagakit: contract suites and a fake clock.
+
+Each backend protocol has one abstract contract suite here; a backend's tests
+subclass it and provide the fixture that builds the backend. The same suite
+runs against the in-memory backend and every real service.
+
+- :class:`StoreContract` (:mod:`.store`), :class:`TransportContract` (:mod:`.transport`)
+- :class:`~sagakit.FakeClock` for timers and leases; :func:`drop_tables` for teardown
+"""
+
+from ..clock import FakeClock
+from ._support import drop_tables
+from .store import StoreContract
+from .transport import TransportContract
+
+__all__ = ["FakeClock", "StoreContract", "TransportContract", "drop_tables"]
