@@ -9,6 +9,8 @@ from urllib.parse import urlparse
 
 import pytest
 
+from sagakit.transport._url import fresh_namespace
+
 REQUIRE = os.environ.get("SAGAKIT_REQUIRE_SERVICES") == "1"
 
 DEFAULTS = {
@@ -58,6 +60,12 @@ def nats_url() -> str:
 @pytest.fixture
 def redis_url() -> str:
     return service_url("redis")
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A fresh broker namespace: a test never meets an earlier (interrupted) run's messages."""
+    return fresh_namespace("t")
 
 
 @pytest.fixture

@@ -62,12 +62,11 @@ def run_id() -> str:
 
 @pytest.fixture
 async def make(nats_url: str, run_id: str) -> AsyncIterator[Factory]:
-    """Open NATS transports on a stream and subject prefix unique to this test."""
+    """Open NATS transports in a namespace (so a stream) unique to this test."""
     opened: list[Any] = []
 
     async def factory(**options: Any) -> Any:
-        options.setdefault("stream", f"SAGAKIT_T{run_id}")
-        options.setdefault("prefix", f"sagakit-t{run_id}")
+        options.setdefault("namespace", f"sagakit-t{run_id}")
         options.setdefault("ack_wait", 2.0)
         options.setdefault("pull_expires", 1.0)
         t = NatsTransport(nats_url, **options)
@@ -78,7 +77,7 @@ async def make(nats_url: str, run_id: str) -> AsyncIterator[Factory]:
     yield factory
     for t in opened:
         await t.close()
-    await delete_stream(nats_url, f"SAGAKIT_T{run_id}")
+    await delete_stream(nats_url, nats_mod.stream_for(f"sagakit-t{run_id}"))
 
 
 class Recorder:
@@ -494,8 +493,8 @@ def order_saga() -> sk.SagaDefinition[Order]:
 async def test_two_step_saga_over_nats_with_sqlite_store(
     nats_url: str, run_id: str, tmp_path: Any
 ) -> None:
-    stream = f"SAGAKIT_E{run_id}"
-    url = f"{nats_url}?stream={stream}&prefix=sagakit-e{run_id}&pull_expires=1"
+    stream = nats_mod.stream_for(f"sagakit-e{run_id}")
+    url = f"{nats_url}?namespace=sagakit-e{run_id}&pull_expires=1"
     settings = sk.Settings(retry=sk.RetryPolicy(max_attempts=3, initial=0.01), max_poll=0.02)
     app = sk.App(f"sqlite:///{tmp_path}/s.db", transport=url, settings=settings)
     credit, shipping, audit = (app.participant(n) for n in ("credit", "shipping", "audit"))
@@ -543,10 +542,9 @@ async def test_two_step_saga_over_nats_with_sqlite_store(
 
 
 def nats_options(tag: str) -> dict[str, Any]:
-    """A stream and subject prefix of the contract test's own, with short timers."""
+    """A namespace (so a stream) of the contract test's own, with short timers."""
     return {
-        "stream": f"SAGAKIT_{tag}".replace("-", "_"),
-        "prefix": tag,
+        "namespace": tag,
         "ack_wait": 1.0,
         "pull_expires": 1.0,
     }

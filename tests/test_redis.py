@@ -69,7 +69,7 @@ async def make(redis_url: str, key_prefix: str, raw: aioredis.Redis) -> AsyncIte
 
     async def factory(**options: Any) -> RedisTransport:
         options.setdefault("lease", LEASE)
-        t = transport(redis_url, prefix=key_prefix, **options)
+        t = transport(redis_url, namespace=key_prefix, **options)
         await t.open()
         made.append(t)
         return t
@@ -139,7 +139,7 @@ async def kill_connections(raw: aioredis.Redis, t: RedisTransport) -> int:
 
 def contract_options(tag: str) -> dict[str, Any]:
     """Per-test options: own key prefix, short lease so orphans return fast."""
-    return {"prefix": f"sktest-{tag}", "lease": 1.0}
+    return {"namespace": f"sktest-{tag}", "lease": 1.0}
 
 
 async def cut_redis(t: Any) -> None:
@@ -612,7 +612,7 @@ async def test_two_step_saga_over_redis_with_a_sqlite_store(
     fast = sk.RetryPolicy(max_attempts=4, initial=0.01, max_delay=0.02)
     app = sk.App(
         f"sqlite:///{tmp_path}/e2e.db",
-        transport=f"{redis_url}?prefix={key_prefix}&lease=2",
+        transport=f"{redis_url}?namespace={key_prefix}&lease=2",
         settings=sk.Settings(retry=fast, max_poll=0.02),
     )
     reserving(app.participant("a"), refuse=set())

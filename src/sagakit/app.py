@@ -37,7 +37,7 @@ from .saga.definition import SagaDefinition
 from .saga.registry import SagaRegistry
 from .store import Store, open_store
 from .store.consumer import QueueConsumer
-from .transport import Subscription, Transport, open_transport
+from .transport import BROKER_SCHEMES, Subscription, Transport, open_transport
 from .transport._url import has_option
 
 log = logging.getLogger("sagakit.app")
@@ -55,7 +55,10 @@ class Settings:
     ``handler_timeout``: one run of a handler longer than this is cancelled
     and retried (None: no limit; a handler may set its own). ``max_deliveries``:
     a message delivered more often than this (its handler keeps crashing the
-    process or never finishes) is dead-lettered.
+    process or never finishes) is dead-lettered. ``namespace``: the start of
+    every name a broker transport declares, so applications sharing a broker
+    never take each other's messages (None: the URL's ``namespace`` option,
+    else ``sagakit``; the database transport is kept apart by ``prefix``).
     """
 
     prefetch: int = 32
@@ -68,6 +71,7 @@ class Settings:
     auto_migrate: bool = True
     prefix: str = "sagakit_"
     shutdown_grace: float = 10.0
+    namespace: str | None = None
 
     @property
     def hop(self) -> HopPolicy:
@@ -265,6 +269,12 @@ def _transport_options(url: str, s: Settings) -> dict[str, Any]:
     scheme = url.split(":", 1)[0]
     if scheme in ("database", "db", ""):
         return {"lease": s.lease, "max_poll": s.max_poll}
-    if scheme in ("nats", "redis") and not has_option(url, "lease", "ack_wait"):
-        return {"lease": s.lease}
-    return {}
+    options: dict[str, Any] = {}
+    if scheme not in BROKER_SCHEMES:
+        return options
+    if s.namespace is not None and not has_option(url, "namespace", "prefix"):
+        options["namespace"] = s.namespace
+    leased = BROKER_SCHEMES[scheme] in ("nats", "redis")
+    if leased and not has_option(url, "lease", "ack_wait"):
+        options["lease"] = s.lease
+    return options

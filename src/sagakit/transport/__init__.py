@@ -105,9 +105,25 @@ class Transport(Protocol):
         """A writer onto this transport's queues inside ``store``'s transactions, if any."""
 
 
+# Broker URL schemes (TLS ones included) and the module of each.
+BROKER_SCHEMES = {
+    "amqp": "rabbitmq",
+    "amqps": "rabbitmq",
+    "nats": "nats",
+    "tls": "nats",
+    "redis": "redis",
+    "rediss": "redis",
+}
+
+
 def open_transport(url: str, store: Store, **options: Any) -> Transport:
-    """A transport for ``url``: ``database``, ``memory://``, ``amqp://``,
-    ``nats://`` or ``redis://``."""
+    """A transport for ``url``: ``database``, ``memory://``, ``amqp(s)://``,
+    ``nats://`` (``tls://``) or ``redis(s)://``.
+
+    Broker transports prefix every name they declare with the URL's
+    ``namespace`` option (default ``sagakit``), so deployments sharing a
+    broker stay apart.
+    """
     scheme = url.split(":", 1)[0]
     if scheme in ("database", "db", ""):
         from .database import DatabaseTransport
@@ -117,13 +133,12 @@ def open_transport(url: str, store: Store, **options: Any) -> Transport:
         from .memory import MemoryTransport
 
         return MemoryTransport(**options)
-    modules = {"amqp": "rabbitmq", "amqps": "rabbitmq", "nats": "nats", "redis": "redis"}
-    if scheme in modules:
+    if scheme in BROKER_SCHEMES:
         import importlib
 
-        mod = importlib.import_module(f"sagakit.transport.{modules[scheme]}")
+        mod = importlib.import_module(f"sagakit.transport.{BROKER_SCHEMES[scheme]}")
         return mod.transport(url, **options)  # type: ignore[no-any-return]
-    raise ConfigurationError(f"unsupported transport URL {url!r}")
+    raise ConfigurationError(f"unsupported transport URL {redact(url)!r}")
 
 
 __all__ = [

@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import math
 import re
+import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
-from urllib.parse import unquote_plus
+from urllib.parse import quote_plus, unquote_plus
 
 from ..errors import ConfigurationError
 
 T = TypeVar("T")
 
 HIDDEN = "***"
+
+DEFAULT_NAMESPACE = "sagakit"
+MAX_NAMESPACE = 64
+# Dot-separated words of [A-Za-z0-9_-]: valid in RabbitMQ names, NATS subjects and Redis keys.
+_NAMESPACE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -74,6 +80,56 @@ def flag(value: str) -> bool:
     raise ValueError("not a boolean (true/false, yes/no, on/off, 1/0)")
 
 
+def count(value: str) -> int:
+    """A whole number, zero or more (a pool size)."""
+    number = int(value)
+    if number < 0:
+        raise ValueError("not a whole number >= 0")
+    return number
+
+
+def namespace(value: str) -> str:
+    """A deployment namespace: dot-separated words of letters, digits, ``_`` and ``-``.
+
+    Narrow on purpose, so one namespace is a valid part of a RabbitMQ queue
+    name, of NATS subjects and stream names, and of Redis keys alike.
+    """
+    if len(value) > MAX_NAMESPACE or not _NAMESPACE.fullmatch(value):
+        raise ValueError(
+            f"a namespace is up to {MAX_NAMESPACE} letters, digits, '_' or '-',"
+            " in words separated by single dots"
+        )
+    return value
+
+
+def pick_namespace(chosen: str | None, alias: str | None = None) -> str:
+    """The namespace from ``chosen``, or from an older option name (``prefix``).
+
+    Both set to different values is a mistake, not a choice to make silently.
+    """
+    if chosen is not None and alias is not None and chosen != alias:
+        raise ConfigurationError(f"namespace {chosen!r} and prefix {alias!r} disagree; set one")
+    value = chosen if chosen is not None else alias
+    try:
+        return namespace(DEFAULT_NAMESPACE if value is None else value)
+    except ValueError as exc:
+        raise ConfigurationError(f"bad namespace {value!r}: {exc}") from None
+
+
+def fresh_namespace(label: str = "run") -> str:
+    """A namespace no earlier run used: test runs and the demo start from empty queues."""
+    return f"{label}-{uuid.uuid4().hex[:12]}"
+
+
+def with_option(url: str, name: str, value: str) -> str:
+    """``url`` with ``name=value`` added to its query, unless the query sets it already."""
+    if has_option(url, name):
+        return url
+    head, hash_, fragment = url.partition("#")
+    sep = "&" if "?" in head else "?"
+    return f"{head}{sep}{quote_plus(name)}={quote_plus(value)}{hash_}{fragment}"
+
+
 def parse_url(
     url: str,
     spec: Mapping[str, Option[Any]],
@@ -98,8 +154,9 @@ def parse_url(
             kept.append(pair)
             continue
         if name not in spec:
-            known = ", ".join(sorted(spec))
-            raise ConfigurationError(f"unknown URL option {name!r} in {redact(url)} ({known})")
+            raise ConfigurationError(
+                f"unknown URL option {name!r} in {redact(url)}; {_valid(spec, foreign)}"
+            )
         if name in found:
             raise ConfigurationError(f"URL option {name!r} given twice in {redact(url)}")
         found[name] = _read(spec[name], name, raw, url)
@@ -107,6 +164,13 @@ def parse_url(
     values.update(_explicit(spec, given or {}))
     base = head + ("?" + "&".join(kept) if kept else "") + hash_ + fragment
     return ParsedUrl(base, values)
+
+
+def _valid(spec: Mapping[str, Option[Any]], foreign: Collection[str]) -> str:
+    """The valid option names, for an error message."""
+    valid = f"valid options: {', '.join(sorted(spec))}"
+    others = sorted(set(foreign) - set(spec))
+    return valid + (f"; and the driver's: {', '.join(others)}" if others else "")
 
 
 def _split_pair(pair: str, url: str) -> tuple[str, str]:
@@ -166,4 +230,18 @@ def _hide_password(userinfo: str, scheme: str) -> str:
     return HIDDEN if scheme in _TOKEN_SCHEMES and user else userinfo
 
 
-__all__ = ["Option", "ParsedUrl", "flag", "parse_url", "redact", "seconds", "text"]
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "Option",
+    "ParsedUrl",
+    "count",
+    "flag",
+    "fresh_namespace",
+    "namespace",
+    "parse_url",
+    "pick_namespace",
+    "redact",
+    "seconds",
+    "text",
+    "with_option",
+]

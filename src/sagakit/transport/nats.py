@@ -2,8 +2,11 @@
 
 How it maps the transport contract:
 
-- One JetStream stream (``SAGAKIT`` by default, file storage, limits
-  retention) holds every message under one subject prefix (``sagakit``).
+- One JetStream stream per deployment ``namespace`` (``sagakit`` by default:
+  stream ``SAGAKIT``, file storage, limits retention) holds every message
+  under the namespace as subject prefix. Durable consumers live in that
+  stream, so deployments with different namespaces on one server never see
+  each other's messages.
   Commands and replies for queue ``Q`` are published on ``sagakit.q.<Q>``,
   events of topic ``T`` on ``sagakit.e.<T>``. Names keep their dots as subject
   levels; every other character outside ``[A-Za-z0-9_-]`` is escaped as
@@ -35,9 +38,10 @@ How it maps the transport contract:
   surface as :class:`~sagakit.errors.TransportError`.
 
 Options come as keyword arguments or URL query parameters, e.g.
-``nats://127.0.0.1:4222?stream=ORDERS&prefix=orders&ack_wait=60`` (keyword
-arguments win); an unknown or malformed one raises
-:class:`~sagakit.errors.ConfigurationError` naming it.
+``nats://127.0.0.1:4222?namespace=orders&ack_wait=60`` (keyword arguments
+win); an unknown or malformed one raises
+:class:`~sagakit.errors.ConfigurationError` naming it. ``tls://`` servers (or
+any ``tls_*`` option) connect with TLS.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ import hashlib
 import json
 import logging
 import math
+import re
+import ssl
 import string
 import time
 from collections import OrderedDict, deque
@@ -57,7 +63,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import ConfigurationError, TransportError
 from ._consumer import BrokerDelivery, Consumer
-from ._url import Option, flag, parse_url, redact, seconds, text
+from ._url import Option, flag, parse_url, pick_namespace, redact, seconds, text
+from ._url import namespace as valid_namespace
 
 try:
     import nats
@@ -83,6 +90,7 @@ log = logging.getLogger("sagakit.transport.nats")
 
 DEFAULT_STREAM = "SAGAKIT"
 DEFAULT_PREFIX = "sagakit"
+TLS_OPTIONS = ("tls_ca_file", "tls_cert_file", "tls_key_file", "tls_hostname")
 STATUS = "Status"
 MAX_CONSUMER_NAME = 200
 PUBLISH_CHUNK = 512
@@ -96,8 +104,9 @@ T = TypeVar("T")
 
 # Options as URL query parameters (keyword arguments win); see NatsTransport.
 OPTIONS: dict[str, Option[Any]] = {
-    "stream": Option(text, DEFAULT_STREAM),
-    "prefix": Option(text, DEFAULT_PREFIX),
+    "namespace": Option(valid_namespace, None),
+    "prefix": Option(valid_namespace, None),  # the older name of ``namespace``
+    "stream": Option(text, None),  # default: the namespace, upper-cased
     "ack_wait": Option(seconds, None),  # the lease; ``lease`` is another name for it
     "lease": Option(seconds, 30.0),
     "max_age": Option(seconds, 7 * 86400.0),
@@ -108,6 +117,7 @@ OPTIONS: dict[str, Option[Any]] = {
     "pull_expires": Option(seconds, 5.0),
     "publish_timeout": Option(seconds, 10.0),
     "refresh": Option(seconds, 10.0),
+    **{name: Option(text, None) for name in TLS_OPTIONS},
 }
 
 _KEEP = frozenset(string.ascii_letters + string.digits + "_-")
@@ -149,11 +159,26 @@ def consumer_name(queue: str, topic: str | None = None) -> str:
     return name
 
 
-def _check_prefix(prefix: str) -> str:
-    parts = prefix.split(".")
-    if not all(parts) or any(set(p) - _KEEP for p in parts):
-        raise ConfigurationError(f"invalid NATS subject prefix {prefix!r}")
-    return prefix
+def stream_for(namespace: str) -> str:
+    """The default stream of a namespace: ``sagakit`` -> ``SAGAKIT``, ``a.b`` -> ``A_B``."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", namespace).upper()
+
+
+def tls_context(servers: Sequence[str], options: dict[str, Any]) -> ssl.SSLContext | None:
+    """The TLS context for ``tls://`` servers or ``tls_*`` options (None: plain TCP).
+
+    Built at construction, so a missing certificate file fails at start-up.
+    """
+    wanted = any(s.startswith("tls://") for s in servers)
+    if not wanted and not any(options[name] for name in TLS_OPTIONS):
+        return None
+    try:
+        context = ssl.create_default_context(cafile=options["tls_ca_file"])
+        if options["tls_cert_file"]:
+            context.load_cert_chain(options["tls_cert_file"], options["tls_key_file"])
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(f"NATS TLS options: {exc}") from None
+    return context
 
 
 # -- deliveries --------------------------------------------------------------
@@ -427,6 +452,7 @@ class NatsTransport:
         self,
         url: str = "nats://127.0.0.1:4222",
         *,
+        namespace: str | None = None,
         stream: str | None = None,
         prefix: str | None = None,
         ack_wait: float | None = None,
@@ -440,8 +466,11 @@ class NatsTransport:
         refresh: float | None = None,
         keepalive: bool | None = None,
         name: str = "sagakit",
+        **tls: str | None,
     ) -> None:
         given = {
+            **tls,
+            "namespace": namespace,
             "stream": stream,
             "prefix": prefix,
             "ack_wait": ack_wait or lease,
@@ -460,16 +489,19 @@ class NatsTransport:
         if not self.servers:
             raise ConfigurationError(f"no NATS server in {redact(url)!r}")
         self.url = url
-        self.stream: str = o["stream"]
+        #: the deployment namespace: subject prefix, and the stream's name by default
+        self.namespace = self.prefix = pick_namespace(o["namespace"], o["prefix"])
+        self.stream: str = o["stream"] or stream_for(self.namespace)
         if not self.stream or set(self.stream) - _KEEP:
             raise ConfigurationError(f"invalid JetStream stream name {self.stream!r}")
-        self.prefix = _check_prefix(o["prefix"])
+        self.tls = tls_context(self.servers, o)
+        self.tls_hostname: str | None = o["tls_hostname"]
         self.ack_wait: float = o["lease"] if o["ack_wait"] is None else o["ack_wait"]
         self.max_age: float = o["max_age"]
         self.duplicate_window: float = o["duplicate_window"]
         self.storage: str = o["storage"].lower()
         if self.storage not in ("file", "memory"):
-            raise ConfigurationError(f"NATS storage must be 'file' or 'memory', not {storage!r}")
+            raise ConfigurationError(f"NATS storage must be 'file' or 'memory': {self.storage!r}")
         self.ack_sync: bool = o["ack_sync"]
         self.ack_timeout = 5.0
         self.keepalive: bool = o["keepalive"]
@@ -509,19 +541,7 @@ class NatsTransport:
         if self._nc is not None and not self._nc.is_closed:
             return
         try:
-            self._nc = await nats.connect(
-                servers=self.servers,
-                name=self.name,
-                allow_reconnect=True,
-                max_reconnect_attempts=1,  # fail fast while opening; forever once open
-                reconnect_time_wait=0.5,
-                connect_timeout=5,
-                ping_interval=10,
-                max_outstanding_pings=3,
-                error_cb=self._on_error,
-                disconnected_cb=self._on_disconnected,
-                reconnected_cb=self._on_reconnected,
-            )
+            self._nc = await nats.connect(**self.connect_options())
             self._nc.options["max_reconnect_attempts"] = -1
             self._js = self._nc.jetstream(timeout=self.publish_timeout)
             self._jsm = self._nc.jsm(timeout=self.publish_timeout)
@@ -536,6 +556,27 @@ class NatsTransport:
         except BaseException:
             await self._abandon()
             raise
+
+    def connect_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``nats.connect`` (TLS included when configured)."""
+        options: dict[str, Any] = {
+            "servers": self.servers,
+            "name": self.name,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": 1,  # fail fast while opening; forever once open
+            "reconnect_time_wait": 0.5,
+            "connect_timeout": 5,
+            "ping_interval": 10,
+            "max_outstanding_pings": 3,
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+        }
+        if self.tls is not None:
+            options["tls"] = self.tls
+        if self.tls_hostname:
+            options["tls_hostname"] = self.tls_hostname
+        return options
 
     async def _abandon(self) -> None:
         if self._nc is not None:

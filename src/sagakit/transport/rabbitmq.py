@@ -2,8 +2,11 @@
 
 How it maps the transport contract:
 
-- Every sagakit queue is a durable RabbitMQ queue of the same name, a quorum
-  queue by default (``queue_type="classic"`` for brokers without them).
+- Every name this transport declares starts with the deployment's
+  ``namespace`` (default ``sagakit``), so deployments sharing a virtual host
+  never consume each other's messages: sagakit queue ``Q`` is the durable
+  RabbitMQ queue ``{namespace}.q.Q``, a quorum queue by default
+  (``queue_type=classic`` for brokers without them).
   Commands and replies go through the default exchange straight to their
   queue, which the publisher declares first so nothing sent before the
   consumer starts is dropped.
@@ -31,6 +34,12 @@ How it maps the transport contract:
 - The connection is an aio-pika robust connection: channels, queues, bindings
   and consumers come back after the connection is cut or the broker restarts.
   Broker errors surface as :class:`~sagakit.errors.TransportError`.
+
+Options come as keyword arguments or URL query parameters, e.g.
+``amqps://app:pw@rabbit/prod?namespace=orders&queue_type=classic`` (keyword
+arguments win); aio-pika's and aiormq's own query parameters (``heartbeat``,
+``cafile``, ``certfile``, ...) stay in the URL for them, and any other name
+raises :class:`~sagakit.errors.ConfigurationError` naming the valid ones.
 """
 
 from __future__ import annotations
@@ -44,7 +53,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import ConfigurationError, TransportError
 from ._consumer import BrokerDelivery, Consumer
-from ._url import redact
+from ._url import Option, parse_url, pick_namespace, redact, seconds, text
+from ._url import namespace as valid_namespace
 
 try:
     import aio_pika
@@ -76,6 +86,42 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 QueueType = Literal["quorum", "classic"]
+QUEUE_TYPES = ("quorum", "classic")
+
+
+def queue_type(value: str) -> str:
+    """``quorum`` or ``classic``."""
+    if value not in QUEUE_TYPES:
+        raise ValueError("not 'quorum' or 'classic'")
+    return value
+
+
+# Options as URL query parameters (keyword arguments win); see RabbitMQTransport.
+OPTIONS: dict[str, Option[Any]] = {
+    "namespace": Option(valid_namespace, None),
+    "queue_type": Option(queue_type, "quorum"),
+    "reconnect_interval": Option(seconds, 1.0),
+    "publish_timeout": Option(seconds, 30.0),
+    "connection_name": Option(text, None),
+}
+# Query parameters that aio-pika and aiormq read from the URL themselves.
+DRIVER_OPTIONS = frozenset(
+    {
+        "auth",
+        "cadata",
+        "cafile",
+        "capath",
+        "certfile",
+        "fail_fast",
+        "happy_eyeballs_delay",
+        "heartbeat",
+        "interleave",
+        "keyfile",
+        "name",
+        "no_verify_ssl",
+        "timeout",
+    }
+)
 
 
 def transport(url: str, **options: Any) -> RabbitMQTransport:
@@ -200,33 +246,44 @@ class RabbitSubscription(Consumer[RabbitDelivery]):
 class RabbitMQTransport:
     """Queues, a topic exchange for events and delay queues on one RabbitMQ broker.
 
-    Options: ``namespace`` (prefix of the exchanges and delay queues, default
-    ``sagakit``), ``queue_type`` (``"quorum"`` or ``"classic"``),
-    ``reconnect_interval`` (seconds), ``publish_timeout`` (seconds),
-    ``connection_name`` (shown by the broker's management tools).
+    Options (keywords or URL query): ``namespace`` (the start of every queue
+    and exchange name, default ``sagakit``), ``queue_type`` (``"quorum"`` or
+    ``"classic"``), ``reconnect_interval`` (seconds), ``publish_timeout``
+    (seconds), ``connection_name`` (shown by the broker's management tools).
     """
 
     def __init__(
         self,
         url: str,
         *,
-        namespace: str = "sagakit",
-        queue_type: QueueType = "quorum",
-        reconnect_interval: float = 1.0,
-        publish_timeout: float = 30.0,
+        namespace: str | None = None,
+        queue_type: QueueType | None = None,
+        reconnect_interval: float | None = None,
+        publish_timeout: float | None = None,
         connection_name: str | None = None,
     ) -> None:
-        if queue_type not in ("quorum", "classic"):
+        given = {
+            "namespace": namespace,
+            "queue_type": queue_type,
+            "reconnect_interval": reconnect_interval,
+            "publish_timeout": publish_timeout,
+            "connection_name": connection_name,
+        }
+        parsed = parse_url(url, OPTIONS, given=given, foreign=DRIVER_OPTIONS)
+        o = parsed.values
+        if o["queue_type"] not in QUEUE_TYPES:
             raise ConfigurationError(
-                f"queue_type must be 'quorum' or 'classic', not {queue_type!r}"
+                f"queue_type must be 'quorum' or 'classic', not {o['queue_type']!r}"
             )
         self.url = url
-        self.namespace = namespace
-        self.queue_type: QueueType = queue_type
-        self.reconnect_interval = reconnect_interval
-        self.publish_timeout = publish_timeout
-        self.connection_name = connection_name or f"sagakit-{uuid.uuid4().hex[:12]}"
-        self.events_exchange = f"{namespace}.events"
+        #: the URL handed to aio-pika: sagakit's own options taken out
+        self.broker_url = parsed.base
+        self.namespace = pick_namespace(o["namespace"])
+        self.queue_type: QueueType = o["queue_type"]
+        self.reconnect_interval: float = o["reconnect_interval"]
+        self.publish_timeout: float = o["publish_timeout"]
+        self.connection_name: str = o["connection_name"] or f"sagakit-{uuid.uuid4().hex[:12]}"
+        self.events_exchange = f"{self.namespace}.events"
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._events: aio_pika.abc.AbstractExchange | None = None
@@ -246,7 +303,7 @@ class RabbitMQTransport:
             return
         try:
             conn = await aio_pika.connect_robust(
-                self.url,
+                self.broker_url,
                 reconnect_interval=self.reconnect_interval,
                 client_properties={"connection_name": self.connection_name},
             )
@@ -293,13 +350,24 @@ class RabbitMQTransport:
 
     # -- topology ----------------------------------------------------------
 
+    def broker_queue(self, queue: str) -> str:
+        """The RabbitMQ queue behind sagakit queue ``queue`` (the namespace's own)."""
+        return f"{self.namespace}.q.{queue}"
+
+    def delay_queue(self, ms: int) -> str:
+        """The delay queue (and its exchange) of one delay bucket."""
+        return f"{self.namespace}.delay.{ms}"
+
     def queue_arguments(self) -> dict[str, Any]:
         return {"x-queue-type": "quorum"} if self.queue_type == "quorum" else {}
 
     async def declare_queue(
-        self, channel: aio_pika.abc.AbstractChannel, name: str
+        self, channel: aio_pika.abc.AbstractChannel, queue: str
     ) -> aio_pika.abc.AbstractQueue:
-        return await channel.declare_queue(name, durable=True, arguments=self.queue_arguments())
+        """Declare the broker queue of sagakit queue ``queue``."""
+        return await channel.declare_queue(
+            self.broker_queue(queue), durable=True, arguments=self.queue_arguments()
+        )
 
     async def declare(self, queue: str, topics: Sequence[str]) -> None:
         """Create durable ``queue`` and bind it to the events of ``topics``."""
@@ -329,7 +397,7 @@ class RabbitMQTransport:
             ex = self._delays.get(ms)
             if ex is None:
                 channel = self._pub_channel()
-                name = f"{self.namespace}.delay.{ms}"
+                name = self.delay_queue(ms)
                 args: dict[str, Any] = {"x-message-ttl": ms, "x-dead-letter-exchange": ""}
                 if self.queue_type == "quorum":
                     args |= {
@@ -377,7 +445,9 @@ class RabbitMQTransport:
                     await self._ensure_queue(m.destination)
                     sends.append(
                         channel.default_exchange.publish(
-                            msg, routing_key=m.destination, timeout=self.publish_timeout
+                            msg,
+                            routing_key=self.broker_queue(m.destination),
+                            timeout=self.publish_timeout,
                         )
                     )
             results = await asyncio.gather(*sends, return_exceptions=True)
@@ -411,7 +481,9 @@ class RabbitMQTransport:
                 exchange = await self._delay_exchange(ms)
             else:
                 exchange = self._pub_channel().default_exchange
-            await exchange.publish(copy, routing_key=queue, timeout=self.publish_timeout)
+            await exchange.publish(
+                copy, routing_key=self.broker_queue(queue), timeout=self.publish_timeout
+            )
         except BROKER_ERRORS as exc:
             raise TransportError(f"cannot requeue a message of {queue!r}: {exc!r}") from exc
 
@@ -444,10 +516,10 @@ class RabbitMQTransport:
         channel = await self.connection.channel()
         try:
             for name in sorted(self.known_queues):
-                await channel.queue_delete(name)
+                await channel.queue_delete(self.broker_queue(name))
             for ms in sorted(self.known_delays):
-                await channel.queue_delete(f"{self.namespace}.delay.{ms}")
-                await channel.exchange_delete(f"{self.namespace}.delay.{ms}")
+                await channel.queue_delete(self.delay_queue(ms))
+                await channel.exchange_delete(self.delay_queue(ms))
             await channel.exchange_delete(self.events_exchange)
         except BROKER_ERRORS as exc:
             raise TransportError(f"cannot delete: {exc!r}") from exc

@@ -1,9 +1,12 @@
 """The Redis transport: one Redis Stream per queue, read through a consumer group.
 
-Layout (``prefix`` defaults to ``sagakit``)::
+Layout (``namespace``, the deployment's, defaults to ``sagakit``)::
 
-    <prefix>:q:<queue>      a stream; entries are {id, attempt, data}
-    <prefix>:bind:<topic>   a set of the queues bound to an event topic
+    <namespace>:q:<queue>      a stream; entries are {id, attempt, data}
+    <namespace>:bind:<topic>   a set of the queues bound to an event topic
+
+Every key starts with the namespace, so deployments sharing one Redis never
+read each other's streams.
 
 * **Fan-out** happens at publish time: an event of topic T is added to the
   stream of every queue in ``<prefix>:bind:T``. A batch is written in one
@@ -36,7 +39,8 @@ Layout (``prefix`` defaults to ``sagakit``)::
   loses the messages in it.
 
 Options, as keyword arguments or URL query parameters
-(``redis://host:6379/0?prefix=app&lease=10``): ``prefix``, ``lease`` (s),
+(``redis://host:6379/0?namespace=app&lease=10``; ``rediss://`` for TLS):
+``namespace`` (older name ``prefix``), ``lease`` (s),
 ``claim_interval`` (s, default ``min(lease / 2, 5)``), ``block`` (s, longest
 wait of one read, default 1). redis-py's own connection options may be in the
 query too; any other name is a :class:`~sagakit.errors.ConfigurationError`.
@@ -57,7 +61,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError, TransportError
 from ._consumer import BrokerDelivery, Consumer
-from ._url import Option, parse_url, redact, seconds, text
+from ._url import Option, parse_url, pick_namespace, redact, seconds
+from ._url import namespace as valid_namespace
 
 try:
     import redis.asyncio as aioredis
@@ -86,7 +91,8 @@ DEFAULT_LEASE = 30.0
 DEFAULT_BLOCK = 1.0
 # Options as URL query parameters; see the module docstring.
 OPTIONS: dict[str, Option[Any]] = {
-    "prefix": Option(text, DEFAULT_PREFIX),
+    "namespace": Option(valid_namespace, None),
+    "prefix": Option(valid_namespace, None),  # the older name of ``namespace``
     "lease": Option(seconds, DEFAULT_LEASE),
     "claim_interval": Option(seconds, None),
     "block": Option(seconds, DEFAULT_BLOCK),
@@ -433,7 +439,8 @@ class RedisTransport:
         self,
         url: str,
         *,
-        prefix: str = DEFAULT_PREFIX,
+        namespace: str | None = None,
+        prefix: str | None = None,
         lease: float = DEFAULT_LEASE,
         claim_interval: float | None = None,
         block: float = DEFAULT_BLOCK,
@@ -442,7 +449,9 @@ class RedisTransport:
             raise ConfigurationError("lease and block must be positive")
         self.url = url
         self.redis_url = url
-        self.prefix, self.lease, self.block = prefix, lease, block
+        #: the deployment namespace, the start of every key (``prefix`` is its older name)
+        self.namespace = self.prefix = pick_namespace(namespace, prefix)
+        self.lease, self.block = lease, block
         self.claim_interval = claim_interval if claim_interval else min(lease / 2, 5.0)
         self.subscriptions: set[RedisSubscription] = set()
         self._declared: dict[str, set[str]] = {}
@@ -474,16 +483,20 @@ class RedisTransport:
     async def requeue_script(self, *, keys: list[str], args: list[Any]) -> Any:
         return await self._requeue(keys=keys, args=args)
 
+    def make_client(self) -> aioredis.Redis:
+        """A client for commands (not yet connected); ``rediss://`` makes it use TLS."""
+        return aioredis.Redis.from_url(
+            self.redis_url,
+            client_name=self.client_name,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES),
+        )
+
     async def open(self) -> None:
         if self._client is not None:
             return
         # Commands retry on a dropped connection (a stale pooled connection after
         # a kill or restart); a retried publish may duplicate, consumers dedupe.
-        client = aioredis.Redis.from_url(
-            self.redis_url,
-            client_name=self.client_name,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES),
-        )
+        client = self.make_client()
         try:
             async with _translated(f"connect to {redact(self.url)}"):
                 await client.ping()
@@ -580,7 +593,7 @@ def _redis_py_options() -> frozenset[str]:
 
 
 def transport(url: str, **options: Any) -> RedisTransport:
-    """A Redis transport for ``redis://`` (or ``rediss://``) ``url``.
+    """A Redis transport for ``redis://`` (or ``rediss://``, TLS) ``url``.
 
     sagakit's own options may be given in the query string (keyword arguments
     win); redis-py's connection options there go to redis-py, and any other
