@@ -4,6 +4,14 @@ asyncpg was chosen over psycopg 3 by measurement (see ``docs/performance.md``,
 "PostgreSQL driver choice"). sagakit's SQL uses ``?`` placeholders on every
 backend; they are rewritten once per statement text to ``$1..$n`` and asyncpg
 prepares and caches the statement per connection, so values are always bound.
+PostgreSQL-native SQL that needs a literal ``?`` (the jsonb operators ``?``,
+``?|``, ``?&``) writes it doubled, ``??``; text inside quotes is never touched.
+
+The store URL takes sagakit's pool options in its query (``min_size``,
+``max_size``, ``acquire_timeout``) next to libpq's connection parameters
+(``sslmode``, ``sslrootcert``, ``application_name``, ...), e.g.
+``postgresql://app@db/orders?sslmode=verify-full&max_size=20``; any other name
+is a :class:`~sagakit.errors.ConfigurationError` naming the valid ones.
 
 Consumers in other processes are woken with LISTEN/NOTIFY: a transaction that
 enqueued messages sends one ``pg_notify(channel, queue)`` per queue just before
@@ -27,14 +35,20 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
-import asyncpg  # type: ignore[import-untyped]
-
 from ..errors import ConfigurationError, StoreError
+from ..transport._url import Option, count, parse_url, redact, seconds
+
+try:
+    import asyncpg  # type: ignore[import-untyped]
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ConfigurationError(
+        "the PostgreSQL store needs asyncpg: pip install 'sagakit[postgres]'"
+    ) from exc
 
 log = logging.getLogger("sagakit.store.postgres")
 
 _CHANNEL = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-_TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\?")
+_TOKEN = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\?\?|\?")
 _COUNTED = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE"})
 _NOTIFY_SQL = "SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q"
 # SQLSTATEs after which the same work can succeed if tried again.
@@ -42,6 +56,46 @@ _RETRYABLE_STATES = frozenset({"40001", "40P01", "55P03", "57014", "57P01", "57P
 _RETRYABLE_CLASSES = ("08", "53")
 _HEALTH_EVERY_S = 10.0
 _RECONNECT_MAX_S = 5.0
+
+DEFAULT_MIN_SIZE = 2
+# sagakit's own options in the store URL's query (keyword arguments win).
+URL_OPTIONS: dict[str, Option[Any]] = {
+    "min_size": Option(count, None),  # default: 2, or max_size if that is smaller
+    "max_size": Option(count, 10),
+    "acquire_timeout": Option(seconds, 30.0),
+}
+# Query parameters asyncpg reads as libpq does, and session settings it sends
+# to the server; a misspelt name fails here rather than as a server error.
+LIBPQ_OPTIONS = frozenset(
+    {
+        "host",
+        "port",
+        "user",
+        "password",
+        "passfile",
+        "dbname",
+        "database",
+        "service",
+        "sslmode",
+        "sslcert",
+        "sslkey",
+        "sslrootcert",
+        "sslcrl",
+        "sslpassword",
+        "sslnegotiation",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+        "target_session_attrs",
+        "krbsrvname",
+        "gsslib",
+        "application_name",
+        "search_path",
+        "statement_timeout",
+        "lock_timeout",
+        "idle_in_transaction_session_timeout",
+        "timezone",
+    }
+)
 
 # create_pool() options that asyncpg.connect() (used for LISTEN) does not take.
 _POOL_ONLY = ("init", "setup", "reset", "max_queries", "max_inactive_connection_lifetime")
@@ -51,13 +105,19 @@ DBError = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 @functools.lru_cache(maxsize=4096)
 def to_dollar(sql: str) -> str:
-    """Rewrite ``?`` placeholders to ``$1..$n``, leaving quoted text alone."""
+    """Rewrite ``?`` placeholders to ``$1..$n``, leaving quoted text alone.
+
+    ``??`` is a literal ``?`` (PostgreSQL's jsonb operators), so handlers can
+    write native SQL without the rewrite mistaking an operator for a value.
+    """
     if "?" not in sql:
         return sql
     n = 0
 
     def number(m: re.Match[str]) -> str:
         nonlocal n
+        if m.group() == "??":
+            return "?"
         if m.group() != "?":
             return m.group()
         n += 1
@@ -166,20 +226,28 @@ class PostgresDriver:
         self,
         url: str,
         *,
-        min_size: int = 2,
-        max_size: int = 10,
+        min_size: int | None = None,
+        max_size: int | None = None,
         channel: str = "sagakit",
-        acquire_timeout: float = 30.0,
+        acquire_timeout: float | None = None,
         **connect_options: Any,
     ) -> None:
+        given = {"min_size": min_size, "max_size": max_size, "acquire_timeout": acquire_timeout}
+        o = (parsed := parse_url(url, URL_OPTIONS, given=given, foreign=LIBPQ_OPTIONS)).values
         if not _CHANNEL.match(channel):
             raise ConfigurationError(f"invalid notification channel {channel!r}")
-        if not 0 <= min_size <= max_size or max_size < 1:
-            raise ConfigurationError(f"invalid pool size {min_size}..{max_size}")
-        self.url = url
+        if o["min_size"] is None:
+            o["min_size"] = min(DEFAULT_MIN_SIZE, o["max_size"])
+        if not 0 <= o["min_size"] <= o["max_size"] or o["max_size"] < 1:
+            raise ConfigurationError(
+                f"invalid pool size {o['min_size']}..{o['max_size']} for {redact(url)}"
+            )
+        #: the DSN for asyncpg: sagakit's own options taken out
+        self.url = parsed.base
         self.channel = channel
-        self.min_size, self.max_size = min_size, max_size
-        self.acquire_timeout = acquire_timeout
+        self.min_size: int = o["min_size"]
+        self.max_size: int = o["max_size"]
+        self.acquire_timeout: float = o["acquire_timeout"]
         self.pool_options: dict[str, Any] = {"reset": _keep_session}
         self.pool_options.update(
             (k, connect_options.pop(k)) for k in _POOL_ONLY if k in connect_options
@@ -205,6 +273,10 @@ class PostgresDriver:
             )
         except DBError as exc:
             raise translate(exc) from exc
+        except (ValueError, asyncpg.ClientConfigurationError) as exc:
+            # a malformed DSN; asyncpg's message may quote it, password and all
+            reason = redact(str(exc))
+            raise ConfigurationError(f"bad PostgreSQL URL {redact(self.url)}: {reason}") from None
 
     async def close(self) -> None:
         if self._listener is not None:
