@@ -148,6 +148,16 @@ def test_nats_tls_scheme_builds_a_verifying_tls_context() -> None:
         NatsTransport("tls://h:4222?tls_ca_file=/nonexistent/ca.pem")
 
 
+async def test_nats_tls_is_never_silently_plain(nats_url: str) -> None:
+    """The local server has no TLS: asking for it must fail, not fall back."""
+    from sagakit.transport.nats import NatsTransport
+
+    t = NatsTransport(nats_url.replace("nats://", "tls://", 1), namespace=fresh_namespace())
+    with pytest.raises(ConfigurationError, match="TLS"):
+        await t.open()
+    await t.close()
+
+
 async def test_rediss_builds_a_tls_connection() -> None:
     from redis.asyncio.connection import SSLConnection
 

@@ -542,6 +542,7 @@ class NatsTransport:
             return
         try:
             self._nc = await nats.connect(**self.connect_options())
+            self._require_tls(self._nc)
             self._nc.options["max_reconnect_attempts"] = -1
             self._js = self._nc.jetstream(timeout=self.publish_timeout)
             self._jsm = self._nc.jsm(timeout=self.publish_timeout)
@@ -577,6 +578,17 @@ class NatsTransport:
         if self.tls_hostname:
             options["tls_hostname"] = self.tls_hostname
         return options
+
+    def _require_tls(self, nc: Client) -> None:
+        """Refuse a plain connection when TLS was asked for.
+
+        nats-py upgrades to TLS only if the server's INFO says ``tls_required``;
+        a server (or someone in between) that does not would otherwise get
+        the credentials and messages in clear text.
+        """
+        info = getattr(nc, "_server_info", None)  # nats-py keeps no public copy
+        if self.tls is not None and isinstance(info, dict) and not info.get("tls_required"):
+            raise ConfigurationError("TLS was asked for, but the NATS server does not require it")
 
     async def _abandon(self) -> None:
         if self._nc is not None:
