@@ -44,7 +44,8 @@ from rich.table import Table
 
 import sagakit as sk
 from sagakit.app import COORDINATOR
-from sagakit.transport import redact
+from sagakit.transport import BROKER_SCHEMES, redact
+from sagakit.transport._url import fresh_namespace, has_option, with_option
 
 from .app import OrderFulfillment, build
 from .catalog import CATALOG
@@ -645,6 +646,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def own_namespace(transport: str) -> str:
+    """A broker URL in a namespace of this run's own, unless it names one.
+
+    The default store is fresh per run; this does the same for the broker, so
+    a run never consumes what an interrupted earlier run left in its queues.
+    """
+    if transport.split(":", 1)[0] not in BROKER_SCHEMES or has_option(
+        transport, "namespace", "prefix"
+    ):
+        return transport
+    return with_option(transport, "namespace", fresh_namespace("demo"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.orders < 1:
@@ -663,6 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.lease = 2.0
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     args.store = args.store or default_store()
+    args.transport = own_namespace(args.transport)
     try:
         result = asyncio.run(run(args))
     except (

@@ -142,6 +142,7 @@ def open_transport(url: str, store: Store, **options: Any) -> Transport:
 
 
 __all__ = [
+    "BROKER_SCHEMES",
     "Delivery",
     "Handler",
     "Outgoing",
