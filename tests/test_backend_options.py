@@ -124,7 +124,7 @@ def test_fresh_namespaces_differ_and_with_option_keeps_a_given_one() -> None:
 # -- TLS ---------------------------------------------------------------------
 
 
-def test_amqps_builds_a_tls_connection() -> None:
+async def test_amqps_builds_a_tls_connection() -> None:
     import aiormq
     import aiormq.connection
 
@@ -176,7 +176,7 @@ async def test_rediss_builds_a_tls_connection() -> None:
 
 
 async def _backends(postgres_url: str, name: str) -> int:
-    store = open_store(postgres_url)
+    store = open_store(f"{postgres_url}?max_size=1")  # one more connection, no more
     await store.driver.open()
     try:
         rows = await store.driver.fetch_single(
@@ -219,7 +219,7 @@ async def test_postgres_sslmode_from_the_url_is_applied(postgres_url: str) -> No
 
 
 async def test_double_question_mark_is_a_literal_for_jsonb(postgres_url: str, prefix: str) -> None:
-    store = open_store(postgres_url, prefix=prefix)
+    store = open_store(f"{postgres_url}?max_size=1", prefix=prefix)
     await store.driver.open()
     table = f"{prefix}docs"
     try:
