@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
-from order_fulfillment.app import build
-from order_fulfillment.payments import CARD_OK
 
 from sagakit import cli
+from sagakit.examples.order_fulfillment.app import build
+from sagakit.examples.order_fulfillment.payments import CARD_OK
 
 pytestmark = pytest.mark.timeout(60)
 
-FACTORY = "order_fulfillment.worker:create"
+FACTORY = "sagakit.examples.order_fulfillment.worker:create"
 
 
 def worker(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -124,10 +124,10 @@ def test_worker_runs_only_its_services(tmp_path: Path) -> None:
     [
         (["--app", "nocolon"], "MODULE:APP"),
         (["--app", "no_such_module_xyz:app"], "cannot import"),
-        (["--app", "order_fulfillment.worker:nope"], "no attribute"),
+        (["--app", "sagakit.examples.order_fulfillment.worker:nope"], "no attribute"),
         (["--app", FACTORY], "needs a store"),
         (["--app", FACTORY, "--store", "sqlite:///:memory:", "--service", "nobody"], "unknown"),
-        (["--app", "order_fulfillment.catalog:CATALOG"], "neither an App"),
+        (["--app", "sagakit.examples.order_fulfillment.catalog:CATALOG"], "neither an App"),
     ],
 )
 def test_worker_refuses_bad_arguments(

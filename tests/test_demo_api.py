@@ -8,9 +8,10 @@ from typing import Any
 
 import httpx
 import pytest
-from order_fulfillment.api import create_api
-from order_fulfillment.app import OrderFulfillment, build
-from order_fulfillment.payments import CARD_DECLINED
+
+from sagakit.examples.order_fulfillment.api import create_api
+from sagakit.examples.order_fulfillment.app import OrderFulfillment, build
+from sagakit.examples.order_fulfillment.payments import CARD_DECLINED
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -178,7 +178,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_demo(argv: Sequence[str]) -> int:
     try:
-        demo = importlib.import_module("order_fulfillment.demo")
+        demo = importlib.import_module("sagakit.examples.order_fulfillment.demo")
     except ImportError as exc:
         print(
             f"the demo application is not installed ({exc}); install sagakit from the "

@@ -10,11 +10,11 @@
 4. check invariants across all services, print a summary (or, with
    ``--json``, one JSON object as the last line) and exit 0 only if they hold.
 
-``--serve`` keeps the HTTP API up afterwards (see ``order_fulfillment.api``).
+``--serve`` keeps the HTTP API up afterwards (see ``sagakit.examples.order_fulfillment.api``).
 
 ``--processes N`` runs the services in worker processes instead: N per
 service plus ``--coordinators`` (2) saga coordinators, started with
-``sagakit worker`` by :class:`order_fulfillment.cluster.Cluster`. This process
+``sagakit worker`` by :class:`sagakit.examples.order_fulfillment.cluster.Cluster`. This process
 then only prepares the databases, places the orders (its App consumes nothing;
 it relays its outbox) and checks the books. ``--chaos`` SIGKILLs one
 coordinator process once half of the sagas are final and restarts it a moment
@@ -54,7 +54,7 @@ from .orders import APPROVED, REJECTED
 from .payments import CARD_DECLINED, CARD_INSUFFICIENT_FUNDS, CARD_OK
 from .shipping import FakeCarrier
 
-log = logging.getLogger("order_fulfillment.demo")
+log = logging.getLogger("sagakit.examples.order_fulfillment.demo")
 
 # -- outcomes ------------------------------------------------------------------
 
@@ -321,7 +321,7 @@ async def check(
     views = [await of.app.sagas.get(s, history=False) for s in saga_ids]
     orders = {o.id: o for o in await of.orders.all()}
     mine = {o.order_id for o in plan.orders}
-    states = Counter(v.state for v in views)
+    states: Counter[str] = Counter(str(v.state) for v in views)
     outcomes: Counter[str] = Counter()
     compensations: dict[str, Counter[str]] = {}
     for v in views:
