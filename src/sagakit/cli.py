@@ -25,15 +25,27 @@ log = logging.getLogger("sagakit.worker")
 FACTORY_OPTIONS = ("store", "transport", "run", "settings")
 
 
-def _load_app(spec: str, **options: Any) -> Any:
+def _load_app(spec: str, *, defaults: Mapping[str, Any] | None = None, **options: Any) -> Any:
     """Import ``module:attribute``: an App (or any object with async ``start``/``stop``,
     such as the demo's ``OrderFulfillment``), or a factory that returns one.
 
     A factory is called with those of ``options`` (``store``, ``transport``,
     ``run``, ``settings``) that are not None and that it accepts by name (all
     of them if it takes ``**kwargs``). Asking for an option the target cannot
-    take is an error rather than being silently ignored.
+    take is an error rather than being silently ignored. ``defaults`` (the
+    environment's ``SAGAKIT_STORE``...) fill in what a factory accepts and was
+    not given; a ready-made App has its own and ignores them.
     """
+    obj = _import(spec)
+    given = {k: v for k, v in options.items() if v is not None}
+    if _runnable(obj):
+        return _ready_made(obj, spec, given)
+    if not callable(obj):
+        raise ConfigurationError(f"{spec} is neither an App nor a factory of one")
+    return _from_factory(obj, spec, given, defaults or {})
+
+
+def _import(spec: str) -> Any:
     module, _, attr = spec.partition(":")
     if not module or not attr:
         raise ConfigurationError(f"--app wants MODULE:APP, got {spec!r}")
@@ -42,22 +54,30 @@ def _load_app(spec: str, **options: Any) -> Any:
     except ImportError as exc:
         raise ConfigurationError(f"cannot import {module!r}: {exc}") from exc
     try:
-        obj = getattr(mod, attr)
+        return getattr(mod, attr)
     except AttributeError:
         raise ConfigurationError(f"module {module!r} has no attribute {attr!r}") from None
-    given = {k: v for k, v in options.items() if v is not None}
-    if _runnable(obj):
-        unusable = sorted(set(given) - {"run"})
-        if unusable:
-            raise ConfigurationError(
-                f"{spec} is a ready-made app; options {unusable} need a factory function"
-            )
-        return obj
-    if not callable(obj):
-        raise ConfigurationError(f"{spec} is neither an App nor a factory of one")
+
+
+def _ready_made(obj: Any, spec: str, given: dict[str, Any]) -> Any:
+    """A ready-made app: only ``run`` (--service) applies; it was built without it."""
+    unusable = sorted(set(given) - {"run"})
+    if unusable:
+        raise ConfigurationError(
+            f"{spec} is a ready-made app; options {unusable} need a factory function"
+        )
+    if "run" in given:
+        _select(obj, given["run"])
+    return obj
+
+
+def _from_factory(
+    factory: Any, spec: str, given: dict[str, Any], defaults: Mapping[str, Any]
+) -> Any:
+    """Call ``factory`` with the options it takes; filter ``run`` here if it does not."""
     params: Mapping[str, inspect.Parameter]
     try:
-        params = inspect.signature(obj).parameters
+        params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         params = {}
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -65,7 +85,10 @@ def _load_app(spec: str, **options: Any) -> Any:
     unusable = sorted(set(given) - set(accepted) - {"run"})
     if unusable:
         raise ConfigurationError(f"the factory {spec} takes no {', '.join(unusable)} argument")
-    app = obj(**accepted)
+    for k, v in defaults.items():
+        if v and k not in accepted and (takes_all or k in params):
+            accepted[k] = v
+    app = factory(**accepted)
     if not _runnable(app):
         raise ConfigurationError(f"{spec}() returned {type(app).__name__}, not an App")
     if "run" in given and "run" not in accepted:
@@ -90,10 +113,19 @@ def _app_of(obj: Any) -> App | None:
 
 
 def _select(obj: Any, services: list[str]) -> None:
+    """Make the App in ``obj`` consume only for ``services`` once started.
+
+    Uses ``App.only(services)`` where the App has it; until then sets the run
+    set the App was constructed with (``App(run=...)``) directly.
+    """
     app = _app_of(obj)
     if app is None:
         raise ConfigurationError("--service needs an App (or an object with an App as .app)")
-    app._run = set(services)
+    only = getattr(app, "only", None)
+    if callable(only):
+        only(services)
+    else:
+        app._run = set(services)
 
 
 def _check_services(obj: Any, services: list[str] | None) -> list[str]:
@@ -146,8 +178,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings = Settings(**{k: v for k, v in tuned.items() if v is not None})
     obj = _load_app(
         args.app,
-        store=args.store or os.environ.get("SAGAKIT_STORE") or None,
-        transport=args.transport or os.environ.get("SAGAKIT_TRANSPORT") or None,
+        defaults={
+            "store": os.environ.get("SAGAKIT_STORE"),
+            "transport": os.environ.get("SAGAKIT_TRANSPORT"),
+        },
+        store=args.store,
+        transport=args.transport,
         run=args.service,
         settings=settings,
     )
