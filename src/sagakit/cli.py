@@ -1,4 +1,9 @@
-"""The ``sagakit`` command: demo, worker, and database migration."""
+"""The ``sagakit`` command: demo, worker, and database migration.
+
+Every failure ends in one line on stderr, ``sagakit: error: ...``, with exit
+status 2 for a usage or configuration error and 1 for a runtime failure (an
+unreachable server, a database that refuses us); ``-v`` adds the traceback.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +15,34 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from . import __version__
 from .app import COORDINATOR, App, Settings
 from .errors import ConfigurationError, SagakitError
 from .transport import redact
 
 log = logging.getLogger("sagakit.worker")
+
+#: the demo's module; its third-party imports come with the ``demo`` extra
+DEMO = "sagakit.examples.order_fulfillment.demo"
+#: what the demo imports that a plain ``pip install sagakit`` lacks
+DEMO_EXTRA = frozenset({"rich", "starlette", "uvicorn"})
+DEFAULT_STORE = "sqlite:///.sagakit/sagakit.db"
+
+
+class CommandFailed(Exception):
+    """A command could not do its work (exit status 1); the message says why."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, not the usage block plus a line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"sagakit: error: {message} (see '{self.prog} --help')\n")
 
 
 #: the options ``sagakit worker`` can hand to an app factory, by parameter name
@@ -188,50 +212,56 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings=settings,
     )
     services = _check_services(obj, args.service)
-    try:
-        asyncio.run(_serve(obj, services, args.ready_file))
-    except SagakitError as exc:
-        print(f"sagakit worker: {exc}", file=sys.stderr)
-        return 1
+    asyncio.run(_serve(obj, services, args.ready_file))
     return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    """Bring the store's schema up to date; a store we cannot reach is exit 1."""
     from .store import open_store
 
+    url = args.store or os.environ.get("SAGAKIT_STORE") or DEFAULT_STORE
+
     async def run() -> int:
-        store = open_store(args.store, prefix=args.prefix)
+        store = open_store(url, prefix=args.prefix)
         await store.open(migrate=False)
         try:
-            version = await store.migrate()
+            return await store.migrate()
         finally:
             await store.close()
-        print(f"{redact(args.store)}: schema at version {version}")
-        return 0
 
-    return asyncio.run(run())
-
-
-def cmd_demo(argv: Sequence[str]) -> int:
     try:
-        demo = importlib.import_module("sagakit.examples.order_fulfillment.demo")
-    except ImportError as exc:
-        print(
-            f"the demo application is not installed ({exc}); install sagakit from the "
-            "repository with 'make demo'",
-            file=sys.stderr,
-        )
-        return 2
-    return int(demo.main(list(argv)))
+        version = asyncio.run(run())
+    except ConfigurationError:
+        raise
+    except (SagakitError, OSError) as exc:
+        raise CommandFailed(f"cannot migrate {redact(url)}: {exc}") from exc
+    print(f"{redact(url)}: schema at version {version}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo with the arguments after ``demo``, which it parses itself."""
+    try:
+        demo = importlib.import_module(DEMO)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in DEMO_EXTRA:
+            raise
+        raise ConfigurationError(
+            f"the demo needs {exc.name!r}: pip install 'sagakit[demo]'"
+        ) from exc
+    return int(demo.main(list(args.demo_argv)))
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sagakit", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    p = ArgumentParser(prog="sagakit", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level; tracebacks")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser(
+    d = sub.add_parser(
         "demo", help="run the order-fulfillment demo (see 'sagakit demo --help')", add_help=False
     )
+    d.set_defaults(func=cmd_demo, demo_argv=[])
     w = sub.add_parser(
         "worker",
         help="run participants and/or the coordinator of an App",
@@ -251,24 +281,59 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--ready-file", help="write the pid to this file once consuming")
     w.set_defaults(func=cmd_worker)
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db", required=True)
-    m = db.add_parser("migrate", help="apply pending schema migrations")
-    m.add_argument("--store", default="sqlite:///.sagakit/sagakit.db")
-    m.add_argument("--prefix", default="sagakit_")
+    m = db.add_parser(
+        "migrate",
+        help="apply pending schema migrations",
+        description="Create sagakit's tables, or bring them up to date, in one store.",
+    )
+    m.add_argument("--store", help=f"store URL (default $SAGAKIT_STORE, else {DEFAULT_STORE})")
+    m.add_argument("--prefix", default="sagakit_", help="table name prefix (default sagakit_)")
     m.set_defaults(func=cmd_migrate)
     return p
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line; everything after ``demo`` is left for the demo's own parser.
+
+    The global options (``-v``, ``--version``, ``-h``) take no value, so the
+    first word not starting with ``-`` is the command.
+    """
+    at = next((i for i, word in enumerate(argv) if not word.startswith("-")), len(argv))
+    if argv[at : at + 1] == ["demo"]:
+        args = parser().parse_args(argv[: at + 1])
+        args.demo_argv = argv[at + 1 :]
+        return args
+    return parser().parse_args(argv)
+
+
+def fail(exc: BaseException, status: int, verbose: bool) -> int:
+    """Report ``exc`` as one line (after its traceback with ``-v``); return ``status``."""
+    if verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    message = " ".join(str(exc).splitlines()).strip() or type(exc).__name__
+    if not isinstance(exc, SagakitError | OSError | CommandFailed):
+        message = f"unexpected {type(exc).__name__}: {message}"
+        if not verbose:
+            message += " (run with -v for the traceback)"
+    print(f"sagakit: error: {message}", file=sys.stderr)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["demo"]:
-        return cmd_demo(argv[1:])
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    verbose = False
     try:
+        args = parse(list(sys.argv[1:] if argv is None else argv))
+        verbose = args.verbose
+        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
         return int(args.func(args))
+    except SystemExit as exc:  # argparse: --help, --version, usage errors (already printed)
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     except ConfigurationError as exc:
-        print(f"sagakit: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc, 2, verbose)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        return fail(exc, 1, verbose)
 
 
 if __name__ == "__main__":

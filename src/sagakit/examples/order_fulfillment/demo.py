@@ -44,6 +44,7 @@ from rich.table import Table
 
 import sagakit as sk
 from sagakit.app import COORDINATOR
+from sagakit.cli import ArgumentParser
 from sagakit.transport import redact
 
 from .app import OrderFulfillment, build
@@ -597,7 +598,7 @@ def default_store(root: Path = Path(".sagakit"), keep: int = 5) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="sagakit demo",
         description="Run the order-fulfillment saga demo and check its invariants.",
     )
@@ -645,19 +646,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def misuse(args: argparse.Namespace) -> str | None:
+    """What is wrong with a combination of options argparse accepted one by one."""
+    if args.orders < 1:
+        return "--orders must be at least 1"
+    if args.processes < 0 or (args.processes and args.coordinators < 1):
+        return "--processes >= 0 and --coordinators >= 1"
+    if args.processes and args.serve:
+        return "--serve runs in one process; drop --processes"
+    if args.chaos and (not args.processes or args.coordinators < 2):
+        return "--chaos needs --processes and two coordinators"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.orders < 1:
-        print("sagakit demo: --orders must be at least 1", file=sys.stderr)
-        return 2
-    if args.processes < 0 or (args.processes and args.coordinators < 1):
-        print("sagakit demo: --processes >= 0 and --coordinators >= 1", file=sys.stderr)
-        return 2
-    if args.processes and args.serve:
-        print("sagakit demo: --serve runs in one process; drop --processes", file=sys.stderr)
-        return 2
-    if args.chaos and (not args.processes or args.coordinators < 2):
-        print("sagakit demo: --chaos needs --processes and two coordinators", file=sys.stderr)
+    wrong = misuse(args)
+    if wrong:
+        print(f"sagakit: error: demo: {wrong}", file=sys.stderr)
         return 2
     if args.chaos and args.lease is None:
         args.lease = 2.0
@@ -672,7 +678,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         OSError,
         WorkerFailed,
     ) as exc:
-        print(f"sagakit demo: {exc}", file=sys.stderr)
+        log.info("the demo failed", exc_info=True)  # the traceback, with sagakit -v
+        print(f"sagakit: error: demo: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result.to_json()))
