@@ -155,6 +155,17 @@ def test_demo_without_its_extra_prints_the_install_hint(
     assert len(err) == 1 and "pip install 'sagakit[demo]'" in err[0], err
 
 
+def test_a_missing_driver_names_its_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``pip install sagakit`` then a postgresql:// store: the hint, not a traceback."""
+    monkeypatch.setitem(sys.modules, "asyncpg", None)
+    monkeypatch.delitem(sys.modules, "sagakit.store.postgres", raising=False)
+    assert cli.main(["db", "migrate", "--store", "postgresql://u@127.0.0.1/t"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "pip install 'sagakit[postgres]'" in err[0], err
+
+
 def test_the_demo_lives_under_sagakit_only() -> None:
     """No top-level ``order_fulfillment`` package: the wheel ships ``sagakit`` alone."""
     assert importlib.util.find_spec("order_fulfillment") is None

@@ -29,8 +29,18 @@ log = logging.getLogger("sagakit.worker")
 
 #: the demo's module; its third-party imports come with the ``demo`` extra
 DEMO = "sagakit.examples.order_fulfillment.demo"
+#: the extra that installs each optional module, for the hint when one is missing
+EXTRA_OF = {
+    "asyncpg": "postgres",
+    "aio_pika": "rabbitmq",
+    "nats": "nats",
+    "redis": "redis",
+    "rich": "demo",
+    "starlette": "demo",
+    "uvicorn": "demo",
+}
 #: what the demo imports that a plain ``pip install sagakit`` lacks
-DEMO_EXTRA = frozenset({"rich", "starlette", "uvicorn"})
+DEMO_EXTRA = frozenset(m for m, extra in EXTRA_OF.items() if extra == "demo")
 DEFAULT_STORE = "sqlite:///.sagakit/sagakit.db"
 
 
@@ -242,14 +252,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo with the arguments after ``demo``, which it parses itself."""
-    try:
-        demo = importlib.import_module(DEMO)
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").partition(".")[0] not in DEMO_EXTRA:
-            raise
-        raise ConfigurationError(
-            f"the demo needs {exc.name!r}: pip install 'sagakit[demo]'"
-        ) from exc
+    demo = importlib.import_module(DEMO)  # without the demo extra: see missing_extra()
     return int(demo.main(list(args.demo_argv)))
 
 
@@ -306,6 +309,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return parser().parse_args(argv)
 
 
+def missing_extra(exc: ModuleNotFoundError) -> ConfigurationError | None:
+    """The install hint for an optional module that is not installed, if it is one."""
+    extra = EXTRA_OF.get((exc.name or "").partition(".")[0])
+    if extra is None:
+        return None
+    return ConfigurationError(f"{exc.name!r} is not installed: pip install 'sagakit[{extra}]'")
+
+
 def fail(exc: BaseException, status: int, verbose: bool) -> int:
     """Report ``exc`` as one line (after its traceback with ``-v``); return ``status``."""
     if verbose:
@@ -330,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     except ConfigurationError as exc:
         return fail(exc, 2, verbose)
+    except ModuleNotFoundError as exc:
+        hint = missing_extra(exc)
+        return fail(exc, 1, verbose) if hint is None else fail(hint, 2, verbose)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
