@@ -314,7 +314,9 @@ def missing_extra(exc: ModuleNotFoundError) -> ConfigurationError | None:
     extra = EXTRA_OF.get((exc.name or "").partition(".")[0])
     if extra is None:
         return None
-    return ConfigurationError(f"{exc.name!r} is not installed: pip install 'sagakit[{extra}]'")
+    hint = ConfigurationError(f"{exc.name!r} is not installed: pip install 'sagakit[{extra}]'")
+    hint.__cause__ = exc  # -v shows where it was imported from
+    return hint
 
 
 def fail(exc: BaseException, status: int, verbose: bool) -> int:
