@@ -147,19 +147,11 @@ def _app_of(obj: Any) -> App | None:
 
 
 def _select(obj: Any, services: list[str]) -> None:
-    """Make the App in ``obj`` consume only for ``services`` once started.
-
-    Uses ``App.only(services)`` where the App has it; until then sets the run
-    set the App was constructed with (``App(run=...)``) directly.
-    """
+    """Make the App in ``obj`` consume only for ``services`` once started."""
     app = _app_of(obj)
     if app is None:
         raise ConfigurationError("--service needs an App (or an object with an App as .app)")
-    only = getattr(app, "only", None)
-    if callable(only):
-        only(services)
-    else:
-        app._run = set(services)
+    app.only(services)
 
 
 def _check_services(obj: Any, services: list[str] | None) -> list[str]:
