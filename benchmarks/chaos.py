@@ -7,7 +7,7 @@
         --transport amqp://guest:guest@127.0.0.1:5672/ --runs 3 --sagas 300 --json
 
 Each run starts the demo's six services and two saga coordinators as separate
-``sagakit worker`` processes (:class:`order_fulfillment.cluster.Cluster`,
+``sagakit worker`` processes (:class:`sagakit.examples.order_fulfillment.cluster.Cluster`,
 factory :mod:`chaos_app`), places N orders (spread over ``--place-over``
 seconds so that faults land while sagas are in flight) and, until every saga
 is final, injects faults at random moments:
@@ -98,15 +98,15 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import chaos_app  # noqa: E402
-from order_fulfillment import demo  # noqa: E402
-from order_fulfillment.app import OrderFulfillment, build  # noqa: E402
-from order_fulfillment.cluster import Cluster, WorkerFailed  # noqa: E402
-from order_fulfillment.customers import RESERVED  # noqa: E402
-from order_fulfillment.orders import APPROVED, REJECTED  # noqa: E402
-from order_fulfillment.saga import create_order  # noqa: E402
 
 import sagakit as sk  # noqa: E402
 from sagakit.app import COORDINATOR  # noqa: E402
+from sagakit.examples.order_fulfillment import demo  # noqa: E402
+from sagakit.examples.order_fulfillment.app import OrderFulfillment, build  # noqa: E402
+from sagakit.examples.order_fulfillment.cluster import Cluster, WorkerFailed  # noqa: E402
+from sagakit.examples.order_fulfillment.customers import RESERVED  # noqa: E402
+from sagakit.examples.order_fulfillment.orders import APPROVED, REJECTED  # noqa: E402
+from sagakit.examples.order_fulfillment.saga import create_order  # noqa: E402
 from sagakit.transport import redact  # noqa: E402
 
 log = logging.getLogger("chaos")

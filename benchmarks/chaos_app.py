@@ -1,7 +1,7 @@
 """The order-fulfillment demo as the chaos harness runs it in each worker.
 
 ``sagakit worker --app chaos_app:create`` (with ``benchmarks/`` on
-``PYTHONPATH``) builds the demo exactly as ``order_fulfillment.worker:create``
+``PYTHONPATH``) builds the demo exactly as ``sagakit.examples.order_fulfillment.worker:create``
 does, plus two things the harness needs, both switched on by environment
 variables so the same factory serves every process of a run:
 
@@ -63,11 +63,11 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from order_fulfillment import worker
-from order_fulfillment.app import OrderFulfillment
-from order_fulfillment.service import Service
 
 import sagakit as sk
+from sagakit.examples.order_fulfillment import worker
+from sagakit.examples.order_fulfillment.app import OrderFulfillment
+from sagakit.examples.order_fulfillment.service import Service
 from sagakit.outbox import OUTBOX_QUEUE
 from sagakit.transport import Outgoing
 
@@ -395,7 +395,7 @@ def create(
     run: Iterable[str] | None = None,
     settings: sk.Settings | None = None,
 ) -> OrderFulfillment:
-    """``order_fulfillment.worker:create`` with the harness's instrumentation."""
+    """``sagakit.examples.order_fulfillment.worker:create`` with the harness's instrumentation."""
     of = worker.create(store, transport, run, settings)
     instrument(of)
     return of

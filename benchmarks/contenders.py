@@ -66,7 +66,9 @@ def _ddl(dialect: str, p: str) -> list[str]:
 class Sagakit:
     """sagakit: three participants and the coordinator in one App."""
 
-    def __init__(self, url: str, prefix: str, transport: str = "database") -> None:
+    def __init__(
+        self, url: str, prefix: str, transport: str = "database", *, signing: bool = False
+    ) -> None:
         import msgspec
 
         import sagakit as sk
@@ -95,7 +97,12 @@ class Sagakit:
             .pivot()
             .build()
         )
-        settings = sk.Settings(prefix=prefix)
+        keys = None
+        if signing:  # every message signed and verified (HMAC-SHA256)
+            from sagakit.signing import SigningKeys
+
+            keys = SigningKeys.parse("bench:" + "k" * 40)
+        settings = sk.Settings(prefix=prefix, signing=keys)
         self.app = app = sk.App(url, transport, settings=settings)
         app.saga(self.definition)
 

@@ -6,7 +6,7 @@ Runs on SQLite (a file in WAL mode) and PostgreSQL, 1 saga in flight
 (sequential) and 32 in flight, and prints sagas/s and p50/p99 latency of a
 whole saga.
 
-    python benchmarks/sagas.py [--duration 3] [--quick] [--variant compensate]
+    python benchmarks/sagas.py [--duration 3] [--quick] [--variant compensate] [--signing]
 
 PostgreSQL rows use ``SAGAKIT_BENCH_POSTGRES_URL`` (default
 ``postgresql://postgres@127.0.0.1:5432/test``) with a unique table prefix,
@@ -44,7 +44,7 @@ async def run(args: argparse.Namespace) -> None:
                 p = f"{prefix}{i}_"
                 store = f"sqlite:///{tmp}/s{i}.db" if db == "sqlite" else url
                 out = await drive(
-                    Sagakit(store, p),
+                    Sagakit(store, p, signing=args.signing),
                     variant=args.variant,
                     in_flight=in_flight,
                     duration=args.duration,
@@ -70,7 +70,8 @@ async def run(args: argparse.Namespace) -> None:
             await bl.drop_prefixed_tables(url, prefix)
     hw = bl.hardware()
     bl.print_table(
-        f"sagakit, 3-step saga ({args.variant}), database transport; "
+        f"sagakit, 3-step saga ({args.variant}{', signed' if args.signing else ''}), "
+        "database transport; "
         f"{hw['cpus']} CPUs, load {hw['load']}",
         ("database", "in flight", "sagas", "sagas/s", "p50 ms", "p99 ms", "CPU ms/saga"),
         rows,
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=0.5)
     ap.add_argument("--variant", choices=("happy", "compensate"), default="happy")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--signing", action="store_true", help="sign and verify every message")
     args = ap.parse_args()
     if args.quick:
         args.duration, args.warmup = 0.8, 0.2

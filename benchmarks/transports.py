@@ -158,7 +158,7 @@ KEYS["Redis Streams"] = "redis"
 
 
 async def one_run(store_cm: Scratch, transport_cm: Scratch, orders: int) -> tuple[float, bool]:
-    from order_fulfillment import demo
+    from sagakit.examples.order_fulfillment import demo
 
     async with store_cm() as store, transport_cm() as transport:
         args = demo.parser().parse_args(

@@ -13,14 +13,17 @@ import time
 from pathlib import Path
 
 import pytest
-from order_fulfillment.app import build
-from order_fulfillment.payments import CARD_OK
 
 from sagakit import cli
+from sagakit.app import COORDINATOR
+from sagakit.examples.order_fulfillment.app import build
+from sagakit.examples.order_fulfillment.payments import CARD_OK
+from tests.workers import cli_app
 
 pytestmark = pytest.mark.timeout(60)
 
-FACTORY = "order_fulfillment.worker:create"
+FACTORY = "sagakit.examples.order_fulfillment.worker:create"
+ROOT = Path(__file__).parents[1]
 
 
 def worker(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -119,15 +122,50 @@ def test_worker_runs_only_its_services(tmp_path: Path) -> None:
     assert "services shipping" in out
 
 
+async def prepare_cli_app(store: str) -> None:
+    """Create the tables before the worker starts, as prepare() does for the demo."""
+    async with cli_app.create(store, run=[]):
+        pass
+
+
+async def pay_and_reserve(store: str) -> tuple[str, str]:
+    """Run one saga on each service, with the coordinator here: (pay, reserve) states."""
+    async with cli_app.create(store, run=[COORDINATOR]) as app:
+        pay_id = await app.sagas.start(cli_app.PAY, cli_app.Job("p"))
+        reserve_id = await app.sagas.start(cli_app.RESERVE, cli_app.Job("r"))
+        paid = await app.sagas.wait(pay_id, timeout=20)
+        await asyncio.sleep(1.0)
+        return paid.state, (await app.sagas.get(reserve_id)).state
+
+
+@pytest.mark.parametrize("form", ["app", "create"], ids=["App object", "factory"])
+def test_service_runs_only_that_service_in_both_forms(form: str, tmp_path: Path) -> None:
+    """``--service payments`` on a ready-made App used to run every service."""
+    store = f"sqlite:///{tmp_path}/sagakit.db"
+    asyncio.run(prepare_cli_app(store))
+    ready = tmp_path / "ready"
+    env = {"SAGAKIT_STORE": store, "PYTHONPATH": str(ROOT)}
+    app = f"tests.workers.cli_app:{form}"
+    proc = worker("--app", app, "--service", "payments", "--ready-file", str(ready), env=env)
+    try:
+        wait_ready(proc, ready)
+        assert asyncio.run(pay_and_reserve(store)) == ("completed", "running")
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out
+    assert "services payments" in out
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--app", "nocolon"], "MODULE:APP"),
         (["--app", "no_such_module_xyz:app"], "cannot import"),
-        (["--app", "order_fulfillment.worker:nope"], "no attribute"),
+        (["--app", "sagakit.examples.order_fulfillment.worker:nope"], "no attribute"),
         (["--app", FACTORY], "needs a store"),
         (["--app", FACTORY, "--store", "sqlite:///:memory:", "--service", "nobody"], "unknown"),
-        (["--app", "order_fulfillment.catalog:CATALOG"], "neither an App"),
+        (["--app", "sagakit.examples.order_fulfillment.catalog:CATALOG"], "neither an App"),
     ],
 )
 def test_worker_refuses_bad_arguments(

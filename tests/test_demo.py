@@ -11,9 +11,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from order_fulfillment import demo
-from order_fulfillment.app import OrderFulfillment, build
-from order_fulfillment.messages import (
+
+import sagakit as sk
+from sagakit.examples.order_fulfillment import demo
+from sagakit.examples.order_fulfillment.app import OrderFulfillment, build
+from sagakit.examples.order_fulfillment.messages import (
     ConfirmStock,
     Line,
     NothingToRefund,
@@ -21,10 +23,8 @@ from order_fulfillment.messages import (
     ReservationExpired,
     ReserveStock,
 )
-from order_fulfillment.payments import CARD_DECLINED, CARD_OK, FakeCardGateway
-from order_fulfillment.shipping import FakeCarrier
-
-import sagakit as sk
+from sagakit.examples.order_fulfillment.payments import CARD_DECLINED, CARD_OK, FakeCardGateway
+from sagakit.examples.order_fulfillment.shipping import FakeCarrier
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -375,8 +375,8 @@ def test_demo_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
 def test_the_diagram_is_generated_from_the_definition() -> None:
     import xml.dom.minidom
 
-    from order_fulfillment.diagram import render
-    from order_fulfillment.saga import create_order
+    from sagakit.examples.order_fulfillment.diagram import render
+    from sagakit.examples.order_fulfillment.saga import create_order
 
     svg = render(create_order)
     xml.dom.minidom.parseString(svg)  # well-formed

@@ -423,8 +423,8 @@ def order_bodies(draw: st.DrawFn) -> bytes:
 
 
 def test_fuzz_demo_http_api(tmp_path: Path) -> None:
-    from order_fulfillment.api import create_api
-    from order_fulfillment.app import build
+    from sagakit.examples.order_fulfillment.api import create_api
+    from sagakit.examples.order_fulfillment.app import build
 
     loop = asyncio.new_event_loop()
     of = build(f"sqlite:///{tmp_path}/sagakit.db")

@@ -20,9 +20,9 @@ from typing import Any
 from urllib.parse import urlparse, urlunparse
 
 import pytest
-from order_fulfillment import demo
-from order_fulfillment.cluster import Cluster
 
+from sagakit.examples.order_fulfillment import demo
+from sagakit.examples.order_fulfillment.cluster import Cluster
 from tests.test_nats import delete_stream
 from tests.test_rabbitmq import amqp_url, rabbitmq_vhosts
 

@@ -443,7 +443,8 @@ async def test_wait_is_woken_by_the_commit_not_by_polling(
     async with app:
         saga_id = await app.sagas.start(saga, Order("o"))
         # The fallback poll is out of reach: only the finishing commit can wake it.
-        view = await app.sagas.wait(saga_id, timeout=20, poll=60.0)
+        async with asyncio.timeout(20):
+            view = await app.sagas.wait(saga_id, timeout=20, poll=60.0)
         assert view.state == sk.SagaState.COMPLETED
 
 
@@ -456,7 +457,8 @@ async def test_wait_in_another_process_is_woken_by_notify(
     client, _ = _waited_app(postgres_url, prefix, run=[])
     async with worker, client:
         saga_id = await client.sagas.start(saga, Order("o"))
-        view = await client.sagas.wait(saga_id, timeout=20, poll=60.0)
+        async with asyncio.timeout(20):
+            view = await client.sagas.wait(saga_id, timeout=20, poll=60.0)
         assert view.state == sk.SagaState.COMPLETED
 
 

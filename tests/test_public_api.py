@@ -4,6 +4,7 @@ import sagakit
 def test_public_surface_is_pinned() -> None:
     assert sorted(sagakit.__all__) == sorted(
         [
+            "Actor",
             "App",
             "BusinessError",
             "Cancelled",

@@ -85,6 +85,9 @@ async def test_failure_at_pivot_compensates_before_it(app: sk.App, plan: Plan) -
     assert committed(plan, "pv") == ["T:a", "C:a"]
 
 
+OPS = sk.Actor("ops")
+
+
 async def test_retriable_step_that_gives_up_fails_then_operator_retry(
     app: sk.App, plan: Plan
 ) -> None:
@@ -92,8 +95,12 @@ async def test_retriable_step_that_gives_up_fails_then_operator_retry(
     view = await run(app, "piv", "stuck")
     assert view.state == "failed" and "gave up after 4 attempts" in (view.error or "")
     with pytest.raises(sk.InvalidOperatorAction):
-        await app.sagas.retry("stuck", by="", reason="")
-    await app.sagas.retry("stuck", by="ops@example.com", reason="shipping fixed")
+        await app.sagas.retry("stuck", actor=OPS, reason=" ")
+    with pytest.raises(sk.InvalidOperatorAction):
+        await app.sagas.retry("stuck", actor=sk.Actor("eve", role="viewer"), reason="curious")
+    with pytest.raises(sk.InvalidOperatorAction):
+        sk.Actor("")
+    await app.sagas.retry("stuck", actor=sk.Actor("ops@example.com"), reason="shipping fixed")
     view = await app.sagas.wait("stuck")
     assert view.state == "completed"
     assert any(
@@ -108,7 +115,7 @@ async def test_compensation_that_keeps_failing_ends_failed_then_operator_retry(
     plan.crash_undo_times[("cx", "a")] = 3  # compensation policy allows 2 attempts
     view = await run(app, "cf", "cx")
     assert view.state == "failed" and "'a' (compensate)" in (view.error or "")
-    await app.sagas.retry("cx", by="ops", reason="ledger back online")
+    await app.sagas.retry("cx", actor=OPS, reason="ledger back online")
     view = await app.sagas.wait("cx")
     assert view.state == "compensated"
     assert committed(plan, "cx") == ["T:a", "T:b", "C:b", "C:a"]
@@ -118,7 +125,7 @@ async def test_operator_force_compensation_and_abort(app: sk.App, plan: Plan) ->
     hold = plan.hold[("fc", "b")] = asyncio.Event()
     await app.sagas.start(defn(app, "lin"), Data("fc"), saga_id="fc")
     await eventually(_has_effect(plan, "fc", "T:a"))
-    await app.sagas.compensate("fc", by="ops", reason="customer called")
+    await app.sagas.compensate("fc", actor=OPS, reason="customer called")
     hold.set()
     view = await app.sagas.wait("fc")
     assert view.state == "compensated"
@@ -127,14 +134,14 @@ async def test_operator_force_compensation_and_abort(app: sk.App, plan: Plan) ->
     fx = committed(plan, "fc")
     assert fx in (["T:a", "C:a"], ["T:a", "T:b", "C:b", "C:a"])
     with pytest.raises(sk.InvalidOperatorAction):
-        await app.sagas.abort("fc", by="ops", reason="too late")
+        await app.sagas.abort("fc", actor=OPS, reason="too late")
 
 
 async def test_abort_stops_without_compensating(app: sk.App, plan: Plan) -> None:
     hold = plan.hold[("ab", "b")] = asyncio.Event()
     await app.sagas.start(defn(app, "lin"), Data("ab"), saga_id="ab")
     await eventually(_has_effect(plan, "ab", "T:a"))
-    await app.sagas.abort("ab", by="ops", reason="duplicate order")
+    await app.sagas.abort("ab", actor=OPS, reason="duplicate order")
     hold.set()
     view = await app.sagas.wait("ab")
     assert view.state == "aborted"
@@ -158,9 +165,21 @@ async def test_queries_list_and_count(app: sk.App, plan: Plan) -> None:
 
 
 async def reply_to(
-    app: sk.App, saga_id: str, step: str, causation: str, payload: object, outcome: str = "success"
+    app: sk.App,
+    saga_id: str,
+    step: str,
+    causation: str,
+    payload: object,
+    outcome: str = "success",
+    sender: str | None = None,
 ) -> None:
-    headers = Headers(saga_id=saga_id, step=step, causation_id=causation, outcome=outcome)
+    headers = Headers(
+        saga_id=saga_id,
+        step=step,
+        causation_id=causation,
+        outcome=outcome,
+        sender=step if sender is None else sender,  # in the harness each step has its service
+    )
     env = app.codec.make(payload, headers, kind="reply")
     async with app.store.transaction() as tx:
         await app.store.queue.put(tx, "sagakit.coordinator", env.id, app.codec.encode(env))
@@ -174,6 +193,22 @@ async def test_duplicate_and_stray_replies_are_recorded_not_applied(app: sk.App)
     await eventually(lambda: _logged(app, "dupr", "reply-ignored", times=2))
     view = await app.sagas.get("dupr")
     assert view.state == "completed" and view.data.total == 4
+
+
+async def test_a_reply_from_another_service_is_ignored(app: sk.App, plan: Plan) -> None:
+    """A forged (or misrouted) reply for the awaited command changes nothing."""
+    hold = plan.hold[("forged", "b")] = asyncio.Event()
+    await app.sagas.start(defn(app, "lin"), Data("forged"), saga_id="forged")
+    await eventually(lambda: _logged(app, "forged", "command-sent", times=2))
+    cmd = [e for e in (await app.sagas.get("forged")).history if e.entry == "command-sent"][-1]
+    await reply_to(app, "forged", "b", cmd.message_id or "", DidIt(100), sender="c")
+    await reply_to(app, "forged", "b", cmd.message_id or "", DidIt(100), sender="")
+    await eventually(lambda: _logged(app, "forged", "reply-ignored", times=2))
+    hold.set()
+    view = await app.sagas.wait("forged")
+    assert view.state == "completed" and view.data.total == 4, "only b's own reply counted"
+    ignored = [e.detail or "" for e in view.history if e.entry == "reply-ignored"]
+    assert all("but the command went to 'b'" in d for d in ignored)
 
 
 async def test_unexpected_reply_type_fails_the_step(app: sk.App, plan: Plan) -> None:

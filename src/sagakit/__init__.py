@@ -27,6 +27,7 @@ from .errors import (
     WaitTimeout,
 )
 from .messages import Done, Envelope, Failure, command, event, new_id, reply
+from .ops import Actor
 from .participant import Context, Participant
 from .policies import RetryPolicy
 from .saga import Saga, SagaDefinition, Sagas, SagaState, SagaView
@@ -36,6 +37,7 @@ from .transport import Transport, open_transport
 __version__ = "0.2.0"
 
 __all__ = [
+    "Actor",
     "App",
     "BusinessError",
     "Cancelled",

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from .clock import Clock
 from .endpoint import Endpoint, HopPolicy, Route, Router
-from .errors import DuplicateRegistration
+from .errors import ConfigurationError, DuplicateRegistration
 from .messages import DEFAULT_MAX_SIZE, Codec, Envelope, TypeRegistry
 from .outbox import OutboxWriter, Relay
 from .participant import Participant
@@ -35,6 +35,7 @@ from .saga import Sagas
 from .saga.coordinator import COORDINATOR_QUEUE, LOCAL_QUEUE, TIMER_QUEUE, Coordinator
 from .saga.definition import SagaDefinition
 from .saga.registry import SagaRegistry
+from .signing import SigningKeys
 from .store import Store, open_store
 from .store.consumer import QueueConsumer
 from .transport import BROKER_SCHEMES, Subscription, Transport, open_transport
@@ -72,6 +73,8 @@ class Settings:
     prefix: str = "sagakit_"
     shutdown_grace: float = 10.0
     namespace: str | None = None
+    #: sign every message and require signatures (None: off; see sagakit.signing)
+    signing: SigningKeys | None = None
 
     @property
     def hop(self) -> HopPolicy:
@@ -98,7 +101,7 @@ class App:
             else open_transport(transport, self.store, **_transport_options(transport, s))
         )
         self.registry = TypeRegistry()
-        self.codec = Codec(self.registry, s.max_message_size)
+        self.codec = Codec(self.registry, s.max_message_size, s.signing)
         self._writers: dict[int, OutboxWriter] = {}
         coordinator = Coordinator(SagaRegistry(), self.writer_for(self.store), s.retry)
         self.sagas = Sagas(coordinator.registry, coordinator)
@@ -140,6 +143,16 @@ class App:
         if writer is None:
             writer = self._writers[id(store)] = OutboxWriter(store, self.transport, self.codec)
         return writer
+
+    def only(self, services: Iterable[str]) -> None:
+        """Run only these services in this process (the coordinator is ``coordinator``).
+
+        For a ready-made App handed to ``sagakit worker --service``; call it
+        before ``start()``.
+        """
+        if self._started:
+            raise ConfigurationError("App.only() must be called before start()")
+        self._run = set(services)
 
     def runs(self, name: str) -> bool:
         return self._run is None or name in self._run
@@ -205,8 +218,11 @@ class App:
             unique[id(st)] = st
         return list(unique.values())
 
-    def _endpoint(self, name: str, store: Store, router: Router) -> Endpoint:
-        return Endpoint(name, self.writer_for(store), router, policy=self.settings.hop)
+    def _endpoint(
+        self, name: str, store: Store, router: Router, *, trusted: bool = False
+    ) -> Endpoint:
+        writer = self.writer_for(store)
+        return Endpoint(name, writer, router, policy=self.settings.hop, trusted=trusted)
 
     async def _declare(self) -> None:
         for name, p in self.participants.items():
@@ -223,9 +239,11 @@ class App:
         coord = self.sagas.coordinator
         replies = self._endpoint(COORDINATOR_QUEUE, self.store, _route_replies(coord))
         await self._consume(COORDINATOR_QUEUE, replies)
-        timers = self._endpoint(TIMER_QUEUE, self.store, lambda env: Route(coord.on_timer))
+        timers = self._endpoint(
+            TIMER_QUEUE, self.store, lambda env: Route(coord.on_timer), trusted=True
+        )
         self._subs.append(self._store_consumer(TIMER_QUEUE, timers.handle))
-        local = self._endpoint(LOCAL_QUEUE, self.store, _route_replies(coord))
+        local = self._endpoint(LOCAL_QUEUE, self.store, _route_replies(coord), trusted=True)
         self._subs.append(self._store_consumer(LOCAL_QUEUE, lambda d: coord.run_local(d, local)))
 
     def _store_consumer(self, queue: str, handler: Any) -> QueueConsumer:

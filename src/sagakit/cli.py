@@ -1,4 +1,9 @@
-"""The ``sagakit`` command: demo, worker, and database migration."""
+"""The ``sagakit`` command: demo, worker, and database migration.
+
+Every failure ends in one line on stderr, ``sagakit: error: ...``, with exit
+status 2 for a usage or configuration error and 1 for a runtime failure (an
+unreachable server, a database that refuses us); ``-v`` adds the traceback.
+"""
 
 from __future__ import annotations
 
@@ -10,30 +15,71 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from . import __version__
 from .app import COORDINATOR, App, Settings
 from .errors import ConfigurationError, SagakitError
 from .transport import redact
 
 log = logging.getLogger("sagakit.worker")
 
+#: the demo's module; its third-party imports come with the ``demo`` extra
+DEMO = "sagakit.examples.order_fulfillment.demo"
+#: the extra that installs each optional module, for the hint when one is missing
+EXTRA_OF = {
+    "asyncpg": "postgres",
+    "aio_pika": "rabbitmq",
+    "nats": "nats",
+    "redis": "redis",
+    "rich": "demo",
+    "starlette": "demo",
+    "uvicorn": "demo",
+}
+#: what the demo imports that a plain ``pip install sagakit`` lacks
+DEMO_EXTRA = frozenset(m for m, extra in EXTRA_OF.items() if extra == "demo")
+DEFAULT_STORE = "sqlite:///.sagakit/sagakit.db"
+
+
+class CommandFailed(Exception):
+    """A command could not do its work (exit status 1); the message says why."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, not the usage block plus a line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"sagakit: error: {message} (see '{self.prog} --help')\n")
+
 
 #: the options ``sagakit worker`` can hand to an app factory, by parameter name
 FACTORY_OPTIONS = ("store", "transport", "run", "settings")
 
 
-def _load_app(spec: str, **options: Any) -> Any:
+def _load_app(spec: str, *, defaults: Mapping[str, Any] | None = None, **options: Any) -> Any:
     """Import ``module:attribute``: an App (or any object with async ``start``/``stop``,
     such as the demo's ``OrderFulfillment``), or a factory that returns one.
 
     A factory is called with those of ``options`` (``store``, ``transport``,
     ``run``, ``settings``) that are not None and that it accepts by name (all
     of them if it takes ``**kwargs``). Asking for an option the target cannot
-    take is an error rather than being silently ignored.
+    take is an error rather than being silently ignored. ``defaults`` (the
+    environment's ``SAGAKIT_STORE``...) fill in what a factory accepts and was
+    not given; a ready-made App has its own and ignores them.
     """
+    obj = _import(spec)
+    given = {k: v for k, v in options.items() if v is not None}
+    if _runnable(obj):
+        return _ready_made(obj, spec, given)
+    if not callable(obj):
+        raise ConfigurationError(f"{spec} is neither an App nor a factory of one")
+    return _from_factory(obj, spec, given, defaults or {})
+
+
+def _import(spec: str) -> Any:
     module, _, attr = spec.partition(":")
     if not module or not attr:
         raise ConfigurationError(f"--app wants MODULE:APP, got {spec!r}")
@@ -42,22 +88,30 @@ def _load_app(spec: str, **options: Any) -> Any:
     except ImportError as exc:
         raise ConfigurationError(f"cannot import {module!r}: {exc}") from exc
     try:
-        obj = getattr(mod, attr)
+        return getattr(mod, attr)
     except AttributeError:
         raise ConfigurationError(f"module {module!r} has no attribute {attr!r}") from None
-    given = {k: v for k, v in options.items() if v is not None}
-    if _runnable(obj):
-        unusable = sorted(set(given) - {"run"})
-        if unusable:
-            raise ConfigurationError(
-                f"{spec} is a ready-made app; options {unusable} need a factory function"
-            )
-        return obj
-    if not callable(obj):
-        raise ConfigurationError(f"{spec} is neither an App nor a factory of one")
+
+
+def _ready_made(obj: Any, spec: str, given: dict[str, Any]) -> Any:
+    """A ready-made app: only ``run`` (--service) applies; it was built without it."""
+    unusable = sorted(set(given) - {"run"})
+    if unusable:
+        raise ConfigurationError(
+            f"{spec} is a ready-made app; options {unusable} need a factory function"
+        )
+    if "run" in given:
+        _select(obj, given["run"])
+    return obj
+
+
+def _from_factory(
+    factory: Any, spec: str, given: dict[str, Any], defaults: Mapping[str, Any]
+) -> Any:
+    """Call ``factory`` with the options it takes; filter ``run`` here if it does not."""
     params: Mapping[str, inspect.Parameter]
     try:
-        params = inspect.signature(obj).parameters
+        params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         params = {}
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -65,7 +119,10 @@ def _load_app(spec: str, **options: Any) -> Any:
     unusable = sorted(set(given) - set(accepted) - {"run"})
     if unusable:
         raise ConfigurationError(f"the factory {spec} takes no {', '.join(unusable)} argument")
-    app = obj(**accepted)
+    for k, v in defaults.items():
+        if v and k not in accepted and (takes_all or k in params):
+            accepted[k] = v
+    app = factory(**accepted)
     if not _runnable(app):
         raise ConfigurationError(f"{spec}() returned {type(app).__name__}, not an App")
     if "run" in given and "run" not in accepted:
@@ -90,10 +147,11 @@ def _app_of(obj: Any) -> App | None:
 
 
 def _select(obj: Any, services: list[str]) -> None:
+    """Make the App in ``obj`` consume only for ``services`` once started."""
     app = _app_of(obj)
     if app is None:
         raise ConfigurationError("--service needs an App (or an object with an App as .app)")
-    app._run = set(services)
+    app.only(services)
 
 
 def _check_services(obj: Any, services: list[str] | None) -> list[str]:
@@ -146,56 +204,59 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings = Settings(**{k: v for k, v in tuned.items() if v is not None})
     obj = _load_app(
         args.app,
-        store=args.store or os.environ.get("SAGAKIT_STORE") or None,
-        transport=args.transport or os.environ.get("SAGAKIT_TRANSPORT") or None,
+        defaults={
+            "store": os.environ.get("SAGAKIT_STORE"),
+            "transport": os.environ.get("SAGAKIT_TRANSPORT"),
+        },
+        store=args.store,
+        transport=args.transport,
         run=args.service,
         settings=settings,
     )
     services = _check_services(obj, args.service)
-    try:
-        asyncio.run(_serve(obj, services, args.ready_file))
-    except SagakitError as exc:
-        print(f"sagakit worker: {exc}", file=sys.stderr)
-        return 1
+    asyncio.run(_serve(obj, services, args.ready_file))
     return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    """Bring the store's schema up to date; a store we cannot reach is exit 1."""
     from .store import open_store
 
+    url = args.store or os.environ.get("SAGAKIT_STORE") or DEFAULT_STORE
+
     async def run() -> int:
-        store = open_store(args.store, prefix=args.prefix)
+        store = open_store(url, prefix=args.prefix)
         await store.open(migrate=False)
         try:
-            version = await store.migrate()
+            return await store.migrate()
         finally:
             await store.close()
-        print(f"{redact(args.store)}: schema at version {version}")
-        return 0
 
-    return asyncio.run(run())
-
-
-def cmd_demo(argv: Sequence[str]) -> int:
     try:
-        demo = importlib.import_module("order_fulfillment.demo")
-    except ImportError as exc:
-        print(
-            f"the demo application is not installed ({exc}); install sagakit from the "
-            "repository with 'make demo'",
-            file=sys.stderr,
-        )
-        return 2
-    return int(demo.main(list(argv)))
+        version = asyncio.run(run())
+    except ConfigurationError:
+        raise
+    except (SagakitError, OSError) as exc:
+        raise CommandFailed(f"cannot migrate {redact(url)}: {exc}") from exc
+    print(f"{redact(url)}: schema at version {version}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo with the arguments after ``demo``, which it parses itself."""
+    demo = importlib.import_module(DEMO)  # without the demo extra: see missing_extra()
+    return int(demo.main(list(args.demo_argv)))
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sagakit", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    p = ArgumentParser(prog="sagakit", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level; tracebacks")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser(
+    d = sub.add_parser(
         "demo", help="run the order-fulfillment demo (see 'sagakit demo --help')", add_help=False
     )
+    d.set_defaults(func=cmd_demo, demo_argv=[])
     w = sub.add_parser(
         "worker",
         help="run participants and/or the coordinator of an App",
@@ -215,24 +276,72 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--ready-file", help="write the pid to this file once consuming")
     w.set_defaults(func=cmd_worker)
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db", required=True)
-    m = db.add_parser("migrate", help="apply pending schema migrations")
-    m.add_argument("--store", default="sqlite:///.sagakit/sagakit.db")
-    m.add_argument("--prefix", default="sagakit_")
+    m = db.add_parser(
+        "migrate",
+        help="apply pending schema migrations",
+        description="Create sagakit's tables, or bring them up to date, in one store.",
+    )
+    m.add_argument("--store", help=f"store URL (default $SAGAKIT_STORE, else {DEFAULT_STORE})")
+    m.add_argument("--prefix", default="sagakit_", help="table name prefix (default sagakit_)")
     m.set_defaults(func=cmd_migrate)
     return p
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line; everything after ``demo`` is left for the demo's own parser.
+
+    The global options (``-v``, ``--version``, ``-h``) take no value, so the
+    first word not starting with ``-`` is the command.
+    """
+    at = next((i for i, word in enumerate(argv) if not word.startswith("-")), len(argv))
+    if argv[at : at + 1] == ["demo"]:
+        args = parser().parse_args(argv[: at + 1])
+        args.demo_argv = argv[at + 1 :]
+        return args
+    return parser().parse_args(argv)
+
+
+def missing_extra(exc: ModuleNotFoundError) -> ConfigurationError | None:
+    """The install hint for an optional module that is not installed, if it is one."""
+    extra = EXTRA_OF.get((exc.name or "").partition(".")[0])
+    if extra is None:
+        return None
+    hint = ConfigurationError(f"{exc.name!r} is not installed: pip install 'sagakit[{extra}]'")
+    hint.__cause__ = exc  # -v shows where it was imported from
+    return hint
+
+
+def fail(exc: BaseException, status: int, verbose: bool) -> int:
+    """Report ``exc`` as one line (after its traceback with ``-v``); return ``status``."""
+    if verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    message = " ".join(str(exc).splitlines()).strip() or type(exc).__name__
+    if not isinstance(exc, SagakitError | OSError | CommandFailed):
+        message = f"unexpected {type(exc).__name__}: {message}"
+        if not verbose:
+            message += " (run with -v for the traceback)"
+    print(f"sagakit: error: {message}", file=sys.stderr)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["demo"]:
-        return cmd_demo(argv[1:])
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    verbose = False
     try:
+        args = parse(list(sys.argv[1:] if argv is None else argv))
+        verbose = args.verbose
+        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
         return int(args.func(args))
+    except SystemExit as exc:  # argparse: --help, --version, usage errors (already printed)
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     except ConfigurationError as exc:
-        print(f"sagakit: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc, 2, verbose)
+    except ModuleNotFoundError as exc:
+        hint = missing_extra(exc)
+        return fail(exc, 1, verbose) if hint is None else fail(hint, 2, verbose)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        return fail(exc, 1, verbose)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from .errors import (
     RoutingError,
 )
 from .inbox import FAILURE, Admission, Inbox, Verdict
-from .messages import Codec, Envelope, Failure, Headers, caused_by, new_id
+from .messages import Codec, Envelope, Failure, Headers, new_id, reply_headers
 from .outbox import Outbox, OutboxWriter
 from .policies import RetryPolicy
 
@@ -74,7 +74,7 @@ class Scope:
     async def answer(self, payload: Any, outcome: str) -> None:
         """Record this command's outcome in the inbox and send it as the reply."""
         env = self.env
-        reply = self.codec.reply(env, payload, outcome=outcome)
+        reply = self.codec.reply(env, payload, outcome=outcome, sender=self.inbox.consumer)
         await self.inbox.record(self.tx, env, outcome, self.codec.encode(reply))
         if env.headers.reply_to:
             self.out.send(reply, env.headers.reply_to)
@@ -88,18 +88,16 @@ class Scope:
         h = self.env.headers
         if stored.reply is None or not h.reply_to:
             return
-        reply = self.codec.decode(stored.reply)
+        reply = self.codec.decode(stored.reply, trusted=True)
         reply.id = new_id()
-        reply.headers = caused_by(
-            self.env, step=h.step, phase=h.phase, outcome=reply.headers.outcome, attempt=h.attempt
-        )
+        reply.headers = reply_headers(self.env, reply.headers.outcome, self.inbox.consumer)
         self.out.send(reply, h.reply_to)
 
     def refuse(self) -> None:
         """Answer a command barred by its compensation: a failure, no effect."""
         if self.env.headers.reply_to:
             failure = Failure(CANCELLED_CODE, "the step was already compensated")
-            reply = self.codec.reply(self.env, failure, outcome=FAILURE)
+            reply = self.codec.reply(self.env, failure, outcome=FAILURE, sender=self.inbox.consumer)
             self.out.send(reply, self.env.headers.reply_to)
 
     async def settled_elsewhere(self, admission: Admission) -> bool:
@@ -132,6 +130,7 @@ class Endpoint:
         *,
         policy: HopPolicy,
         consumer: str | None = None,
+        trusted: bool = False,
     ) -> None:
         self.name = name
         self.writer = writer
@@ -140,11 +139,13 @@ class Endpoint:
         self.router = router
         self.policy = policy
         self.inbox = Inbox(self.store, consumer or name)
+        #: the store's own queues (timers, local steps): written only by this deployment
+        self.trusted = trusted
 
     async def handle(self, delivery: Delivery) -> None:
         """Process one delivery to the end: committed, retried or dead-lettered."""
         try:
-            env = self.codec.decode(delivery.data)
+            env = self.codec.decode(delivery.data, trusted=self.trusted)
         except MessageError as exc:
             await self.dead_letter(delivery, None, exc)
             return

@@ -16,6 +16,7 @@ transports), so callers never see ``sqlite3`` or ``asyncpg`` exceptions.
     │   ├── OversizeMessage           larger than the payload limit (checked before decoding)
     │   ├── UnknownMessageType        no registered type under that name
     │   ├── SchemaMismatch            payload does not match the registered schema
+    │   ├── BadSignature              unsigned or badly signed where signatures are required
     │   └── DeliveryLimitExceeded     delivered more often than Settings.max_deliveries
     ├── RoutingError                  a well-formed message nobody can take
     │   ├── NoHandler                 no handler for this type at this endpoint
@@ -102,6 +103,10 @@ class UnknownMessageType(MessageError):
 
 class SchemaMismatch(MessageError):
     """The payload does not match the registered schema of its type."""
+
+
+class BadSignature(MessageError):
+    """A message without a valid signature in a deployment that signs its messages."""
 
 
 class DeliveryLimitExceeded(MessageError):

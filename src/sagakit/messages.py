@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -26,6 +26,9 @@ from .errors import (
     SchemaMismatch,
     UnknownMessageType,
 )
+
+if TYPE_CHECKING:
+    from .signing import SigningKeys
 
 Kind = Literal["command", "event", "reply"]
 T = TypeVar("T")
@@ -121,6 +124,8 @@ class Headers(msgspec.Struct, omit_defaults=True):
     step: str | None = None
     phase: str | None = None
     reply_to: str | None = None
+    #: the endpoint that sent a reply; the coordinator checks it is the one asked
+    sender: str | None = None
     outcome: str | None = None
     #: bounded so that a stored attempt always fits a database integer column
     attempt: Annotated[int, msgspec.Meta(ge=0, le=MAX_ATTEMPT)] = 1
@@ -137,6 +142,8 @@ class Envelope(msgspec.Struct, omit_defaults=True):
     kind: Kind
     payload: msgspec.Raw
     headers: Headers
+    #: ``key id:signature`` when the deployment signs its messages (always last)
+    auth: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -180,22 +187,43 @@ _encoder = msgspec.json.Encoder()
 
 
 class Codec:
-    """Strict JSON codec with a size limit checked before any decoding."""
+    """Strict JSON codec with a size limit checked before any decoding.
 
-    def __init__(self, registry: TypeRegistry, max_size: int = DEFAULT_MAX_SIZE) -> None:
+    With ``signing`` every envelope is signed on encoding and must carry a
+    valid signature to decode (:mod:`sagakit.signing`).
+    """
+
+    def __init__(
+        self,
+        registry: TypeRegistry,
+        max_size: int = DEFAULT_MAX_SIZE,
+        signing: SigningKeys | None = None,
+    ) -> None:
         self.registry = registry
         self.max_size = max_size
+        self.signing = signing
         self._decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {}
 
     def encode(self, envelope: Envelope) -> bytes:
-        """Serialise an envelope, refusing one over the size limit."""
+        """Serialise (and sign) an envelope, refusing one over the size limit."""
+        if envelope.auth is not None:  # a decoded envelope sent on: sign it anew
+            envelope = msgspec.structs.replace(envelope, auth=None)
         data = _encoder.encode(envelope)
+        if self.signing is not None:
+            data = self.signing.sign(data)
         self._check_size(data)
         return data
 
-    def decode(self, data: bytes) -> Envelope:
-        """Parse an envelope (not its payload); typed errors on bad input."""
+    def decode(self, data: bytes, *, trusted: bool = False) -> Envelope:
+        """Parse an envelope (not its payload); typed errors on bad input.
+
+        ``trusted`` skips the signature check for bytes this deployment wrote
+        to its own store (a stored reply, a durable timer), which may have been
+        signed with a key retired since.
+        """
         self._check_size(data)
+        if self.signing is not None and not trusted:
+            self.signing.verify(data)
         try:
             return _envelope_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
@@ -230,11 +258,9 @@ class Codec:
         headers.created_at = headers.created_at or time.time()
         return Envelope(id or new_id(), spec.name, kind or spec.kind, raw, headers)
 
-    def reply(self, to: Envelope, payload: Any, *, outcome: str) -> Envelope:
-        """A reply to the command ``to``, addressed by its step, phase and attempt."""
-        h = to.headers
-        headers = caused_by(to, step=h.step, phase=h.phase, outcome=outcome, attempt=h.attempt)
-        return self.make(payload, headers, kind="reply")
+    def reply(self, to: Envelope, payload: Any, *, outcome: str, sender: str) -> Envelope:
+        """The reply of endpoint ``sender`` to the command ``to``."""
+        return self.make(payload, reply_headers(to, outcome, sender), kind="reply")
 
 
 def caused_by(parent: Envelope | None, **fields: Any) -> Headers:
@@ -251,6 +277,14 @@ def caused_by(parent: Envelope | None, **fields: Any) -> Headers:
     }
     base.update(fields)
     return Headers(**base)
+
+
+def reply_headers(to: Envelope, outcome: str | None, sender: str) -> Headers:
+    """Headers of a reply to ``to``: its step, phase and attempt, and who answers."""
+    h = to.headers
+    return caused_by(
+        to, step=h.step, phase=h.phase, outcome=outcome, attempt=h.attempt, sender=sender
+    )
 
 
 def encode_json(value: Any) -> bytes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+from ..ops import Actor
 from .coordinator import Coordinator
 from .definition import Saga, SagaDefinition, StepDef
 from .operator import SagaOperator
@@ -69,14 +70,14 @@ class Sagas:
     async def counts(self, *, type: str | None = None) -> dict[str, int]:
         return await self.queries.counts(type=type)
 
-    async def retry(self, saga_id: str, *, by: str, reason: str) -> None:
-        await self.operator.retry(saga_id, by=by, reason=reason)
+    async def retry(self, saga_id: str, *, actor: Actor, reason: str) -> None:
+        await self.operator.retry(saga_id, actor=actor, reason=reason)
 
-    async def compensate(self, saga_id: str, *, by: str, reason: str) -> None:
-        await self.operator.compensate(saga_id, by=by, reason=reason)
+    async def compensate(self, saga_id: str, *, actor: Actor, reason: str) -> None:
+        await self.operator.compensate(saga_id, actor=actor, reason=reason)
 
-    async def abort(self, saga_id: str, *, by: str, reason: str) -> None:
-        await self.operator.abort(saga_id, by=by, reason=reason)
+    async def abort(self, saga_id: str, *, actor: Actor, reason: str) -> None:
+        await self.operator.abort(saga_id, actor=actor, reason=reason)
 
 
 __all__ = [

@@ -26,6 +26,7 @@ from ..outbox import Outbox
 from ..store.core import LogEntry, SagaRecord
 from .machine import (
     LOCAL_RESULT,
+    LOCAL_SENDER,
     CancelTimer,
     Decision,
     Event,
@@ -54,7 +55,7 @@ log = logging.getLogger("sagakit.saga.coordinator")
 
 COORDINATOR_QUEUE = "sagakit.coordinator"
 TIMER_QUEUE = "sagakit.timers"
-LOCAL_QUEUE = "sagakit.local"
+LOCAL_QUEUE = LOCAL_SENDER
 FINISHED = "sagakit.finished:"
 
 
@@ -127,6 +128,7 @@ class Coordinator:
             env.type,
             h.outcome or "success",
             bytes(env.payload),
+            h.sender,
         )
         await self.apply(scope.tx, scope.out, h.saga_id, event, env)
 
@@ -139,8 +141,10 @@ class Coordinator:
 
     async def operate(self, saga_id: str, action: OperatorAction) -> None:
         """Apply an operator's action to one instance, in one transaction."""
-        if not action.by or not action.reason:
-            raise InvalidOperatorAction("operator actions need 'by' and 'reason'", saga_id=saga_id)
+        if not action.actor.may_act():
+            raise InvalidOperatorAction(f"{action.actor} may not act on sagas", saga_id=saga_id)
+        if not action.reason.strip():
+            raise InvalidOperatorAction("operator actions need a reason", saga_id=saga_id)
         out = Outbox()
         async with self.store.transaction() as tx:
             await self.apply(tx, out, saga_id, action, None, missing=SagaNotFound)
@@ -148,7 +152,7 @@ class Coordinator:
 
     async def run_local(self, delivery: Delivery, endpoint: Endpoint) -> None:
         """Run a local step outside any transaction, then apply its outcome."""
-        env = self.codec.decode(delivery.data)
+        env = self.codec.decode(delivery.data, trusted=True)  # the store's own queue
         rec = await self.store.saga_get(env.headers.saga_id or "")
         pending = progress_decoder.decode(rec.progress).pending if rec else {}
         p = pending.get(env.headers.step or "")
@@ -254,7 +258,7 @@ class Coordinator:
         return reply
 
     def _reply(self, env: Envelope, payload: Any, outcome: str) -> Envelope:
-        return self.codec.reply(env, payload, outcome=outcome)
+        return self.codec.reply(env, payload, outcome=outcome, sender=LOCAL_SENDER)
 
 
 def _record(rec: SagaRecord, inst: Instance) -> None:

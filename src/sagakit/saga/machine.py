@@ -35,12 +35,14 @@ import msgspec
 
 from ..errors import InvalidOperatorAction
 from ..messages import Failure, new_id, spec_of
+from ..ops import Actor
 from ..policies import RetryPolicy
 from .definition import SagaDefinition, StepDef
 from .state import Pending, Phase, Progress, SagaState
 
 LOCAL_RESULT = "sagakit.LocalResult"
 RUN_LOCAL = "sagakit.RunLocal"
+LOCAL_SENDER = "sagakit.local"  #: the sender of a local step's result
 
 
 @dataclass(slots=True)
@@ -77,6 +79,7 @@ class ReplyReceived:
     type: str
     outcome: str
     payload: bytes
+    sender: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -98,7 +101,7 @@ class OperatorAction:
     """An operator's decision about a stuck or unwanted instance."""
 
     action: Literal["retry", "compensate", "abort"]
-    by: str
+    actor: Actor
     reason: str
 
 
@@ -232,9 +235,10 @@ class _Run:
     def reply(self, r: ReplyReceived) -> None:
         p = self.prog.pending.get(r.step)
         if p is None or p.waiting or p.message_id != r.causation_id:
-            self.log("reply-ignored", r.step, r.message_id, f"{r.type} ({r.outcome}): not awaited")
-            self.decision.changed = False
-            return
+            return self.ignore(r, "not awaited")
+        expected = self.sender_of(r.step, p.phase)
+        if r.sender != expected:
+            return self.ignore(r, f"sent by {r.sender!r}, but the command went to {expected!r}")
         self.settle(r.step, p)
         self.log("reply", r.step, r.message_id, f"{r.type} ({r.outcome})")
         if r.failed:
@@ -245,6 +249,19 @@ class _Run:
             self.compensated(r.step)
         else:
             self.succeeded(r.step, r)
+
+    def ignore(self, r: ReplyReceived, why: str) -> None:
+        """Record a reply that must not count; the instance stays as it was."""
+        self.log("reply-ignored", r.step, r.message_id, f"{r.type} ({r.outcome}): {why}")
+        self.decision.changed = False
+
+    def sender_of(self, step: str, phase: str) -> str:
+        """Who must answer the command of ``step`` in ``phase``."""
+        sdef = self.defn.step(step)
+        if sdef.local is not None:
+            return LOCAL_SENDER
+        action = sdef.action if phase == Phase.FORWARD else sdef.compensation
+        return action.participant if action is not None else ""
 
     def timer(self, t: TimerFired) -> None:
         if t.kind == "deadline":
@@ -260,7 +277,7 @@ class _Run:
         self.timed_out(t.step, p, f"timeout after {t.seconds}s")
 
     def operator(self, op: OperatorAction) -> None:
-        self.log(f"operator-{op.action}", detail=f"by {op.by}: {op.reason}")
+        self.log(f"operator-{op.action}", detail=f"by {op.actor}: {op.reason}")
         {"retry": self.op_retry, "compensate": self.op_compensate, "abort": self.op_abort}[
             op.action
         ]()

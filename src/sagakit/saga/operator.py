@@ -2,7 +2,8 @@
 
 Each action is one transaction through the coordinator shell: the machine
 checks it fits the instance's state (:class:`~sagakit.InvalidOperatorAction`
-otherwise), and the history records who did it and why.
+otherwise), and the history records who did it (an :class:`~sagakit.Actor`,
+never a free-text name) and why.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 from .machine import OperatorAction
 
 if TYPE_CHECKING:
+    from ..ops import Actor
     from .coordinator import Coordinator
 
 
@@ -21,14 +23,14 @@ class SagaOperator:
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
 
-    async def retry(self, saga_id: str, *, by: str, reason: str) -> None:
+    async def retry(self, saga_id: str, *, actor: Actor, reason: str) -> None:
         """Re-send the step a ``failed`` instance is stuck on, with a fresh retry budget."""
-        await self.coordinator.operate(saga_id, OperatorAction("retry", by, reason))
+        await self.coordinator.operate(saga_id, OperatorAction("retry", actor, reason))
 
-    async def compensate(self, saga_id: str, *, by: str, reason: str) -> None:
+    async def compensate(self, saga_id: str, *, actor: Actor, reason: str) -> None:
         """Force compensation of a running instance before its pivot."""
-        await self.coordinator.operate(saga_id, OperatorAction("compensate", by, reason))
+        await self.coordinator.operate(saga_id, OperatorAction("compensate", actor, reason))
 
-    async def abort(self, saga_id: str, *, by: str, reason: str) -> None:
+    async def abort(self, saga_id: str, *, actor: Actor, reason: str) -> None:
         """Stop an unfinished instance where it is, without compensating."""
-        await self.coordinator.operate(saga_id, OperatorAction("abort", by, reason))
+        await self.coordinator.operate(saga_id, OperatorAction("abort", actor, reason))

@@ -11,7 +11,7 @@ every participant and the coordinator in this process:
 
 ``run=["shipping"]`` (or ``["coordinator"]``...) makes the App consume only
 for those services in this process: that is how ``sagakit worker`` and the
-multi-process demo (``order_fulfillment.cluster``) split the application.
+multi-process demo (``sagakit.examples.order_fulfillment.cluster``) split the application.
 """
 
 from __future__ import annotations

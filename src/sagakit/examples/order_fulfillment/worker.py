@@ -2,7 +2,7 @@
 
 ::
 
-    sagakit worker --app order_fulfillment.worker:create \\
+    sagakit worker --app sagakit.examples.order_fulfillment.worker:create \\
         --store postgresql://postgres@127.0.0.1:5432/test \\
         --transport amqp://guest:guest@127.0.0.1:5672/ \\
         --service shipping --lease 3
@@ -12,7 +12,7 @@ coordinator`` runs the saga coordinator, its timers and local steps). The
 store and transport can also come from ``SAGAKIT_STORE`` and
 ``SAGAKIT_TRANSPORT``. The process creates the services' tables if missing
 but never resets or seeds them: the demo's parent process does that before it
-starts the workers (see :mod:`order_fulfillment.cluster`).
+starts the workers (see :mod:`sagakit.examples.order_fulfillment.cluster`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,6 @@ def create(
     """The order-fulfillment application, consuming only for ``run``."""
     if not store:
         raise sk.ConfigurationError(
-            "order_fulfillment.worker:create needs a store: --store URL or SAGAKIT_STORE"
+            f"{__name__}:create needs a store: --store URL or SAGAKIT_STORE"
         )
     return build(store, transport or "database", settings=settings, run=run)

@@ -3,7 +3,7 @@
 The picture is generated from the :class:`~sagakit.SagaDefinition` object
 itself, so it cannot drift from the code::
 
-    python -m order_fulfillment.diagram > docs/create-order.svg
+    python -m sagakit.examples.order_fulfillment.diagram > docs/create-order.svg
 
 Forward steps run down the left column. A compensatable step has its
 compensation on the right; a failure before the pivot runs the compensations
@@ -131,7 +131,7 @@ def render(defn: SagaDefinition[Any]) -> str:
             X_STEP,
             62,
             f"data: {defn.data_type.__name__} · generated from the definition by "
-            "order_fulfillment.diagram",
+            "sagakit.examples.order_fulfillment.diagram",
             12,
             fill=grey,
         ),

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +42,7 @@ from sagakit.app import COORDINATOR
 #: the services of the demo application, in saga order
 SERVICES = ("orders", "customers", "inventory", "payments", "shipping", "loyalty")
 #: the factory the workers load
-DEFAULT_APP = "order_fulfillment.worker:create"
+DEFAULT_APP = "sagakit.examples.order_fulfillment.worker:create"
 
 
 class WorkerFailed(RuntimeError):
@@ -75,7 +75,7 @@ class Cluster:
         self,
         store: str,
         transport: str,
-        workers: dict[str, Sequence[str]] | None = None,
+        workers: Mapping[str, Sequence[str]] | None = None,
         *,
         app: str = DEFAULT_APP,
         lease: float | None = None,

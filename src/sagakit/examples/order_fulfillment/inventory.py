@@ -39,7 +39,7 @@ from .messages import (
 )
 from .service import Service
 
-log = logging.getLogger("order_fulfillment.inventory")
+log = logging.getLogger("sagakit.examples.order_fulfillment.inventory")
 
 RESERVED, CONFIRMED, RELEASED, EXPIRED = "reserved", "confirmed", "released", "expired"
 DEFAULT_TTL = 120.0

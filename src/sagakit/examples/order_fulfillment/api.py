@@ -6,8 +6,10 @@
                           "card_token": "tok_visa", "address": "1 Main St"}
                          -> 202 {"order_id": ..., "saga_id": ..., "links": {...}}
                          -> 422 {"error": "invalid order", "detail": "..."} on a bad body
+                         -> 413 {"error": "body too large", ...} past 64 KiB (not read further)
     GET  /orders/{id}    -> 200 the order (status pending/approved/rejected, reason) | 404
-    GET  /sagas/{id}     -> 200 state, data, steps done/compensated, history | 404
+    GET  /sagas/{id}     -> 200 state, data (without secrets such as the card token),
+                            steps done/compensated, history | 404
     GET  /               -> saga counts by state
 
 Placing an order only starts the saga (durably) and answers at once; poll the
@@ -34,6 +36,8 @@ from .catalog import CATALOG
 from .payments import CARD_OK
 
 MAX_BODY = 64 * 1024
+#: saga data fields never sent back to a client (the API is not the card vault)
+SECRET_FIELDS = frozenset({"card_token"})
 
 
 class ItemIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -55,6 +59,30 @@ def invalid(detail: str) -> JSONResponse:
     return JSONResponse({"error": "invalid order", "detail": detail}, status_code=422)
 
 
+def too_large() -> JSONResponse:
+    return JSONResponse(
+        {"error": "body too large", "detail": f"body larger than {MAX_BODY} bytes"},
+        status_code=413,
+    )
+
+
+async def read_body(request: Request, limit: int = MAX_BODY) -> bytes | None:
+    """The request body, or None as soon as it is known to exceed ``limit``.
+
+    Read chunk by chunk (and refused up front on a declared Content-Length) so
+    that a 200 MB POST costs at most ``limit`` bytes of memory, not 200 MB.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 def not_found(what: str) -> JSONResponse:
     return JSONResponse({"error": f"{what} not found"}, status_code=404)
 
@@ -63,9 +91,9 @@ def create_api(of: OrderFulfillment, *, manage_app: bool = False) -> Starlette:
     """The Starlette app; with ``manage_app`` it also starts and stops ``of``."""
 
     async def place_order(request: Request) -> Response:
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return invalid(f"body larger than {MAX_BODY} bytes")
+        body = await read_body(request)
+        if body is None:
+            return too_large()
         try:
             order = _decoder.decode(body)
         except msgspec.ValidationError as exc:
@@ -144,8 +172,21 @@ def saga_json(view: sk.SagaView) -> dict[str, Any]:
         "done": view.done,
         "compensated": view.compensated,
         "pending": view.pending,
-        "data": msgspec.to_builtins(view.data),
+        "data": without_secrets(msgspec.to_builtins(view.data)),
         "history": [
             {"at": e.at, "entry": e.entry, "step": e.step, "detail": e.detail} for e in view.history
         ],
     }
+
+
+def without_secrets(value: Any) -> Any:
+    """``value`` with every :data:`SECRET_FIELDS` key removed, at any depth.
+
+    Saga data must carry the card token to the payment step, but whoever can
+    read a saga id (it is in the order's links) must not learn the token.
+    """
+    if isinstance(value, dict):
+        return {k: without_secrets(v) for k, v in value.items() if k not in SECRET_FIELDS}
+    if isinstance(value, list):
+        return [without_secrets(v) for v in value]
+    return value

@@ -10,11 +10,11 @@
 4. check invariants across all services, print a summary (or, with
    ``--json``, one JSON object as the last line) and exit 0 only if they hold.
 
-``--serve`` keeps the HTTP API up afterwards (see ``order_fulfillment.api``).
+``--serve`` keeps the HTTP API up afterwards (see ``sagakit.examples.order_fulfillment.api``).
 
 ``--processes N`` runs the services in worker processes instead: N per
 service plus ``--coordinators`` (2) saga coordinators, started with
-``sagakit worker`` by :class:`order_fulfillment.cluster.Cluster`. This process
+``sagakit worker`` by :class:`sagakit.examples.order_fulfillment.cluster.Cluster`. This process
 then only prepares the databases, places the orders (its App consumes nothing;
 it relays its outbox) and checks the books. ``--chaos`` SIGKILLs one
 coordinator process once half of the sagas are final and restarts it a moment
@@ -44,6 +44,7 @@ from rich.table import Table
 
 import sagakit as sk
 from sagakit.app import COORDINATOR
+from sagakit.cli import ArgumentParser
 from sagakit.transport import BROKER_SCHEMES, redact
 from sagakit.transport._url import fresh_namespace, has_option, with_option
 
@@ -55,7 +56,7 @@ from .orders import APPROVED, REJECTED
 from .payments import CARD_DECLINED, CARD_INSUFFICIENT_FUNDS, CARD_OK
 from .shipping import FakeCarrier
 
-log = logging.getLogger("order_fulfillment.demo")
+log = logging.getLogger("sagakit.examples.order_fulfillment.demo")
 
 # -- outcomes ------------------------------------------------------------------
 
@@ -322,7 +323,7 @@ async def check(
     views = [await of.app.sagas.get(s, history=False) for s in saga_ids]
     orders = {o.id: o for o in await of.orders.all()}
     mine = {o.order_id for o in plan.orders}
-    states = Counter(v.state for v in views)
+    states: Counter[str] = Counter(str(v.state) for v in views)
     outcomes: Counter[str] = Counter()
     compensations: dict[str, Counter[str]] = {}
     for v in views:
@@ -598,7 +599,7 @@ def default_store(root: Path = Path(".sagakit"), keep: int = 5) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="sagakit demo",
         description="Run the order-fulfillment saga demo and check its invariants.",
     )
@@ -659,19 +660,24 @@ def own_namespace(transport: str) -> str:
     return with_option(transport, "namespace", fresh_namespace("demo"))
 
 
+def misuse(args: argparse.Namespace) -> str | None:
+    """What is wrong with a combination of options argparse accepted one by one."""
+    if args.orders < 1:
+        return "--orders must be at least 1"
+    if args.processes < 0 or (args.processes and args.coordinators < 1):
+        return "--processes >= 0 and --coordinators >= 1"
+    if args.processes and args.serve:
+        return "--serve runs in one process; drop --processes"
+    if args.chaos and (not args.processes or args.coordinators < 2):
+        return "--chaos needs --processes and two coordinators"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.orders < 1:
-        print("sagakit demo: --orders must be at least 1", file=sys.stderr)
-        return 2
-    if args.processes < 0 or (args.processes and args.coordinators < 1):
-        print("sagakit demo: --processes >= 0 and --coordinators >= 1", file=sys.stderr)
-        return 2
-    if args.processes and args.serve:
-        print("sagakit demo: --serve runs in one process; drop --processes", file=sys.stderr)
-        return 2
-    if args.chaos and (not args.processes or args.coordinators < 2):
-        print("sagakit demo: --chaos needs --processes and two coordinators", file=sys.stderr)
+    wrong = misuse(args)
+    if wrong:
+        print(f"sagakit: error: demo: {wrong}", file=sys.stderr)
         return 2
     if args.chaos and args.lease is None:
         args.lease = 2.0
@@ -687,7 +693,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         OSError,
         WorkerFailed,
     ) as exc:
-        print(f"sagakit demo: {exc}", file=sys.stderr)
+        log.info("the demo failed", exc_info=True)  # the traceback, with sagakit -v
+        print(f"sagakit: error: demo: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result.to_json()))
