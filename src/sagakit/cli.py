@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .app import COORDINATOR, App, Settings
-from .errors import ConfigurationError, SagakitError
+from .errors import CommandFailed, ConfigurationError, SagakitError
 from .transport import redact
 
 log = logging.getLogger("sagakit.worker")
@@ -42,10 +42,6 @@ EXTRA_OF = {
 #: what the demo imports that a plain ``pip install sagakit`` lacks
 DEMO_EXTRA = frozenset(m for m, extra in EXTRA_OF.items() if extra == "demo")
 DEFAULT_STORE = "sqlite:///.sagakit/sagakit.db"
-
-
-class CommandFailed(Exception):
-    """A command could not do its work (exit status 1); the message says why."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -316,7 +312,7 @@ def fail(exc: BaseException, status: int, verbose: bool) -> int:
     if verbose:
         traceback.print_exception(exc, file=sys.stderr)
     message = " ".join(str(exc).splitlines()).strip() or type(exc).__name__
-    if not isinstance(exc, SagakitError | OSError | CommandFailed):
+    if not isinstance(exc, SagakitError | OSError):
         message = f"unexpected {type(exc).__name__}: {message}"
         if not verbose:
             message += " (run with -v for the traceback)"

@@ -30,6 +30,7 @@ transports), so callers never see ``sqlite3`` or ``asyncpg`` exceptions.
     │   └── ConcurrencyConflict       optimistic version check lost (retryable)
     ├── TransportError                broker trouble (retryable)
     │   └── LeaseLost                 another consumer took the message over (retryable)
+    ├── CommandFailed                 a `sagakit` command could not do its work (exit 1)
     └── SagaError                     saga API misuse
         ├── SagaNotFound
         ├── SagaVersionUnknown        instance of a definition version not registered
@@ -189,6 +190,10 @@ class TransportError(SagakitError):
 
 class LeaseLost(TransportError):
     """Another consumer took this delivery over; roll back and let it finish."""
+
+
+class CommandFailed(SagakitError):
+    """A ``sagakit`` command could not do its work (exit status 1); the message says why."""
 
 
 class SagaError(SagakitError):
