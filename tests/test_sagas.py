@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 import sagakit as sk
+from sagakit.errors import SagaIdInUse
 from sagakit.messages import Headers
 from tests.helpers import Data, DidIt, Do, Refused, Undo, eventually
 from tests.saga_harness import Plan, bench, committed, linear
@@ -68,6 +69,14 @@ async def test_start_is_idempotent(app: sk.App, plan: Plan) -> None:
     assert first == again == "once"
     await app.sagas.wait("once")
     assert committed(plan, "once") == ["T:a", "T:b", "T:c", "T:d"]
+
+
+async def test_start_with_the_id_of_another_definitions_instance_is_an_error(
+    app: sk.App, plan: Plan
+) -> None:
+    await run(app, "lin", "taken")
+    with pytest.raises(SagaIdInUse, match="already names an instance of 'lin'"):
+        await app.sagas.start(defn(app, "piv"), Data("taken"), saga_id="taken")
 
 
 async def test_after_pivot_steps_are_retried_forward(app: sk.App, plan: Plan) -> None:
@@ -211,17 +220,29 @@ async def test_a_reply_from_another_service_is_ignored(app: sk.App, plan: Plan) 
     assert all("but the command went to 'b'" in d for d in ignored)
 
 
-async def test_unexpected_reply_type_fails_the_step(app: sk.App, plan: Plan) -> None:
+async def test_a_reply_that_cannot_be_applied_stops_the_saga_with_the_reply_kept(
+    app: sk.App, plan: Plan
+) -> None:
+    """b took effect (its service said so): never compensate around it, never drop the reply."""
     hold = plan.hold[("odd", "b")] = asyncio.Event()
     await app.sagas.start(defn(app, "lin"), Data("odd"), saga_id="odd")
     await eventually(lambda: _logged(app, "odd", "command-sent", times=2))
     cmd = [e for e in (await app.sagas.get("odd")).history if e.entry == "command-sent"][-1]
-    await reply_to(app, "odd", "b", cmd.message_id or "", sk.Done())
-    await eventually(lambda: _logged(app, "odd", "compensating"))
-    hold.set()  # b may have taken effect: it is compensated along with a
+    await reply_to(app, "odd", "b", cmd.message_id or "", sk.Done())  # a type b never declared
+    await eventually(lambda: _logged(app, "odd", "reply-unapplied"))
+    hold.set()
     view = await app.sagas.wait("odd")
-    assert view.state == "compensated" and "unexpected reply type" in (view.error or "")
-    assert committed(plan, "odd") == ["T:a", "T:b", "C:b", "C:a"]
+    assert view.state == "failed" and "could not be applied" in (view.error or "")
+    assert not any(e.entry == "compensating" for e in view.history)
+    record = await app.store.saga_get("odd")
+    assert record is not None and b"sagakit.Done" in record.progress, "the reply is kept"
+    await eventually(_has_effect(plan, "odd", "T:b"))
+    assert committed(plan, "odd") == ["T:a", "T:b"], "nothing compensated around b"
+    # The operator retries: b's inbox answers with its stored (real) reply, which applies.
+    await app.sagas.retry("odd", actor=OPS, reason="the odd reply was not b's")
+    view = await app.sagas.wait("odd")
+    assert view.state == "completed"
+    assert committed(plan, "odd") == ["T:a", "T:b", "T:c", "T:d"], "b ran once"
 
 
 def _has_effect(plan: Plan, saga: str, effect: str):

@@ -35,6 +35,7 @@ transports), so callers never see ``sqlite3`` or ``asyncpg`` exceptions.
         ├── SagaNotFound
         ├── SagaVersionUnknown        instance of a definition version not registered
         ├── InvalidOperatorAction     the action does not fit the instance's state
+        ├── SagaIdInUse               start() with an id that names another definition's instance
         └── WaitTimeout               wait() ran out of time (also a TimeoutError)
 """
 
@@ -210,6 +211,14 @@ class SagaVersionUnknown(SagaError):
 
 class InvalidOperatorAction(SagaError):
     """An operator action that does not fit the instance's current state."""
+
+
+class SagaIdInUse(SagaError):
+    """``start()`` was given a saga id that already names an instance of another definition.
+
+    Starting again with the same id *and* definition is idempotent and returns
+    the id; reusing it for something else is a mistake worth hearing about.
+    """
 
 
 class WaitTimeout(SagaError, TimeoutError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -33,9 +34,21 @@ class RetryPolicy:
         return self.max_attempts is not None and attempt >= self.max_attempts
 
     def delay(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt ``attempt`` before the next one."""
-        base = min(self.max_delay, self.initial * self.multiplier ** max(0, attempt - 1))
+        """Seconds to wait after failed attempt ``attempt`` before the next one.
+
+        The exponent is capped where the delay reaches ``max_delay``, so a step
+        retried for ever (attempt 10**6 and beyond) never overflows.
+        """
+        steps = min(max(0, attempt - 1), self._steps_to_max())
+        base = min(self.max_delay, self.initial * self.multiplier**steps)
         return base * (1 + self.jitter * random.random())
+
+    def _steps_to_max(self) -> int:
+        """How many doublings (multiplications) take ``initial`` past ``max_delay``."""
+        if self.initial <= 0 or self.multiplier <= 1:
+            return 0  # the delay never grows
+        ratio = max(self.max_delay / self.initial, 1.0)
+        return int(math.log(ratio, self.multiplier)) + 1
 
     @classmethod
     def forever(cls, initial: float = 0.05, max_delay: float = 30.0) -> RetryPolicy:

@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ..errors import BusinessError, InvalidOperatorAction, SagaNotFound, UnknownSaga
+from ..errors import (
+    BusinessError,
+    InvalidOperatorAction,
+    SagaIdInUse,
+    SagaNotFound,
+    UnknownSaga,
+)
 from ..messages import Done, Envelope, Failure, Headers, caused_by, command, encode_json, new_id
 from ..outbox import Outbox
 from ..store.core import LogEntry, SagaRecord
@@ -116,6 +122,14 @@ class Coordinator:
             if await self.store.saga_insert(tx, rec):
                 await self._carry_out(tx, out, rec, decision, None, insert=True)
                 await self.writer.flush(tx, out)
+                return saga_id
+            existing = await self.store.saga_load(tx, saga_id, lock=False)
+        if existing is not None and (existing.type, existing.version) != defn.key:
+            raise SagaIdInUse(
+                f"saga id {saga_id!r} already names an instance of {existing.type!r} "
+                f"v{existing.version}, not {defn.name!r} v{defn.version}",
+                saga_id=saga_id,
+            )
         return saga_id
 
     async def on_reply(self, scope: Scope) -> None:

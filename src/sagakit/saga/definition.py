@@ -64,10 +64,18 @@ class StepDef:
     # Folds a forward failure (a Failure payload) into the data before the
     # saga retries or compensates, e.g. to keep the reason for a rejection.
     on_failure: Callable[[Any, Any], Any] | None = None
+    #: declared to change nothing that would need undoing (a check, a read)
+    nothing_to_undo: bool = False
 
     @property
     def compensatable(self) -> bool:
         return self.compensation is not None
+
+    @property
+    def may_leave_an_effect(self) -> bool:
+        """Whether a forward command whose outcome is unknown may have changed something
+        that no compensation can undo (so backward recovery must not run around it)."""
+        return self.compensation is None and not self.nothing_to_undo
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,7 @@ class _Draft:
     retry: RetryPolicy | None = None
     timeout: float | None = None
     on_failure: Callable[[Any, Any], Any] | None = None
+    nothing_to_undo: bool = False
 
 
 class Saga(Generic[D]):
@@ -188,6 +197,18 @@ class StepBuilder(Generic[D]):
         self._d.compensation = Action(participant, factory)
         return self
 
+    def nothing_to_undo(self) -> StepBuilder[D]:
+        """Declare that this step changes nothing that would need undoing.
+
+        A step before the pivot without a compensation may have taken effect
+        when its reply goes missing, so by default a timeout asks it again and
+        then stops the saga for an operator rather than compensating around it.
+        A step declared here (a validation, a read, a quote) lets the saga
+        compensate the earlier steps instead.
+        """
+        self._d.nothing_to_undo = True
+        return self
+
     def pivot(self) -> StepBuilder[D]:
         """Mark the point of no return: once it succeeds the saga only goes forward."""
         self._d.pivot = True
@@ -240,6 +261,10 @@ def _freeze(saga: Saga[Any], drafts: list[_Draft]) -> list[StepDef]:
             raise DefinitionError(f"{where}: a local step has no compensation or reply handlers")
         if d.pivot and d.retry:
             raise DefinitionError(f"{where}: the pivot cannot also be retriable")
+        if d.nothing_to_undo and (d.compensation or d.pivot or d.retry):
+            raise DefinitionError(
+                f"{where}: nothing_to_undo is for a step with no compensation before the pivot"
+            )
         if d.parallel and i == 0:
             raise DefinitionError(f"{where}: the first step cannot be parallel")
         group = group if d.parallel else group + 1
@@ -256,6 +281,7 @@ def _freeze(saga: Saga[Any], drafts: list[_Draft]) -> list[StepDef]:
                 d.retry,
                 d.timeout,
                 on_failure=d.on_failure,
+                nothing_to_undo=d.nothing_to_undo,
             )
         )
     return steps

@@ -205,6 +205,9 @@ class _Unexpected(Exception):
     """Internal: a reply type the step did not declare (never leaves the machine)."""
 
 
+MAX_KEPT = 16 * 1024  #: bytes of an unapplied reply kept in the progress record
+
+
 class _Run:
     """One application of the machine: the instance being changed and the effects."""
 
@@ -248,7 +251,7 @@ class _Run:
         elif p.phase == Phase.COMPENSATE:
             self.compensated(r.step)
         else:
-            self.succeeded(r.step, r)
+            self.succeeded(r.step, p, r)
 
     def ignore(self, r: ReplyReceived, why: str) -> None:
         """Record a reply that must not count; the instance stays as it was."""
@@ -295,19 +298,32 @@ class _Run:
                 return
         self.finish(SagaState.COMPLETED)
 
-    def succeeded(self, step: str, r: ReplyReceived) -> None:
+    def succeeded(self, step: str, p: Pending, r: ReplyReceived) -> None:
         sdef = self.defn.step(step)
         try:
             self.inst.data = self.fold(sdef, r)
-        except msgspec.ValidationError as exc:
-            return self.failed(step, None, f"bad reply {r.type}: {exc}", maybe_applied=False)
-        except _Unexpected as exc:
-            return self.failed(step, None, str(exc), maybe_applied=True)
+        except Exception as exc:  # a bad reply, or a bug in the user's on_reply
+            return self.unapplied(step, p, r, f"{type(exc).__name__}: {exc}")
         self.prog.done.append(step)
         if sdef.kind in ("pivot", "retriable"):
             self.prog.pivoted = True
-        if not self.prog.pending:
+        if not self.prog.pending and self.inst.state == SagaState.RUNNING:
             self.advance()
+
+    def unapplied(self, step: str, p: Pending, r: ReplyReceived, reason: str) -> None:
+        """A success reply that cannot be folded into the data: stop for an operator.
+
+        The step took effect (its participant said so), so compensating around
+        it could leave that effect behind; carrying on without its output could
+        be wrong too. The reply is kept, and an operator retry asks again (the
+        participant answers with the stored reply) once the cause is fixed.
+        """
+        self.prog.unapplied[step] = f"{r.type}: {r.payload[:MAX_KEPT].decode(errors='replace')}"
+        self.prog.stuck = Pending("", p.attempt, Phase.FORWARD, base=p.base)
+        self.prog.stuck_step = step
+        self.inst.error = f"step {step!r} succeeded but its reply could not be applied: {reason}"
+        self.log("reply-unapplied", step, r.message_id, reason)
+        self.finish(SagaState.FAILED)
 
     def fold(self, sdef: StepDef, r: ReplyReceived) -> Any:
         if r.type == LOCAL_RESULT:
@@ -363,7 +379,7 @@ class _Run:
         inbox answers a repeat with the stored outcome instead of acting twice.
         """
         sdef = self.defn.step(step)
-        if p.phase == Phase.FORWARD and sdef.compensation is None and sdef.kind != "retriable":
+        if p.phase == Phase.FORWARD and sdef.may_leave_an_effect and sdef.kind != "retriable":
             return self.retry_or_stop(sdef, p, self.defn.compensation_retry, reason)
         self.failed(step, p, reason, maybe_applied=True)
 
@@ -409,7 +425,8 @@ class _Run:
         if prog.compensations and prog.compensations[0] == step:
             prog.compensations.pop(0)
         prog.compensated.append(step)
-        self.compensate_next()
+        if self.inst.state == SagaState.COMPENSATING:
+            self.compensate_next()
 
     def deadline(self) -> None:
         """Compensate a saga that ran out of time, unless it is past the point of no return.
@@ -418,11 +435,7 @@ class _Run:
         deadline: compensating around it could leave its effect in place.
         """
         prog = self.prog
-        undoable = all(
-            self.defn.step(n).compensation is not None or p.phase != Phase.FORWARD
-            for n, p in prog.pending.items()
-        )
-        if self.inst.state == SagaState.RUNNING and not prog.pivoted and undoable:
+        if self.inst.state == SagaState.RUNNING and not prog.pivoted and not self.in_doubt():
             return self.begin_compensation("deadline passed", [])
         detail = f"state {self.inst.state}; past the point of no return"
         self.log("deadline-passed", detail=detail)
@@ -468,6 +481,7 @@ class _Run:
             raise InvalidOperatorAction("only a failed instance can be retried", saga_id=inst.id)
         stuck, step = prog.stuck, prog.stuck_step
         prog.stuck, prog.stuck_step = None, None
+        prog.unapplied.pop(step, None)
         compensating = stuck.phase == Phase.COMPENSATE
         inst.state = SagaState.COMPENSATING if compensating else SagaState.RUNNING
         self.send(self.defn.step(step), stuck.phase, stuck.attempt + 1, base=stuck.attempt)
@@ -478,7 +492,21 @@ class _Run:
                 "only a running instance before its pivot can be compensated",
                 saga_id=self.inst.id,
             )
+        if doubt := self.in_doubt():
+            raise InvalidOperatorAction(
+                f"step {doubt[0]!r} is in flight and cannot be undone; "
+                "compensate once its outcome is known",
+                saga_id=self.inst.id,
+            )
         self.begin_compensation("forced by operator", [])
+
+    def in_doubt(self) -> list[str]:
+        """Forward steps in flight whose effect, if they took one, nothing could undo."""
+        return [
+            n
+            for n, p in self.prog.pending.items()
+            if p.phase == Phase.FORWARD and self.defn.step(n).may_leave_an_effect
+        ]
 
     def op_abort(self) -> None:
         state = self.inst.state

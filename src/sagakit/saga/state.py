@@ -59,6 +59,8 @@ class Progress(msgspec.Struct):
     pivoted: bool = False
     stuck: Pending | None = None
     stuck_step: str | None = None
+    #: success replies that could not be applied, kept for the operator (type: payload)
+    unapplied: dict[str, str] = {}
 
     def copy(self) -> Progress:
         """A copy safe to change (pending entries are immutable)."""
@@ -71,6 +73,7 @@ class Progress(msgspec.Struct):
             self.pivoted,
             self.stuck,
             self.stuck_step,
+            dict(self.unapplied),
         )
 
 

@@ -1,0 +1,158 @@
+"""The saga machine on its own: pure decisions, no database, no clock.
+
+Each test builds an instance, applies one event and reads the decision — the
+way a newcomer can check what happens next without running anything.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import msgspec
+import pytest
+
+import sagakit as sk
+from sagakit.errors import DefinitionError, InvalidOperatorAction
+from sagakit.saga.machine import (
+    Instance,
+    OperatorAction,
+    ReplyReceived,
+    SagaMachine,
+    SendCommand,
+    Started,
+    StartTimer,
+    TimerFired,
+)
+from sagakit.saga.state import Pending, Progress, SagaState
+from tests.helpers import DidIt, Do, Undo
+
+
+class D(msgspec.Struct):
+    key: str
+    total: int = 0
+
+
+def _machine(defn: sk.SagaDefinition[Any]) -> SagaMachine:
+    counter = itertools.count(1)
+    return SagaMachine(defn, ids=lambda: f"m{next(counter)}")
+
+
+def _instance(**progress: Any) -> Instance:
+    return Instance("s1", "t", 1, SagaState.RUNNING, D("k"), Progress(**progress))
+
+
+def _reply(step: str, mid: str, sender: str, type_: str, payload: bytes = b"{}") -> ReplyReceived:
+    return ReplyReceived(step, mid, "r1", type_, "success", payload, sender)
+
+
+def _add(d: D, r: DidIt) -> D:
+    if r.value < 0:
+        raise ValueError("negative totals are a bug in on_reply")
+    return D(d.key, d.total + r.value)
+
+
+SAGA = (
+    sk.Saga("t", D)
+    .step("reserve")
+    .invoke("stock", lambda d: Do(d.key))
+    .compensate("stock", lambda d: Undo(d.key))
+    .step("check")
+    .invoke("rules", lambda d: Do(d.key))
+    .nothing_to_undo()
+    .timeout(5)
+    .step("charge")
+    .invoke("payments", lambda d: Do(d.key))
+    .on_reply(DidIt, _add)
+    .pivot()
+    .timeout(5)
+    .step("ship")
+    .invoke("shipping", lambda d: Do(d.key))
+    .retry(sk.RetryPolicy.forever())
+    .build()
+)
+
+
+def test_start_sends_the_first_step_and_touches_nothing_else() -> None:
+    inst = _instance()
+    d = _machine(SAGA).apply(inst, Started())
+    [cmd] = d.of(SendCommand)
+    assert (cmd.step, cmd.participant, cmd.phase) == ("reserve", "stock", "forward")
+    assert inst.progress.pending == {}, "the machine never changes its input"
+
+
+def test_a_step_with_nothing_to_undo_that_times_out_lets_backward_recovery_run() -> None:
+    inst = _instance(done=["reserve"], pending={"check": Pending("m1", 1, "forward", timer="t1")})
+    d = _machine(SAGA).apply(inst, TimerFired("timeout", "m1", "check", 5))
+    assert d.instance.state == SagaState.COMPENSATING
+    [undo] = d.of(SendCommand)
+    assert (undo.step, undo.phase, undo.participant) == ("reserve", "compensate", "stock")
+
+
+def test_a_step_that_may_have_acted_is_asked_again_not_compensated_around() -> None:
+    inst = _instance(
+        done=["reserve", "check"], pending={"charge": Pending("m1", 1, "forward", timer="t1")}
+    )
+    d = _machine(SAGA).apply(inst, TimerFired("timeout", "m1", "charge", 5))
+    assert d.instance.state == SagaState.RUNNING
+    assert [t.kind for t in d.of(StartTimer)] == ["retry"]
+    assert d.of(SendCommand) == []
+
+
+def test_nothing_to_undo_is_only_for_steps_without_compensation_before_the_pivot() -> None:
+    with pytest.raises(DefinitionError, match="nothing_to_undo"):
+        (
+            sk.Saga("bad", D)
+            .step("a")
+            .invoke("x", lambda d: Do(d.key))
+            .compensate("x", lambda d: Undo(d.key))
+            .nothing_to_undo()
+            .build()
+        )
+
+
+@pytest.mark.parametrize(
+    ("type_", "payload", "why"),
+    [
+        ("sagakit.Done", b"{}", "unexpected reply type"),
+        ("test.Done", b'{"value": "x"}', "ValidationError"),
+        ("test.Done", b'{"value": -1}', "bug in on_reply"),
+    ],
+)
+def test_a_success_reply_that_cannot_be_applied_stops_for_an_operator(
+    type_: str, payload: bytes, why: str
+) -> None:
+    inst = _instance(done=["reserve", "check"], pending={"charge": Pending("m1", 1, "forward")})
+    d = _machine(SAGA).apply(inst, _reply("charge", "m1", "payments", type_, payload))
+    assert d.instance.state == SagaState.FAILED
+    assert why in (d.instance.error or "")
+    assert d.instance.progress.unapplied["charge"].startswith(type_), "the reply is kept"
+    assert d.of(SendCommand) == [], "nothing is compensated around the charge"
+    again = _machine(SAGA).apply(d.instance, OperatorAction("retry", sk.Actor("ops"), "fixed"))
+    [cmd] = again.of(SendCommand)
+    assert (cmd.step, cmd.attempt) == ("charge", 2)
+    assert again.instance.progress.unapplied == {}
+
+
+def test_an_operator_cannot_compensate_around_a_pivot_in_flight() -> None:
+    inst = _instance(done=["reserve", "check"], pending={"charge": Pending("m1", 1, "forward")})
+    with pytest.raises(InvalidOperatorAction, match="'charge' is in flight"):
+        _machine(SAGA).apply(inst, OperatorAction("compensate", sk.Actor("ops"), "customer"))
+
+
+def test_a_step_retried_for_ever_keeps_a_bounded_delay() -> None:
+    """Round 1 overflowed at attempt 1025 (about 8.5 hours of a downstream outage)."""
+    policy = sk.RetryPolicy.forever()
+    for attempt in (1025, 10**6, 10**12):
+        assert 0 < policy.delay(attempt) <= policy.max_delay * (1 + policy.jitter)
+    inst = _instance(
+        done=["reserve", "check", "charge"],
+        pivoted=True,
+        pending={"ship": Pending("m1", 5000, "forward")},
+    )
+    failure = msgspec.json.encode(sk.Failure("carrier.Down", "still down", True))
+    d = _machine(SAGA).apply(
+        inst, ReplyReceived("ship", "m1", "r1", "sagakit.Failure", "failure", failure, "shipping")
+    )
+    [timer] = d.of(StartTimer)
+    assert timer.kind == "retry" and timer.seconds <= 36
