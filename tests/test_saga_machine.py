@@ -15,6 +15,8 @@ import pytest
 import sagakit as sk
 from sagakit.errors import DefinitionError, InvalidOperatorAction
 from sagakit.saga.machine import (
+    CancelTimer,
+    HistoryLine,
     Instance,
     OperatorAction,
     ReplyReceived,
@@ -156,3 +158,29 @@ def test_a_step_retried_for_ever_keeps_a_bounded_delay() -> None:
     )
     [timer] = d.of(StartTimer)
     assert timer.kind == "retry" and timer.seconds <= 36
+
+
+def test_a_finished_saga_cancels_its_deadline_timer() -> None:
+    saga = sk.Saga("d", D, deadline=60).step("a").invoke("x", lambda d: Do(d.key)).build()
+    m = _machine(saga)
+    started = m.apply(_instance(), Started())
+    [deadline] = [t for t in started.of(StartTimer) if t.kind == "deadline"]
+    [cmd] = started.of(SendCommand)
+    done = m.apply(started.instance, _reply("a", cmd.message_id, "x", "sagakit.Done"))
+    assert done.instance.state == SagaState.COMPLETED
+    assert [c.message_id for c in done.of(CancelTimer)] == [deadline.message_id]
+
+
+def test_a_step_retried_for_ever_adds_bounded_history() -> None:
+    """Every line of the first ten attempts, then one attempt in a hundred."""
+    m = _machine(SAGA)
+    inst = _instance(done=["reserve", "check", "charge"], pivoted=True)
+    failure = msgspec.json.encode(sk.Failure("carrier.Down", "still down", True))
+    lines = 0
+    for attempt in range(1, 1001):
+        inst.progress.pending["ship"] = Pending(f"c{attempt}", attempt, "forward")
+        reply = ReplyReceived(
+            "ship", f"c{attempt}", "r", "sagakit.Failure", "failure", failure, "shipping"
+        )
+        lines += len(m.apply(inst, reply).of(HistoryLine))
+    assert lines == 2 * (10 + 10), "reply + retry-scheduled for attempts 1-10, 100, ..., 1000"

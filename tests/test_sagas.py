@@ -390,22 +390,62 @@ async def test_new_version_runs_beside_old_instances(tmp_path, plan: Plan) -> No
         assert (new.version, new.state, new.done) == (2, "completed", ["a", "b", "c"])
 
 
-async def test_instance_of_unregistered_version_is_reported_not_run(tmp_path, plan: Plan) -> None:
-    settings = sk.Settings(retry=FAST, max_poll=0.02)
-    url = f"sqlite:///{tmp_path}/s.db"
-    first = sk.App(url, settings=settings, run=["a", "coordinator"])
+async def _orphan_waiting_at_b(tmp_path, plan: Plan, url: str) -> None:
+    """A version-1 instance whose step b is sent but not yet answered."""
+    first = sk.App(url, settings=sk.Settings(retry=FAST, max_poll=0.02), run=["a", "coordinator"])
     bench(first, ["a", "b"], plan, tmp_path)
     v1 = first.saga(linear("gone", ["a", "b"]))
     async with first:  # b does not run here: the instance waits at step b
         await first.sagas.start(v1, Data("orphan"), saga_id="orphan")
         await eventually(lambda: _logged(first, "orphan", "command-sent", times=2))
-    second = sk.App(url, settings=settings)
-    bench(second, ["a", "b"], plan, tmp_path)
-    second.saga(linear("gone", ["a", "b"], version=2))
-    async with second:  # b replies, but only version 2 is known here
+
+
+def _upgraded(tmp_path, plan: Plan, url: str, versions: list[int], grace: float) -> sk.App:
+    settings = sk.Settings(retry=FAST, max_poll=0.02, version_grace=grace, max_deliveries=10_000)
+    app = sk.App(url, settings=settings)
+    bench(app, ["a", "b"], plan, tmp_path)
+    for v in versions:
+        app.saga(linear("gone", ["a", "b"], version=v))
+    return app
+
+
+async def test_a_reply_for_an_unknown_version_waits_for_a_process_that_knows_it(
+    tmp_path, plan: Plan
+) -> None:
+    """A rolling upgrade: the new coordinator hands the old instance's reply back."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    await _orphan_waiting_at_b(tmp_path, plan, url)
+    new_only = _upgraded(tmp_path, plan, url, [2], grace=60.0)
+    async with new_only:  # b replies, but only version 2 is known here
+        await asyncio.sleep(1.0)
+        assert await new_only.store.dead_letters() == []
+        assert (await new_only.sagas.get("orphan")).state == "running"
+        both = _upgraded(tmp_path, plan, url, [1, 2], grace=60.0)
+        both.only(["coordinator"])
+        async with both:  # a process that knows version 1 comes up and takes it
+            view = await both.sagas.wait("orphan", timeout=30)
+    assert view.state == "completed" and view.version == 1
+
+
+async def test_a_reply_nobody_knows_after_the_grace_is_dead_lettered(tmp_path, plan: Plan) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    await _orphan_waiting_at_b(tmp_path, plan, url)
+    second = _upgraded(tmp_path, plan, url, [2], grace=0.0)
+    async with second:
         await eventually(lambda: _dead(second, "SagaVersionUnknown"))
         rec = await second.store.saga_get("orphan")
         assert rec is not None and rec.state == "running" and rec.version == 1
+
+
+async def test_a_process_refuses_a_schema_newer_than_it_knows(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    async with sk.App(url) as app, app.store.transaction() as tx:
+        await tx.execute(f"INSERT INTO {app.store.prefix}schema (version) VALUES (999)")
+    for migrate in (True, False):
+        store = sk.open_store(url)
+        with pytest.raises(sk.ConfigurationError, match="version 999, newer than"):
+            await store.open(migrate=migrate)
+        await store.close()
 
 
 async def _dead(app: sk.App, kind: str) -> bool:

@@ -69,6 +69,8 @@ class Settings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     handler_timeout: float | None = 60.0
     max_deliveries: int = 25
+    #: a message for a saga version unknown here goes back to the queue this long
+    version_grace: float = 300.0
     auto_migrate: bool = True
     prefix: str = "sagakit_"
     shutdown_grace: float = 10.0
@@ -78,7 +80,7 @@ class Settings:
 
     @property
     def hop(self) -> HopPolicy:
-        return HopPolicy(self.retry, self.handler_timeout, self.max_deliveries)
+        return HopPolicy(self.retry, self.handler_timeout, self.max_deliveries, self.version_grace)
 
 
 class App:

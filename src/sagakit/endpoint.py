@@ -22,7 +22,9 @@ copy that lost the race is answered with the outcome that won.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -37,6 +39,7 @@ from .errors import (
     NoHandler,
     Refusal,
     RoutingError,
+    SagaVersionUnknown,
 )
 from .inbox import FAILURE, Admission, Inbox, Verdict
 from .messages import Codec, Envelope, Failure, Headers, new_id, reply_headers
@@ -59,6 +62,12 @@ class HopPolicy:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     handler_timeout: float | None = 60.0
     max_deliveries: int = 25
+    #: how long a message for a saga version this process doesn't know is handed
+    #: back for another process (a rolling upgrade) before it is dead-lettered
+    version_grace: float = 300.0
+
+
+DEAD_LETTER_KEEP = 64 * 1024  #: bytes of a dead-lettered message kept (the rest: size, hash)
 
 
 @dataclass(slots=True)
@@ -166,8 +175,26 @@ class Endpoint:
             await self.fail_command(delivery, env, refusal.error, technical=False)
         except (MessageError, RoutingError) as exc:
             await self.dead_letter(delivery, env, exc)
+        except SagaVersionUnknown as exc:
+            await self._hand_back(delivery, env, exc)
         except Exception as exc:
             await self.technical_failure(delivery, env, exc)
+
+    async def _hand_back(self, delivery: Delivery, env: Envelope, exc: SagaVersionUnknown) -> None:
+        """A newer (or older) definition runs elsewhere: let another process take it.
+
+        During a rolling upgrade some coordinators know a saga version and some
+        don't; the message goes back to the queue for a bounded time
+        (``version_grace``, from the message's creation) before it is treated as
+        undeliverable.
+        """
+        age = time.time() - (env.headers.created_at or time.time())
+        if age > self.policy.version_grace:
+            log.warning("%s: still no process knows it after %.0fs", exc, age)
+            await self.dead_letter(delivery, env, exc)
+            return
+        log.info("%s: handing %s back for another process", exc, env.id)
+        await delivery.nack(min(self.policy.retry.delay(delivery.attempt), 5.0))
 
     async def _bounded(self, delivery: Delivery, env: Envelope, route: Route) -> None:
         timeout = route.timeout if route.timeout is not None else self.policy.handler_timeout
@@ -275,11 +302,16 @@ class Endpoint:
     async def _store_dead_letter(
         self, tx: Tx, data: bytes, env: Envelope | None, exc: Exception
     ) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        if len(data) > DEAD_LETTER_KEEP:  # an oversize message must not grow the store
+            digest = hashlib.sha256(data).hexdigest()
+            reason += f" [{len(data)} bytes, sha256 {digest}; the first {DEAD_LETTER_KEEP} kept]"
+            data = data[:DEAD_LETTER_KEEP]
         await self.store.dead_letter(
             tx,
             self.name,
             data,
-            f"{type(exc).__name__}: {exc}",
+            reason,
             type(exc).__name__,
             message_id=env.id if env else None,
             saga_id=env.headers.saga_id if env else None,

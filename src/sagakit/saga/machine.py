@@ -206,6 +206,17 @@ class _Unexpected(Exception):
 
 
 MAX_KEPT = 16 * 1024  #: bytes of an unapplied reply kept in the progress record
+HISTORY_FULL = 10  #: attempts of a step whose every line goes into the history
+HISTORY_EVERY = 100  #: after that, the lines of one attempt in this many
+
+
+def noted(attempt: int) -> bool:
+    """Whether an attempt's lines go into the history.
+
+    A step retried for ever would otherwise add lines for every attempt; the
+    attempt count itself is always in the progress record.
+    """
+    return attempt <= HISTORY_FULL or attempt % HISTORY_EVERY == 0
 
 
 class _Run:
@@ -222,9 +233,16 @@ class _Run:
         self.decision.effects.append(effect)
 
     def log(
-        self, entry: str, step: str | None = None, mid: str | None = None, detail: str | None = None
+        self,
+        entry: str,
+        step: str | None = None,
+        mid: str | None = None,
+        detail: str | None = None,
+        *,
+        attempt: int = 1,
     ) -> None:
-        self.emit(HistoryLine(entry, step, mid, detail))
+        if noted(attempt):
+            self.emit(HistoryLine(entry, step, mid, detail))
 
     # -- events ---------------------------------------------------------------
 
@@ -232,7 +250,7 @@ class _Run:
         self.log("started", detail=f"{self.defn.name} v{self.defn.version}")
         self.advance()
         if self.defn.deadline:
-            tid = self.m.ids()
+            tid = self.prog.deadline_timer = self.m.ids()
             self.emit(StartTimer(tid, "", "deadline", self.inst.id, self.defn.deadline))
 
     def reply(self, r: ReplyReceived) -> None:
@@ -243,7 +261,7 @@ class _Run:
         if r.sender != expected:
             return self.ignore(r, f"sent by {r.sender!r}, but the command went to {expected!r}")
         self.settle(r.step, p)
-        self.log("reply", r.step, r.message_id, f"{r.type} ({r.outcome})")
+        self.log("reply", r.step, r.message_id, f"{r.type} ({r.outcome})", attempt=p.attempt)
         if r.failed:
             failure = _failure_of(r.payload)
             text = f"{failure.code}: {failure.message}"
@@ -276,7 +294,8 @@ class _Run:
         del self.prog.pending[t.step]
         if t.kind == "retry":
             return self.send(self.defn.step(t.step), p.phase, p.attempt + 1, base=p.base)
-        self.log("timeout", t.step, p.message_id, f"no reply within {t.seconds}s")
+        detail = f"no reply within {t.seconds}s"
+        self.log("timeout", t.step, p.message_id, detail, attempt=p.attempt)
         self.timed_out(t.step, p, f"timeout after {t.seconds}s")
 
     def operator(self, op: OperatorAction) -> None:
@@ -396,7 +415,8 @@ class _Run:
         delay, token = policy.delay(tries), self.m.ids()
         self.emit(StartTimer(token, sdef.name, "retry", token, delay))
         self.prog.pending[sdef.name] = Pending(token, p.attempt, p.phase, True, base=p.base)
-        self.log("retry-scheduled", sdef.name, token, f"attempt {p.attempt} failed: {reason}")
+        detail = f"attempt {p.attempt} failed: {reason}"
+        self.log("retry-scheduled", sdef.name, token, detail, attempt=p.attempt)
 
     # -- backward ---------------------------------------------------------------
 
@@ -446,6 +466,9 @@ class _Run:
         self.inst.state = state
         if state != SagaState.FAILED:
             self.prog.stuck, self.prog.stuck_step = None, None
+            if self.prog.deadline_timer:  # done for good: the deadline has nothing to do
+                self.emit(CancelTimer(self.prog.deadline_timer))
+                self.prog.deadline_timer = None
         self.log(state.value, detail=self.inst.error if state != SagaState.COMPLETED else None)
 
     def send(self, sdef: StepDef, phase: str, attempt: int, base: int = 0) -> None:
@@ -466,7 +489,7 @@ class _Run:
             self.emit(StartTimer(timer, sdef.name, "timeout", mid, sdef.timeout))
         self.prog.pending[sdef.name] = Pending(mid, attempt, phase, timer=timer, base=base)
         verb = "compensation-sent" if phase == Phase.COMPENSATE else "command-sent"
-        self.log(verb, sdef.name, mid, f"{type_name} attempt {attempt}")
+        self.log(verb, sdef.name, mid, f"{type_name} attempt {attempt}", attempt=attempt)
 
     def settle(self, step: str, p: Pending) -> None:
         del self.prog.pending[step]

@@ -61,6 +61,8 @@ class Progress(msgspec.Struct):
     stuck_step: str | None = None
     #: success replies that could not be applied, kept for the operator (type: payload)
     unapplied: dict[str, str] = {}
+    #: the message id of the deadline timer, cancelled when the saga finishes
+    deadline_timer: str | None = None
 
     def copy(self) -> Progress:
         """A copy safe to change (pending entries are immutable)."""
@@ -74,6 +76,7 @@ class Progress(msgspec.Struct):
             self.stuck,
             self.stuck_step,
             dict(self.unapplied),
+            self.deadline_timer,
         )
 
 

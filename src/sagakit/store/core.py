@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..clock import Clock
-from ..errors import ConcurrencyConflict
+from ..errors import ConcurrencyConflict, ConfigurationError, StoreError
 from .queue import WorkQueue
 from .schema import SCHEMA_VERSION, check_prefix, statements
 
@@ -102,6 +102,8 @@ class Store:
         self._opened = True
         if migrate:
             await self.migrate()
+        else:
+            _refuse_newer(await self.schema_version(), self.prefix)
         await self.driver.listen(self.queue.waker.wake)
 
     async def close(self) -> None:
@@ -125,6 +127,7 @@ class Store:
             await tx.execute(f"CREATE TABLE IF NOT EXISTS {p}schema (version INTEGER NOT NULL)")
             row = await tx.fetchone(f"SELECT max(version) FROM {p}schema")
             current = int(row[0] or 0)
+            _refuse_newer(current, self.prefix)
             for version in range(current + 1, SCHEMA_VERSION + 1):
                 for stmt in statements(self.dialect, p, version):
                     await tx.execute(stmt)
@@ -132,8 +135,12 @@ class Store:
         return SCHEMA_VERSION
 
     async def schema_version(self) -> int:
-        async with self.transaction() as tx:
-            row = await tx.fetchone(f"SELECT max(version) FROM {self.prefix}schema")
+        """The schema version of the database (0 before the first migration)."""
+        try:
+            async with self.transaction() as tx:
+                row = await tx.fetchone(f"SELECT max(version) FROM {self.prefix}schema")
+        except StoreError:
+            return 0  # no schema table yet
         return int(row[0] or 0)
 
     # -- inbox -------------------------------------------------------------
@@ -354,6 +361,15 @@ def _saga_values(rec: SagaRecord) -> tuple[Any, ...]:
 
 def _saga_record(r: Any) -> SagaRecord:
     return SagaRecord(r[0], r[1], r[2], r[3], bytes(r[4]), bytes(r[5]), *r[6:])
+
+
+def _refuse_newer(found: int, prefix: str) -> None:
+    """A process must not run on a schema written by a newer sagakit than itself."""
+    if found > SCHEMA_VERSION:
+        raise ConfigurationError(
+            f"the database schema under prefix {prefix!r} is at version {found}, newer than "
+            f"this sagakit knows ({SCHEMA_VERSION}): upgrade sagakit in this process"
+        )
 
 
 def _lock_key(prefix: str) -> int:
