@@ -300,9 +300,7 @@ class _Run:
 
     def operator(self, op: OperatorAction) -> None:
         self.log(f"operator-{op.action}", detail=f"by {op.actor}: {op.reason}")
-        {"retry": self.op_retry, "compensate": self.op_compensate, "abort": self.op_abort}[
-            op.action
-        ]()
+        {"retry": op_retry, "compensate": op_compensate, "abort": op_abort}[op.action](self)
 
     # -- forward ----------------------------------------------------------------
 
@@ -455,7 +453,7 @@ class _Run:
         deadline: compensating around it could leave its effect in place.
         """
         prog = self.prog
-        if self.inst.state == SagaState.RUNNING and not prog.pivoted and not self.in_doubt():
+        if self.inst.state == SagaState.RUNNING and not prog.pivoted and not in_doubt(self):
             return self.begin_compensation("deadline passed", [])
         detail = f"state {self.inst.state}; past the point of no return"
         self.log("deadline-passed", detail=detail)
@@ -496,51 +494,59 @@ class _Run:
         if p.timer:
             self.emit(CancelTimer(p.timer))
 
-    # -- operator -----------------------------------------------------------------
 
-    def op_retry(self) -> None:
-        prog, inst = self.prog, self.inst
-        if inst.state != SagaState.FAILED or prog.stuck is None or prog.stuck_step is None:
-            raise InvalidOperatorAction("only a failed instance can be retried", saga_id=inst.id)
-        stuck, step = prog.stuck, prog.stuck_step
-        prog.stuck, prog.stuck_step = None, None
-        prog.unapplied.pop(step, None)
-        compensating = stuck.phase == Phase.COMPENSATE
-        inst.state = SagaState.COMPENSATING if compensating else SagaState.RUNNING
-        self.send(self.defn.step(step), stuck.phase, stuck.attempt + 1, base=stuck.attempt)
+# -- operator actions (on a run of the machine) -------------------------------------
 
-    def op_compensate(self) -> None:
-        if self.inst.state != SagaState.RUNNING or self.prog.pivoted:
-            raise InvalidOperatorAction(
-                "only a running instance before its pivot can be compensated",
-                saga_id=self.inst.id,
-            )
-        if doubt := self.in_doubt():
-            raise InvalidOperatorAction(
-                f"step {doubt[0]!r} is in flight and cannot be undone; "
-                "compensate once its outcome is known",
-                saga_id=self.inst.id,
-            )
-        self.begin_compensation("forced by operator", [])
 
-    def in_doubt(self) -> list[str]:
-        """Forward steps in flight whose effect, if they took one, nothing could undo."""
-        return [
-            n
-            for n, p in self.prog.pending.items()
-            if p.phase == Phase.FORWARD and self.defn.step(n).may_leave_an_effect
-        ]
+def op_retry(run: _Run) -> None:
+    """Re-send the step a failed instance is stuck on, with a fresh retry budget."""
+    prog, inst = run.prog, run.inst
+    if inst.state != SagaState.FAILED or prog.stuck is None or prog.stuck_step is None:
+        raise InvalidOperatorAction("only a failed instance can be retried", saga_id=inst.id)
+    stuck, step = prog.stuck, prog.stuck_step
+    prog.stuck, prog.stuck_step = None, None
+    prog.unapplied.pop(step, None)
+    compensating = stuck.phase == Phase.COMPENSATE
+    inst.state = SagaState.COMPENSATING if compensating else SagaState.RUNNING
+    run.send(run.defn.step(step), stuck.phase, stuck.attempt + 1, base=stuck.attempt)
 
-    def op_abort(self) -> None:
-        state = self.inst.state
-        if state in (SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.ABORTED):
-            raise InvalidOperatorAction(f"instance is already {state}", saga_id=self.inst.id)
-        for p in self.prog.pending.values():
-            if p.timer:
-                self.emit(CancelTimer(p.timer))
-        self.prog.pending.clear()
-        self.inst.error = "aborted by operator"
-        self.finish(SagaState.ABORTED)
+
+def op_compensate(run: _Run) -> None:
+    """Force backward recovery of a running instance, unless something could stay done."""
+    if run.inst.state != SagaState.RUNNING or run.prog.pivoted:
+        raise InvalidOperatorAction(
+            "only a running instance before its pivot can be compensated",
+            saga_id=run.inst.id,
+        )
+    if doubt := in_doubt(run):
+        raise InvalidOperatorAction(
+            f"step {doubt[0]!r} is in flight and cannot be undone; "
+            "compensate once its outcome is known",
+            saga_id=run.inst.id,
+        )
+    run.begin_compensation("forced by operator", [])
+
+
+def in_doubt(run: _Run) -> list[str]:
+    """Forward steps in flight whose effect, if they took one, nothing could undo."""
+    return [
+        n
+        for n, p in run.prog.pending.items()
+        if p.phase == Phase.FORWARD and run.defn.step(n).may_leave_an_effect
+    ]
+
+
+def op_abort(run: _Run) -> None:
+    """Stop an unfinished instance where it is, without compensating."""
+    state = run.inst.state
+    if state in (SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.ABORTED):
+        raise InvalidOperatorAction(f"instance is already {state}", saga_id=run.inst.id)
+    for p in run.prog.pending.values():
+        if p.timer:
+            run.emit(CancelTimer(p.timer))
+    run.prog.pending.clear()
+    run.inst.error = "aborted by operator"
+    run.finish(SagaState.ABORTED)
 
 
 def _failure_of(payload: bytes) -> Failure:
