@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
-from ..errors import ConfigurationError, StoreError
+from ..errors import ConfigurationError, StoreError, StoreUnavailable
 from ..transport._url import Option, count, parse_url, redact, seconds
 
 try:
@@ -54,6 +54,10 @@ _NOTIFY_SQL = "SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q"
 # SQLSTATEs after which the same work can succeed if tried again.
 _RETRYABLE_STATES = frozenset({"40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03"})
 _RETRYABLE_CLASSES = ("08", "53")
+# Connection exceptions, insufficient resources (too many clients), and the
+# server shutting down or starting up: the database is unavailable.
+_OUTAGE_CLASSES = ("08", "53")
+_OUTAGE_STATES = frozenset({"57P01", "57P02", "57P03"})
 _HEALTH_EVERY_S = 10.0
 _RECONNECT_MAX_S = 5.0
 
@@ -136,10 +140,22 @@ def retryable(exc: BaseException) -> bool:
     return isinstance(exc, OSError)
 
 
+def unavailable(exc: BaseException) -> bool:
+    """Whether the server is out of reach or refusing work (an outage), not the statement wrong."""
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", None) or ""
+        return state.startswith(_OUTAGE_CLASSES) or state in _OUTAGE_STATES
+    if isinstance(exc, asyncpg.InterfaceError):
+        return "closed" in str(exc) or "closing" in str(exc)
+    return isinstance(exc, OSError)
+
+
 def translate(exc: BaseException) -> StoreError:
     """The sagakit error for a driver or socket error."""
     state = getattr(exc, "sqlstate", None)
     detail = f"[{state}] {exc}" if state else f"{type(exc).__name__}: {exc}"
+    if unavailable(exc):
+        return StoreUnavailable(f"postgresql: {detail}", retryable=True)
     return StoreError(f"postgresql: {detail}", retryable=retryable(exc))
 
 
