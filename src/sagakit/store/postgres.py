@@ -33,6 +33,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, Literal
 
 from ..errors import ConfigurationError, StoreError, StoreUnavailable
@@ -208,7 +209,7 @@ class PostgresTx:
         try:
             yield
         except BaseException:
-            await _quietly(self.connection.execute(f"ROLLBACK TO SAVEPOINT {name}"))
+            await _quietly(partial(self.connection.execute, f"ROLLBACK TO SAVEPOINT {name}"))
             raise
         await self._simple(f"RELEASE SAVEPOINT {name}")
 
@@ -321,7 +322,7 @@ class PostgresDriver:
             async with _transaction(conn, self.channel, tx):
                 yield tx
         finally:
-            await _quietly(pool.release(conn))
+            await _quietly(partial(pool.release, conn))
         tx.committed(self._on_notify)
 
     async def fetch_single(self, sql: str, *args: Any) -> list[Any]:
@@ -368,7 +369,7 @@ class PostgresDriver:
             except DBError as exc:
                 log.warning("LISTEN connection lost (%s); reconnecting", exc)
             finally:
-                await _quietly(conn.close(timeout=2.0))
+                await _quietly(partial(conn.close, timeout=2.0))
 
     async def _hold(
         self, conn: Any, on_notify: Callable[[str], None], ready: asyncio.Event
@@ -402,12 +403,12 @@ async def _transaction(conn: Any, channel: str, tx: PostgresTx) -> AsyncIterator
     try:
         yield
     except BaseException:
-        await _quietly(conn.execute("ROLLBACK"))
+        await _quietly(partial(conn.execute, "ROLLBACK"))
         raise
     try:
         await conn.execute(_commit_sql(channel, tx.queues))
     except DBError as exc:
-        await _quietly(conn.execute("ROLLBACK"))
+        await _quietly(partial(conn.execute, "ROLLBACK"))
         raise translate(exc) from exc
 
 
@@ -440,9 +441,14 @@ async def _keep_session(conn: Any) -> None:
     """
 
 
-async def _quietly(aw: Any) -> None:
-    """Await a cleanup step whose failure must not hide the original error."""
+async def _quietly(step: Callable[[], Any]) -> None:
+    """Run a cleanup step whose failure must not hide the original error.
+
+    A thunk, not an awaitable: asyncpg raises some errors (a connection already
+    released to the pool) when the method is *called*, before anything is
+    awaited, and those must be caught here too.
+    """
     try:
-        await aw
+        await step()
     except (*DBError, asyncpg.exceptions.InternalClientError) as exc:
         log.debug("cleanup failed: %r", exc)
