@@ -139,3 +139,24 @@ async def test_a_worker_started_during_an_outage_waits_for_the_database(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "cannot call Connection.execute(): connection has been released back to the pool",
+        "connection is closed",
+    ],
+)
+def test_a_connection_lost_under_a_transaction_is_an_outage(message: str) -> None:
+    """After pg_terminate_backend asyncpg detaches the connection in use: not a bug, an outage."""
+    from sagakit.store.postgres import translate
+
+    assert isinstance(translate(asyncpg.InterfaceError(message)), StoreUnavailable)
+
+
+def test_a_broken_statement_is_not_an_outage() -> None:
+    from sagakit.store.postgres import translate
+
+    error = translate(asyncpg.PostgresSyntaxError("syntax error at or near"))
+    assert not isinstance(error, StoreUnavailable) and not error.retryable

@@ -137,8 +137,20 @@ def retryable(exc: BaseException) -> bool:
         state = getattr(exc, "sqlstate", None) or ""
         return state in _RETRYABLE_STATES or state.startswith(_RETRYABLE_CLASSES)
     if isinstance(exc, asyncpg.InterfaceError):
-        return "closed" in str(exc) or "closing" in str(exc)
+        return _connection_lost(exc)
     return isinstance(exc, OSError)
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """An InterfaceError that says the connection went away under the caller.
+
+    When the server ends a session (a restart, ``pg_terminate_backend``, an
+    idle timeout) asyncpg closes the connection and detaches it from the pool
+    entry in use, so the *next* call on it says "released back to the pool":
+    that too is a lost connection, not a programming error.
+    """
+    text = str(exc)
+    return "closed" in text or "closing" in text or "released back to the pool" in text
 
 
 def unavailable(exc: BaseException) -> bool:
@@ -147,7 +159,7 @@ def unavailable(exc: BaseException) -> bool:
         state = getattr(exc, "sqlstate", None) or ""
         return state.startswith(_OUTAGE_CLASSES) or state in _OUTAGE_STATES
     if isinstance(exc, asyncpg.InterfaceError):
-        return "closed" in str(exc) or "closing" in str(exc)
+        return _connection_lost(exc)
     return isinstance(exc, OSError)
 
 
