@@ -349,6 +349,10 @@ class PostgresDriver:
         except DBError as exc:
             raise translate(exc) from exc
 
+    async def read(self, sql: str, *args: Any) -> list[Any]:
+        """A read-only query: one round trip in autocommit mode, like :meth:`fetch_single`."""
+        return await self.fetch_single(sql, *args)
+
     async def listen(self, on_notify: Callable[[str], None]) -> None:
         """Start waking ``on_notify`` for local commits and NOTIFYs of other processes.
 
