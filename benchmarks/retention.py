@@ -10,10 +10,13 @@ disk used: the database file plus its WAL (SQLite) or the sum of
 ``pg_total_relation_size`` over sagakit's tables (PostgreSQL). The workload's
 own rows (``t1``..``t3``) are deleted at each report: they are the
 application's data, not sagakit's, and would otherwise hide what retention
-does to the file::
+does to the file. On PostgreSQL, ``--vacuum`` runs a plain ``VACUUM`` of
+sagakit's tables after each report, standing in for autovacuum on a server
+where it is off (as on the shared benchmark machine), since deleted rows
+only become reusable space once vacuumed::
 
     python benchmarks/retention.py --db sqlite --sagas 100000
-    python benchmarks/retention.py --db postgresql --sagas 20000
+    python benchmarks/retention.py --db postgresql --sagas 20000 --vacuum
     python benchmarks/retention.py --db sqlite --sagas 100000 --no-retention   # the baseline
 
 It prints a markdown table at the end.
@@ -82,6 +85,18 @@ async def sizes(bench: Sagakit, path: str | None) -> dict[str, int]:
     return out
 
 
+async def vacuum(url: str, prefix: str) -> None:
+    """A plain VACUUM of sagakit's tables (it cannot run inside a transaction)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        for t in TABLES:
+            await conn.execute(f"VACUUM {prefix}{t}")
+    finally:
+        await conn.close()
+
+
 async def run(args: argparse.Namespace) -> list[list[Any]]:
     path = None
     if args.db == "sqlite":
@@ -123,6 +138,8 @@ async def drive(
         await asyncio.gather(*(client() for _ in range(args.in_flight)))
         rate = slice_size / (time.perf_counter() - started)
         rows.append(report(n, goal, rate, await sizes(bench, path), tally.total))
+        if args.vacuum and path is None:
+            await vacuum(bench.url, bench.prefix)
     return rows
 
 
@@ -146,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--every", type=float, default=1.0, help="seconds between prune runs")
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--no-retention", action="store_true", help="the baseline: keep everything")
+    ap.add_argument("--vacuum", action="store_true", help="PostgreSQL: VACUUM after each report")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
