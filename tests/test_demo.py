@@ -57,7 +57,7 @@ async def place(
     _, saga_id = await of.place_order(
         customer, items, card_token=card, address=ADDRESS, order_id=order_id
     )
-    return await of.app.sagas.wait(saga_id, timeout=20)
+    return await of.app.sagas.wait(saga_id, timeout=20, history=True)
 
 
 async def credit_of(of: OrderFulfillment, customer: str) -> tuple[int, int]:

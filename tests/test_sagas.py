@@ -44,7 +44,7 @@ def defn(app: sk.App, name: str) -> sk.SagaDefinition[Data]:
 
 async def run(app: sk.App, name: str, key: str) -> sk.SagaView:
     saga_id = await app.sagas.start(defn(app, name), Data(key), saga_id=key)
-    return await app.sagas.wait(saga_id, timeout=10)
+    return await app.sagas.wait(saga_id, timeout=10, history=True)
 
 
 async def test_happy_path_runs_every_step_in_order(app: sk.App, plan: Plan) -> None:
@@ -110,7 +110,7 @@ async def test_retriable_step_that_gives_up_fails_then_operator_retry(
     with pytest.raises(sk.InvalidOperatorAction):
         sk.Actor("")
     await app.sagas.retry("stuck", actor=sk.Actor("ops@example.com"), reason="shipping fixed")
-    view = await app.sagas.wait("stuck")
+    view = await app.sagas.wait("stuck", history=True)
     assert view.state == "completed"
     assert any(
         e.entry == "operator-retry" and "ops@example.com" in (e.detail or "") for e in view.history
@@ -214,7 +214,7 @@ async def test_a_reply_from_another_service_is_ignored(app: sk.App, plan: Plan) 
     await reply_to(app, "forged", "b", cmd.message_id or "", DidIt(100), sender="")
     await eventually(lambda: _logged(app, "forged", "reply-ignored", times=2))
     hold.set()
-    view = await app.sagas.wait("forged")
+    view = await app.sagas.wait("forged", history=True)
     assert view.state == "completed" and view.data.total == 4, "only b's own reply counted"
     ignored = [e.detail or "" for e in view.history if e.entry == "reply-ignored"]
     assert all("but the command went to 'b'" in d for d in ignored)
@@ -231,7 +231,7 @@ async def test_a_reply_that_cannot_be_applied_stops_the_saga_with_the_reply_kept
     await reply_to(app, "odd", "b", cmd.message_id or "", sk.Done())  # a type b never declared
     await eventually(lambda: _logged(app, "odd", "reply-unapplied"))
     hold.set()
-    view = await app.sagas.wait("odd")
+    view = await app.sagas.wait("odd", history=True)
     assert view.state == "failed" and "could not be applied" in (view.error or "")
     assert not any(e.entry == "compensating" for e in view.history)
     record = await app.store.saga_get("odd")
@@ -240,7 +240,7 @@ async def test_a_reply_that_cannot_be_applied_stops_the_saga_with_the_reply_kept
     assert committed(plan, "odd") == ["T:a", "T:b"], "nothing compensated around b"
     # The operator retries: b's inbox answers with its stored (real) reply, which applies.
     await app.sagas.retry("odd", actor=OPS, reason="the odd reply was not b's")
-    view = await app.sagas.wait("odd")
+    view = await app.sagas.wait("odd", history=True)
     assert view.state == "completed"
     assert committed(plan, "odd") == ["T:a", "T:b", "T:c", "T:d"], "b ran once"
 

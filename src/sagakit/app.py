@@ -80,6 +80,8 @@ class Settings:
     max_deliveries: int = 25
     #: a message for a saga version unknown here goes back to the queue this long
     version_grace: float = 300.0
+    #: a store or broker outage is waited out this long before messages fail
+    outage_patience: float = 600.0
     auto_migrate: bool = True
     prefix: str = "sagakit_"
     shutdown_grace: float = 10.0

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import __version__
 from .app import COORDINATOR, App, Settings
-from .errors import CommandFailed, ConfigurationError, SagakitError
+from .errors import CommandFailed, ConfigurationError, SagakitError, is_outage
 from .transport import redact
 
 if TYPE_CHECKING:
@@ -172,7 +172,31 @@ def _check_services(obj: Any, services: list[str] | None) -> list[str]:
     return sorted(services) if services else [n for n in known if app.runs(n)]
 
 
-async def _serve(obj: Any, services: list[str], ready_file: str | None) -> None:
+async def _start(obj: Any, patience: float) -> None:
+    """Start ``obj``; while its store or broker is unavailable, retry with backoff.
+
+    A worker started before its database or broker (a deploy, a restart of
+    the machine) waits for them instead of exiting, for up to ``patience``
+    seconds, saying so at WARNING.
+    """
+    loop = asyncio.get_running_loop()
+    give_up, delay = loop.time() + patience, 0.5
+    while True:
+        try:
+            await obj.start()
+            return
+        except SagakitError as exc:
+            if not is_outage(exc) or loop.time() + delay > give_up:
+                raise
+            log.warning("cannot start yet (%s); retrying in %.1fs", exc, delay)
+            await obj.stop()
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 10.0)
+
+
+async def _serve(
+    obj: Any, services: list[str], ready_file: str | None, patience: float = 0.0
+) -> None:
     """Start, report readiness, run until SIGTERM/SIGINT, then stop gracefully.
 
     A second signal during the graceful stop exits at once (status 130).
@@ -190,7 +214,7 @@ async def _serve(obj: Any, services: list[str], ready_file: str | None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        await obj.start()
+        await _start(obj, patience)
         line = f"sagakit worker ready: pid {os.getpid()}, services {','.join(services)}"
         print(line, file=sys.stderr, flush=True)
         if ready_file:
@@ -218,7 +242,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings=settings,
     )
     services = _check_services(obj, args.service)
-    asyncio.run(_serve(obj, services, args.ready_file))
+    asyncio.run(_serve(obj, services, args.ready_file, args.connect_patience))
     return 0
 
 
@@ -382,6 +406,13 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--lease", type=float, help="Settings.lease in seconds, for the factory")
     w.add_argument("--prefetch", type=int, help="Settings.prefetch, for the factory")
     w.add_argument("--ready-file", help="write the pid to this file once consuming")
+    w.add_argument(
+        "--connect-patience",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="wait this long for an unavailable store or broker at start (default 300)",
+    )
     w.set_defaults(func=cmd_worker)
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db", required=True)
     m = db.add_parser(

@@ -40,6 +40,7 @@ from .errors import (
     Refusal,
     RoutingError,
     SagaVersionUnknown,
+    StoreUnavailable,
 )
 from .inbox import FAILURE, Admission, Inbox, Verdict
 from .messages import Codec, Envelope, Failure, Headers, new_id, reply_headers
@@ -65,7 +66,11 @@ class HopPolicy:
     #: how long a message for a saga version this process doesn't know is handed
     #: back for another process (a rolling upgrade) before it is dead-lettered
     version_grace: float = 300.0
+    #: how long a store outage is waited out before a message fails
+    outage_patience: float = 600.0
 
+
+OUTAGE_MAX_BACKOFF = 5.0  #: seconds between tries while a store or broker is unavailable
 
 DEAD_LETTER_KEEP = 64 * 1024  #: bytes of a dead-lettered message kept (the rest: size, hash)
 
@@ -168,7 +173,7 @@ class Endpoint:
             route = self.router(env)
             if route is None:
                 raise NoHandler(f"no handler for {env.type!r} ({env.kind}) at {self.name!r}")
-            await self._bounded(delivery, env, route)
+            await self._patiently(lambda: self._bounded(delivery, env, route))
         except LeaseLost:
             log.info("lease lost on %s; another consumer has it", env.id)
         except Refusal as refusal:
@@ -295,9 +300,35 @@ class Endpoint:
         body: Callable[[Scope], Awaitable[None]],
     ) -> None:
         try:
-            await self.transact(env or _NO_ENVELOPE, body, delivery)
+            await self._patiently(lambda: self.transact(env or _NO_ENVELOPE, body, delivery))
         except LeaseLost:
             log.info("lease lost while settling; another consumer has the message")
+
+    async def _patiently(self, attempt: Callable[[], Awaitable[None]]) -> None:
+        """Run ``attempt``, waiting out an outage of the store.
+
+        An unavailable database says nothing about the message, so
+        it must not use up the message's retries or dead-letter it: the
+        delivery is held (its lease kept alive), the attempt repeated with
+        backoff, and only an outage longer than ``outage_patience`` gives up.
+        Holding the delivery also stops this consumer taking more work
+        meanwhile.
+        """
+        loop = asyncio.get_running_loop()
+        give_up, delay = loop.time() + self.policy.outage_patience, 0.1
+        while True:
+            try:
+                return await attempt()
+            except StoreUnavailable as exc:  # a broker's outage ends this delivery anyway
+                if loop.time() + delay > give_up:
+                    raise
+                self._outage(exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, OUTAGE_MAX_BACKOFF)
+
+    def _outage(self, exc: StoreUnavailable, delay: float) -> None:
+        if delay == 0.1:  # once per message and outage, not per try
+            log.warning("%s: unavailable (%s); waiting it out", self.name, exc)
 
     async def _store_dead_letter(
         self, tx: Tx, data: bytes, env: Envelope | None, exc: Exception

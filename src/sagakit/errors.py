@@ -27,6 +27,7 @@ transports), so callers never see ``sqlite3`` or ``asyncpg`` exceptions.
     ├── HandlerFailed                 a technical failure that exhausted its retries
     │   └── HandlerTimeout            a handler ran past Settings.handler_timeout (retryable)
     ├── StoreError                    database trouble (retryable)
+    │   ├── StoreUnavailable          an outage: unreachable, refusing connections, shutting down
     │   └── ConcurrencyConflict       optimistic version check lost (retryable)
     ├── TransportError                broker trouble (retryable)
     │   └── LeaseLost                 another consumer took the message over (retryable)
@@ -179,6 +180,14 @@ class StoreError(SagakitError):
     retryable = True
 
 
+class StoreUnavailable(StoreError):
+    """The database can't be reached or refuses connections: an outage, not a bad message.
+
+    The hop waits it out (``Settings.outage_patience``) instead of counting it
+    against a message's retries; see :func:`is_outage`.
+    """
+
+
 class ConcurrencyConflict(StoreError):
     """Another process changed the saga instance first."""
 
@@ -226,3 +235,14 @@ class WaitTimeout(SagaError, TimeoutError):
 
     It is also a :class:`TimeoutError`, so ``except TimeoutError`` keeps working.
     """
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says a store or broker is unavailable (rather than the message bad).
+
+    An outage is waited out; it never uses up a message's retries or sends it
+    to the dead letters.
+    """
+    if isinstance(exc, StoreUnavailable):
+        return True
+    return isinstance(exc, TransportError) and exc.retryable and not isinstance(exc, LeaseLost)

@@ -50,9 +50,11 @@ class Sagas:
             definition, data, saga_id=saga_id, correlation_id=correlation_id
         )
 
-    async def wait(self, saga_id: str, timeout: float = 30.0, poll: float = 1.0) -> SagaView:
+    async def wait(
+        self, saga_id: str, timeout: float = 30.0, poll: float = 1.0, *, history: bool = False
+    ) -> SagaView:
         """Wait until the instance is final (no busy polling; see :class:`SagaQueries`)."""
-        return await self.queries.wait(saga_id, timeout, poll)
+        return await self.queries.wait(saga_id, timeout, poll, history=history)
 
     async def get(self, saga_id: str, *, history: bool = True) -> SagaView:
         return await self.queries.get(saga_id, history=history)

@@ -92,13 +92,19 @@ class SagaQueries:
         """Number of instances per state."""
         return await self.store.saga_counts(type=type)
 
-    async def wait(self, saga_id: str, timeout: float = 30.0, poll: float = 1.0) -> SagaView:
-        """Wait until the instance reaches a final state; :class:`WaitTimeout` if not."""
+    async def wait(
+        self, saga_id: str, timeout: float = 30.0, poll: float = 1.0, *, history: bool = False
+    ) -> SagaView:
+        """Wait until the instance reaches a final state; :class:`WaitTimeout` if not.
+
+        The view comes without its history unless ``history=True`` (one query
+        more; :meth:`get` has it too).
+        """
         waker, name = self.store.queue.waker, finished(saga_id)
         woken = waker.watch(name)
         try:
             async with asyncio.timeout(timeout):
-                return await self._until_final(saga_id, woken, poll)
+                return await self._until_final(saga_id, woken, poll, history)
         except TimeoutError:
             raise WaitTimeout(
                 f"saga {saga_id} not final after {timeout}s", saga_id=saga_id
@@ -106,12 +112,14 @@ class SagaQueries:
         finally:
             waker.unwatch(name)
 
-    async def _until_final(self, saga_id: str, woken: asyncio.Event, poll: float) -> SagaView:
+    async def _until_final(
+        self, saga_id: str, woken: asyncio.Event, poll: float, history: bool
+    ) -> SagaView:
         while True:
             woken.clear()  # a commit after this read sets it again
             rec = await self.store.saga_get(saga_id)
             if rec is not None and rec.state in TERMINAL:
-                return await self.view(rec, True)
+                return await self.view(rec, history)
             with suppress(TimeoutError):
                 await asyncio.wait_for(woken.wait(), poll)
 

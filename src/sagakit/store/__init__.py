@@ -59,6 +59,9 @@ class Driver(Protocol):
     async def fetch_single(self, sql: str, *args: Any) -> list[Any]:
         """Run one statement as a transaction of its own (one round trip where possible)."""
 
+    async def read(self, sql: str, *args: Any) -> list[Any]:
+        """Run one read-only query outside any explicit transaction, taking no write lock."""
+
     async def listen(self, on_notify: Callable[[str], None]) -> None: ...
 
 

@@ -158,9 +158,10 @@ class QueueConsumer:
                 self._warn_slow(running)
                 if running and (pending is None or pending.done()):
                     pending = asyncio.create_task(self._extend([d.item for d in running]))
-        finally:
+        finally:  # never leave an extension running into a closing store
             if pending is not None:
                 pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
 
     async def _extend(self, items: list[Queued]) -> None:
         try:

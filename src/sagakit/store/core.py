@@ -247,12 +247,11 @@ class Store:
         )
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        async with self.transaction() as tx:
-            rows = await tx.fetchall(
-                f"SELECT seq, id, queue, data, reason, error_type, saga_id, created_at "
-                f"FROM {self.prefix}dead_letters ORDER BY seq LIMIT ?",
-                limit,
-            )
+        rows = await self.driver.read(
+            f"SELECT seq, id, queue, data, reason, error_type, saga_id, created_at "
+            f"FROM {self.prefix}dead_letters ORDER BY seq LIMIT ?",
+            limit,
+        )
         return [DeadLetter(r[0], r[1], r[2], bytes(r[3]), *r[4:]) for r in rows]
 
     # -- sagas -------------------------------------------------------------
@@ -298,8 +297,13 @@ class Store:
         rec.rev += 1
 
     async def saga_get(self, saga_id: str) -> SagaRecord | None:
-        async with self.transaction() as tx:
-            return await self.saga_load(tx, saga_id, lock=False)
+        """Read an instance outside any transaction (one round trip, no locks)."""
+        rows = await self.driver.read(
+            f"SELECT id, type, version, state, data, progress, rev, created_at, updated_at, "
+            f"deadline, error FROM {self.prefix}sagas WHERE id = ?",
+            saga_id,
+        )
+        return _saga_record(rows[0]) if rows else None
 
     async def log(self, tx: Tx, entries: Sequence[LogEntry]) -> None:
         """Append lines to saga histories."""
@@ -310,12 +314,11 @@ class Store:
         )
 
     async def history(self, saga_id: str) -> list[LogEntry]:
-        async with self.transaction() as tx:
-            rows = await tx.fetchall(
-                f"SELECT saga_id, at, entry, step, message_id, detail FROM {self.prefix}saga_log "
-                "WHERE saga_id = ? ORDER BY seq",
-                saga_id,
-            )
+        rows = await self.driver.read(
+            f"SELECT saga_id, at, entry, step, message_id, detail FROM {self.prefix}saga_log "
+            "WHERE saga_id = ? ORDER BY seq",
+            saga_id,
+        )
         return [LogEntry(*r) for r in rows]
 
     async def saga_list(
@@ -336,29 +339,26 @@ class Store:
             type=type, state=state, created_before=created_before, stuck_before=stuck_before
         )
         order = "updated_at" if stuck_before is not None else "created_at"
-        async with self.transaction() as tx:
-            rows = await tx.fetchall(
-                f"SELECT id, type, version, state, data, progress, rev, created_at, updated_at, "
-                f"deadline, error FROM {self.prefix}sagas{where} ORDER BY {order} LIMIT ?",
-                *args,
-                limit,
-            )
+        rows = await self.driver.read(
+            f"SELECT id, type, version, state, data, progress, rev, created_at, updated_at, "
+            f"deadline, error FROM {self.prefix}sagas{where} ORDER BY {order} LIMIT ?",
+            *args,
+            limit,
+        )
         return [_saga_record(r) for r in rows]
 
     async def saga_count_stuck(self, stuck_before: float, *, type: str | None = None) -> int:
         """How many unfinished instances have not changed since ``stuck_before``."""
         where, args = _filters(type=type, stuck_before=stuck_before)
-        async with self.transaction() as tx:
-            row = await tx.fetchone(f"SELECT count(*) FROM {self.prefix}sagas{where}", *args)
-        return int(row[0])
+        rows = await self.driver.read(f"SELECT count(*) FROM {self.prefix}sagas{where}", *args)
+        return int(rows[0][0])
 
     async def saga_counts(self, *, type: str | None = None) -> dict[str, int]:
         """Number of instances per state."""
         where, args = _filters(type=type)
-        async with self.transaction() as tx:
-            rows = await tx.fetchall(
-                f"SELECT state, count(*) FROM {self.prefix}sagas{where} GROUP BY state", *args
-            )
+        rows = await self.driver.read(
+            f"SELECT state, count(*) FROM {self.prefix}sagas{where} GROUP BY state", *args
+        )
         return {r[0]: int(r[1]) for r in rows}
 
 

@@ -33,9 +33,10 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, Literal
 
-from ..errors import ConfigurationError, StoreError
+from ..errors import ConfigurationError, StoreError, StoreUnavailable
 from ..transport._url import Option, count, parse_url, redact, seconds
 
 try:
@@ -54,6 +55,10 @@ _NOTIFY_SQL = "SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q"
 # SQLSTATEs after which the same work can succeed if tried again.
 _RETRYABLE_STATES = frozenset({"40001", "40P01", "55P03", "57014", "57P01", "57P02", "57P03"})
 _RETRYABLE_CLASSES = ("08", "53")
+# Connection exceptions, insufficient resources (too many clients), and the
+# server shutting down or starting up: the database is unavailable.
+_OUTAGE_CLASSES = ("08", "53")
+_OUTAGE_STATES = frozenset({"57P01", "57P02", "57P03"})
 _HEALTH_EVERY_S = 10.0
 _RECONNECT_MAX_S = 5.0
 
@@ -132,7 +137,29 @@ def retryable(exc: BaseException) -> bool:
         state = getattr(exc, "sqlstate", None) or ""
         return state in _RETRYABLE_STATES or state.startswith(_RETRYABLE_CLASSES)
     if isinstance(exc, asyncpg.InterfaceError):
-        return "closed" in str(exc) or "closing" in str(exc)
+        return _connection_lost(exc)
+    return isinstance(exc, OSError)
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """An InterfaceError that says the connection went away under the caller.
+
+    When the server ends a session (a restart, ``pg_terminate_backend``, an
+    idle timeout) asyncpg closes the connection and detaches it from the pool
+    entry in use, so the *next* call on it says "released back to the pool":
+    that too is a lost connection, not a programming error.
+    """
+    text = str(exc)
+    return "closed" in text or "closing" in text or "released back to the pool" in text
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether the server is out of reach or refusing work (an outage), not the statement wrong."""
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", None) or ""
+        return state.startswith(_OUTAGE_CLASSES) or state in _OUTAGE_STATES
+    if isinstance(exc, asyncpg.InterfaceError):
+        return _connection_lost(exc)
     return isinstance(exc, OSError)
 
 
@@ -140,6 +167,8 @@ def translate(exc: BaseException) -> StoreError:
     """The sagakit error for a driver or socket error."""
     state = getattr(exc, "sqlstate", None)
     detail = f"[{state}] {exc}" if state else f"{type(exc).__name__}: {exc}"
+    if unavailable(exc):
+        return StoreUnavailable(f"postgresql: {detail}", retryable=True)
     return StoreError(f"postgresql: {detail}", retryable=retryable(exc))
 
 
@@ -192,7 +221,7 @@ class PostgresTx:
         try:
             yield
         except BaseException:
-            await _quietly(self.connection.execute(f"ROLLBACK TO SAVEPOINT {name}"))
+            await _quietly(partial(self.connection.execute, f"ROLLBACK TO SAVEPOINT {name}"))
             raise
         await self._simple(f"RELEASE SAVEPOINT {name}")
 
@@ -305,7 +334,7 @@ class PostgresDriver:
             async with _transaction(conn, self.channel, tx):
                 yield tx
         finally:
-            await _quietly(pool.release(conn))
+            await _quietly(partial(pool.release, conn))
         tx.committed(self._on_notify)
 
     async def fetch_single(self, sql: str, *args: Any) -> list[Any]:
@@ -319,6 +348,10 @@ class PostgresDriver:
                 return list(await conn.fetch(to_dollar(sql), *args))
         except DBError as exc:
             raise translate(exc) from exc
+
+    async def read(self, sql: str, *args: Any) -> list[Any]:
+        """A read-only query: one round trip in autocommit mode, like :meth:`fetch_single`."""
+        return await self.fetch_single(sql, *args)
 
     async def listen(self, on_notify: Callable[[str], None]) -> None:
         """Start waking ``on_notify`` for local commits and NOTIFYs of other processes.
@@ -352,7 +385,7 @@ class PostgresDriver:
             except DBError as exc:
                 log.warning("LISTEN connection lost (%s); reconnecting", exc)
             finally:
-                await _quietly(conn.close(timeout=2.0))
+                await _quietly(partial(conn.close, timeout=2.0))
 
     async def _hold(
         self, conn: Any, on_notify: Callable[[str], None], ready: asyncio.Event
@@ -386,12 +419,12 @@ async def _transaction(conn: Any, channel: str, tx: PostgresTx) -> AsyncIterator
     try:
         yield
     except BaseException:
-        await _quietly(conn.execute("ROLLBACK"))
+        await _quietly(partial(conn.execute, "ROLLBACK"))
         raise
     try:
         await conn.execute(_commit_sql(channel, tx.queues))
     except DBError as exc:
-        await _quietly(conn.execute("ROLLBACK"))
+        await _quietly(partial(conn.execute, "ROLLBACK"))
         raise translate(exc) from exc
 
 
@@ -424,9 +457,14 @@ async def _keep_session(conn: Any) -> None:
     """
 
 
-async def _quietly(aw: Any) -> None:
-    """Await a cleanup step whose failure must not hide the original error."""
+async def _quietly(step: Callable[[], Any]) -> None:
+    """Run a cleanup step whose failure must not hide the original error.
+
+    A thunk, not an awaitable: asyncpg raises some errors (a connection already
+    released to the pool) when the method is *called*, before anything is
+    awaited, and those must be caught here too.
+    """
     try:
-        await aw
+        await step()
     except (*DBError, asyncpg.exceptions.InternalClientError) as exc:
         log.debug("cleanup failed: %r", exc)

@@ -150,6 +150,21 @@ class SqliteDriver:
         async with self.transaction() as tx:
             return await tx.fetchall(sql, *args)
 
+    async def read(self, sql: str, *args: Any) -> list[Any]:
+        """A read-only query without BEGIN IMMEDIATE: it takes no write lock.
+
+        In WAL mode a reader never waits for a writer in another process; in
+        this process it still waits its turn for the one connection.
+        """
+        async with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise StoreError("store is closed")
+            try:
+                return conn.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise _translate(exc) from exc
+
     async def _begin(self, conn: sqlite3.Connection) -> None:
         waited = 0.0
         while True:

@@ -121,8 +121,8 @@ class Inventory(Service):
         # Compensation: only live reservations give stock back (idempotent).
         rows = await self._lines(ctx.db, cmd.order_id, RESERVED)
         for sku, qty in rows:
-            await self._set_state(ctx.db, cmd.order_id, sku, RELEASED, ctx.now)
-            await self._give_back(ctx.db, sku, qty)
+            if await self._move(ctx.db, cmd.order_id, sku, RESERVED, RELEASED, ctx.now):
+                await self._give_back(ctx.db, sku, qty)
 
     async def confirm(self, cmd: ConfirmStock, ctx: sk.Context) -> None:
         await self._expire(ctx.db, ctx.now)
@@ -133,17 +133,21 @@ class Inventory(Service):
         if not rows:
             raise ReservationExpired(f"no stock reservation for order {cmd.order_id}")
         for sku, qty, state in rows:
-            if state == RESERVED:
-                await self._set_state(ctx.db, cmd.order_id, sku, CONFIRMED, ctx.now)
-            elif state == EXPIRED:
-                # Too late: the stock went back on the shelf. Take it again if we can.
-                if not await self._take(ctx.db, sku, qty):
+            if state == RESERVED and await self._move(
+                ctx.db, cmd.order_id, sku, RESERVED, CONFIRMED, ctx.now
+            ):
+                continue
+            state = await self._state(ctx.db, cmd.order_id, sku)  # it moved meanwhile
+            if state == EXPIRED:
+                # Too late: the stock went back on the shelf. Take it again if we can
+                # (raising rolls back the move as well as anything taken).
+                moved = await self._move(ctx.db, cmd.order_id, sku, EXPIRED, CONFIRMED, ctx.now)
+                if not moved or not await self._take(ctx.db, sku, qty):
                     raise ReservationExpired(
                         f"reservation of {qty} x {sku} for order {cmd.order_id} expired "
                         "and the stock is gone"
                     )
                 log.info("order %s: re-reserved %d x %s after expiry", cmd.order_id, qty, sku)
-                await self._set_state(ctx.db, cmd.order_id, sku, CONFIRMED, ctx.now)
             elif state == RELEASED:
                 raise ReservationExpired(f"reservation for order {cmd.order_id} was released")
 
@@ -171,12 +175,14 @@ class Inventory(Service):
             RESERVED,
             now,
         )
+        expired = 0
         for order_id, sku, qty in rows:
-            log.info("order %s: reservation of %d x %s expired", order_id, qty, sku)
-            await self._set_state(db, order_id, sku, EXPIRED, now)
-            await self._give_back(db, sku, qty)
-        db.on_commit(lambda: self._count_expired(len(rows)))
-        return len(rows)
+            if await self._move(db, order_id, sku, RESERVED, EXPIRED, now):
+                log.info("order %s: reservation of %d x %s expired", order_id, qty, sku)
+                await self._give_back(db, sku, qty)
+                expired += 1
+        db.on_commit(lambda: self._count_expired(expired))
+        return expired
 
     def _count_expired(self, n: int) -> None:
         self.expired_total += n
@@ -198,15 +204,32 @@ class Inventory(Service):
             f"UPDATE {self.t('products')} SET available = available + ? WHERE sku = ?", qty, sku
         )
 
-    async def _set_state(self, db: Tx, order_id: str, sku: str, state: str, now: float) -> None:
-        await db.execute(
+    async def _move(self, db: Tx, order_id: str, sku: str, old: str, new: str, now: float) -> bool:
+        """Move a reservation from ``old`` to ``new``; False if it was no longer ``old``.
+
+        The state check is in the UPDATE itself: the sweeper and a release (or a
+        confirm) can both have read a reservation as live, and only the first
+        to move it may give its stock back. Reading and then writing blindly
+        would hand the same stock back twice.
+        """
+        n = await db.execute(
             f"UPDATE {self.t('reservations')} SET state = ?, updated_at = ? "
-            "WHERE order_id = ? AND sku = ?",
-            state,
+            "WHERE order_id = ? AND sku = ? AND state = ?",
+            new,
             now,
             order_id,
             sku,
+            old,
         )
+        return n == 1
+
+    async def _state(self, db: Tx, order_id: str, sku: str) -> str | None:
+        row = await db.fetchone(
+            f"SELECT state FROM {self.t('reservations')} WHERE order_id = ? AND sku = ?",
+            order_id,
+            sku,
+        )
+        return None if row is None else str(row[0])
 
     async def _lines(self, db: Tx, order_id: str, state: str) -> list[Any]:
         return await db.fetchall(

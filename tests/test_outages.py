@@ -1,0 +1,162 @@
+"""An outage is not poison: a database that refuses connections is waited out.
+
+Round 1 treated "too many clients" like a bad message: retried it a few times
+within seconds, then dead-lettered it. Here a participant's database refuses
+every new connection for a few seconds (its role's connection limit drops to
+0 and its sessions are ended: what PostgreSQL does when its connections run
+out), while commands keep arriving over the transport. Nothing may be
+dead-lettered, every command must be handled exactly once after the outage,
+and a worker started during the outage must wait for the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+
+import sagakit as sk
+from sagakit.errors import StoreUnavailable
+from sagakit.messages import Headers
+from sagakit.transport import Outgoing
+from tests.helpers import Do, eventually
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+async def own_database(postgres_url: str) -> AsyncIterator[tuple[str, Any]]:
+    """A database and a login role of this test's own, and an admin connection to them."""
+    name = f"sk_outage_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(postgres_url)
+    await admin.execute(f"CREATE ROLE {name} LOGIN")
+    await admin.execute(f"CREATE DATABASE {name} OWNER {name}")
+    base = postgres_url.rsplit("/", 1)[0].replace("postgres@", f"{name}@")
+    try:
+        yield f"{base}/{name}", admin
+    finally:
+        await _allow(admin, name, -1)
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.execute(f"DROP ROLE IF EXISTS {name}")
+        await admin.close()
+
+
+async def _allow(admin: Any, role: str, limit: int) -> None:
+    """Set the role's connection limit; with 0, end its sessions too: an outage."""
+    await admin.execute(f"ALTER ROLE {role} CONNECTION LIMIT {limit}")
+    if limit == 0:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+        )
+
+
+def _role(url: str) -> str:
+    return url.rsplit("/", 1)[1]
+
+
+def _app(url: str) -> tuple[sk.App, list[str]]:
+    settings = sk.Settings(
+        retry=sk.RetryPolicy(max_attempts=3, initial=0.01), max_poll=0.02, outage_patience=60
+    )
+    app = sk.App(url, "memory://", settings=settings)
+    handled: list[str] = []
+    part = app.participant("p")
+
+    @part.command(Do)
+    async def do(cmd: Do, ctx: sk.Context) -> None:
+        await ctx.db.execute("INSERT INTO done (k) VALUES (?)", cmd.key)
+        ctx.db.on_commit(lambda: handled.append(cmd.key))
+
+    return app, handled
+
+
+async def _send(app: sk.App, keys: list[str]) -> None:
+    envs = [app.codec.make(Do(k), Headers()) for k in keys]
+    await app.transport.publish([Outgoing(e.id, "command", "p", app.codec.encode(e)) for e in envs])
+
+
+async def test_a_database_outage_is_waited_out_not_dead_lettered(
+    own_database: tuple[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    url, admin = own_database
+    app, handled = _app(url)
+    async with app:
+        async with app.store.transaction() as tx:
+            await tx.execute("CREATE TABLE done (k TEXT PRIMARY KEY)")
+        await _send(app, ["before"])
+        await eventually(lambda: _true(handled == ["before"]))
+        await _allow(admin, _role(url), 0)  # the database refuses everyone now
+        await _send(app, [f"during-{i}" for i in range(20)])
+        await asyncio.sleep(3.0)  # several retry policies' worth of failures
+        assert handled == ["before"]
+        await _allow(admin, _role(url), -1)
+        await eventually(lambda: _true(len(handled) == 21), timeout=60)
+        assert await app.store.dead_letters() == []
+        async with app.store.transaction() as tx:
+            assert (await tx.fetchone("SELECT count(*) FROM done"))[0] == 21
+    assert any("unavailable" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_worker_started_during_an_outage_waits_for_the_database(
+    own_database: tuple[str, Any], tmp_path: Any
+) -> None:
+    url, admin = own_database
+    await _allow(admin, _role(url), 0)
+    app, _ = _app(url)
+    with pytest.raises(StoreUnavailable):  # a library App fails fast
+        await app.start()
+    await app.stop()
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sagakit.cli",
+        "worker",
+        "--app",
+        "tests.workers.cli_app:create",
+        "--store",
+        url,
+        "--ready-file",
+        str(tmp_path / "ready"),
+        "--connect-patience",
+        "60",
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await asyncio.sleep(2.0)
+        assert worker.returncode is None, "the worker waits instead of exiting"
+        await _allow(admin, _role(url), -1)
+        await eventually(lambda: _true((tmp_path / "ready").exists()), timeout=60)
+    finally:
+        worker.terminate()
+        _, err = await worker.communicate()
+    assert b"cannot start yet" in err
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "cannot call Connection.execute(): connection has been released back to the pool",
+        "connection is closed",
+    ],
+)
+def test_a_connection_lost_under_a_transaction_is_an_outage(message: str) -> None:
+    """After pg_terminate_backend asyncpg detaches the connection in use: not a bug, an outage."""
+    from sagakit.store.postgres import translate
+
+    assert isinstance(translate(asyncpg.InterfaceError(message)), StoreUnavailable)
+
+
+def test_a_broken_statement_is_not_an_outage() -> None:
+    from sagakit.store.postgres import translate
+
+    error = translate(asyncpg.PostgresSyntaxError("syntax error at or near"))
+    assert not isinstance(error, StoreUnavailable) and not error.retryable
