@@ -67,8 +67,15 @@ class Sagakit:
     """sagakit: three participants and the coordinator in one App."""
 
     def __init__(
-        self, url: str, prefix: str, transport: str = "database", *, signing: bool = False
+        self,
+        url: str,
+        prefix: str,
+        transport: str = "database",
+        *,
+        signing: bool = False,
+        **tuning: Any,
     ) -> None:
+        """``tuning``: further :class:`sagakit.Settings` fields (retention.py sets retention)."""
         import msgspec
 
         import sagakit as sk
@@ -102,7 +109,7 @@ class Sagakit:
             from sagakit.signing import SigningKeys
 
             keys = SigningKeys.parse("bench:" + "k" * 40)
-        settings = sk.Settings(prefix=prefix, signing=keys)
+        settings = sk.Settings(prefix=prefix, signing=keys, **tuning)
         self.app = app = sk.App(url, transport, settings=settings)
         app.saga(self.definition)
 

@@ -22,12 +22,16 @@ import logging
 import signal
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 from .clock import Clock
 from .endpoint import Endpoint, HopPolicy, Route, Router
 from .errors import ConfigurationError, DuplicateRegistration
 from .messages import DEFAULT_MAX_SIZE, Codec, Envelope, TypeRegistry
+from .ops.background import Periodic
+from .ops.retention import Pruner, Retention
+from .ops.stuck import StuckWatcher
 from .outbox import OutboxWriter, Relay
 from .participant import Participant
 from .policies import RetryPolicy
@@ -60,6 +64,11 @@ class Settings:
     every name a broker transport declares, so applications sharing a broker
     never take each other's messages (None: the URL's ``namespace`` option,
     else ``sagakit``; the database transport is kept apart by ``prefix``).
+    ``retention``: how long finished sagas, inbox rows and dead letters are
+    kept; processes running the coordinator prune the rest (None: keep
+    everything; see :mod:`sagakit.ops.retention` and ``Retention.recommended()``).
+    ``stuck_after``: a running or compensating saga unchanged this long is
+    logged once at WARNING by a coordinator process (None: not watched).
     """
 
     prefetch: int = 32
@@ -79,10 +88,31 @@ class Settings:
     namespace: str | None = None
     #: sign every message and require signatures (None: off; see sagakit.signing)
     signing: SigningKeys | None = None
+    retention: Retention | None = None
+    stuck_after: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.retention is not None:
+            self.retention.check(self.redelivery_window)
+        if self.stuck_after is not None and self.stuck_after <= 0:
+            raise ConfigurationError(f"stuck_after must be positive, got {self.stuck_after}")
 
     @property
     def hop(self) -> HopPolicy:
         return HopPolicy(self.retry, self.handler_timeout, self.max_deliveries, self.version_grace)
+
+    @property
+    def redelivery_window(self) -> float:
+        """The longest a copy of a handled message may still arrive, in seconds.
+
+        Each of ``max_deliveries`` deliveries may last the lease (or the
+        handler timeout, if longer) and wait out a retry delay; a message for
+        an unknown saga version is handed back for ``version_grace`` on top.
+        An inbox row must outlive this, or a late copy could run twice.
+        """
+        r = self.retry
+        per_delivery = max(self.lease, self.handler_timeout or 0.0) + r.max_delay * (1 + r.jitter)
+        return self.max_deliveries * per_delivery + self.version_grace
 
 
 class App:
@@ -178,6 +208,7 @@ class App:
         await self._start_participants()
         if self.runs(COORDINATOR) and self.sagas.definitions:
             await self._start_coordinator()
+            self._start_housekeeping()
         self._start_relays()
 
     async def stop(self) -> None:
@@ -250,6 +281,22 @@ class App:
         local = self._endpoint(LOCAL_QUEUE, self.store, _route_replies(coord), trusted=True)
         self._subs.append(self._store_consumer(LOCAL_QUEUE, lambda d: coord.run_local(d, local)))
 
+    def _start_housekeeping(self) -> None:
+        """Retention (of every store this App uses) and the stuck-saga watcher run
+        where the coordinator runs, so a deployment has them as soon as it has sagas."""
+        s, jobs = self.settings, []
+        if s.retention is not None:
+            pruners = [Pruner(store, s.retention) for store in self._stores()]
+            prune = partial(_prune_all, pruners)
+            jobs.append(Periodic("sagakit retention", s.retention.every, prune))
+        if s.stuck_after is not None:
+            watcher = StuckWatcher(self.sagas.queries, s.stuck_after)
+            every = min(60.0, max(0.05, s.stuck_after / 2))
+            jobs.append(Periodic("sagakit stuck-saga watcher", every, watcher.check))
+        for job in jobs:
+            job.start()
+            self._subs.append(job)
+
     def _store_consumer(self, queue: str, handler: Any) -> QueueConsumer:
         s = self.settings
         return QueueConsumer(
@@ -276,6 +323,13 @@ def _route_replies(coord: Coordinator) -> Router:
         return route if env.kind == "reply" else None
 
     return router
+
+
+async def _prune_all(pruners: list[Pruner]) -> None:
+    for pruner in pruners:
+        pruned = await pruner.prune()
+        if pruned.total:
+            log.info("retention pruned %s from %s", pruned.as_dict(), pruner.store.prefix)
 
 
 async def _stop(sub: Subscription, grace: float) -> None:

@@ -1,4 +1,4 @@
-"""The ``sagakit`` command: demo, worker, and database migration.
+"""The ``sagakit`` command: demo, worker, database migration and pruning, saga listing.
 
 Every failure ends in one line on stderr, ``sagakit: error: ...``, with exit
 status 2 for a usage or configuration error and 1 for a runtime failure (an
@@ -9,23 +9,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import inspect
+import json
 import logging
 import os
 import signal
 import sys
+import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import __version__
 from .app import COORDINATOR, App, Settings
 from .errors import CommandFailed, ConfigurationError, SagakitError, is_outage
 from .transport import redact
 
+if TYPE_CHECKING:
+    from .saga import SagaView
+    from .store import Store
+
 log = logging.getLogger("sagakit.worker")
+T = TypeVar("T")
 
 #: the demo's module; its third-party imports come with the ``demo`` extra
 DEMO = "sagakit.examples.order_fulfillment.demo"
@@ -262,6 +270,110 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _on_store(args: argparse.Namespace, what: str, job: Callable[[Store], Awaitable[T]]) -> T:
+    """Run ``job`` on the store of ``--store``/``--prefix`` (never migrating it).
+
+    A store we cannot reach or read is a runtime failure (exit 1); a schema
+    older than this sagakit's is a configuration error (exit 2).
+    """
+    from .store import open_store
+    from .store.schema import SCHEMA_VERSION
+
+    url = args.store or os.environ.get("SAGAKIT_STORE") or DEFAULT_STORE
+
+    async def run() -> T:
+        store = open_store(url, prefix=args.prefix)
+        await store.open(migrate=False)
+        try:
+            if (found := await store.schema_version()) < SCHEMA_VERSION:
+                raise ConfigurationError(
+                    f"{redact(url)}: schema at version {found}, this sagakit needs "
+                    f"{SCHEMA_VERSION}: run 'sagakit db migrate' first"
+                )
+            return await job(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(run())
+    except ConfigurationError:
+        raise
+    except (SagakitError, OSError) as exc:
+        raise CommandFailed(f"cannot {what} {redact(url)}: {exc}") from exc
+
+
+def duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``15m``, ``12h`` or ``30d`` (an argparse type)."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        msg = f"not a duration: {text!r} (e.g. 90, 15m, 12h, 30d)"
+        raise argparse.ArgumentTypeError(msg) from None
+    if seconds < 0 or seconds != seconds:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r}")
+    return seconds
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Delete (or, with --dry-run, count) what is past its retention horizon."""
+    from .ops.retention import Pruner, Retention
+
+    age = args.older_than
+    base = Retention.recommended() if age is None else Retention(age, age, age)
+    retention = dataclasses.replace(base, batch=args.batch)
+    retention.check(Settings().redelivery_window)  # this command cannot know the app's
+
+    async def job(store: Store) -> dict[str, int]:
+        return (await Pruner(store, retention).prune(dry_run=args.dry_run)).as_dict()
+
+    counts = _on_store(args, "prune", job)
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, "rows": counts}))
+    else:
+        verb = "would delete" if args.dry_run else "deleted"
+        print("\n".join(f"{table}: {verb} {n}" for table, n in counts.items()))
+    return 0
+
+
+def cmd_sagas_list(args: argparse.Namespace) -> int:
+    """List saga instances, read-only; ``--stuck`` lists those without progress."""
+    from .saga.queries import SagaQueries
+    from .saga.registry import SagaRegistry
+
+    async def job(store: Store) -> list[SagaView]:
+        return await SagaQueries(store, SagaRegistry()).list(
+            type=args.type, state=args.state, stuck_for=args.stuck, limit=args.limit
+        )
+
+    views = _on_store(args, "list sagas in", job)
+    if args.json:
+        print(json.dumps([_saga_json(v) for v in views]))
+    else:
+        print("\n".join(_saga_line(v) for v in views) or "no sagas")
+    return 0
+
+
+def _saga_json(v: SagaView) -> dict[str, Any]:
+    return {
+        "id": v.id,
+        "type": v.type,
+        "version": v.version,
+        "state": v.state.value,
+        "created_at": v.created_at,
+        "updated_at": v.updated_at,
+        "pending": v.pending,
+        "error": v.error,
+    }
+
+
+def _saga_line(v: SagaView) -> str:
+    idle = time.time() - v.updated_at
+    pending = ",".join(v.pending) or "-"
+    return f"{v.id}  {v.type} v{v.version}  {v.state.value}  idle {idle:.0f}s  pending {pending}"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo with the arguments after ``demo``, which it parses itself."""
     demo = importlib.import_module(DEMO)  # without the demo extra: see missing_extra()
@@ -311,7 +423,47 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--store", help=f"store URL (default $SAGAKIT_STORE, else {DEFAULT_STORE})")
     m.add_argument("--prefix", default="sagakit_", help="table name prefix (default sagakit_)")
     m.set_defaults(func=cmd_migrate)
+    _prune_parser(db)
+    _sagas_parser(sub)
     return p
+
+
+def _store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", help=f"store URL (default $SAGAKIT_STORE, else {DEFAULT_STORE})")
+    p.add_argument("--prefix", default="sagakit_", help="table name prefix (default sagakit_)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _prune_parser(db: Any) -> None:
+    pr = db.add_parser(
+        "prune",
+        help="delete finished sagas, inbox rows and dead letters past their horizon",
+        description="Delete, in bounded batches, finished sagas with their history, inbox rows "
+        "no saga needs and dead letters older than the horizon (default: 30 days for sagas and "
+        "dead letters, 7 for inbox rows). A horizon shorter than the default settings' "
+        "redelivery window is refused. Running and failed sagas are never deleted.",
+    )
+    _store_options(pr)
+    pr.add_argument("--older-than", type=duration, help="one horizon for every table: 90, 12h, 30d")
+    pr.add_argument("--batch", type=int, default=500, help="rows per transaction (default 500)")
+    pr.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
+    pr.set_defaults(func=cmd_prune)
+
+
+def _sagas_parser(sub: Any) -> None:
+    sg = sub.add_parser("sagas", help="saga instances").add_subparsers(dest="sagas", required=True)
+    ls = sg.add_parser(
+        "list",
+        help="list saga instances (read-only)",
+        description="List saga instances, oldest first; with --stuck, the running or "
+        "compensating ones unchanged for that long, longest stuck first.",
+    )
+    _store_options(ls)
+    ls.add_argument("--stuck", type=duration, help="only sagas without progress this long")
+    ls.add_argument("--state", help="only this state (running, failed, ...)")
+    ls.add_argument("--type", help="only this saga type")
+    ls.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    ls.set_defaults(func=cmd_sagas_list)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

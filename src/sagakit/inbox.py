@@ -17,7 +17,9 @@ handler's transaction and returns a typed verdict:
   command must have no effect (it is answered with :class:`Cancelled`).
 
 Keys: saga commands dedupe by (saga id, step, phase), so every copy and every
-attempt of one step shares a key; everything else dedupes by message id.
+attempt of one step shares a key; everything else dedupes by message id. A
+row also records the saga it belongs to, if any: retention
+(:mod:`sagakit.ops.retention`) keeps it as long as that saga is unfinished.
 
 The barrier for compensations: :meth:`Inbox.forward_took_effect` records a
 ``cancelled`` outcome for the forward step unless it succeeded, waiting for a
@@ -84,7 +86,8 @@ class Inbox:
 
     async def admit(self, tx: Tx, env: Envelope) -> Admission:
         """Hold the message's key in ``tx`` and say whether its handler may run."""
-        row = await self.store.inbox_admit(tx, self.consumer, key_of(env), env.headers.attempt)
+        h = env.headers
+        row = await self.store.inbox_admit(tx, self.consumer, key_of(env), h.attempt, h.saga_id)
         if row.outcome == RUNNING or _is_retry(env, row):
             return Admission(Verdict.NEW)
         if row.outcome == CANCELLED:
@@ -98,7 +101,8 @@ class Inbox:
 
     async def forward_took_effect(self, tx: Tx, env: Envelope) -> bool:
         """For a compensation: True if its forward step succeeded; else bar the forward."""
+        h = env.headers
         outcome = await self.store.inbox_bar(
-            tx, self.consumer, _forward_key(env), env.headers.attempt
+            tx, self.consumer, _forward_key(env), h.attempt, h.saga_id
         )
         return outcome == SUCCESS

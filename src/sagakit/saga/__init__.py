@@ -65,12 +65,20 @@ class Sagas:
         type: str | None = None,
         state: str | None = None,
         older_than: float | None = None,
+        stuck_for: float | None = None,
         limit: int = 100,
     ) -> list[SagaView]:
-        return await self.queries.list(type=type, state=state, older_than=older_than, limit=limit)
+        """Instances by type, state, age or (``stuck_for`` seconds) lack of progress."""
+        return await self.queries.list(
+            type=type, state=state, older_than=older_than, stuck_for=stuck_for, limit=limit
+        )
 
     async def counts(self, *, type: str | None = None) -> dict[str, int]:
         return await self.queries.counts(type=type)
+
+    async def count_stuck(self, stuck_for: float, *, type: str | None = None) -> int:
+        """Running or compensating instances unchanged for ``stuck_for`` seconds."""
+        return await self.queries.count_stuck(stuck_for, type=type)
 
     async def retry(self, saga_id: str, *, actor: Actor, reason: str) -> None:
         await self.operator.retry(saga_id, actor=actor, reason=reason)

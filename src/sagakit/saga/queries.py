@@ -66,14 +66,27 @@ class SagaQueries:
         type: str | None = None,
         state: str | None = None,
         older_than: float | None = None,
+        stuck_for: float | None = None,
         limit: int = 100,
     ) -> list[SagaView]:
-        """Instances by type, state and age (seconds since creation), oldest first."""
-        before = self.store.clock.now() - older_than if older_than is not None else None
+        """Instances by type, state and age (seconds since creation), oldest first.
+
+        ``stuck_for``: only running or compensating instances that have not
+        changed for that many seconds, longest unchanged first.
+        """
+        now = self.store.clock.now()
         recs = await self.store.saga_list(
-            type=type, state=state, created_before=before, limit=limit
+            type=type,
+            state=state,
+            created_before=_ago(now, older_than),
+            stuck_before=_ago(now, stuck_for),
+            limit=limit,
         )
         return [await self.view(r, history=False) for r in recs]
+
+    async def count_stuck(self, stuck_for: float, *, type: str | None = None) -> int:
+        """How many running or compensating instances have not changed for ``stuck_for`` s."""
+        return await self.store.saga_count_stuck(self.store.clock.now() - stuck_for, type=type)
 
     async def counts(self, *, type: str | None = None) -> dict[str, int]:
         """Number of instances per state."""
@@ -131,3 +144,7 @@ class SagaQueries:
             sorted(progress.pending),
             await self.store.history(rec.id) if history else [],
         )
+
+
+def _ago(now: float, seconds: float | None) -> float | None:
+    return None if seconds is None else now - seconds

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from . import Driver, Tx
 
 
+#: the states of a saga that has not reached an outcome yet (SQL list)
+UNFINISHED_SQL = "('running', 'compensating')"
+
+
 @dataclass(frozen=True, slots=True)
 class InboxRow:
     """What a consumer recorded for a message key it already handled."""
@@ -145,22 +149,27 @@ class Store:
 
     # -- inbox -------------------------------------------------------------
 
-    async def inbox_admit(self, tx: Tx, consumer: str, key: str, attempt: int) -> InboxRow:
+    async def inbox_admit(
+        self, tx: Tx, consumer: str, key: str, attempt: int, saga_id: str | None = None
+    ) -> InboxRow:
         """Claim ``key`` for a handler run, or return what is stored under it.
 
         One statement that also serialises copies: a new key is inserted as
         ``running`` (a concurrent copy's insert waits on it until this
         transaction ends); an existing row is locked by the no-op update. A
         returned ``running`` row is ours: a committed row is never ``running``.
+        ``saga_id`` ties the row to its saga, so retention keeps it while the
+        saga is unfinished.
         """
         row = await tx.fetchone(
-            f"INSERT INTO {self.prefix}inbox (consumer, key, outcome, attempt, created_at) "
-            "VALUES (?, ?, 'running', ?, ?) ON CONFLICT (consumer, key) DO UPDATE SET "
-            "consumer = excluded.consumer RETURNING outcome, reply, destination, attempt",
+            f"INSERT INTO {self.prefix}inbox (consumer, key, outcome, attempt, created_at, "
+            "saga_id) VALUES (?, ?, 'running', ?, ?, ?) ON CONFLICT (consumer, key) DO UPDATE "
+            "SET consumer = excluded.consumer RETURNING outcome, reply, destination, attempt",
             consumer,
             key,
             attempt,
             self.clock.now(),
+            saga_id,
         )
         return InboxRow(row[0], bytes(row[1]) if row[1] is not None else None, row[2], row[3])
 
@@ -189,7 +198,9 @@ class Store:
             key,
         )
 
-    async def inbox_bar(self, tx: Tx, consumer: str, key: str, attempt: int) -> str:
+    async def inbox_bar(
+        self, tx: Tx, consumer: str, key: str, attempt: int, saga_id: str | None = None
+    ) -> str:
         """Bar ``key`` unless it succeeded; returns the outcome now stored.
 
         ``success`` means the barred run had taken effect and stays; anything
@@ -198,14 +209,15 @@ class Store:
         """
         p = self.prefix
         row = await tx.fetchone(
-            f"INSERT INTO {p}inbox (consumer, key, outcome, attempt, created_at) "
-            "VALUES (?, ?, 'cancelled', ?, ?) ON CONFLICT (consumer, key) DO UPDATE SET "
+            f"INSERT INTO {p}inbox (consumer, key, outcome, attempt, created_at, saga_id) "
+            "VALUES (?, ?, 'cancelled', ?, ?, ?) ON CONFLICT (consumer, key) DO UPDATE SET "
             f"outcome = CASE WHEN {p}inbox.outcome = 'success' THEN 'success' "
             "ELSE 'cancelled' END RETURNING outcome",
             consumer,
             key,
             attempt,
             self.clock.now(),
+            saga_id,
         )
         return str(row[0])
 
@@ -315,17 +327,31 @@ class Store:
         type: str | None = None,
         state: str | None = None,
         created_before: float | None = None,
+        stuck_before: float | None = None,
         limit: int = 100,
     ) -> list[SagaRecord]:
-        """Instances filtered by type, state and age, oldest first."""
-        where, args = _filters(type=type, state=state, created_before=created_before)
+        """Instances filtered by type, state and age, oldest first.
+
+        ``stuck_before``: only unfinished instances (running or compensating)
+        not changed since then, longest unchanged first.
+        """
+        where, args = _filters(
+            type=type, state=state, created_before=created_before, stuck_before=stuck_before
+        )
+        order = "updated_at" if stuck_before is not None else "created_at"
         rows = await self.driver.read(
             f"SELECT id, type, version, state, data, progress, rev, created_at, updated_at, "
-            f"deadline, error FROM {self.prefix}sagas{where} ORDER BY created_at LIMIT ?",
+            f"deadline, error FROM {self.prefix}sagas{where} ORDER BY {order} LIMIT ?",
             *args,
             limit,
         )
         return [_saga_record(r) for r in rows]
+
+    async def saga_count_stuck(self, stuck_before: float, *, type: str | None = None) -> int:
+        """How many unfinished instances have not changed since ``stuck_before``."""
+        where, args = _filters(type=type, stuck_before=stuck_before)
+        rows = await self.driver.read(f"SELECT count(*) FROM {self.prefix}sagas{where}", *args)
+        return int(rows[0][0])
 
     async def saga_counts(self, *, type: str | None = None) -> dict[str, int]:
         """Number of instances per state."""
@@ -337,7 +363,12 @@ class Store:
 
 
 def _filters(**conds: Any) -> tuple[str, list[Any]]:
-    ops = {"type": "type = ?", "state": "state = ?", "created_before": "created_at < ?"}
+    ops = {
+        "type": "type = ?",
+        "state": "state = ?",
+        "created_before": "created_at < ?",
+        "stuck_before": f"state IN {UNFINISHED_SQL} AND updated_at < ?",
+    }
     parts = [(ops[k], v) for k, v in conds.items() if v is not None]
     if not parts:
         return "", []

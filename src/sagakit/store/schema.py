@@ -52,6 +52,14 @@ MIGRATIONS: list[list[str]] = [
         # folding it into ``destination`` as "kind:dest".
         "ALTER TABLE {p}messages ADD COLUMN kind TEXT",
     ],
+    [
+        # Retention (sagakit.ops.retention): an inbox row names its saga, so it is
+        # kept while the saga is unfinished; the pruner walks each table oldest first.
+        "ALTER TABLE {p}inbox ADD COLUMN saga_id TEXT",
+        "CREATE INDEX IF NOT EXISTS {p}inbox_created ON {p}inbox (created_at)",
+        "CREATE INDEX IF NOT EXISTS {p}sagas_updated ON {p}sagas (state, updated_at)",
+        "CREATE INDEX IF NOT EXISTS {p}dead_letters_created ON {p}dead_letters (created_at)",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
