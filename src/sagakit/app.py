@@ -77,6 +77,8 @@ class Settings:
     namespace: str | None = None
     #: sign every message and require signatures (None: off; see sagakit.signing)
     signing: SigningKeys | None = None
+    #: an outbox row that fails to publish on its own this often is dead-lettered
+    relay_max_failures: int = 10
 
     @property
     def hop(self) -> HopPolicy:
@@ -262,7 +264,13 @@ class App:
         for store in self._stores():
             if self.writer_for(store).relayed:
                 s = self.settings
-                relay = Relay(store, self.transport, lease=s.lease, max_poll=s.max_poll)
+                relay = Relay(
+                    store,
+                    self.transport,
+                    lease=s.lease,
+                    max_poll=s.max_poll,
+                    max_failures=s.relay_max_failures,
+                )
                 relay.start()
                 self._relays.append(relay)
 
