@@ -28,6 +28,7 @@ from .clock import Clock
 from .endpoint import Endpoint, HopPolicy, Route, Router
 from .errors import ConfigurationError, DuplicateRegistration
 from .messages import DEFAULT_MAX_SIZE, Codec, Envelope, TypeRegistry
+from .ops.dead_letters import DeadLetters
 from .outbox import OutboxWriter, Relay
 from .participant import Participant
 from .policies import RetryPolicy
@@ -109,6 +110,8 @@ class App:
         self._writers: dict[int, OutboxWriter] = {}
         coordinator = Coordinator(SagaRegistry(), self.writer_for(self.store), s.retry)
         self.sagas = Sagas(coordinator.registry, coordinator)
+        #: list, replay and purge the main store's dead letters
+        self.dead_letters = DeadLetters(self.store, self.transport)
         self.participants: dict[str, Participant] = {}
         self._pstores: dict[str, Store] = {}
         self._run = set(run) if run is not None else None

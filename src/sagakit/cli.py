@@ -1,4 +1,4 @@
-"""The ``sagakit`` command: demo, worker, and database migration.
+"""The ``sagakit`` command: demo, worker, database migration, dead letters.
 
 Every failure ends in one line on stderr, ``sagakit: error: ...``, with exit
 status 2 for a usage or configuration error and 1 for a runtime failure (an
@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .app import COORDINATOR, App, Settings
 from .errors import CommandFailed, ConfigurationError, SagakitError
+from .ops import dead_letters_cli
 from .transport import redact
 
 log = logging.getLogger("sagakit.worker")
@@ -280,6 +281,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--store", help=f"store URL (default $SAGAKIT_STORE, else {DEFAULT_STORE})")
     m.add_argument("--prefix", default="sagakit_", help="table name prefix (default sagakit_)")
     m.set_defaults(func=cmd_migrate)
+    dead_letters_cli.add_parser(sub)
     return p
 
 

@@ -67,8 +67,6 @@ class HopPolicy:
     version_grace: float = 300.0
 
 
-
-
 @dataclass(slots=True)
 class Scope:
     """What a route gets for one message: its transaction, outbox and inbox."""

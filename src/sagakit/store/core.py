@@ -427,7 +427,9 @@ def _filters(**conds: Any) -> tuple[str, list[Any]]:
     return " WHERE " + " AND ".join(p for p, _ in parts), [v for _, v in parts]
 
 
-_DL_COLUMNS = "seq, id, queue, data, reason, error_type, saga_id, created_at, destination, kind, size"
+_DL_COLUMNS = (
+    "seq, id, queue, data, reason, error_type, saga_id, created_at, destination, kind, size"
+)
 
 
 def _dead_letter_filters(
