@@ -22,6 +22,7 @@ from sagakit.outbox import OUTBOX_QUEUE, OutboxTable, Relay
 from sagakit.policies import RetryPolicy
 from sagakit.store import DeadLetter, Store, open_store
 from sagakit.transport import Outgoing
+from sagakit.transport.memory import MemoryTransport
 from tests.helpers import DidIt, Do, Happened, eventually
 
 pytestmark = pytest.mark.timeout(60)
@@ -345,3 +346,43 @@ async def _replies(app: sk.App, n: int) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+class Picky(MemoryTransport):
+    """A broker that refuses events mentioning ``poison`` until told otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refuse = True
+
+    async def publish(self, messages: Sequence[Outgoing]) -> None:
+        if self.refuse and any(m.kind == "event" and b'"poison"' in m.data for m in messages):
+            raise TransportError("message rejected by the broker", retryable=False)
+        await super().publish(messages)
+
+
+async def test_an_app_relay_dead_letters_poison_and_replays_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    picky = Picky()
+    settings = sk.Settings(relay_max_failures=2, max_poll=0.02)
+    app = sk.App(f"sqlite:///{tmp_path}/relay.db", picky, settings=settings)
+    seen: list[str] = []
+
+    @app.participant("bank").command(Do)
+    async def do(cmd: Do, ctx: sk.Context) -> None:
+        ctx.publish(Happened(cmd.key))
+
+    @app.participant("audit").event(Happened)
+    async def audit(evt: Happened, ctx: sk.Context) -> None:
+        seen.append(evt.key)
+
+    async with app:
+        for key in ("a", "poison", "b"):
+            env = app.codec.make(Do(key), Headers())
+            await picky.publish([Outgoing(env.id, "command", "bank", app.codec.encode(env))])
+        [letter] = await dead(app, 1, queue=OUTBOX_QUEUE)
+        assert (letter.destination, letter.kind) == ("test.Happened", "event")
+        await eventually(lambda: _true(sorted(seen) == ["a", "b"]))
+        picky.refuse = False
+        await app.dead_letters.replay(letter.seq, actor=ALICE, reason="broker fixed")
+        await eventually(lambda: _true(sorted(seen) == ["a", "b", "poison"]))
+        assert await app.dead_letters.list() == []
