@@ -144,6 +144,10 @@ class App:
         """The store a participant's handlers run in."""
         return self._pstores.get(participant, self.store)
 
+    def dead_letters_of(self, participant: str) -> DeadLetters:
+        """The dead letters of a participant with a database of its own."""
+        return DeadLetters(self.store_of(participant), self.transport)
+
     def writer_for(self, store: Store) -> OutboxWriter:
         """The outbox writer of ``store``, chosen once for this App's transport."""
         writer = self._writers.get(id(store))
