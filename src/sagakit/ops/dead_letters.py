@@ -154,7 +154,11 @@ class DeadLetters:
         return letter.queue in STORE_QUEUES or t is None or t.direct_writer(self.store) is not None
 
     async def _replay(self, letter: DeadLetter, env: Envelope, actor: Actor, reason: str) -> bool:
-        """Put the letter back; False if another operator replayed or purged it first."""
+        """Put the letter back; False if another operator replayed or purged it first.
+
+        On a broker the publish comes first; losing the race after it leaves one
+        extra copy on the queue, which the inbox answers as a duplicate.
+        """
         if not self.in_store(letter):
             await self._publish(letter, env)
         async with self.store.transaction() as tx:
