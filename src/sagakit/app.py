@@ -30,6 +30,7 @@ from .endpoint import Endpoint, HopPolicy, Route, Router
 from .errors import ConfigurationError, DuplicateRegistration
 from .messages import DEFAULT_MAX_SIZE, Codec, Envelope, TypeRegistry
 from .ops.background import Periodic
+from .ops.dead_letters import DeadLetters
 from .ops.retention import Pruner, Retention
 from .ops.stuck import StuckWatcher
 from .outbox import OutboxWriter, Relay
@@ -97,6 +98,9 @@ class Settings:
         if self.stuck_after is not None and self.stuck_after <= 0:
             raise ConfigurationError(f"stuck_after must be positive, got {self.stuck_after}")
 
+    #: an outbox row that fails to publish on its own this often is dead-lettered
+    relay_max_failures: int = 10
+
     @property
     def hop(self) -> HopPolicy:
         return HopPolicy(self.retry, self.handler_timeout, self.max_deliveries, self.version_grace)
@@ -139,6 +143,8 @@ class App:
         self._writers: dict[int, OutboxWriter] = {}
         coordinator = Coordinator(SagaRegistry(), self.writer_for(self.store), s.retry)
         self.sagas = Sagas(coordinator.registry, coordinator)
+        #: list, replay and purge the main store's dead letters
+        self.dead_letters = DeadLetters(self.store, self.transport)
         self.participants: dict[str, Participant] = {}
         self._pstores: dict[str, Store] = {}
         self._run = set(run) if run is not None else None
@@ -170,6 +176,10 @@ class App:
     def store_of(self, participant: str) -> Store:
         """The store a participant's handlers run in."""
         return self._pstores.get(participant, self.store)
+
+    def dead_letters_of(self, participant: str) -> DeadLetters:
+        """The dead letters of a participant with a database of its own."""
+        return DeadLetters(self.store_of(participant), self.transport)
 
     def writer_for(self, store: Store) -> OutboxWriter:
         """The outbox writer of ``store``, chosen once for this App's transport."""
@@ -311,7 +321,13 @@ class App:
         for store in self._stores():
             if self.writer_for(store).relayed:
                 s = self.settings
-                relay = Relay(store, self.transport, lease=s.lease, max_poll=s.max_poll)
+                relay = Relay(
+                    store,
+                    self.transport,
+                    lease=s.lease,
+                    max_poll=s.max_poll,
+                    max_failures=s.relay_max_failures,
+                )
                 relay.start()
                 self._relays.append(relay)
 

@@ -1,4 +1,5 @@
-"""The ``sagakit`` command: demo, worker, database migration and pruning, saga listing.
+"""The ``sagakit`` command: demo, worker, database migration and pruning, saga listing,
+dead letters.
 
 Every failure ends in one line on stderr, ``sagakit: error: ...``, with exit
 status 2 for a usage or configuration error and 1 for a runtime failure (an
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from . import __version__
 from .app import COORDINATOR, App, Settings
 from .errors import CommandFailed, ConfigurationError, SagakitError, is_outage
+from .ops import dead_letters_cli
 from .transport import redact
 
 if TYPE_CHECKING:
@@ -425,6 +427,7 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_migrate)
     _prune_parser(db)
     _sagas_parser(sub)
+    dead_letters_cli.add_parser(sub)
     return p
 
 

@@ -22,7 +22,6 @@ copy that lost the race is answered with the outcome that won.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -46,6 +45,7 @@ from .inbox import FAILURE, Admission, Inbox, Verdict
 from .messages import Codec, Envelope, Failure, Headers, new_id, reply_headers
 from .outbox import Outbox, OutboxWriter
 from .policies import RetryPolicy
+from .store.core import DEAD_LETTER_KEEP as DEAD_LETTER_KEEP
 
 if TYPE_CHECKING:
     from .store import InboxRow, Store, Tx
@@ -71,8 +71,6 @@ class HopPolicy:
 
 
 OUTAGE_MAX_BACKOFF = 5.0  #: seconds between tries while a store or broker is unavailable
-
-DEAD_LETTER_KEEP = 64 * 1024  #: bytes of a dead-lettered message kept (the rest: size, hash)
 
 
 @dataclass(slots=True)
@@ -333,19 +331,15 @@ class Endpoint:
     async def _store_dead_letter(
         self, tx: Tx, data: bytes, env: Envelope | None, exc: Exception
     ) -> None:
-        reason = f"{type(exc).__name__}: {exc}"
-        if len(data) > DEAD_LETTER_KEEP:  # an oversize message must not grow the store
-            digest = hashlib.sha256(data).hexdigest()
-            reason += f" [{len(data)} bytes, sha256 {digest}; the first {DEAD_LETTER_KEEP} kept]"
-            data = data[:DEAD_LETTER_KEEP]
         await self.store.dead_letter(
             tx,
             self.name,
             data,
-            reason,
+            f"{type(exc).__name__}: {exc}",
             type(exc).__name__,
             message_id=env.id if env else None,
             saga_id=env.headers.saga_id if env else None,
+            kind=env.kind if env else None,
         )
 
 

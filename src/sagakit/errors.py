@@ -32,6 +32,9 @@ transports), so callers never see ``sqlite3`` or ``asyncpg`` exceptions.
     ├── TransportError                broker trouble (retryable)
     │   └── LeaseLost                 another consumer took the message over (retryable)
     ├── CommandFailed                 a `sagakit` command could not do its work (exit 1)
+    ├── DeadLetterError               dead-letter API misuse
+    │   ├── DeadLetterNotFound        no dead letter with that number
+    │   └── NotReplayable             a truncated or undecodable dead letter cannot be replayed
     └── SagaError                     saga API misuse
         ├── SagaNotFound
         ├── SagaVersionUnknown        instance of a definition version not registered
@@ -204,6 +207,22 @@ class LeaseLost(TransportError):
 
 class CommandFailed(SagakitError):
     """A ``sagakit`` command could not do its work (exit status 1); the message says why."""
+
+
+class DeadLetterError(SagakitError):
+    """Misuse of the dead-letter API (:mod:`sagakit.ops.dead_letters`)."""
+
+
+class DeadLetterNotFound(DeadLetterError):
+    """No dead letter with that number (purged or replayed already)."""
+
+
+class NotReplayable(DeadLetterError):
+    """A dead letter that cannot be put back: its bytes are not the whole message.
+
+    An oversize message keeps only a prefix, and bytes that are not an
+    envelope would only be dead-lettered again; the message says which.
+    """
 
 
 class SagaError(SagakitError):

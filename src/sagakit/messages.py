@@ -186,6 +186,18 @@ _envelope_decoder = msgspec.json.Decoder(Envelope)
 _encoder = msgspec.json.Encoder()
 
 
+def peek(data: bytes) -> Envelope | None:
+    """The envelope in bytes this deployment stored (an outbox row, a dead letter), or None.
+
+    No size or signature check: it only reads what a stored message says about
+    itself (its kind, its saga) to file or route it, never to act on it.
+    """
+    try:
+        return _envelope_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        return None
+
+
 class Codec:
     """Strict JSON codec with a size limit checked before any decoding.
 

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
-from .errors import SagakitError
-from .messages import Codec, Envelope, Kind
+from .errors import SagakitError, TransportError
+from .messages import Codec, Envelope, Kind, peek
 from .store.consumer import first_poll
 from .transport import Outgoing
 
@@ -96,6 +96,13 @@ class Relay:
     so several relays share the work. A relay that dies after publishing but
     before deleting makes the batch be published again: consumers dedupe, so
     nothing is lost or applied twice.
+
+    A batch the transport refuses is published again row by row, so one
+    message the broker will never take (poison) does not hold back the rest.
+    A row that fails on its own with a non-retryable error ``max_failures``
+    times is dead-lettered (queue ``sagakit.outbox``). An outage — a retryable
+    :class:`~sagakit.errors.TransportError`, or every row of a batch failing —
+    is never poison: the rows wait with backoff and are not counted.
     """
 
     def __init__(
@@ -106,9 +113,14 @@ class Relay:
         batch: int = 256,
         lease: float = 30.0,
         max_poll: float = 0.25,
+        max_failures: int = 10,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
     ) -> None:
         self.store, self.transport = store, transport
         self.batch, self.lease, self.max_poll = batch, lease, max_poll
+        self.max_failures = max_failures
+        self.backoff, self.max_backoff = backoff, max_backoff
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
@@ -136,21 +148,103 @@ class Relay:
             idle = first if moved else min(idle * 2, self.max_poll)
 
     async def relay_once(self) -> int:
-        """Publish one batch; return how many rows moved."""
-        queue = self.store.queue
-        items = await queue.claim(OUTBOX_QUEUE, self.batch, self.lease)
+        """Publish one batch; return how many rows left the outbox (sent or dead-lettered).
+
+        Raises the transport's error on an outage, after putting the rows back.
+        """
+        items = await self.store.queue.claim(OUTBOX_QUEUE, self.batch, self.lease)
         if not items:
             return 0
         try:
             await self.transport.publish([_outgoing(i) for i in items])
-        except Exception:
-            for item in items:
-                await queue.release(item, 1.0)
-            raise
+        except Exception as exc:
+            return await self._isolate(items, exc)
+        await self._ack(items)
+        return len(items)
+
+    async def _isolate(self, items: list[Queued], exc: Exception) -> int:
+        """A batch failed: wait out an outage, else find the rows that fail alone."""
+        if _outage(exc):
+            await self._back_off(items)
+            raise exc
+        sent, failed = await self._one_by_one(items) if len(items) > 1 else ([], [(items[0], exc)])
+        await self._ack(sent)
+        if not sent and len(items) > 1:  # nothing gets through: the broker, not the rows
+            await self._back_off(items)
+            raise TransportError(f"no message of a batch of {len(items)} published: {exc!r}")
+        dead = [await self._failed_alone(item, e) for item, e in failed]
+        return len(sent) + sum(dead)
+
+    async def _one_by_one(
+        self, items: list[Queued]
+    ) -> tuple[list[Queued], list[tuple[Queued, Exception]]]:
+        """Publish each row on its own; an outage midway puts every unsent row back."""
+        sent: list[Queued] = []
+        failed: list[tuple[Queued, Exception]] = []
+        for n, item in enumerate(items):
+            try:
+                await self.transport.publish([_outgoing(item)])
+            except Exception as exc:
+                if _outage(exc):
+                    await self._ack(sent)
+                    await self._back_off([i for i, _ in failed] + items[n:])
+                    raise
+                failed.append((item, exc))
+            else:
+                sent.append(item)
+        return sent, failed
+
+    async def _failed_alone(self, item: Queued, exc: Exception) -> int:
+        """Count a row's own failure; dead-letter it at the limit. Returns 1 if it was."""
+        failures = await self.store.queue.fail(item, self._delay(item.attempts))
+        if failures is None:
+            return 0  # another relay has it now
+        if failures < self.max_failures:
+            log.warning("outbox message %s failed to publish (%d): %r", item.id, failures, exc)
+            return 0
+        log.warning(
+            "dead-lettering outbox message %s after %d failures: %r", item.id, failures, exc
+        )
+        return await self._dead_letter(item, exc, failures)
+
+    async def _dead_letter(self, item: Queued, exc: Exception, failures: int) -> int:
+        env = peek(item.data)
+        reason = f"{type(exc).__name__}: {exc} (failed to publish {failures} times)"
+        async with self.store.transaction() as tx:
+            if not await self.store.queue.ack(tx, item):
+                return 0
+            await self.store.dead_letter(
+                tx,
+                OUTBOX_QUEUE,
+                item.data,
+                reason,
+                type(exc).__name__,
+                message_id=item.id,
+                saga_id=env.headers.saga_id if env else None,
+                destination=item.destination,
+                kind=item.kind,
+            )
+        return 1
+
+    async def _back_off(self, items: list[Queued]) -> None:
+        for item in items:
+            await self.store.queue.release(item, self._delay(item.attempts))
+
+    async def _ack(self, items: list[Queued]) -> None:
+        if not items:
+            return
         async with self.store.transaction() as tx:
             for item in items:
-                await queue.ack(tx, item)
-        return len(items)
+                await self.store.queue.ack(tx, item)
+
+    def _delay(self, attempts: int) -> float:
+        """Exponential in the row's claims, capped: an outage is retried ever more slowly."""
+        return float(min(self.backoff * 2 ** min(max(attempts - 1, 0), 20), self.max_backoff))
+
+
+def _outage(exc: Exception) -> bool:
+    """A retryable transport or store error: the broker is away, not the message bad."""
+    return isinstance(exc, SagakitError) and exc.retryable
 
 
 def _outgoing(item: Queued) -> Outgoing:

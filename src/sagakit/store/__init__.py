@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 from ..clock import Clock, SystemClock
 from ..errors import ConfigurationError
 from ..transport._url import redact
-from .core import DeadLetter, InboxRow, LogEntry, SagaRecord, Store
+from .core import DeadLetter, DeadLetterAction, InboxRow, LogEntry, SagaRecord, Store
 from .queue import Queued, Waker, WorkQueue
 
 Dialect = Literal["sqlite", "postgresql"]
@@ -91,6 +91,7 @@ def open_store(
 
 __all__ = [
     "DeadLetter",
+    "DeadLetterAction",
     "Dialect",
     "Driver",
     "InboxRow",

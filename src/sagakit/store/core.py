@@ -5,6 +5,7 @@ Records are plain frozen dataclasses; serialisation happens above this layer.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from .schema import SCHEMA_VERSION, check_prefix, statements
 
 if TYPE_CHECKING:
     from . import Driver, Tx
+
+DEAD_LETTER_KEEP = 64 * 1024  #: bytes of a dead-lettered message kept (the rest: size, hash)
 
 
 #: the states of a saga that has not reached an outcome yet (SQL list)
@@ -45,6 +48,33 @@ class DeadLetter:
     error_type: str
     saga_id: str | None
     created_at: float
+    #: where a message the relay could not publish was going, and its kind
+    destination: str | None = None
+    kind: str | None = None
+    #: the message's size before it was cut to a bounded prefix (None: not recorded)
+    size: int | None = None
+
+    @property
+    def truncated(self) -> bool:
+        """Only a prefix was kept: the bytes are not the message any more."""
+        if self.size is not None:
+            return self.size > len(self.data)
+        return "kept]" in self.reason  # recorded before sizes were (schema 2)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterAction:
+    """An operator's replay or purge of one dead letter: what, who, why."""
+
+    at: float
+    action: str
+    dead_letter: int
+    message_id: str | None
+    queue: str
+    actor: str
+    role: str
+    via: str
+    reason: str
 
 
 @dataclass(slots=True)
@@ -233,10 +263,19 @@ class Store:
         *,
         message_id: str | None = None,
         saga_id: str | None = None,
+        destination: str | None = None,
+        kind: str | None = None,
     ) -> None:
+        """Keep a message that cannot be processed, with why and where it was.
+
+        An oversize message must not grow the store: only a prefix of
+        :data:`DEAD_LETTER_KEEP` bytes is kept, with the size and hash in the reason.
+        """
+        size = len(data)
+        reason, data = _bounded(data, reason)
         await tx.execute(
             f"INSERT INTO {self.prefix}dead_letters (id, queue, data, reason, error_type, "
-            "saga_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "saga_id, created_at, destination, kind, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             message_id,
             queue,
             data,
@@ -244,15 +283,58 @@ class Store:
             error_type,
             saga_id,
             self.clock.now(),
+            destination,
+            kind,
+            size,
         )
 
-    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+    async def dead_letters(
+        self,
+        limit: int = 100,
+        *,
+        queue: str | None = None,
+        error_type: str | None = None,
+        saga_id: str | None = None,
+        created_before: float | None = None,
+    ) -> list[DeadLetter]:
+        """Dead letters matching every given filter, oldest first."""
+        conds = {"queue": queue, "error_type": error_type, "saga_id": saga_id}
+        where, args = _dead_letter_filters(conds, created_before)
         rows = await self.driver.read(
-            f"SELECT seq, id, queue, data, reason, error_type, saga_id, created_at "
-            f"FROM {self.prefix}dead_letters ORDER BY seq LIMIT ?",
+            f"SELECT {_DL_COLUMNS} FROM {self.prefix}dead_letters{where} ORDER BY seq LIMIT ?",
+            *args,
             limit,
         )
-        return [DeadLetter(r[0], r[1], r[2], bytes(r[3]), *r[4:]) for r in rows]
+        return [_dead_letter(r) for r in rows]
+
+    async def dead_letter_get(self, seq: int) -> DeadLetter | None:
+        rows = await self.driver.read(
+            f"SELECT {_DL_COLUMNS} FROM {self.prefix}dead_letters WHERE seq = ?", seq
+        )
+        return _dead_letter(rows[0]) if rows else None
+
+    async def dead_letter_delete(self, tx: Tx, seq: int) -> bool:
+        """Remove one dead letter; False if another operator got there first."""
+        n = await tx.execute(f"DELETE FROM {self.prefix}dead_letters WHERE seq = ?", seq)
+        return n == 1
+
+    async def dead_letter_log(self, tx: Tx, a: DeadLetterAction) -> None:
+        """Record an operator's action on a dead letter (the row itself goes)."""
+        await tx.execute(
+            f"INSERT INTO {self.prefix}dead_letter_actions (at, action, dead_letter, message_id, "
+            "queue, actor, role, via, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            *(a.at, a.action, a.dead_letter, a.message_id, a.queue),
+            *(a.actor, a.role, a.via, a.reason),
+        )
+
+    async def dead_letter_actions(self, limit: int = 100) -> list[DeadLetterAction]:
+        """The latest operator actions on dead letters, newest first."""
+        rows = await self.driver.read(
+            "SELECT at, action, dead_letter, message_id, queue, actor, role, via, reason "
+            f"FROM {self.prefix}dead_letter_actions ORDER BY seq DESC LIMIT ?",
+            limit,
+        )
+        return [DeadLetterAction(*r) for r in rows]
 
     # -- sagas -------------------------------------------------------------
 
@@ -373,6 +455,34 @@ def _filters(**conds: Any) -> tuple[str, list[Any]]:
     if not parts:
         return "", []
     return " WHERE " + " AND ".join(p for p, _ in parts), [v for _, v in parts]
+
+
+_DL_COLUMNS = (
+    "seq, id, queue, data, reason, error_type, saga_id, created_at, destination, kind, size"
+)
+
+
+def _dead_letter_filters(
+    conds: dict[str, str | None], created_before: float | None
+) -> tuple[str, list[Any]]:
+    parts: list[tuple[str, Any]] = [(f"{c} = ?", v) for c, v in conds.items() if v is not None]
+    if created_before is not None:
+        parts.append(("created_at < ?", created_before))
+    if not parts:
+        return "", []
+    return " WHERE " + " AND ".join(p for p, _ in parts), [v for _, v in parts]
+
+
+def _bounded(data: bytes, reason: str) -> tuple[str, bytes]:
+    if len(data) <= DEAD_LETTER_KEEP:
+        return reason, data
+    digest = hashlib.sha256(data).hexdigest()
+    reason += f" [{len(data)} bytes, sha256 {digest}; the first {DEAD_LETTER_KEEP} kept]"
+    return reason, data[:DEAD_LETTER_KEEP]
+
+
+def _dead_letter(r: Any) -> DeadLetter:
+    return DeadLetter(r[0], r[1], r[2], bytes(r[3]), *r[4:])
 
 
 def _saga_values(rec: SagaRecord) -> tuple[Any, ...]:

@@ -94,6 +94,7 @@ class WorkQueue:
         #: lease and due times from the database server's clock (PostgreSQL, real time)
         self.server_time = pg and isinstance(store.clock, SystemClock)
         now = "COALESCE(?::float8, extract(epoch from clock_timestamp()))" if pg else "?"
+        self._now_sql = now
         skip = " FOR UPDATE SKIP LOCKED" if pg else ""
         self._claim_sql = (
             f"UPDATE {p}messages SET available_at = {now} + ?, attempts = attempts + 1 "
@@ -170,6 +171,23 @@ class WorkQueue:
         """Make a claimed row due again after ``delay`` seconds."""
         async with self.store.transaction() as tx:
             await tx.execute(self._lease_sql, self._now(), delay, item.seq, item.attempts)
+
+    async def fail(self, item: Queued, delay: float) -> int | None:
+        """Release a row that failed on its own; its failure count, None if the lease was lost.
+
+        Failures are counted apart from ``attempts`` (claims), so a caller can
+        tell a message that keeps failing from an outage that failed everything.
+        """
+        async with self.store.transaction() as tx:
+            row = await tx.fetchone(
+                f"UPDATE {self.store.prefix}messages SET available_at = {self._now_sql} + ?, "
+                "failures = failures + 1 WHERE seq = ? AND attempts = ? RETURNING failures",
+                self._now(),
+                delay,
+                item.seq,
+                item.attempts,
+            )
+        return int(row[0]) if row is not None else None
 
     async def extend(self, items: Sequence[Queued], lease: float) -> int:
         """Push the leases of ``items`` forward (a heartbeat); returns how many held."""

@@ -60,6 +60,22 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX IF NOT EXISTS {p}sagas_updated ON {p}sagas (state, updated_at)",
         "CREATE INDEX IF NOT EXISTS {p}dead_letters_created ON {p}dead_letters (created_at)",
     ],
+    [
+        # Dead letters become replayable: a relayed message keeps where it was
+        # going, every letter its original size (a truncated one is refused),
+        # and operators' replays and purges are logged with who and why.
+        "ALTER TABLE {p}dead_letters ADD COLUMN destination TEXT",
+        "ALTER TABLE {p}dead_letters ADD COLUMN kind TEXT",
+        "ALTER TABLE {p}dead_letters ADD COLUMN size INTEGER",
+        "CREATE INDEX IF NOT EXISTS {p}dead_letters_queue ON {p}dead_letters (queue, seq)",
+        """CREATE TABLE IF NOT EXISTS {p}dead_letter_actions (
+            seq {serial}, at {real} NOT NULL, action TEXT NOT NULL, dead_letter BIGINT NOT NULL,
+            message_id TEXT, queue TEXT NOT NULL, actor TEXT NOT NULL, role TEXT NOT NULL,
+            via TEXT NOT NULL, reason TEXT NOT NULL)""",
+        # The relay counts the times a row failed to publish on its own, apart
+        # from its claims, so that an outage never makes a row look poisonous.
+        "ALTER TABLE {p}messages ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

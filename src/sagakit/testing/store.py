@@ -8,7 +8,7 @@ from typing import Any
 from ..clock import FakeClock
 from ..errors import ConcurrencyConflict, ConfigurationError, StoreError
 from ..store import Store
-from ..store.core import InboxRow, LogEntry, SagaRecord
+from ..store.core import DEAD_LETTER_KEEP, DeadLetterAction, InboxRow, LogEntry, SagaRecord
 from ..store.queue import Queued
 from ..store.schema import SCHEMA_VERSION
 from ._support import raises as _raises
@@ -253,6 +253,38 @@ class StoreContract:
         assert (second.id, second.error_type, second.saga_id) == ("m2", "NoHandler", "s1")
         assert first.created_at == store.clock.now()
         assert len(await store.dead_letters(limit=1)) == 1
+
+    async def test_dead_letters_filter_delete_and_log(self, store: Store) -> None:
+        """What the operator API needs: filters, a delete that can lose, a log."""
+        async with store.transaction() as tx:
+            await store.dead_letter(tx, "a", b"1", "r", "X", saga_id="s1", kind="event")
+            await store.dead_letter(tx, "b", b"2", "r", "Y", destination="d", kind="command")
+        assert [d.queue for d in await store.dead_letters(queue="b")] == ["b"]
+        [x] = await store.dead_letters(error_type="X", saga_id="s1")
+        assert (x.kind, x.size, x.truncated) == ("event", 1, False)
+        assert await store.dead_letters(created_before=store.clock.now()) == []
+        async with store.transaction() as tx:
+            assert await store.dead_letter_delete(tx, x.seq) is True
+            assert await store.dead_letter_delete(tx, x.seq) is False
+            action = DeadLetterAction(1.0, "purge", x.seq, None, "a", "alice", "admin", "cli", "r")
+            await store.dead_letter_log(tx, action)
+        assert await store.dead_letter_get(x.seq) is None
+        assert await store.dead_letter_actions() == [action]
+
+    async def test_dead_letters_keep_a_bounded_prefix(self, store: Store) -> None:
+        async with store.transaction() as tx:
+            await store.dead_letter(tx, "a", b"x" * (DEAD_LETTER_KEEP + 1), "big", "Oversize")
+        [d] = await store.dead_letters()
+        assert len(d.data) == DEAD_LETTER_KEEP and d.size == DEAD_LETTER_KEEP + 1 and d.truncated
+
+    async def test_failures_are_counted_apart_from_claims(self, store: Store) -> None:
+        async with store.transaction() as tx:
+            await store.queue.put(tx, "q", "m", b"x")
+        [item] = await store.queue.claim("q", 10, 30.0)
+        assert await store.queue.fail(item, 0.0) == 1
+        [again] = await store.queue.claim("q", 10, 30.0)
+        assert (again.attempts, await store.queue.fail(again, 0.0)) == (2, 2)
+        assert await store.queue.fail(item, 0.0) is None, "a stale lease counts nothing"
 
     # -- sagas -----------------------------------------------------------
 
