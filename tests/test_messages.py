@@ -88,3 +88,23 @@ def test_schema_mismatch_and_unknown_type() -> None:
     env.type = "nobody.Knows"
     with pytest.raises(sk.UnknownMessageType):
         codec.payload(env)
+
+
+def test_a_forked_child_draws_ids_of_its_own() -> None:
+    """Ids from a parent and its forked child never repeat each other's random bits."""
+    import os
+
+    from sagakit.messages import new_id
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: write 500 ids and leave
+        os.write(write, "\n".join(new_id() for _ in range(500)).encode())
+        os._exit(0)
+    os.close(write)
+    mine = [new_id() for _ in range(500)]
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as f:
+        theirs = f.read().split("\n")
+    assert len(theirs) == 500
+    assert not {i[19:] for i in mine} & {i[19:] for i in theirs}
