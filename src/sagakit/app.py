@@ -209,16 +209,17 @@ class App:
             return
         self._started = True
         for store in self._stores():
-            await store.open(migrate=self.settings.auto_migrate)
+            await store.open(migrate=self.settings.auto_migrate, listen=self._listens(store))
         await self.transport.open()
         for p in self.participants.values():
             for cls in p.types:
                 self.registry.add(cls)
         await self._declare()
         await self._start_participants()
-        if self.runs(COORDINATOR) and self.sagas.definitions:
+        coordinating = self.runs(COORDINATOR) and bool(self.sagas.definitions)
+        if coordinating:
             await self._start_coordinator()
-            self._start_housekeeping()
+        self._start_housekeeping(coordinating)
         self._start_relays()
 
     async def stop(self) -> None:
@@ -258,10 +259,28 @@ class App:
         return open_store(url, prefix=self.settings.prefix, clock=clock)
 
     def _stores(self) -> list[Store]:
+        """The stores this process uses: the App's own, and those of the participants it runs.
+
+        A worker running one service opens that service's database and the
+        App's store, not every database of the application: with several
+        workers per service, connections add up quickly (docs/reliability.md,
+        "The connection budget").
+        """
         unique: dict[int, Store] = {id(self.store): self.store}
-        for st in self._pstores.values():
-            unique[id(st)] = st
+        for name, st in self._pstores.items():
+            if self.runs(name):
+                unique[id(st)] = st
         return list(unique.values())
+
+    def _listens(self, store: Store) -> bool:
+        """Whether ``store`` needs other processes' wake-ups here.
+
+        The App's own store does (saga waiters, timers, the database
+        transport's queues); a participant's store only when the database
+        transport's queues live in it. Otherwise only this process writes its
+        outbox, and its own commits wake its relay.
+        """
+        return store is self.store or self.transport.direct_writer(store) is not None
 
     def _endpoint(
         self, name: str, store: Store, router: Router, *, trusted: bool = False
@@ -291,15 +310,15 @@ class App:
         local = self._endpoint(LOCAL_QUEUE, self.store, _route_replies(coord), trusted=True)
         self._subs.append(self._store_consumer(LOCAL_QUEUE, lambda d: coord.run_local(d, local)))
 
-    def _start_housekeeping(self) -> None:
-        """Retention (of every store this App uses) and the stuck-saga watcher run
-        where the coordinator runs, so a deployment has them as soon as it has sagas."""
+    def _start_housekeeping(self, coordinating: bool) -> None:
+        """Retention runs in every process over the stores it uses (several pruners at
+        once are safe); the stuck-saga watcher runs where the coordinator runs."""
         s, jobs = self.settings, []
         if s.retention is not None:
             pruners = [Pruner(store, s.retention) for store in self._stores()]
             prune = partial(_prune_all, pruners)
             jobs.append(Periodic("sagakit retention", s.retention.every, prune))
-        if s.stuck_after is not None:
+        if s.stuck_after is not None and coordinating:
             watcher = StuckWatcher(self.sagas.queries, s.stuck_after)
             every = min(60.0, max(0.05, s.stuck_after / 2))
             jobs.append(Periodic("sagakit stuck-saga watcher", every, watcher.check))

@@ -62,7 +62,8 @@ class Driver(Protocol):
     async def read(self, sql: str, *args: Any) -> list[Any]:
         """Run one read-only query outside any explicit transaction, taking no write lock."""
 
-    async def listen(self, on_notify: Callable[[str], None]) -> None: ...
+    async def listen(self, on_notify: Callable[[str], None], *, remote: bool = True) -> None:
+        """Wake ``on_notify`` for this process's commits, and other processes' if ``remote``."""
 
 
 def open_store(

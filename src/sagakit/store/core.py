@@ -128,8 +128,12 @@ class Store:
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def open(self, *, migrate: bool = True) -> None:
-        """Connect, apply pending migrations if asked, start listening for wake-ups."""
+    async def open(self, *, migrate: bool = True, listen: bool = True) -> None:
+        """Connect, apply pending migrations if asked, start listening for wake-ups.
+
+        ``listen=False`` spends no connection on other processes' wake-ups (a
+        store whose queues only this process's own commits feed).
+        """
         if self._opened:
             return
         await self.driver.open()
@@ -138,7 +142,7 @@ class Store:
             await self.migrate()
         else:
             _refuse_newer(await self.schema_version(), self.prefix)
-        await self.driver.listen(self.queue.waker.wake)
+        await self.driver.listen(self.queue.waker.wake, remote=listen)
 
     async def close(self) -> None:
         if self._opened:

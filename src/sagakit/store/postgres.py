@@ -62,10 +62,10 @@ _OUTAGE_STATES = frozenset({"57P01", "57P02", "57P03"})
 _HEALTH_EVERY_S = 10.0
 _RECONNECT_MAX_S = 5.0
 
-DEFAULT_MIN_SIZE = 2
+DEFAULT_MIN_SIZE = 1  # connections are opened as work needs them, up to max_size
 # sagakit's own options in the store URL's query (keyword arguments win).
 URL_OPTIONS: dict[str, Option[Any]] = {
-    "min_size": Option(count, None),  # default: 2, or max_size if that is smaller
+    "min_size": Option(count, None),  # default: 1, or max_size if that is smaller
     "max_size": Option(count, 10),
     "acquire_timeout": Option(seconds, 30.0),
 }
@@ -353,14 +353,16 @@ class PostgresDriver:
         """A read-only query: one round trip in autocommit mode, like :meth:`fetch_single`."""
         return await self.fetch_single(sql, *args)
 
-    async def listen(self, on_notify: Callable[[str], None]) -> None:
-        """Start waking ``on_notify`` for local commits and NOTIFYs of other processes.
+    async def listen(self, on_notify: Callable[[str], None], *, remote: bool = True) -> None:
+        """Start waking ``on_notify`` for local commits and (``remote``) NOTIFYs of others.
 
-        Returns once LISTEN is in place (or after a bounded wait if the server
-        cannot be reached; the listener keeps reconnecting in the background).
+        With ``remote`` a dedicated connection LISTENs; this returns once it is
+        in place (or after a bounded wait if the server cannot be reached; the
+        listener keeps reconnecting in the background). Without it, no
+        connection is spent: commits in this process still wake its consumers.
         """
         self._on_notify = on_notify
-        if self._listener is not None:
+        if self._listener is not None or not remote:
             return
         ready = asyncio.Event()
         self._listener = asyncio.create_task(

@@ -122,7 +122,8 @@ class SqliteDriver:
                 self._conn.close()
                 self._conn = None
 
-    async def listen(self, on_notify: Callable[[str], None]) -> None:
+    async def listen(self, on_notify: Callable[[str], None], *, remote: bool = True) -> None:
+        """Wake ``on_notify`` on commits in this process (other processes: by polling)."""
         self._on_notify = on_notify
 
     @asynccontextmanager

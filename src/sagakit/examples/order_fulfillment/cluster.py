@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sagakit.app import COORDINATOR
+from sagakit.transport._url import has_option, with_option
 
 #: the services of the demo application, in saga order
 SERVICES = ("orders", "customers", "inventory", "payments", "shipping", "loyalty")
@@ -68,6 +69,23 @@ class Worker:
         return self.process is not None and self.process.poll() is None
 
 
+#: connections the cluster leaves to everything else on the PostgreSQL server
+SPARE_CONNECTIONS = 20
+SERVER_CONNECTIONS = 100  #: PostgreSQL's default max_connections
+
+
+def budgeted(store: str, workers: int) -> str:
+    """The store URL with a pool small enough for ``workers`` processes to fit the server.
+
+    Each worker holds its pool plus one LISTEN connection; an explicit
+    ``max_size`` in the URL is left alone.
+    """
+    if not store.startswith(("postgresql://", "postgres://")) or has_option(store, "max_size"):
+        return store
+    per_worker = (SERVER_CONNECTIONS - SPARE_CONNECTIONS) // max(workers, 1) - 1
+    return with_option(store, "max_size", str(max(1, min(10, per_worker))))
+
+
 class Cluster:
     """Named worker processes of one App on a shared store and transport."""
 
@@ -91,6 +109,7 @@ class Cluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         layout = workers if workers is not None else self.layout()
         self.workers = {name: Worker(name, list(svcs)) for name, svcs in layout.items()}
+        self.store = budgeted(store, len(self.workers))
 
     # -- layout ----------------------------------------------------------------
 
