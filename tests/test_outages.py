@@ -160,3 +160,13 @@ def test_a_broken_statement_is_not_an_outage() -> None:
 
     error = translate(asyncpg.PostgresSyntaxError("syntax error at or near"))
     assert not isinstance(error, StoreUnavailable) and not error.retryable
+
+
+async def test_a_process_opens_only_the_stores_of_what_it_runs(tmp_path: Any) -> None:
+    """The connection budget: a worker for one service doesn't connect to every database."""
+    app = sk.App(f"sqlite:///{tmp_path}/main.db", "memory://", run=["a"])
+    app.participant("a", store=f"sqlite:///{tmp_path}/a.db")
+    app.participant("b", store=f"sqlite:///{tmp_path}/b.db")
+    async with app:
+        assert (tmp_path / "a.db").exists()
+        assert not (tmp_path / "b.db").exists(), "b runs elsewhere: its database stays closed"
