@@ -136,7 +136,13 @@ def test_harness_sees_a_double_application(tmp_path: Path) -> None:
 
 # -- slow handlers and divergent duplicates ------------------------------------
 
-NEW_FAULTS = ("--faults", "slow_handler,divergent_duplicate", "--slow", "0.03", "--diverge", "0.3")
+# A 1 s lease halves each slow handler's sleep (1.5-3 leases), so twice the
+# slowed runs cost the same time: about a dozen expected, never none in practice.
+NEW_FAULTS = (
+    "--faults",
+    "slow_handler,divergent_duplicate",
+    *("--slow", "0.06", "--lease", "1", "--diverge", "0.3"),
+)
 
 
 def assert_new_faults_bit(out: dict[str, Any]) -> None:
