@@ -709,14 +709,7 @@ async def place_paced(
         async with gate:
             for attempt in range(20):
                 try:
-                    _, saga_id = await of.place_order(
-                        o.customer_id,
-                        o.items,
-                        card_token=o.card_token,
-                        address=o.address,
-                        order_id=o.order_id,
-                    )
-                    return saga_id
+                    return await demo.place_planned(of, o)
                 except sk.StoreError:  # e.g. SQLite busy under load: try again
                     await asyncio.sleep(0.1 * (attempt + 1))
             raise RuntimeError(f"could not place order {o.order_id}")

@@ -262,16 +262,17 @@ async def place_all(of: OrderFulfillment, plan: Plan, concurrency: int = 64) -> 
 
     async def place(o: PlannedOrder) -> str:
         async with gate:
-            _, saga_id = await of.place_order(
-                o.customer_id,
-                o.items,
-                card_token=o.card_token,
-                address=o.address,
-                order_id=o.order_id,
-            )
-            return saga_id
+            return await place_planned(of, o)
 
     return list(await asyncio.gather(*(place(o) for o in plan.orders)))
+
+
+async def place_planned(of: OrderFulfillment, o: PlannedOrder) -> str:
+    """Place one planned order through the demo's API; returns its saga id."""
+    _, saga_id = await of.place_order(
+        o.customer_id, o.items, card_token=o.card_token, address=o.address, order_id=o.order_id
+    )
+    return saga_id
 
 
 @dataclass
