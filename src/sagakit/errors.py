@@ -33,7 +33,7 @@ transports), so callers never see ``sqlite3`` or ``asyncpg`` exceptions.
     │   └── LeaseLost                 another consumer took the message over (retryable)
     ├── CommandFailed                 a `sagakit` command could not do its work (exit 1)
     ├── TwoPhaseError                 two-phase commit (sagakit.twophase)
-    │   ├── AtomicAborted             a group rolled back: refused prepare, lost database, id collision
+    │   ├── AtomicAborted             rolled back: refused prepare, lost database, id collision
     │   ├── BranchNotFound            no in-doubt branch with that global id (operator resolve)
     │   └── AmbiguousOutcome          a commit found no branch and no record to vouch for it
     ├── DeadLetterError               dead-letter API misuse

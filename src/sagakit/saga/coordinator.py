@@ -50,12 +50,12 @@ from .machine import (
 from .state import Progress, SagaState, progress_decoder
 
 if TYPE_CHECKING:
-    from ..twophase.coordinator import TwoPhase
     from ..endpoint import Endpoint, Scope
     from ..outbox import OutboxWriter
     from ..policies import RetryPolicy
     from ..store import Store, Tx
     from ..transport import Delivery
+    from ..twophase.coordinator import TwoPhase
     from .definition import SagaDefinition
     from .registry import SagaRegistry
 

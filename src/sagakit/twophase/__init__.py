@@ -12,6 +12,7 @@ The decisions themselves are pure (:mod:`.decision`).
 
 from .coordinator import TwoPhase, TwoPhaseOptions, open_resource
 from .decision import Gid, Plan
+from .operator import Gauges, InDoubt
 from .protocol import Atomic, AtomicTx
 from .record import AuditLine
 from .resource import Branch, BranchTx, Prepared, Resource
@@ -22,7 +23,9 @@ __all__ = [
     "AuditLine",
     "Branch",
     "BranchTx",
+    "Gauges",
     "Gid",
+    "InDoubt",
     "Plan",
     "Prepared",
     "Resource",

@@ -12,16 +12,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import ConfigurationError, DuplicateRegistration, NotStarted
 from ..messages import new_id
+from ..ops.actor import Actor
 from ..ops.background import Periodic
 from ..store import Store
+from . import operator as _op
 from .decision import check_group, check_node, check_resource
 from .decision import prefix as node_prefix
+from .operator import Gauges, InDoubt
 from .protocol import Atomic, Probe
-from .record import Records
+from .record import AuditLine, Records
 from .resource import Resource
 
 log = logging.getLogger("sagakit.twophase")
@@ -139,6 +142,30 @@ class TwoPhase:
             raise ConfigurationError(f"atomic() needs distinct resource names, got {names!r}")
         group = check_group(group_id) if group_id else new_id().replace("-", "")
         return Atomic(self, [self.resource(n) for n in names], group, key)
+
+    async def in_doubt(self, *, every_node: bool = True) -> list[InDoubt]:
+        """Prepared branches nobody is finishing now, with age, locks and record."""
+        return await _op.in_doubt(self, every_node=every_node)
+
+    async def gauges(self) -> Gauges:
+        """This node's branches in doubt and the oldest one's age, for metrics."""
+        return await _op.gauges(self)
+
+    async def resolve(
+        self,
+        gid: str,
+        action: Literal["commit", "rollback"],
+        *,
+        actor: Actor,
+        reason: str,
+        force: bool = False,
+    ) -> str:
+        """Commit or roll back one in-doubt branch by hand, audited; the outcome."""
+        return await _op.resolve(self, gid, action, actor=actor, reason=reason, force=force)
+
+    async def audit(self, limit: int = 100, *, group: str | None = None) -> list[AuditLine]:
+        """The latest recovery and operator actions, newest first."""
+        return await self.records.audit_lines(limit, group=group)
 
     async def recover(self) -> list[Any]:
         """One recovery round (see :mod:`sagakit.twophase.recovery`); the actions taken."""

@@ -10,6 +10,7 @@ them. The URL is ``mysql://user:password@host:port/database`` (or
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from collections.abc import Iterable, Sequence
@@ -239,10 +240,8 @@ async def _finish(tx: MariaTx, sql: str) -> bool:
 
 
 async def _quiet(step: Any) -> None:
-    try:
+    with contextlib.suppress(StoreError):
         await step
-    except StoreError:
-        pass
 
 
 __all__ = ["Gid", "MariaDBResource"]

@@ -184,7 +184,9 @@ class Atomic:
         try:
             await self.tp.resource(name).rollback_prepared(self._gid_of(name))
         except StoreError:
-            log.warning("atomic group %s: %s left prepared for recovery (%s)", self.group, name, exc)
+            log.warning(
+                "atomic group %s: %s left prepared for recovery (%s)", self.group, name, exc
+            )
 
     async def _close(self) -> None:
         for branch in self.atx.branches.values():
@@ -205,4 +207,3 @@ class Atomic:
     async def _point(self, name: str) -> None:
         if self.tp.probe is not None:
             await self.tp.probe(name)
-

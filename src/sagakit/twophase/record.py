@@ -63,11 +63,13 @@ class Records:
         async with self.store.transaction() as tx:
             await tx.execute(f"DELETE FROM {self.p}twophase_records WHERE group_id = ?", group)
 
-    async def recorded(self, node: str) -> dict[str, list[str]]:
-        """This node's recorded groups and their resources."""
-        rows = await self.store.driver.read(
-            f"SELECT group_id, resources FROM {self.p}twophase_records WHERE node = ?", node
-        )
+    async def recorded(self, node: str | None) -> dict[str, list[str]]:
+        """The recorded groups of ``node`` (None: every node) and their resources."""
+        sql = f"SELECT group_id, resources FROM {self.p}twophase_records"
+        if node is None:
+            rows = await self.store.driver.read(sql)
+        else:
+            rows = await self.store.driver.read(sql + " WHERE node = ?", node)
         return {r[0]: list(json.loads(r[1])) for r in rows}
 
     async def is_recorded(self, group: str) -> bool:
