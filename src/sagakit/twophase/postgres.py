@@ -12,20 +12,28 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 
-from ..errors import ConfigurationError, StoreError
-from ..store.postgres import DBError, PostgresTx, translate
+from ..errors import ConfigurationError, StoreError, StoreUnavailable
+from ..store.postgres import DBError as _DBError
+from ..store.postgres import PostgresTx
+from ..store.postgres import translate as _translate
 from ..transport._url import redact
 from .decision import check_resource, parse
 from .resource import Prepared
 
+# asyncpg raises InternalClientError on a connection the server cut mid-conversation
+DBError = (*_DBError, asyncpg.exceptions.InternalClientError)
 _NOT_FOUND = "42704"  # undefined_object: no prepared transaction with that id
+
+
+def translate(exc: BaseException) -> StoreError:
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        return StoreUnavailable(f"postgresql: the connection broke: {exc}", retryable=True)
+    return _translate(exc)
 
 
 def literal(gid: str) -> str:
     """``gid`` as a SQL literal, once it is known to be one of ours."""
-    if parse(gid) is None and not gid.startswith("sk_"):
-        raise ConfigurationError(f"not a sagakit global id: {gid!r}")
-    if "'" in gid or "\\" in gid or "\x00" in gid:
+    if parse(gid) is None:
         raise ConfigurationError(f"not a sagakit global id: {gid!r}")
     return f"'{gid}'"
 
@@ -56,7 +64,7 @@ class PostgresBranch:
         if conn is not None:
             try:
                 await self._pool.release(conn)
-            except (*DBError, asyncpg.exceptions.InternalClientError):
+            except DBError:
                 conn.terminate()
 
 
@@ -107,8 +115,10 @@ class PostgresResource:
             "SELECT p.gid, extract(epoch FROM clock_timestamp() - p.prepared)::float8, "
             "coalesce(array_agg(l.mode || ' on ' || coalesce(c.relname, l.locktype)) "
             "FILTER (WHERE l.mode IS NOT NULL), '{}') FROM pg_prepared_xacts p "
-            "LEFT JOIN pg_locks l ON l.virtualtransaction = '-1/' || p.transaction::text "
-            "AND l.locktype = 'relation' LEFT JOIN pg_class c ON c.oid = l.relation "
+            "LEFT JOIN pg_locks x ON x.locktype = 'transactionid' AND x.pid IS NULL "
+            "AND x.transactionid = p.transaction LEFT JOIN pg_locks l ON l.pid IS NULL "
+            "AND l.virtualtransaction = x.virtualtransaction AND l.locktype = 'relation' "
+            "LEFT JOIN pg_class c ON c.oid = l.relation "
             "WHERE p.database = current_database() AND starts_with(p.gid, $1) "
             "GROUP BY p.gid, p.prepared ORDER BY p.prepared",
             prefix,
@@ -191,7 +201,7 @@ async def _finish(conn: Any, sql: str) -> bool:
 async def _release(pool: Any, conn: Any) -> None:
     try:
         await pool.release(conn)
-    except (*DBError, asyncpg.exceptions.InternalClientError):
+    except DBError:
         conn.terminate()
 
 
