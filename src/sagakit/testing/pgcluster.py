@@ -39,6 +39,8 @@ class PgCluster:
     max_connections: int = 80
     fsync: bool = False
     user: str = "postgres"
+    #: more server settings, e.g. {"track_commit_timestamp": "on"}
+    settings: dict[str, str] = field(default_factory=dict)
     port: int = 0
     datadir: Path = field(default_factory=lambda: Path())
     _tmp: str = ""
@@ -101,6 +103,7 @@ class PgCluster:
             f"-c max_connections={self.max_connections}",
             f"-c fsync={'on' if self.fsync else 'off'}",
             "-c shared_buffers=32MB",
+            *(f"-c {k}={v}" for k, v in self.settings.items()),
         ]
 
     def _run(self, tool: str, *args: str, check: bool = True) -> str:

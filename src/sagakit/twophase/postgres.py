@@ -1,7 +1,9 @@
 """PostgreSQL as a resource: ``PREPARE TRANSACTION`` / ``COMMIT PREPARED``.
 
-Each branch runs on a pooled connection of its own (pools stay small:
-``max_size`` 4 by default, as the server's connections are shared). The
+Each branch runs on a pooled connection of its own, held from ``BEGIN`` to
+``COMMIT PREPARED``; the pool stays small (``?max_size=`` in the URL, 4 by
+default, as the server's connections are shared), so at most that many
+groups use one database at a time. The
 global id is embedded as a literal, as PostgreSQL requires; it is checked
 against sagakit's strict id pattern first, so it can hold no quote.
 """
@@ -13,16 +15,20 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 
 from ..errors import ConfigurationError, StoreError, StoreUnavailable
+from ..store.postgres import LIBPQ_OPTIONS, PostgresTx
 from ..store.postgres import DBError as _DBError
-from ..store.postgres import PostgresTx
 from ..store.postgres import translate as _translate
-from ..transport._url import redact
+from ..transport._url import Option, count, parse_url, redact
 from .decision import check_resource, parse
 from .resource import Prepared
 
 # asyncpg raises InternalClientError on a connection the server cut mid-conversation
 DBError = (*_DBError, asyncpg.exceptions.InternalClientError)
-_NOT_FOUND = "42704"  # undefined_object: no prepared transaction with that id
+_NOT_FOUND = "42704"
+#: a branch holds its connection from BEGIN to COMMIT PREPARED; ``?max_size=`` in the URL
+URL_OPTIONS = {
+    "max_size": Option(count, 4)
+}  # undefined_object: no prepared transaction with that id
 
 
 def translate(exc: BaseException) -> StoreError:
@@ -73,9 +79,10 @@ class PostgresResource:
 
     kind = "postgresql"
 
-    def __init__(self, name: str, url: str, *, max_size: int = 4) -> None:
+    def __init__(self, name: str, url: str, *, max_size: int | None = None) -> None:
         self.name = check_resource(name)
-        self.url, self.max_size = url, max_size
+        parsed = parse_url(url, URL_OPTIONS, given={"max_size": max_size}, foreign=LIBPQ_OPTIONS)
+        self.url, self.max_size = parsed.base, int(parsed.values["max_size"])
         self._pool: Any = None
 
     def __repr__(self) -> str:
