@@ -187,6 +187,8 @@ class StepBuilder(Generic[D]):
 
         A local step of the coordinator: the group commits on every database
         or on none, and the result becomes the data; see :mod:`sagakit.twophase`.
+        Like any local step it has no compensation: a later step's failure
+        does not undo it, so make it the pivot or put it after the pivot.
         """
         self._d.local = AtomicStep(tuple(resources), fn)
         return self

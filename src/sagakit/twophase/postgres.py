@@ -16,6 +16,7 @@ import asyncpg  # type: ignore[import-untyped]
 
 from ..errors import ConfigurationError, StoreError, StoreUnavailable
 from ..store.postgres import LIBPQ_OPTIONS, PostgresTx
+from ..store.postgres import URL_OPTIONS as STORE_OPTIONS
 from ..store.postgres import DBError as _DBError
 from ..store.postgres import translate as _translate
 from ..transport._url import Option, count, parse_url, redact
@@ -24,11 +25,11 @@ from .resource import Prepared
 
 # asyncpg raises InternalClientError on a connection the server cut mid-conversation
 DBError = (*_DBError, asyncpg.exceptions.InternalClientError)
+#: undefined_object: no prepared transaction with that id
 _NOT_FOUND = "42704"
 #: a branch holds its connection from BEGIN to COMMIT PREPARED; ``?max_size=`` in the URL
-URL_OPTIONS = {
-    "max_size": Option(count, 4)
-}  # undefined_object: no prepared transaction with that id
+#: (a participant's store URL may be given as is: its other pool options are accepted)
+URL_OPTIONS = {**STORE_OPTIONS, "max_size": Option(count, 4)}
 
 
 def translate(exc: BaseException) -> StoreError:
