@@ -376,3 +376,28 @@ async def test_the_onboarding_example_runs() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "every group all-or-nothing" in done.stdout
+
+
+async def test_a_participants_database_is_a_resource(dbs: tuple[str, str]) -> None:
+    app = sk.App("memory://", settings=sk.Settings(twophase=TwoPhaseOptions(recover_every=None)))
+    app.participant("customers", store=dbs[0] + "?max_size=2")
+    app.participant("local")
+    assert app.resource("customers").name == "customers"
+    with pytest.raises(ConfigurationError, match="PostgreSQL store of its own"):
+        app.resource("local")
+    with pytest.raises(sk.DuplicateRegistration):
+        app.resource("customers", dbs[1])
+    async with app, app.atomic("customers") as tx:
+        row = await tx["customers"].fetchone("SELECT count(*) FROM ob_customers")
+    assert row[0] == 0
+
+
+async def test_mariadb_placeholders_leave_quoted_text_alone(mariadb_url: str) -> None:
+    from sagakit.twophase.mariadb import MariaDBResource, MariaTx
+
+    conn = await MariaDBResource("m", mariadb_url)._connect()
+    try:
+        row = await MariaTx(conn).fetchone("SELECT '?', 'x%', ? % 3, ?", 7, "a'b")
+    finally:
+        conn.close()
+    assert tuple(row) == ("?", "x%", 1, "a'b")

@@ -39,10 +39,15 @@ DBError = (DriverError, OSError)
 
 @functools.lru_cache(maxsize=1024)
 def to_format(sql: str) -> str:
-    """``?`` placeholders to the driver's ``%s`` (a literal ``%`` doubled), quotes untouched."""
+    """``?`` placeholders to the driver's ``%s``; a ``?`` in quotes stays.
+
+    The driver formats the whole text with ``%``, quoted parts included, so
+    every literal ``%`` is doubled.
+    """
 
     def swap(m: re.Match[str]) -> str:
-        return {"?": "%s", "%": "%%"}.get(m.group(), m.group())
+        token = m.group()
+        return {"?": "%s", "%": "%%"}.get(token) or token.replace("%", "%%")
 
     return _TOKEN.sub(swap, sql)
 
