@@ -107,9 +107,16 @@ class Atomic:
         await self._point("recorded")
         await self._commit_all()
         await self._point("committed")
-        if not self.atx.pending:
-            await self.tp.records.forget(self.group)
         self.atx.outcome = "committed"
+        if not self.atx.pending:
+            await self._forget()
+
+    async def _forget(self) -> None:
+        """Drop the record; if the store is away, recovery drops it later (the group stands)."""
+        try:
+            await self.tp.records.forget(self.group)
+        except StoreError as exc:
+            log.warning("atomic group %s: record kept for recovery to forget (%s)", self.group, exc)
 
     async def _prepare_all(self) -> None:
         for i, (name, branch) in enumerate(self.atx.branches.items(), 1):
