@@ -63,6 +63,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(b) for b in branches], indent=2, sort_keys=True))
         return 0
+    if branches:
+        print(f"{'global id':60} {'resource':16} {'age':>8}  {'record':10} locks held")
     for b in branches:
         age = "?" if b.age is None else f"{b.age:.0f}s"
         record = "recorded" if b.recorded else "no record"
