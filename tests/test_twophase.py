@@ -401,3 +401,22 @@ async def test_mariadb_placeholders_leave_quoted_text_alone(mariadb_url: str) ->
     finally:
         conn.close()
     assert tuple(row) == ("?", "x%", 1, "a'b")
+
+
+async def test_recovery_touches_only_its_own_nodes_branches(
+    dbs: tuple[str, str], store_url: str
+) -> None:
+    """Two coordinators share the databases and the store, each with its own node."""
+    other = app_for(store_url, dbs, node="other")
+    mine = app_for(store_url, dbs, node="mine")
+    async with other, mine:
+        await ob.add_customers(other, ["ned"])
+        left = await stop_at(other, "prepared", "ned")
+        assert await mine.twophase.recover() == []  # not mine, however old
+        assert {d.node for d in await mine.twophase.in_doubt()} == {"other"}
+        assert await mine.twophase.in_doubt(every_node=False) == []
+        actions = await other.twophase.recover()
+        assert {(a.plan.gid.group, a.plan.verdict) for a in actions} == {
+            (left.group_id, "rollback")
+        }
+        assert await ob.state(mine, "ned") == ("PENDING", 0, True)
