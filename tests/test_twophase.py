@@ -3,6 +3,7 @@ on) and the machine's MariaDB. Every test ends with no prepared transaction left
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -310,8 +311,6 @@ async def test_the_cli_lists_and_resolves(dbs: tuple[str, str], store_url: str) 
 
     listed = cli("list", "--json")
     assert listed.returncode == 0, listed.stderr
-    import json
-
     branches = json.loads(listed.stdout)
     assert {b["group"] for b in branches} == {tx.group_id} and len(branches) == 2
     assert all(b["recorded"] is False and b["age"] >= 0 for b in branches)
@@ -395,7 +394,7 @@ async def test_a_participants_database_is_a_resource(dbs: tuple[str, str]) -> No
 async def test_mariadb_placeholders_leave_quoted_text_alone(mariadb_url: str) -> None:
     from sagakit.twophase.mariadb import MariaDBResource, MariaTx
 
-    conn = await MariaDBResource("m", mariadb_url)._connect()
+    conn = await MariaDBResource("m", mariadb_url).connect()
     try:
         row = await MariaTx(conn).fetchone("SELECT '?', 'x%', ? % 3, ?", 7, "a'b")
     finally:

@@ -242,8 +242,8 @@ class App:
         for store in self._stores():
             await store.open(migrate=self.settings.auto_migrate, listen=self._listens(store))
         await self.transport.open()
-        if self.twophase.resources:
-            await self.twophase.start()
+        if self.twophase.resources:  # recovery runs where the coordinator runs
+            await self.twophase.start(recover=self.runs(COORDINATOR))
         for p in self.participants.values():
             for cls in p.types:
                 self.registry.add(cls)

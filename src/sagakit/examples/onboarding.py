@@ -198,7 +198,7 @@ async def _ddl(url: str, sql: str) -> None:
         return
     from sagakit.twophase.mariadb import MariaDBResource
 
-    conn = await MariaDBResource("ddl", url)._connect()
+    conn = await MariaDBResource("ddl", url).connect()
     try:
         async with conn.cursor() as cur:
             await cur.execute(sql)

@@ -109,8 +109,11 @@ class TwoPhase:
 
     # -- lifecycle -----------------------------------------------------------
 
-    async def start(self) -> None:
-        """Open every resource, check it can prepare, start background recovery."""
+    async def start(self, *, recover: bool = True) -> None:
+        """Open every resource, check it can prepare, start background recovery (if ``recover``).
+
+        The App recovers in the processes that run its coordinator.
+        """
         if self._started:
             return
         for r in self.resources.values():
@@ -120,7 +123,7 @@ class TwoPhase:
                 await r.preflight(self.options.concurrency, probe)
         self._started = True
         every = self.options.recover_every
-        if every is not None:
+        if every is not None and recover:
             self._job = Periodic("sagakit 2pc recovery", every, self.recover)
             self._job.start()
 

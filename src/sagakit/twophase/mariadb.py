@@ -156,13 +156,13 @@ class MariaDBResource:
         return f"MariaDBResource({self.name!r}, {redact(self.url)!r})"
 
     async def open(self) -> None:
-        await (await self._connect()).ensure_closed()
+        await (await self.connect()).ensure_closed()
 
     async def close(self) -> None:
         return None
 
     async def begin(self, gid: str) -> MariaBranch:
-        conn = await self._connect()
+        conn = await self.connect()
         branch = MariaBranch(conn, gid)
         try:
             await branch.tx.execute(f"XA START {xid(gid)}")
@@ -178,7 +178,7 @@ class MariaDBResource:
         return await self._single(f"XA ROLLBACK {xid(gid)}")
 
     async def prepared(self, prefix: str) -> list[Prepared]:
-        conn = await self._connect()
+        conn = await self.connect()
         try:
             rows = await MariaTx(conn).fetchall("XA RECOVER")
         finally:
@@ -207,14 +207,15 @@ class MariaDBResource:
         finally:
             await branch.close()
 
-    async def _connect(self) -> Any:
+    async def connect(self) -> Any:
+        """A plain autocommit connection to this database (for DDL and reads outside XA)."""
         try:
             return await asyncmy.connect(**self._params, autocommit=True)
         except DBError as exc:
             raise translate(exc) from exc
 
     async def _single(self, sql: str) -> bool:
-        conn = await self._connect()
+        conn = await self.connect()
         try:
             return await _finish(MariaTx(conn), sql)
         finally:
