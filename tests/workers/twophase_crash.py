@@ -1,6 +1,6 @@
 """A coordinator that runs one onboarding group and is SIGKILLed at a protocol point.
 
-    python twophase_crash.py STORE CUSTOMERS ENROLLMENTS POINT CUSTOMER
+    python twophase_crash.py STORE CUSTOMERS ENROLLMENTS POINT CUSTOMER NODE
 
 The crash hook lives here, in the test's process, not in the library: the
 library only calls ``app.twophase.probe`` at each point.
@@ -16,8 +16,10 @@ import sys
 from sagakit.examples import onboarding as ob
 
 
-async def main(store: str, customers: str, enrollments: str, point: str, who: str) -> None:
-    app = ob.build_app(store, customers, enrollments, node="crash", recover_every=None)
+async def main(
+    store: str, customers: str, enrollments: str, point: str, who: str, node: str
+) -> None:
+    app = ob.build_app(store, customers, enrollments, node=node, recover_every=None)
 
     async def die(at: str) -> None:
         if at == point:
@@ -31,4 +33,4 @@ async def main(store: str, customers: str, enrollments: str, point: str, who: st
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:6]))
+    asyncio.run(main(*sys.argv[1:7]))
