@@ -157,6 +157,8 @@ def unavailable(exc: BaseException) -> bool:
     """Whether the server is out of reach or refusing work (an outage), not the statement wrong."""
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", None) or ""
+        if state == "55000" and "accepting connections" in str(exc):
+            return True  # the database was closed to connections (ALLOW_CONNECTIONS false)
         return state.startswith(_OUTAGE_CLASSES) or state in _OUTAGE_STATES
     if isinstance(exc, asyncpg.InterfaceError):
         return _connection_lost(exc)
