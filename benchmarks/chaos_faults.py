@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import chaos_app
 from chaos_infra import Partitions, PrivateBroker, pg_outage, sqlite_outage
@@ -92,10 +93,15 @@ def rabbitmqctl(*args: str, timeout: float = 60.0) -> str:
     return done.stdout
 
 
+def plain(url: str) -> str:
+    """``url`` without its query: sagakit's options (max_size=...) mean nothing to asyncpg."""
+    return urlunsplit(urlsplit(url)._replace(query=""))
+
+
 async def pg_exec(url: str, sql: str, *args: Any) -> list[Any]:
     import asyncpg  # type: ignore[import-untyped]
 
-    conn = await asyncpg.connect(url)
+    conn = await asyncpg.connect(plain(url))
     try:
         return list(await conn.fetch(sql, *args))
     finally:

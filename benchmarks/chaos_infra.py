@@ -342,7 +342,7 @@ async def pg_outage(admin_url: str, db: str, app_name: str, seconds: float) -> N
     """Close ``db`` to connections, end the workers' sessions, reopen after ``seconds``."""
     import asyncpg  # type: ignore[import-untyped]
 
-    conn = await asyncpg.connect(admin_url)
+    conn = await asyncpg.connect(urlunsplit(urlsplit(admin_url)._replace(query="")))
     try:
         await conn.execute(f"ALTER DATABASE {db} ALLOW_CONNECTIONS false")
         try:

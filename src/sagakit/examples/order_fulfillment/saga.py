@@ -92,6 +92,9 @@ def reject(d: OrderData) -> RejectOrder:
         d.order_id,
         d.reason_code or "sagakit.Compensated",
         d.reason or "the saga was compensated",
+        d.customer_id,
+        d.total,
+        d.lines,
     )
 
 
