@@ -644,6 +644,9 @@ async def one_run(args: argparse.Namespace, k: int, root: Path) -> dict[str, Any
         finally:
             await of.stop()
     finally:
+        if infra.partitions is not None:  # namespaces and the forwarder go, even with --keep
+            infra.partitions.close()
+            infra.partitions = None
         if not args.keep:
             await cleanup(infra)
     views = acc.pop("views")

@@ -73,11 +73,11 @@ class Orders(Service):
         # If the create timed out and never landed, the order is recorded as
         # rejected (its late CreateOrder is then refused by the barrier).
         await ctx.db.execute(
-            f"INSERT INTO {self.t('orders')} (id, customer_id, status, total, lines, "
+            f"INSERT INTO {self.t('orders')} AS o (id, customer_id, status, total, lines, "
             "reason_code, reason, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
             "reason_code = excluded.reason_code, reason = excluded.reason, "
-            "updated_at = excluded.updated_at WHERE status = ?",
+            "updated_at = excluded.updated_at WHERE o.status = ?",
             cmd.order_id,
             cmd.customer_id,
             REJECTED,
