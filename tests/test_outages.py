@@ -155,6 +155,17 @@ def test_a_connection_lost_under_a_transaction_is_an_outage(message: str) -> Non
     assert isinstance(translate(asyncpg.InterfaceError(message)), StoreUnavailable)
 
 
+def test_asyncpg_confused_by_a_dropped_connection_is_an_outage() -> None:
+    """Seen when a worker started while its backends were terminated: asyncpg's
+    state machine raised InternalClientError and the worker exited 1."""
+    from sagakit.store.postgres import translate
+
+    exc = asyncpg.exceptions.InternalClientError(
+        "cannot switch to state 15; another operation (2) is in progress"
+    )
+    assert isinstance(translate(exc), StoreUnavailable)
+
+
 def test_a_broken_statement_is_not_an_outage() -> None:
     from sagakit.store.postgres import translate
 
