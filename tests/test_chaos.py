@@ -275,6 +275,11 @@ BEFORE_STOCK = ["create-order", "reserve-credit"]
         ("compensated", _ledger(["create-order"], BEFORE_STOCK), UNDONE, True),
         ("compensated", _ledger([*BEFORE_STOCK, "charge-card"], BEFORE_STOCK), UNDONE, True),
         ("compensated", _ledger(BEFORE_STOCK, BEFORE_STOCK), DONE, True),
+        # create-order timed out and its compensation overtook it: the barrier
+        # cancelled the create, so no order row is right; with the create's
+        # effect committed, a missing row is not
+        ("compensated", {}, chaos.OrderBooks(), False),
+        ("compensated", _ledger(["create-order"], []), chaos.OrderBooks(), True),
         ("running", {}, chaos.OrderBooks(), False),  # not final: not judged
     ],
 )
