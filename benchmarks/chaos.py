@@ -80,14 +80,13 @@ import logging
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -98,42 +97,41 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import chaos_app  # noqa: E402
+import chaos_infra  # noqa: E402
+from chaos_faults import (  # noqa: E402
+    BROKER_CUT,
+    BROKER_RESTART,
+    DB_DROP,
+    DB_OUTAGE,
+    DIVERGENT,
+    DUPLICATE,
+    FAULTS,
+    KILL_COORDINATOR,
+    KILL_PARTICIPANT,
+    PARTITION,
+    ROLLING_UPGRADE,
+    SHORT_FAULTS,
+    SLOW_HANDLER,
+    WORKER_APP_NAME,
+    WORKER_FAULTS,
+    Infra,
+    Monkey,
+    Restart,
+    pg_exec,
+)
 
 import sagakit as sk  # noqa: E402
 from sagakit.app import COORDINATOR  # noqa: E402
 from sagakit.examples.order_fulfillment import demo  # noqa: E402
 from sagakit.examples.order_fulfillment.app import OrderFulfillment, build  # noqa: E402
-from sagakit.examples.order_fulfillment.cluster import Cluster, WorkerFailed  # noqa: E402
+from sagakit.examples.order_fulfillment.cluster import Cluster  # noqa: E402
 from sagakit.examples.order_fulfillment.customers import RESERVED  # noqa: E402
 from sagakit.examples.order_fulfillment.orders import APPROVED, REJECTED  # noqa: E402
-from sagakit.examples.order_fulfillment.saga import create_order  # noqa: E402
+from sagakit.examples.order_fulfillment.saga import create_order, define  # noqa: E402
 from sagakit.transport import redact  # noqa: E402
 
 log = logging.getLogger("chaos")
 
-KILL_COORDINATOR = "kill_coordinator"
-KILL_PARTICIPANT = "kill_participant"
-DUPLICATE = "duplicate_delivery"
-BROKER_CUT = "broker_cut"
-DB_DROP = "db_drop"
-SLOW_HANDLER = "slow_handler"
-DIVERGENT = "divergent_duplicate"
-FAULTS = (
-    KILL_COORDINATOR,
-    KILL_PARTICIPANT,
-    DUPLICATE,
-    BROKER_CUT,
-    DB_DROP,
-    SLOW_HANDLER,
-    DIVERGENT,
-)
-#: faults switched on in every worker for the whole run: kind -> counter file kind
-WORKER_FAULTS = {
-    DUPLICATE: chaos_app.DUP,
-    SLOW_HANDLER: chaos_app.SLOW,
-    DIVERGENT: chaos_app.DIVERGE,
-}
-WORKER_APP_NAME = "sagakit-chaos-worker"
 TERMINAL = ("completed", "compensated", "failed", "aborted")
 #: step name -> the service that runs it
 STEP_SERVICE = {s.name: s.action.participant for s in create_order.steps if s.action}
@@ -145,47 +143,24 @@ IRREVERSIBLE = {s.name for s in create_order.steps if s.action and s.kind != "co
 # -- per-run infrastructure ----------------------------------------------------
 
 
-@dataclass
-class Infra:
-    """Where one run lives, and how to clean it up."""
-
-    store: str  # for this process
-    worker_store: str  # for the workers (tagged for db_drop)
-    transport: str
-    kind: str  # database | rabbitmq | nats | redis
-    folder: Path
-    cleanups: list[Any] = field(default_factory=list)
-    vhost: str | None = None
-    pg_admin: str | None = None
-    pg_db: str | None = None
-    redis_prefix: str | None = None
-
-
 def _with_query(url: str, **params: str) -> str:
     u = urlsplit(url)
     query = "&".join(p for p in (u.query, urlencode(params)) if p)
     return urlunsplit(u._replace(query=query))
 
 
-async def _pg_exec(url: str, sql: str, *args: Any) -> list[Any]:
-    import asyncpg  # type: ignore[import-untyped]
-
-    conn = await asyncpg.connect(url)
-    try:
-        return list(await conn.fetch(sql, *args))
-    finally:
-        await conn.close()
-
-
-def _rabbitmqctl(*args: str, timeout: float = 60.0) -> str:
-    done = subprocess.run(
-        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout, check=True
-    )
-    return done.stdout
-
-
-async def prepare(store: str, transport: str, folder: Path, tag: str) -> Infra:
+async def prepare(
+    store: str,
+    transport: str,
+    folder: Path,
+    tag: str,
+    faults: list[str] = (),  # type: ignore[assignment]
+) -> Infra:
     folder.mkdir(parents=True, exist_ok=True)
+    broker = await private_broker(transport, folder) if BROKER_RESTART in faults else None
+    if broker is not None:
+        query = urlsplit(transport).query
+        transport = broker.url + (f"?{query}" if query else "")
     if store in ("sqlite", "sqlite:"):
         store_url = worker_store = f"sqlite:///{folder / 'db' / 'sagakit.db'}"
         (folder / "db").mkdir(exist_ok=True)
@@ -198,13 +173,13 @@ async def prepare(store: str, transport: str, folder: Path, tag: str) -> Infra:
         pg_admin = pg_db = None
     elif store.startswith(("postgresql://", "postgres://")):
         pg_admin, pg_db = store, f"sagakit_chaos_{tag}"
-        await _pg_exec(pg_admin, f"CREATE DATABASE {pg_db}")
+        await pg_exec(pg_admin, f"CREATE DATABASE {pg_db}")
         store_url = urlunsplit(urlsplit(store)._replace(path=f"/{pg_db}"))
         worker_store = _with_query(store_url, application_name=WORKER_APP_NAME)
     else:
         raise sk.ConfigurationError(f"unsupported --store {store!r}")
     infra = Infra(store_url, worker_store, transport, "database", folder)
-    infra.pg_admin, infra.pg_db = pg_admin, pg_db
+    infra.pg_admin, infra.pg_db, infra.broker = pg_admin, pg_db, broker
     scheme = transport.split(":", 1)[0]
     if scheme in ("amqp", "amqps"):
         infra.kind = "rabbitmq"
@@ -212,10 +187,10 @@ async def prepare(store: str, transport: str, folder: Path, tag: str) -> Infra:
         if shutil.which("rabbitmqctl") and u.path in ("", "/"):
             vhost = f"sagakit-chaos-{tag}"
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, _rabbitmqctl, "add_vhost", vhost)
+            await loop.run_in_executor(None, infra.rabbitmqctl, "add_vhost", vhost)
             user = u.username or "guest"
             await loop.run_in_executor(
-                None, _rabbitmqctl, "set_permissions", "-p", vhost, user, ".*", ".*", ".*"
+                None, infra.rabbitmqctl, "set_permissions", "-p", vhost, user, ".*", ".*", ".*"
             )
             infra.vhost = vhost
             infra.transport = f"{transport.rstrip('/')}/{quote(vhost, safe='')}"
@@ -233,11 +208,46 @@ async def prepare(store: str, transport: str, folder: Path, tag: str) -> Infra:
     return infra
 
 
+async def private_broker(transport: str, folder: Path) -> chaos_infra.PrivateBroker | None:
+    """A broker of the run's own, which ``broker_restart`` may kill (None: database transport)."""
+    kind = {"amqp": "rabbitmq", "nats": "nats", "redis": "redis"}.get(transport.split(":", 1)[0])
+    if kind is None:
+        return None
+    broker = chaos_infra.PrivateBroker(kind, folder / "broker")
+    await broker.start()
+    return broker
+
+
+async def partition_workers(infra: Infra, cluster: Cluster, tag: str) -> None:
+    """Put every worker in a network namespace of its own, reaching the services
+    through a forwarder on the host end of its veth pair."""
+    parts = infra.partitions = chaos_infra.Partitions(tag[:3])
+    ports = {
+        chaos_infra.url_port(infra.worker_store, 5432),
+        chaos_infra.url_port(infra.transport, _DEFAULT_PORTS.get(infra.kind, 0)),
+    }
+    for name in cluster.names:
+        parts.add(name)
+    await parts.start_proxy(sorted(p for p in ports if p), infra.folder / "proxy.log")
+    for name in cluster.names:
+        cluster.configure(
+            name,
+            wrap=parts.wrap(name),
+            store=parts.url_for(name, infra.worker_store),
+            transport=parts.url_for(name, infra.transport),
+        )
+
+
+_DEFAULT_PORTS = {"rabbitmq": 5672, "nats": 4222, "redis": 6379}
+
+
 async def cleanup(infra: Infra) -> None:
     loop = asyncio.get_running_loop()
+    if infra.partitions is not None:
+        infra.partitions.close()
     if infra.vhost:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            await loop.run_in_executor(None, _rabbitmqctl, "delete_vhost", infra.vhost)
+            await loop.run_in_executor(None, infra.rabbitmqctl, "delete_vhost", infra.vhost)
     if infra.kind == "nats":
         for _, url, stream in infra.cleanups:
             with contextlib.suppress(Exception):
@@ -261,185 +271,10 @@ async def cleanup(infra: Infra) -> None:
                 await raw.aclose()
     if infra.pg_admin and infra.pg_db:
         with contextlib.suppress(Exception):
-            await _pg_exec(infra.pg_admin, f"DROP DATABASE IF EXISTS {infra.pg_db} WITH (FORCE)")
-
-
-# -- faults --------------------------------------------------------------------
-
-
-@dataclass
-class Restart:
-    worker: str
-    service: str
-    killed_at: float
-    ready_at: float | None = None
-
-
-@dataclass
-class Monkey:
-    """Injects faults at random moments until told to stop."""
-
-    cluster: Cluster
-    infra: Infra
-    rng: random.Random
-    kinds: list[str]
-    interval: tuple[float, float]
-    min_kills: int = 5
-    counts: Counter[str] = field(default_factory=Counter)
-    restarts: list[Restart] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    failed_starts: list[str] = field(default_factory=list)
-    down: set[str] = field(default_factory=set)
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    _stop: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def run(self) -> None:
-        """Every ``interval``: one fault; the first ones cycle through every kind."""
-        weights = {KILL_COORDINATOR: 2, KILL_PARTICIPANT: 3, BROKER_CUT: 1, DB_DROP: 1}
-        kinds = [k for k in self.kinds if k in weights]
-        if not kinds:
-            return
-        first = self.rng.sample(kinds, len(kinds))
-        while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.rng.uniform(*self.interval))
-            if self._stop.is_set():
-                break
-            kills = self.counts[KILL_COORDINATOR] + self.counts[KILL_PARTICIPANT]
-            if first:
-                kind = first.pop()
-            elif kills < self.min_kills and self.rng.random() < 0.8:
-                kind = self.rng.choice([k for k in kinds if k.startswith("kill_")] or kinds)
-            else:
-                kind = self.rng.choices(kinds, [weights[k] for k in kinds])[0]
-            if kind in (BROKER_CUT, DB_DROP):  # slow to inject (rabbitmqctl): in the background
-                self._spawn(self._guarded(kind))
-            else:
-                await self._guarded(kind)
-
-    async def _guarded(self, kind: str) -> None:
-        try:
-            await self.inject(kind)
-        except Exception as exc:  # a fault that could not be injected is reported
-            self.errors.append(f"{kind}: {exc!r}")
-
-    async def inject(self, kind: str) -> None:
-        if kind in (KILL_COORDINATOR, KILL_PARTICIPANT):
-            coord = kind == KILL_COORDINATOR
-            names = [
-                n
-                for n, w in self.cluster.workers.items()
-                if (COORDINATOR in w.services) == coord and n not in self.down
-            ]
-            if not names:
-                return
-            victim = self.rng.choice(names)
-            self.down.add(victim)
-            self.cluster.kill(victim)
-            rec = Restart(victim, self.cluster.workers[victim].services[0], time.time())
-            self.restarts.append(rec)
-            self.counts[kind] += 1
-            self._spawn(self._restart(rec))
-        elif kind == BROKER_CUT:
-            if await self.cut_broker():
-                self.counts[kind] += 1
-        elif kind == DB_DROP and await self.drop_db():
-            self.counts[kind] += 1
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _restart(self, rec: Restart) -> None:
-        await asyncio.sleep(self.rng.uniform(0.1, 1.0))
-        try:
-            for attempt in range(1, 4):
-                try:
-                    await self.cluster.restart(rec.worker, timeout=90.0)
-                    rec.ready_at = time.time()
-                    return
-                except WorkerFailed as exc:
-                    # e.g. a db_drop hit the worker while it started: it exits 1, as
-                    # sagakit worker does on a startup error; a supervisor restarts it
-                    self.failed_starts.append(f"{rec.worker}: {str(exc).splitlines()[-1]}")
-                    if attempt == 3:
-                        self.errors.append(f"restart {rec.worker}: {exc!r}")
-                    await asyncio.sleep(0.5)
-        finally:
-            self.down.discard(rec.worker)
-
-    async def cut_broker(self) -> bool:
-        infra, loop = self.infra, asyncio.get_running_loop()
-        if infra.kind == "rabbitmq" and infra.vhost:
-            out = await loop.run_in_executor(
-                None, _rabbitmqctl, "list_connections", "pid", "vhost", "-q"
-            )
-            conns = [
-                line.split("\t")[0]
-                for line in out.splitlines()
-                if line.split("\t")[-1:] == [infra.vhost]
-            ]
-            if not conns:
-                return False
-            chosen = conns if self.rng.random() < 0.5 else [self.rng.choice(conns)]
-            for pid in chosen:
-                with contextlib.suppress(subprocess.SubprocessError):
-                    await loop.run_in_executor(
-                        None, _rabbitmqctl, "close_connection", pid, "sagakit chaos"
-                    )
-            return True
-        if infra.kind == "redis" and infra.redis_prefix:
-            import redis.asyncio as aioredis
-
-            raw = aioredis.Redis.from_url(infra.transport.split("?", 1)[0])
-            try:
-                name = f"sagakit:{infra.redis_prefix}"
-                ids = [c["id"] for c in await raw.client_list() if c.get("name") == name]
-                if not ids:
-                    return False
-                chosen = ids if self.rng.random() < 0.5 else [self.rng.choice(ids)]
-                for cid in chosen:
-                    await raw.execute_command("CLIENT", "KILL", "ID", cid)
-            finally:
-                await raw.aclose()
-            return True
-        if infra.kind == "nats":
-            alive = [n for n in self.cluster.names if self.cluster.alive(n) and n not in self.down]
-            if not alive:
-                return False
-            victim = self.cluster.workers[self.rng.choice(alive)].process
-            assert victim is not None
-            with contextlib.suppress(ProcessLookupError):
-                victim.send_signal(signal.SIGUSR1)
-            return True
-        return False
-
-    async def drop_db(self) -> bool:
-        infra = self.infra
-        if not infra.pg_db:
-            return False
-        rows = await _pg_exec(
-            infra.store,
-            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = $2",
-            infra.pg_db,
-            WORKER_APP_NAME,
-        )
-        pids = [r[0] for r in rows]
-        if not pids:
-            return False
-        chosen = pids if self.rng.random() < 0.3 else self.rng.sample(pids, max(1, len(pids) // 3))
-        await _pg_exec(
-            infra.store, "SELECT pg_terminate_backend(p) FROM unnest($1::int[]) p", chosen
-        )
-        return True
-
-    async def stop(self, runner: asyncio.Task[None]) -> None:
-        """Inject nothing more (a fault under way finishes); wait for the restarts."""
-        self._stop.set()
-        await asyncio.gather(runner, return_exceptions=True)
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await pg_exec(infra.pg_admin, f"DROP DATABASE IF EXISTS {infra.pg_db} WITH (FORCE)")
+    if infra.broker is not None:
+        await infra.broker.close()
+        shutil.rmtree(infra.broker.folder, ignore_errors=True)
 
 
 # -- accounting ----------------------------------------------------------------
@@ -519,7 +354,9 @@ async def account(of: OrderFulfillment, saga_ids: list[str], plan: demo.Plan) ->
             lost_detail.append(f"loyalty {customer_id}: balance {have} < awards {total}")
     orders = {o.id for o in await of.orders.all()}
     missing = [o.order_id for o in plan.orders if o.order_id not in orders]
-    lost_detail += [f"order {i} vanished" for i in missing]
+    missing_views = [v for v in views.values() if v.data.order_id in set(missing)]
+    unrecorded = await demo.never_recorded(of, missing_views)
+    lost_detail += [f"order {i} vanished" for i in missing if i not in unrecorded]
     mismatch, mismatch_detail = await mismatch_count(of, views, ledger)
     return {
         "lost": len(lost_detail),
@@ -554,7 +391,8 @@ def outcome_mismatches(
     order approved, charged, shipped and awarded once. A compensated saga must
     have undone every effect it can undo, have no effect it cannot undo (the
     pivot and after), no compensation without its effect, and the order
-    rejected with nothing charged, shipped, awarded or still reserved. Other
+    rejected (or never recorded, if its create never took effect: the barrier
+    cancelled it) with nothing charged, shipped, awarded or still reserved. Other
     states are not judged here (they are not final, or need an operator).
     """
     if state == "completed":
@@ -567,7 +405,9 @@ def outcome_mismatches(
         books_ok = books == OrderBooks(APPROVED, RESERVED, 1, 1, 1)
     elif state == "compensated":
         why = [f"{step}: {w}" for step in STEP_SERVICE if (w := _undo_mismatch(step, ledger))]
-        books_ok = books.status == REJECTED and books.credit != RESERVED
+        # no order row is right only if the create never took effect (null compensation)
+        never = books.status is None and not ledger.get(("create-order", "forward"), 0)
+        books_ok = (books.status == REJECTED or never) and books.credit != RESERVED
         books_ok = books_ok and books.payments == books.shipments == books.awards == 0
     else:
         return []
@@ -737,18 +577,25 @@ async def drain(of: OrderFulfillment, infra: Infra, settle: float, bound: float 
 async def one_run(args: argparse.Namespace, k: int, root: Path) -> dict[str, Any]:
     tag = f"{uuid.uuid4().hex[:8]}"
     folder = root / f"run-{k + 1}"
-    infra = await prepare(args.store, args.transport, folder, tag)
+    infra = await prepare(args.store, args.transport, folder, tag, args.faults)
     rng = random.Random(args.seed * 1000 + k)
     settings = sk.Settings(lease=args.lease)
     try:
         plan = demo.make_plan(args.sagas, args.seed + k)
         of = build(infra.store, infra.transport, run=[], settings=settings)
+        v2 = define(2)
+        if ROLLING_UPGRADE in args.faults:
+            of.app.saga(v2)  # this process places the orders: it learns v2 first
         parent_dups = chaos_app.FaultCounter(str(folder), chaos_app.DUP)
         chaos_app.duplicate_sends(of, args.dup, parent_dups)
         await of.start()
         try:
             await chaos_app.create_effect_tables(of)
             await demo.seed(of, plan)
+            if infra.pg_db is None:
+                infra.sqlite_files = sorted(
+                    Path(infra.store[len("sqlite:///") :]).parent.glob("*.db")
+                )
             layout = Cluster.layout(per_service=1, coordinators=args.coordinators)
             env = {
                 "PYTHONPATH": os.pathsep.join(
@@ -769,22 +616,27 @@ async def one_run(args: argparse.Namespace, k: int, root: Path) -> dict[str, Any
                 log_dir=folder / "logs",
                 env=env,
             )
+            networked = infra.kind != "database" or infra.pg_db is not None
+            if PARTITION in args.faults and networked and not chaos_infra.netns_unavailable():
+                await partition_workers(infra, cluster, tag)
             kinds = [k for k in args.faults if _applies(k, infra)]
             monkey = Monkey(
                 cluster, infra, rng, kinds, (args.min_gap, args.max_gap), args.min_kills
             )
+            monkey.on_upgrade = lambda: setattr(of, "saga", v2)
+            monkey.upgrade_at = args.place_over * 0.1
             try:
                 await cluster.start(timeout=90.0)
                 started = time.perf_counter()
                 chaos = asyncio.create_task(monkey.run())
                 saga_ids = await place_paced(of, plan, args.place_over)
-                await demo.wait_all(of, saga_ids, args.timeout, None)
+                await wait_all(of, saga_ids, args.timeout)
                 await monkey.stop(chaos)
                 # anything still down is brought back before the books are read
                 for name in cluster.names:
                     if not cluster.alive(name):
                         await cluster.restart(name, timeout=90.0)
-                await demo.wait_all(of, saga_ids, args.timeout, None)
+                await wait_all(of, saga_ids, args.timeout)
                 elapsed = time.perf_counter() - started
                 await drain(of, infra, settle_time(args))
                 ns = SimpleNamespace(store=infra.store, transport=infra.transport, seed=args.seed)
@@ -797,6 +649,9 @@ async def one_run(args: argparse.Namespace, k: int, root: Path) -> dict[str, Any
         finally:
             await of.stop()
     finally:
+        if infra.partitions is not None:  # namespaces and the forwarder go, even with --keep
+            infra.partitions.close()
+            infra.partitions = None
         if not args.keep:
             await cleanup(infra)
     views = acc.pop("views")
@@ -812,6 +667,7 @@ async def one_run(args: argparse.Namespace, k: int, root: Path) -> dict[str, Any
         "sagas": len(saga_ids),
         "terminal": sum(states[s] for s in TERMINAL),
         "states": dict(states),
+        "by_version": dict(Counter(f"v{v.version}" for v in views.values())),
         "lost": acc["lost"],
         "double_applied": acc["double_applied"],
         "outcome_mismatch": acc["outcome_mismatch"],
@@ -852,7 +708,25 @@ def _applies(kind: str, infra: Infra) -> bool:
         return infra.kind != "database" and (infra.kind != "rabbitmq" or infra.vhost is not None)
     if kind == DB_DROP:
         return infra.pg_db is not None
+    if kind == DB_OUTAGE:
+        return infra.pg_db is not None or bool(infra.sqlite_files)
+    if kind == BROKER_RESTART:
+        return infra.broker is not None
+    if kind == PARTITION:
+        return infra.partitions is not None
     return True
+
+
+async def wait_all(of: OrderFulfillment, saga_ids: list[str], timeout: float) -> None:
+    """``demo.wait_all``, riding out a database outage as any client must."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return await demo.wait_all(of, saga_ids, max(0.0, end - time.monotonic()), None)
+        except sk.StoreUnavailable:
+            if time.monotonic() > end:
+                raise
+            await asyncio.sleep(0.5)
 
 
 def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
@@ -962,8 +836,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gap", type=float, default=2.0, help="max seconds between faults")
     p.add_argument(
         "--faults",
-        default=",".join(FAULTS),
-        help=f"comma-separated fault kinds (default all that apply: {','.join(FAULTS)})",
+        default=",".join(SHORT_FAULTS),
+        help="comma-separated fault kinds (default the short ones that apply: "
+        f"{','.join(SHORT_FAULTS)}; also {','.join(k for k in FAULTS if k not in SHORT_FAULTS)})",
     )
     p.add_argument("--timeout", type=float, default=240.0, help="bound on waiting per run (s)")
     p.add_argument("--log-dir", default=None, help="keep worker logs here")

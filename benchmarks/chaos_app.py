@@ -67,6 +67,7 @@ import msgspec
 import sagakit as sk
 from sagakit.examples.order_fulfillment import worker
 from sagakit.examples.order_fulfillment.app import OrderFulfillment
+from sagakit.examples.order_fulfillment.saga import define
 from sagakit.examples.order_fulfillment.service import Service
 from sagakit.outbox import OUTBOX_QUEUE
 from sagakit.transport import Outgoing
@@ -77,6 +78,8 @@ DUP_ENV = "SAGAKIT_CHAOS_DUP"
 SLOW_ENV = "SAGAKIT_CHAOS_SLOW"
 DIVERGE_ENV = "SAGAKIT_CHAOS_DIVERGE"
 DIR_ENV = "SAGAKIT_CHAOS_DIR"
+#: "1": this process is of the new release, which also knows create-order v2
+SAGA_V2_ENV = "SAGAKIT_CHAOS_SAGA_V2"
 #: a slowed handler run sleeps this many leases (low, high) before it commits
 SLOW_LEASES = (1.5, 3.0)
 #: forward commands whose handler calls the flaky external service: the steps
@@ -397,5 +400,7 @@ def create(
 ) -> OrderFulfillment:
     """``sagakit.examples.order_fulfillment.worker:create`` with the harness's instrumentation."""
     of = worker.create(store, transport, run, settings)
+    if os.environ.get(SAGA_V2_ENV) == "1":
+        of.app.saga(define(2))
     instrument(of)
     return of

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +26,7 @@ from sagakit.examples.order_fulfillment.messages import (
 )
 from sagakit.examples.order_fulfillment.payments import CARD_DECLINED, CARD_OK, FakeCardGateway
 from sagakit.examples.order_fulfillment.shipping import FakeCarrier
+from sagakit.testing import drop_tables
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -396,3 +398,40 @@ def test_demo_on_postgres(postgres_url: str, capsys: pytest.CaptureFixture[str])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0, result
     assert all(result["invariants"].values()) and result["as_planned"], result
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_a_rejection_that_overtakes_its_create_leaves_the_order_rejected(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest, prefix: str
+) -> None:
+    """The compensation of a timed-out create-order can reach the orders service
+    before the CreateOrder it undoes (found by a chaos run): the order must still
+    be on the books, rejected, and the late create must not revive it."""
+    from types import SimpleNamespace
+
+    from sagakit.examples.order_fulfillment.app import build
+    from sagakit.examples.order_fulfillment.messages import CreateOrder, Line, RejectOrder
+    from sagakit.examples.order_fulfillment.orders import REJECTED
+
+    url = (
+        f"sqlite:///{tmp_path}/d.db"
+        if backend == "sqlite"
+        else request.getfixturevalue("postgres_url")
+    )
+    of = build(url, run=[], settings=sk.Settings(prefix=prefix))
+    async with of:
+        oid, lines = f"o-{uuid.uuid4().hex[:8]}", [Line("sku", 1, 5)]
+        store = of.orders.store
+        for cmd in (
+            RejectOrder(oid, "sagakit.Timeout", "no reply", "c1", 5, lines),
+            CreateOrder(oid, "c1", lines, 5),  # a late copy, had the barrier let it in
+            RejectOrder(oid, "sagakit.Timeout", "no reply", "c1", 5, lines),  # a duplicate
+        ):
+            async with store.transaction() as tx:
+                ctx = SimpleNamespace(db=tx, now=1.0)
+                handler = of.orders.reject if isinstance(cmd, RejectOrder) else of.orders.create
+                await handler(cmd, ctx)  # type: ignore[arg-type]
+        order = await of.orders.get(oid)
+        assert order is not None and order.status == REJECTED and order.total == 5
+        if backend == "postgresql":
+            await drop_tables(of.app.store)

@@ -155,6 +155,17 @@ def test_a_connection_lost_under_a_transaction_is_an_outage(message: str) -> Non
     assert isinstance(translate(asyncpg.InterfaceError(message)), StoreUnavailable)
 
 
+def test_asyncpg_confused_by_a_dropped_connection_is_an_outage() -> None:
+    """Seen when a worker started while its backends were terminated: asyncpg's
+    state machine raised InternalClientError and the worker exited 1."""
+    from sagakit.store.postgres import translate
+
+    exc = asyncpg.exceptions.InternalClientError(
+        "cannot switch to state 15; another operation (2) is in progress"
+    )
+    assert isinstance(translate(exc), StoreUnavailable)
+
+
 def test_a_broken_statement_is_not_an_outage() -> None:
     from sagakit.store.postgres import translate
 
@@ -170,3 +181,33 @@ async def test_a_process_opens_only_the_stores_of_what_it_runs(tmp_path: Any) ->
     async with app:
         assert (tmp_path / "a.db").exists()
         assert not (tmp_path / "b.db").exists(), "b runs elsewhere: its database stays closed"
+
+
+async def test_an_ack_the_broker_cannot_take_after_commit_is_not_the_handlers_failure(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the chaos harness on Redis and NATS: a broker restarting between
+    the handler's commit and its ack made every copy's ack fail; the hop counted
+    that as the handler failing, used up the message's retries and dead-lettered
+    a message whose work had committed. Now the work stands, the copy is
+    answered from the inbox, and nothing is dead-lettered."""
+    from sagakit.transport.memory import MemoryDelivery
+
+    broker_down = {"acks_refused": 0}
+
+    async def refused_ack(self: MemoryDelivery) -> None:
+        if broker_down["acks_refused"] < 8:  # more than the retry policy's attempts
+            broker_down["acks_refused"] += 1
+            self._transport.put(self._queue, self.data, self.attempt + 1)  # unacked: it comes back
+            raise sk.TransportError("ack failed: Connection closed by server.")
+
+    monkeypatch.setattr(MemoryDelivery, "_ack", refused_ack)
+    app, handled = _app(f"sqlite:///{tmp_path}/s.db")
+    async with app:
+        async with app.store.transaction() as tx:
+            await tx.execute("CREATE TABLE done (k TEXT PRIMARY KEY)")
+        await _send(app, ["k1"])
+        await eventually(lambda: _true(broker_down["acks_refused"] == 8), timeout=30)
+        await asyncio.sleep(0.5)
+        assert handled == ["k1"], "the handler ran once; its copies were answered from the inbox"
+        assert await app.store.dead_letters() == []

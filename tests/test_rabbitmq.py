@@ -167,6 +167,45 @@ async def test_classic_queues_work_too(amqp_url: str) -> None:
         await remove_rabbitmq(t)
 
 
+@contextlib.contextmanager
+def broker_max_message_size(size: int) -> Iterator[None]:
+    """Lower the broker's max_message_size for a moment (restored afterwards)."""
+    old = _rabbitmqctl("eval", "application:get_env(rabbit, max_message_size).").strip()
+    _rabbitmqctl("eval", f"application:set_env(rabbit, max_message_size, {size}).")
+    try:
+        yield
+    finally:
+        value = old.removeprefix("{ok,").removesuffix("}")
+        restore = value if value.isdigit() else "134217728"
+        _rabbitmqctl("eval", f"application:set_env(rabbit, max_message_size, {restore}).")
+
+
+async def test_a_message_the_broker_refuses_is_not_an_outage(amqp_url: str) -> None:
+    """A 406 (the message is larger than the broker allows) is permanent: the error
+    says it is not retryable, so the relay dead-letters the row instead of waiting
+    for ever; the transport goes on publishing other messages."""
+    if not _local_ctl(amqp_url):
+        pytest.skip("rabbitmqctl is needed to change the broker's max_message_size")
+    with broker_max_message_size(4096):  # read by the broker when a channel opens
+        t = await open_rabbitmq(amqp_url, f"reject-{uuid.uuid4().hex[:8]}")
+    try:
+        q = f"reject-{uuid.uuid4().hex[:8]}"
+        await t.declare(q, [])
+        with pytest.raises(sk.TransportError) as err:
+            await t.publish([Outgoing(sk.new_id(), "command", q, b"x" * 8192)])
+        assert err.value.retryable is False
+        assert not sk.errors.is_outage(err.value)
+        for _ in range(50):  # the robust channel reopens after the broker closed it
+            with contextlib.suppress(sk.TransportError):
+                await t.publish([Outgoing(sk.new_id(), "command", q, b"small")])
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the transport did not publish again after the rejection")
+    finally:
+        await remove_rabbitmq(t)
+
+
 # -- a saga end to end over RabbitMQ -----------------------------------------
 
 

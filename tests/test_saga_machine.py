@@ -184,3 +184,57 @@ def test_a_step_retried_for_ever_adds_bounded_history() -> None:
         )
         lines += len(m.apply(inst, reply).of(HistoryLine))
     assert lines == 2 * (10 + 10), "reply + retry-scheduled for attempts 1-10, 100, ..., 1000"
+
+
+OPS = sk.Actor("ops")
+SHIP_WAITING = {"ship": Pending("t9", 1500, "forward", waiting=True)}
+AFTER_PIVOT = ["reserve", "check", "charge"]
+
+
+def test_an_operator_retries_a_long_retrying_step_now_with_a_fresh_budget() -> None:
+    inst = _instance(done=AFTER_PIVOT, pending=SHIP_WAITING, pivoted=True)
+    d = _machine(SAGA).apply(inst, OperatorAction("retry", OPS, "carrier is back"))
+    assert [c.message_id for c in d.of(CancelTimer)] == ["t9"], "the scheduled retry is dropped"
+    [cmd] = d.of(SendCommand)
+    assert (cmd.step, cmd.attempt) == ("ship", 1501)
+    assert d.instance.progress.pending["ship"].base == 1500, "a fresh retry budget"
+
+
+def test_an_operator_skips_a_long_retrying_step_and_the_saga_completes() -> None:
+    inst = _instance(done=AFTER_PIVOT, pending=SHIP_WAITING, pivoted=True)
+    d = _machine(SAGA).apply(inst, OperatorAction("skip", OPS, "shipped by hand", "ship"))
+    assert d.instance.state == SagaState.COMPLETED
+    assert d.of(SendCommand) == []
+    assert any(
+        h.entry == "step-skipped" and "shipped by hand" in (h.detail or "")
+        for h in d.of(HistoryLine)
+    )
+
+
+def test_skipping_a_stuck_compensation_carries_backward_recovery_on() -> None:
+    inst = Instance(
+        "s1",
+        "t",
+        1,
+        SagaState.FAILED,
+        D("k"),
+        Progress(
+            done=["reserve", "check"],
+            compensations=["check", "reserve"],
+            stuck=Pending("", 7, "compensate"),
+            stuck_step="check",
+        ),
+    )
+    d = _machine(SAGA).apply(inst, OperatorAction("skip", OPS, "released by hand"))
+    assert d.instance.state == SagaState.COMPENSATING
+    [undo] = d.of(SendCommand)
+    assert (undo.step, undo.phase) == ("reserve", "compensate")
+
+
+def test_skip_refuses_another_step_and_a_healthy_instance() -> None:
+    inst = _instance(done=AFTER_PIVOT, pending=SHIP_WAITING, pivoted=True)
+    with pytest.raises(InvalidOperatorAction, match="can be skipped"):
+        _machine(SAGA).apply(inst, OperatorAction("skip", OPS, "oops", "charge"))
+    busy = _instance(done=["reserve"], pending={"check": Pending("m1", 1, "forward")})
+    with pytest.raises(InvalidOperatorAction, match="can be skipped"):
+        _machine(SAGA).apply(busy, OperatorAction("skip", OPS, "oops"))

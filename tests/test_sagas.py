@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -437,15 +438,31 @@ async def test_a_reply_nobody_knows_after_the_grace_is_dead_lettered(tmp_path, p
         assert rec is not None and rec.state == "running" and rec.version == 1
 
 
-async def test_a_process_refuses_a_schema_newer_than_it_knows(tmp_path) -> None:
+async def test_a_process_refuses_a_schema_that_broke_its_code(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path}/s.db"
+    async with sk.App(url) as app, app.store.transaction() as tx:
+        await tx.execute(f"INSERT INTO {app.store.prefix}schema (version) VALUES (999)")
+        await tx.execute(f"UPDATE {app.store.prefix}schema_floor SET oldest = 999")
+    for migrate in (True, False):
+        store = sk.open_store(url)
+        with pytest.raises(sk.ConfigurationError, match="version 999 and needs sagakit code"):
+            await store.open(migrate=migrate)
+        await store.close()
+
+
+async def test_an_older_process_runs_on_a_schema_that_only_added(tmp_path, caplog) -> None:
+    """A rolling upgrade: the new release migrated (adding only); an older process
+    restarting meanwhile still starts, with a WARNING, and migrates nothing."""
     url = f"sqlite:///{tmp_path}/s.db"
     async with sk.App(url) as app, app.store.transaction() as tx:
         await tx.execute(f"INSERT INTO {app.store.prefix}schema (version) VALUES (999)")
     for migrate in (True, False):
         store = sk.open_store(url)
-        with pytest.raises(sk.ConfigurationError, match="version 999, newer than"):
+        with caplog.at_level(logging.WARNING, "sagakit.store"):
             await store.open(migrate=migrate)
+        assert await store.schema_version() == 999
         await store.close()
+    assert "newer than this process knows" in caplog.text
 
 
 async def _dead(app: sk.App, kind: str) -> bool:

@@ -40,6 +40,7 @@ from .errors import (
     RoutingError,
     SagaVersionUnknown,
     StoreUnavailable,
+    TransportError,
 )
 from .inbox import FAILURE, Admission, Inbox, Verdict
 from .messages import Codec, Envelope, Failure, Headers, new_id, reply_headers
@@ -228,7 +229,29 @@ class Endpoint:
             if delivery is not None:
                 acked = await delivery.ack_in(self.store, tx)
         if delivery is not None and not acked:
+            await self._ack_committed(delivery, env)
+
+    async def _ack_committed(self, delivery: Delivery, env: Envelope) -> None:
+        """Acknowledge a delivery whose work has committed.
+
+        If the broker can't take the ack (it is away), the work still stands:
+        the message comes again and the inbox answers the copy with the stored
+        outcome. Counting that as the handler's failure would use up the
+        message's retries, and dead-letter it, for a broker outage.
+        """
+        try:
             await delivery.ack()
+        except TransportError as exc:
+            if not exc.retryable:
+                raise
+            log.warning(
+                "%s: %s (%s) committed but not acknowledged (%s); its copy will be "
+                "answered from the inbox",
+                self.name,
+                env.type,
+                env.id,
+                exc,
+            )
 
     async def technical_failure(self, delivery: Delivery, env: Envelope, exc: Exception) -> None:
         """Retry with backoff; when the policy gives up, dead-letter and reply."""

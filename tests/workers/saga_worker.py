@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from dataclasses import dataclass
 
@@ -74,8 +75,22 @@ def _participant(part: sk.Participant, name: str, prefix: str) -> None:
         await record(ctx, cmd.key, "undo")
 
 
+#: "N": act as the release before the newest N migrations (a rolling upgrade's old side)
+BEHIND_ENV = "SAGAKIT_TEST_SCHEMA_BEHIND"
+
+
+def fall_behind(n: int) -> None:
+    """Withhold the newest ``n`` migrations, as an older release of sagakit would."""
+    from sagakit.store import core, schema
+
+    schema.MIGRATIONS = schema.MIGRATIONS[:-n]
+    schema.SCHEMA_VERSION = core.SCHEMA_VERSION = len(schema.MIGRATIONS)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
+    if behind := int(os.environ.get(BEHIND_ENV, "0") or 0):
+        fall_behind(behind)
     url, prefix, *services = sys.argv[1:]
     asyncio.run(build(url, prefix, services or None).run_forever())
 

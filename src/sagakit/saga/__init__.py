@@ -83,6 +83,11 @@ class Sagas:
     async def retry(self, saga_id: str, *, actor: Actor, reason: str) -> None:
         await self.operator.retry(saga_id, actor=actor, reason=reason)
 
+    async def skip(
+        self, saga_id: str, *, actor: Actor, reason: str, step: str | None = None
+    ) -> None:
+        await self.operator.skip(saga_id, actor=actor, reason=reason, step=step)
+
     async def compensate(self, saga_id: str, *, actor: Actor, reason: str) -> None:
         await self.operator.compensate(saga_id, actor=actor, reason=reason)
 

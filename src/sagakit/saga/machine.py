@@ -100,9 +100,11 @@ class TimerFired:
 class OperatorAction:
     """An operator's decision about a stuck or unwanted instance."""
 
-    action: Literal["retry", "compensate", "abort"]
+    action: Literal["retry", "skip", "compensate", "abort"]
     actor: Actor
     reason: str
+    #: the step a ``skip`` passes over (None: the one the instance is stuck on)
+    step: str | None = None
 
 
 Event = Started | ReplyReceived | TimerFired | OperatorAction
@@ -300,7 +302,8 @@ class _Run:
 
     def operator(self, op: OperatorAction) -> None:
         self.log(f"operator-{op.action}", detail=f"by {op.actor}: {op.reason}")
-        {"retry": op_retry, "compensate": op_compensate, "abort": op_abort}[op.action](self)
+        actions = {"retry": op_retry, "skip": op_skip, "compensate": op_compensate}
+        actions.get(op.action, op_abort)(self, op)
 
     # -- forward ----------------------------------------------------------------
 
@@ -321,8 +324,12 @@ class _Run:
             self.inst.data = self.fold(sdef, r)
         except Exception as exc:  # a bad reply, or a bug in the user's on_reply
             return self.unapplied(step, p, r, f"{type(exc).__name__}: {exc}")
+        self.mark_done(step)
+
+    def mark_done(self, step: str) -> None:
+        """A forward step is done (or an operator passed over it): carry on."""
         self.prog.done.append(step)
-        if sdef.kind in ("pivot", "retriable"):
+        if self.defn.step(step).kind in ("pivot", "retriable"):
             self.prog.pivoted = True
         if not self.prog.pending and self.inst.state == SagaState.RUNNING:
             self.advance()
@@ -498,11 +505,20 @@ class _Run:
 # -- operator actions (on a run of the machine) -------------------------------------
 
 
-def op_retry(run: _Run) -> None:
-    """Re-send the step a failed instance is stuck on, with a fresh retry budget."""
+def op_retry(run: _Run, op: OperatorAction) -> None:
+    """Re-send the step a failed instance is stuck on, or a step waiting for its next
+    retry (at once: the cause is fixed), with a fresh retry budget."""
     prog, inst = run.prog, run.inst
+    if waiting := retry_waiting(run):
+        step, p = waiting
+        run.settle(step, p)
+        run.emit(CancelTimer(p.message_id))  # the retry timer's token is its message id
+        return run.send(run.defn.step(step), p.phase, p.attempt + 1, base=p.attempt)
     if inst.state != SagaState.FAILED or prog.stuck is None or prog.stuck_step is None:
-        raise InvalidOperatorAction("only a failed instance can be retried", saga_id=inst.id)
+        raise InvalidOperatorAction(
+            "only a failed instance, or one waiting to retry a step, can be retried",
+            saga_id=inst.id,
+        )
     stuck, step = prog.stuck, prog.stuck_step
     prog.stuck, prog.stuck_step = None, None
     prog.unapplied.pop(step, None)
@@ -511,7 +527,47 @@ def op_retry(run: _Run) -> None:
     run.send(run.defn.step(step), stuck.phase, stuck.attempt + 1, base=stuck.attempt)
 
 
-def op_compensate(run: _Run) -> None:
+def retry_waiting(run: _Run) -> tuple[str, Pending] | None:
+    """The step of an unfinished instance that waits for a retry timer, if any."""
+    if run.inst.state not in (SagaState.RUNNING, SagaState.COMPENSATING):
+        return None
+    return next(((n, p) for n, p in run.prog.pending.items() if p.waiting), None)
+
+
+def op_skip(run: _Run, op: OperatorAction) -> None:
+    """Pass over a step the operator has dealt with by hand, and carry on.
+
+    Allowed for the step a failed instance is stuck on, or one waiting for its
+    next retry. A forward step counts as done (its output stays as the data
+    is); a compensation counts as compensated. The reason goes into the history.
+    """
+    prog, inst = run.prog, run.inst
+    waiting = retry_waiting(run)
+    if waiting is not None and op.step in (None, waiting[0]):
+        step, phase = waiting[0], waiting[1].phase
+        run.settle(step, waiting[1])
+        run.emit(CancelTimer(waiting[1].message_id))
+    elif inst.state == SagaState.FAILED and prog.stuck is not None and prog.stuck_step:
+        if op.step not in (None, prog.stuck_step):
+            raise InvalidOperatorAction(
+                f"the instance is stuck on {prog.stuck_step!r}, not {op.step!r}", saga_id=inst.id
+            )
+        step, phase = prog.stuck_step, prog.stuck.phase
+        prog.stuck, prog.stuck_step = None, None
+        prog.unapplied.pop(step, None)
+        inst.state = SagaState.COMPENSATING if phase == Phase.COMPENSATE else SagaState.RUNNING
+    else:
+        raise InvalidOperatorAction(
+            "only the step a failed instance is stuck on, or one waiting to retry, can be skipped",
+            saga_id=inst.id,
+        )
+    run.log("step-skipped", step, detail=f"{phase}: {op.reason}")
+    if phase == Phase.COMPENSATE:
+        return run.compensated(step)
+    run.mark_done(step)
+
+
+def op_compensate(run: _Run, op: OperatorAction) -> None:
     """Force backward recovery of a running instance, unless something could stay done."""
     if run.inst.state != SagaState.RUNNING or run.prog.pivoted:
         raise InvalidOperatorAction(
@@ -536,7 +592,7 @@ def in_doubt(run: _Run) -> list[str]:
     ]
 
 
-def op_abort(run: _Run) -> None:
+def op_abort(run: _Run, op: OperatorAction) -> None:
     """Stop an unfinished instance where it is, without compensating."""
     state = run.inst.state
     if state in (SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.ABORTED):

@@ -18,14 +18,24 @@ if TYPE_CHECKING:
 
 
 class SagaOperator:
-    """Retry, compensate or abort one instance."""
+    """Retry, skip, compensate or abort one instance."""
 
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
 
     async def retry(self, saga_id: str, *, actor: Actor, reason: str) -> None:
-        """Re-send the step a ``failed`` instance is stuck on, with a fresh retry budget."""
+        """Re-send the step a ``failed`` instance is stuck on, or a step waiting for
+        its next retry (at once, say after fixing the cause), with a fresh retry budget."""
         await self.coordinator.operate(saga_id, OperatorAction("retry", actor, reason))
+
+    async def skip(
+        self, saga_id: str, *, actor: Actor, reason: str, step: str | None = None
+    ) -> None:
+        """Pass over the step a ``failed`` instance is stuck on, or one waiting to
+        retry, after dealing with it by hand: a forward step counts as done, a
+        compensation as compensated, and the saga carries on. ``step`` (optional)
+        guards against skipping another step than the one meant."""
+        await self.coordinator.operate(saga_id, OperatorAction("skip", actor, reason, step))
 
     async def compensate(self, saga_id: str, *, actor: Actor, reason: str) -> None:
         """Force compensation of a running instance before its pivot."""

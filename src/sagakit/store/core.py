@@ -6,6 +6,7 @@ Records are plain frozen dataclasses; serialisation happens above this layer.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -14,10 +15,12 @@ from typing import TYPE_CHECKING, Any
 from ..clock import Clock
 from ..errors import ConcurrencyConflict, ConfigurationError, StoreError
 from .queue import WorkQueue
-from .schema import SCHEMA_VERSION, check_prefix, statements
+from .schema import SCHEMA_VERSION, check_prefix, oldest_compatible, statements
 
 if TYPE_CHECKING:
     from . import Driver, Tx
+
+log = logging.getLogger("sagakit.store")
 
 DEAD_LETTER_KEEP = 64 * 1024  #: bytes of a dead-lettered message kept (the rest: size, hash)
 
@@ -141,7 +144,7 @@ class Store:
         if migrate:
             await self.migrate()
         else:
-            _refuse_newer(await self.schema_version(), self.prefix)
+            await self._check_schema()
         await self.driver.listen(self.queue.waker.wake, remote=listen)
 
     async def close(self) -> None:
@@ -162,15 +165,36 @@ class Store:
         async with self.transaction() as tx:
             if self.dialect == "postgresql":  # one migrator at a time, before any DDL
                 await tx.execute("SELECT pg_advisory_xact_lock(?)", _lock_key(p))
-            await tx.execute(f"CREATE TABLE IF NOT EXISTS {p}schema (version INTEGER NOT NULL)")
-            row = await tx.fetchone(f"SELECT max(version) FROM {p}schema")
-            current = int(row[0] or 0)
-            _refuse_newer(current, self.prefix)
+            for table, column in (("schema", "version"), ("schema_floor", "oldest")):
+                ddl = f"CREATE TABLE IF NOT EXISTS {p}{table} ({column} INTEGER NOT NULL)"
+                await tx.execute(ddl)
+            current, floor = await self._versions(tx)
+            _refuse_newer(current, floor, self.prefix)
             for version in range(current + 1, SCHEMA_VERSION + 1):
                 for stmt in statements(self.dialect, p, version):
                     await tx.execute(stmt)
                 await tx.execute(f"INSERT INTO {p}schema (version) VALUES (?)", version)
-        return SCHEMA_VERSION
+            if current < SCHEMA_VERSION:
+                await tx.execute(f"DELETE FROM {p}schema_floor")
+                oldest = oldest_compatible(SCHEMA_VERSION)
+                await tx.execute(f"INSERT INTO {p}schema_floor (oldest) VALUES (?)", oldest)
+        return max(current, SCHEMA_VERSION)
+
+    async def _versions(self, tx: Tx) -> tuple[int, int]:
+        """The database's schema version and the oldest code version it admits."""
+        row = await tx.fetchone(f"SELECT max(version) FROM {self.prefix}schema")
+        floor = await tx.fetchone(f"SELECT max(oldest) FROM {self.prefix}schema_floor")
+        current = int(row[0] or 0)
+        # a database migrated before floors were recorded admits only its own version
+        return current, int(floor[0] or current)
+
+    async def _check_schema(self) -> None:
+        try:
+            async with self.transaction() as tx:
+                current, floor = await self._versions(tx)
+        except StoreError:
+            return  # not migrated yet: the first statement will say so
+        _refuse_newer(current, floor, self.prefix)
 
     async def schema_version(self) -> int:
         """The schema version of the database (0 before the first migration)."""
@@ -509,13 +533,27 @@ def _saga_record(r: Any) -> SagaRecord:
     return SagaRecord(r[0], r[1], r[2], r[3], bytes(r[4]), bytes(r[5]), *r[6:])
 
 
-def _refuse_newer(found: int, prefix: str) -> None:
-    """A process must not run on a schema written by a newer sagakit than itself."""
-    if found > SCHEMA_VERSION:
+def _refuse_newer(found: int, floor: int, prefix: str) -> None:
+    """A process must not run on a schema its code cannot use.
+
+    A newer schema whose migrations only added is fine (an older process
+    during a rolling upgrade); one that broke older code is refused.
+    """
+    if found <= SCHEMA_VERSION:
+        return
+    if floor > SCHEMA_VERSION:
         raise ConfigurationError(
-            f"the database schema under prefix {prefix!r} is at version {found}, newer than "
-            f"this sagakit knows ({SCHEMA_VERSION}): upgrade sagakit in this process"
+            f"the database schema under prefix {prefix!r} is at version {found} and needs "
+            f"sagakit code of schema version {floor} or newer (this process knows "
+            f"{SCHEMA_VERSION}): upgrade sagakit in this process"
         )
+    log.warning(
+        "the database schema under prefix %r is at version %d, newer than this process "
+        "knows (%d) but compatible with it: finish the upgrade",
+        prefix,
+        found,
+        SCHEMA_VERSION,
+    )
 
 
 def _lock_key(prefix: str) -> int:

@@ -105,7 +105,16 @@ LIBPQ_OPTIONS = frozenset(
 # create_pool() options that asyncpg.connect() (used for LISTEN) does not take.
 _POOL_ONLY = ("init", "setup", "reset", "max_queries", "max_inactive_connection_lifetime")
 
-DBError = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+# InternalClientError: asyncpg's connection state machine after the server
+# dropped the connection mid-operation ("cannot switch to state ...; another
+# operation is in progress"); we never share a connection between tasks, so
+# for us it means a lost connection.
+DBError = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -157,10 +166,12 @@ def unavailable(exc: BaseException) -> bool:
     """Whether the server is out of reach or refusing work (an outage), not the statement wrong."""
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", None) or ""
+        if state == "55000" and "accepting connections" in str(exc):
+            return True  # the database was closed to connections (ALLOW_CONNECTIONS false)
         return state.startswith(_OUTAGE_CLASSES) or state in _OUTAGE_STATES
     if isinstance(exc, asyncpg.InterfaceError):
         return _connection_lost(exc)
-    return isinstance(exc, OSError)
+    return isinstance(exc, (OSError, asyncpg.exceptions.InternalClientError))
 
 
 def translate(exc: BaseException) -> StoreError:
@@ -468,5 +479,5 @@ async def _quietly(step: Callable[[], Any]) -> None:
     """
     try:
         await step()
-    except (*DBError, asyncpg.exceptions.InternalClientError) as exc:
+    except DBError as exc:
         log.debug("cleanup failed: %r", exc)

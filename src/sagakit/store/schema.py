@@ -96,6 +96,17 @@ MIGRATIONS: list[list[str]] = [
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
+#: Migrations older code cannot run on (a dropped or renamed column, a changed
+#: meaning). Every migration so far only adds, so a process of an older release
+#: keeps working on a migrated database; one listed here raises the oldest
+#: release allowed to start (the database records it as ``{p}schema_floor``).
+BREAKING: frozenset[int] = frozenset()
+
+
+def oldest_compatible(version: int) -> int:
+    """The oldest schema version whose code may run on a database at ``version``."""
+    return max((b for b in BREAKING if b <= version), default=1)
+
 
 def check_prefix(prefix: str) -> str:
     """Validate a table prefix; raise :class:`ConfigurationError` if unsafe."""

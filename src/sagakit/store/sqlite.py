@@ -16,16 +16,19 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import StoreError
+from ..errors import StoreError, StoreUnavailable
 
 _BUSY_RETRY_S = 0.002
 _BUSY_GIVE_UP_S = 30.0
 
 
 def _translate(exc: sqlite3.Error) -> StoreError:
+    """A file locked by another process past our patience, or an I/O error, is an
+    outage (waited out, never a message's fault); anything else is an error."""
     busy = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
-    transient = busy or "disk I/O" in str(exc)
-    return StoreError(f"sqlite: {exc}", retryable=transient)
+    if busy or "disk I/O" in str(exc):
+        return StoreUnavailable(f"sqlite: {exc}", retryable=True)
+    return StoreError(f"sqlite: {exc}", retryable=False)
 
 
 class SqliteTx:

@@ -85,6 +85,19 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
     RuntimeError,
 )
 
+# The broker refused a message for what it is (406: larger than its max_message_size,
+# say): sending it again cannot help, so it is not an outage.
+PERMANENT_REJECTIONS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.ChannelPreconditionFailed,
+)
+
+
+def publish_error(exc: BaseException) -> TransportError:
+    """Our error for a failed publish: retryable unless the broker refused the message."""
+    permanent = isinstance(exc, PERMANENT_REJECTIONS)
+    return TransportError(f"publish failed: {exc!r}", retryable=not permanent)
+
+
 QueueType = Literal["quorum", "classic"]
 QUEUE_TYPES = ("quorum", "classic")
 
@@ -452,11 +465,11 @@ class RabbitMQTransport:
                     )
             results = await asyncio.gather(*sends, return_exceptions=True)
         except BROKER_ERRORS as exc:
-            raise TransportError(f"publish failed: {exc!r}") from exc
+            raise publish_error(exc) from exc
         for r in results:
             if isinstance(r, BaseException):
                 if isinstance(r, BROKER_ERRORS):
-                    raise TransportError(f"publish failed: {r!r}") from r
+                    raise publish_error(r) from r
                 raise r
 
     async def republish(

@@ -52,6 +52,8 @@ class OrderFulfillment:
     shipping: Shipping
     loyalty: Loyalty
     sweep_interval: float = 1.0
+    #: the saga version new orders start (a rolling upgrade moves it on)
+    saga: sk.SagaDefinition[OrderData] = create_order
     _sweeper: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
@@ -114,7 +116,7 @@ class OrderFulfillment:
             card_token=card_token,
             address=address,
         )
-        saga_id = await self.app.sagas.start(create_order, data, correlation_id=order_id)
+        saga_id = await self.app.sagas.start(self.saga, data, correlation_id=order_id)
         return order_id, saga_id
 
 

@@ -59,6 +59,11 @@ class Worker:
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
     exits: list[int] = field(default_factory=list)
+    #: per-worker overrides, kept across restarts (see :meth:`Cluster.configure`)
+    env: dict[str, str] = field(default_factory=dict)
+    wrap: list[str] = field(default_factory=list)
+    store: str | None = None
+    transport: str | None = None
 
     @property
     def pid(self) -> int | None:
@@ -138,6 +143,27 @@ class Cluster:
     def alive(self, name: str) -> bool:
         return self.workers[name].alive
 
+    def configure(
+        self,
+        name: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        wrap: Sequence[str] | None = None,
+        store: str | None = None,
+        transport: str | None = None,
+    ) -> None:
+        """Per-worker settings for its next (re)starts: extra environment, a
+        command prefix (e.g. ``["ip", "netns", "exec", "ns1"]``), other URLs."""
+        w = self.workers[name]
+        if env is not None:
+            w.env = dict(env)
+        if wrap is not None:
+            w.wrap = list(wrap)
+        if store is not None:
+            w.store = budgeted(store, len(self.workers))
+        if transport is not None:
+            w.transport = transport
+
     def log_of(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
 
@@ -164,10 +190,11 @@ class Cluster:
             raise RuntimeError(f"worker {name} is already running (pid {w.pid})")
         ready = self._ready_file(name)
         ready.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "sagakit.cli"]
+        cmd = [*w.wrap, sys.executable, "-m", "sagakit.cli"]
         if self.verbose:
             cmd.append("-v")
-        cmd += ["worker", "--app", self.app, "--store", self.store, "--transport", self.transport]
+        store, transport = w.store or self.store, w.transport or self.transport
+        cmd += ["worker", "--app", self.app, "--store", store, "--transport", transport]
         for service in w.services:
             cmd += ["--service", service]
         if self.lease is not None:
@@ -183,7 +210,7 @@ class Cluster:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=self.env,
+                env={**self.env, **w.env},
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )

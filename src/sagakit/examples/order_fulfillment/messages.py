@@ -43,6 +43,11 @@ class RejectOrder(msgspec.Struct, frozen=True):
     order_id: str
     reason_code: str
     reason: str
+    # what the order would have been: a rejection that overtakes its
+    # CreateOrder (a timed-out create) still leaves the order, rejected
+    customer_id: str = ""
+    total: int = 0
+    lines: list[Line] = []
 
 
 @sk.command("orders.ApproveOrder")

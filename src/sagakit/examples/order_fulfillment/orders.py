@@ -70,14 +70,23 @@ class Orders(Service):
 
     async def reject(self, cmd: RejectOrder, ctx: sk.Context) -> None:
         # Compensation of "create-order": idempotent, only a pending order moves.
+        # If the create timed out and never landed, the order is recorded as
+        # rejected (its late CreateOrder is then refused by the barrier).
         await ctx.db.execute(
-            f"UPDATE {self.t('orders')} SET status = ?, reason_code = ?, reason = ?, "
-            "updated_at = ? WHERE id = ? AND status = ?",
+            f"INSERT INTO {self.t('orders')} AS o (id, customer_id, status, total, lines, "
+            "reason_code, reason, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
+            "reason_code = excluded.reason_code, reason = excluded.reason, "
+            "updated_at = excluded.updated_at WHERE o.status = ?",
+            cmd.order_id,
+            cmd.customer_id,
             REJECTED,
+            cmd.total,
+            msgspec.json.encode(cmd.lines).decode(),
             cmd.reason_code,
             cmd.reason,
             ctx.now,
-            cmd.order_id,
+            ctx.now,
             PENDING,
         )
 

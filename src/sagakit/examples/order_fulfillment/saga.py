@@ -92,6 +92,9 @@ def reject(d: OrderData) -> RejectOrder:
         d.order_id,
         d.reason_code or "sagakit.Compensated",
         d.reason or "the saga was compensated",
+        d.customer_id,
+        d.total,
+        d.lines,
     )
 
 
@@ -100,49 +103,62 @@ STEP_TIMEOUT = 30.0
 #: forward recovery after the pivot: quick at first, then patient
 FORWARD = sk.RetryPolicy(max_attempts=20, initial=0.02, multiplier=2.0, max_delay=2.0)
 
-create_order = (
-    sk.Saga("create-order", OrderData, version=1)
-    .step("create-order")
-    .invoke("orders", lambda d: CreateOrder(d.order_id, d.customer_id, d.lines, d.total))
-    .compensate("orders", reject)
-    .timeout(STEP_TIMEOUT)
-    .step("reserve-credit")
-    .invoke("customers", lambda d: ReserveCredit(d.customer_id, d.order_id, d.total))
-    .on_reply(CreditReserved, lambda d, r: replace(d, credit_reservation=r.reservation_id))
-    .on_failure(refused)
-    .compensate("customers", lambda d: ReleaseCredit(d.customer_id, d.order_id))
-    .timeout(STEP_TIMEOUT)
-    .step("reserve-stock")
-    .invoke("inventory", lambda d: ReserveStock(d.order_id, d.lines))
-    .on_reply(StockReserved, lambda d, r: replace(d, stock_expires_at=r.expires_at))
-    .on_failure(refused)
-    .compensate("inventory", lambda d: ReleaseStock(d.order_id))
-    .timeout(STEP_TIMEOUT)
-    .step("charge-card")
-    .invoke("payments", lambda d: ChargeCard(d.order_id, d.customer_id, d.total, d.card_token))
-    .on_reply(CardCharged, lambda d, r: replace(d, payment_id=r.payment_id))
-    .on_failure(refused)
-    .pivot()
-    .step("confirm-stock")
-    .invoke("inventory", lambda d: ConfirmStock(d.order_id))
-    .on_failure(retried("confirm-stock"))
-    .retry(FORWARD)
-    .step("ship")
-    .invoke("shipping", lambda d: ShipOrder(d.order_id, d.customer_id, d.lines, d.address))
-    .on_reply(OrderShipped, lambda d, r: replace(d, shipment_id=r.shipment_id, tracking=r.tracking))
-    .on_failure(retried("ship"))
-    .retry(FORWARD)
-    .step("award-points")
-    .invoke("loyalty", lambda d: AwardPoints(d.customer_id, d.order_id, d.total))
-    .on_reply(PointsAwarded, lambda d, r: replace(d, points=r.points))
-    .on_failure(retried("award-points"))
-    .retry(FORWARD)
-    .step("approve")
-    .invoke(
-        "orders",
-        lambda d: ApproveOrder(d.order_id, d.shipment_id or "", points_for(d.total)),
+
+def define(version: int = 1) -> sk.SagaDefinition[OrderData]:
+    """The create-order saga; every version so far has the same steps.
+
+    A rolling upgrade registers version 2 beside version 1 in the new
+    processes (see ``benchmarks/chaos.py``): instances keep the version they
+    started with, so old processes must hand version-2 messages back.
+    """
+    return (
+        sk.Saga("create-order", OrderData, version=version)
+        .step("create-order")
+        .invoke("orders", lambda d: CreateOrder(d.order_id, d.customer_id, d.lines, d.total))
+        .compensate("orders", reject)
+        .timeout(STEP_TIMEOUT)
+        .step("reserve-credit")
+        .invoke("customers", lambda d: ReserveCredit(d.customer_id, d.order_id, d.total))
+        .on_reply(CreditReserved, lambda d, r: replace(d, credit_reservation=r.reservation_id))
+        .on_failure(refused)
+        .compensate("customers", lambda d: ReleaseCredit(d.customer_id, d.order_id))
+        .timeout(STEP_TIMEOUT)
+        .step("reserve-stock")
+        .invoke("inventory", lambda d: ReserveStock(d.order_id, d.lines))
+        .on_reply(StockReserved, lambda d, r: replace(d, stock_expires_at=r.expires_at))
+        .on_failure(refused)
+        .compensate("inventory", lambda d: ReleaseStock(d.order_id))
+        .timeout(STEP_TIMEOUT)
+        .step("charge-card")
+        .invoke("payments", lambda d: ChargeCard(d.order_id, d.customer_id, d.total, d.card_token))
+        .on_reply(CardCharged, lambda d, r: replace(d, payment_id=r.payment_id))
+        .on_failure(refused)
+        .pivot()
+        .step("confirm-stock")
+        .invoke("inventory", lambda d: ConfirmStock(d.order_id))
+        .on_failure(retried("confirm-stock"))
+        .retry(FORWARD)
+        .step("ship")
+        .invoke("shipping", lambda d: ShipOrder(d.order_id, d.customer_id, d.lines, d.address))
+        .on_reply(
+            OrderShipped, lambda d, r: replace(d, shipment_id=r.shipment_id, tracking=r.tracking)
+        )
+        .on_failure(retried("ship"))
+        .retry(FORWARD)
+        .step("award-points")
+        .invoke("loyalty", lambda d: AwardPoints(d.customer_id, d.order_id, d.total))
+        .on_reply(PointsAwarded, lambda d, r: replace(d, points=r.points))
+        .on_failure(retried("award-points"))
+        .retry(FORWARD)
+        .step("approve")
+        .invoke(
+            "orders",
+            lambda d: ApproveOrder(d.order_id, d.shipment_id or "", points_for(d.total)),
+        )
+        .on_failure(retried("approve"))
+        .retry(FORWARD)
+        .build()
     )
-    .on_failure(retried("approve"))
-    .retry(FORWARD)
-    .build()
-)
+
+
+create_order = define(1)
