@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Iterator
 from urllib.parse import urlparse
 
 import pytest
 
+from sagakit.errors import ConfigurationError
+from sagakit.testing.pgcluster import PgCluster, pg_bin
 from sagakit.transport._url import fresh_namespace
 
 REQUIRE = os.environ.get("SAGAKIT_REQUIRE_SERVICES") == "1"
@@ -18,6 +21,7 @@ DEFAULTS = {
     "rabbitmq": ("SAGAKIT_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"),
     "nats": ("SAGAKIT_TEST_NATS_URL", "nats://127.0.0.1:4222"),
     "redis": ("SAGAKIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
+    "mariadb": ("SAGAKIT_TEST_MARIADB_URL", "mysql://root@127.0.0.1:3306/test"),
 }
 
 
@@ -60,6 +64,24 @@ def nats_url() -> str:
 @pytest.fixture
 def redis_url() -> str:
     return service_url("redis")
+
+
+@pytest.fixture
+def mariadb_url() -> str:
+    return service_url("mariadb")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A private PostgreSQL cluster with prepared transactions on (the shared one has them off)."""
+    try:
+        pg_bin()
+    except ConfigurationError as exc:
+        if REQUIRE:
+            pytest.fail(f"{exc} and SAGAKIT_REQUIRE_SERVICES=1")
+        pytest.skip(str(exc))
+    with PgCluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ def test_public_surface_is_pinned() -> None:
         [
             "Actor",
             "App",
+            "AtomicAborted",
+            "AtomicTx",
             "BusinessError",
             "Cancelled",
             "Clock",
@@ -37,6 +39,7 @@ def test_public_surface_is_pinned() -> None:
             "SystemClock",
             "Transport",
             "TransportError",
+            "TwoPhaseOptions",
             "UnknownMessageType",
             "WaitTimeout",
             "__version__",

@@ -9,6 +9,7 @@ module: the whole error tree in :mod:`sagakit.errors`, backends in
 from .app import App, Settings
 from .clock import Clock, FakeClock, SystemClock
 from .errors import (
+    AtomicAborted,
     BusinessError,
     Cancelled,
     ConfigurationError,
@@ -33,12 +34,15 @@ from .policies import RetryPolicy
 from .saga import Saga, SagaDefinition, Sagas, SagaState, SagaView
 from .store import Store, open_store
 from .transport import Transport, open_transport
+from .twophase import AtomicTx, TwoPhaseOptions
 
 __version__ = "0.2.0"
 
 __all__ = [
     "Actor",
     "App",
+    "AtomicAborted",
+    "AtomicTx",
     "BusinessError",
     "Cancelled",
     "Clock",
@@ -70,6 +74,7 @@ __all__ = [
     "SystemClock",
     "Transport",
     "TransportError",
+    "TwoPhaseOptions",
     "UnknownMessageType",
     "WaitTimeout",
     "__version__",

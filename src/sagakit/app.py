@@ -45,6 +45,7 @@ from .store import Store, open_store
 from .store.consumer import QueueConsumer
 from .transport import BROKER_SCHEMES, Subscription, Transport, open_transport
 from .transport._url import has_option
+from .twophase import Atomic, Resource, TwoPhase, TwoPhaseOptions
 
 log = logging.getLogger("sagakit.app")
 
@@ -91,6 +92,8 @@ class Settings:
     signing: SigningKeys | None = None
     retention: Retention | None = None
     stuck_after: float | None = None
+    #: atomic groups (two-phase commit): this process's node, concurrency, recovery
+    twophase: TwoPhaseOptions = field(default_factory=TwoPhaseOptions)
 
     def __post_init__(self) -> None:
         if self.retention is not None:
@@ -145,6 +148,9 @@ class App:
         self.sagas = Sagas(coordinator.registry, coordinator)
         #: list, replay and purge the main store's dead letters
         self.dead_letters = DeadLetters(self.store, self.transport)
+        #: atomic groups over registered resources (two-phase commit)
+        self.twophase = TwoPhase(self.store, s.twophase)
+        coordinator.twophase = self.twophase
         self.participants: dict[str, Participant] = {}
         self._pstores: dict[str, Store] = {}
         self._run = set(run) if run is not None else None
@@ -172,6 +178,31 @@ class App:
             for cls, _ in step.on_reply.values():
                 self.registry.add(cls)
         return definition
+
+    def resource(self, name: str, url: str | Resource | None = None) -> Resource:
+        """Register a database that atomic groups may span, under ``name``.
+
+        ``url``: ``postgresql://...`` or ``mysql://...`` (MariaDB through XA),
+        or a :class:`~sagakit.twophase.Resource`; None means the database of
+        the participant ``name`` (which must have a PostgreSQL store).
+        """
+        if url is None:
+            own = self._pstores.get(name)
+            if own is None or own.dialect != "postgresql":
+                raise ConfigurationError(
+                    f"resource {name!r}: give a URL, or make it a participant with a "
+                    "PostgreSQL store of its own"
+                )
+            url = own.url
+        return self.twophase.add(name, url)
+
+    def atomic(self, *names: str, group_id: str | None = None) -> Atomic:
+        """One atomic group over these resources: all of its changes commit, or none.
+
+        ``async with app.atomic("customers", "enrollments") as tx:`` then
+        ``tx["customers"].execute(...)``; see :mod:`sagakit.twophase`.
+        """
+        return self.twophase.atomic(*names, group_id=group_id)
 
     def store_of(self, participant: str) -> Store:
         """The store a participant's handlers run in."""
@@ -211,6 +242,8 @@ class App:
         for store in self._stores():
             await store.open(migrate=self.settings.auto_migrate, listen=self._listens(store))
         await self.transport.open()
+        if self.twophase.resources:  # recovery runs where the coordinator runs
+            await self.twophase.start(recover=self.runs(COORDINATOR))
         for p in self.participants.values():
             for cls in p.types:
                 self.registry.add(cls)
@@ -232,6 +265,7 @@ class App:
         await asyncio.gather(*(r.stop() for r in self._relays), return_exceptions=True)
         self._subs.clear()
         self._relays.clear()
+        await self.twophase.stop()
         await self.transport.close()
         for store in self._stores():
             await store.close()

@@ -29,6 +29,7 @@ from .app import COORDINATOR, App, Settings
 from .errors import CommandFailed, ConfigurationError, SagakitError, is_outage
 from .ops import dead_letters_cli
 from .transport import redact
+from .twophase import cli as twophase_cli
 
 if TYPE_CHECKING:
     from .saga import SagaView
@@ -428,6 +429,7 @@ def parser() -> argparse.ArgumentParser:
     _prune_parser(db)
     _sagas_parser(sub)
     dead_letters_cli.add_parser(sub)
+    twophase_cli.add_parser(sub)
     return p
 
 

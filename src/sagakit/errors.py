@@ -32,6 +32,10 @@ transports), so callers never see ``sqlite3`` or ``asyncpg`` exceptions.
     ├── TransportError                broker trouble (retryable)
     │   └── LeaseLost                 another consumer took the message over (retryable)
     ├── CommandFailed                 a `sagakit` command could not do its work (exit 1)
+    ├── TwoPhaseError                 two-phase commit (sagakit.twophase)
+    │   ├── AtomicAborted             rolled back: refused prepare, lost database, id collision
+    │   ├── BranchNotFound            no in-doubt branch with that global id (operator resolve)
+    │   └── AmbiguousOutcome          a commit found no branch and no record to vouch for it
     ├── DeadLetterError               dead-letter API misuse
     │   ├── DeadLetterNotFound        no dead letter with that number
     │   └── NotReplayable             a truncated or undecodable dead letter cannot be replayed
@@ -207,6 +211,39 @@ class LeaseLost(TransportError):
 
 class CommandFailed(SagakitError):
     """A ``sagakit`` command could not do its work (exit status 1); the message says why."""
+
+
+class TwoPhaseError(SagakitError):
+    """Two-phase commit trouble (:mod:`sagakit.twophase`)."""
+
+
+class AtomicAborted(TwoPhaseError):
+    """An atomic group was rolled back on every database; nothing of it took effect.
+
+    ``reason`` says why (a branch refused to prepare, a database went away
+    before the commit decision, a global id was already in use), ``group_id``
+    names the group and ``resource`` the branch that caused it, when known.
+    Retryable when the cause was an outage.
+    """
+
+    def __init__(
+        self, reason: str, *, group_id: str, resource: str | None = None, retryable: bool = False
+    ) -> None:
+        where = f" at {resource!r}" if resource else ""
+        super().__init__(f"atomic group {group_id} aborted{where}: {reason}", retryable=retryable)
+        self.reason, self.group_id, self.resource = reason, group_id, resource
+
+
+class BranchNotFound(TwoPhaseError):
+    """No prepared branch with that global id on that resource (resolved already?)."""
+
+
+class AmbiguousOutcome(TwoPhaseError):
+    """A commit of a prepared branch found nothing, and no decision record vouches for it.
+
+    The branch may have been committed or rolled back by someone else; an
+    operator must check the data.
+    """
 
 
 class DeadLetterError(SagakitError):

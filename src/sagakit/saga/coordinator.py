@@ -30,6 +30,7 @@ from ..errors import (
 from ..messages import Done, Envelope, Failure, Headers, caused_by, command, encode_json, new_id
 from ..outbox import Outbox
 from ..store.core import LogEntry, SagaRecord
+from ..twophase.step import AtomicStep
 from .machine import (
     LOCAL_RESULT,
     LOCAL_SENDER,
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from ..policies import RetryPolicy
     from ..store import Store, Tx
     from ..transport import Delivery
+    from ..twophase.coordinator import TwoPhase
     from .definition import SagaDefinition
     from .registry import SagaRegistry
 
@@ -93,6 +95,8 @@ class Coordinator:
         self.store: Store = writer.store
         self.codec = writer.codec
         self.retry = retry
+        #: the App's two-phase coordinator, for atomic steps (set by the App)
+        self.twophase: TwoPhase | None = None
 
     # -- entry points ---------------------------------------------------------
 
@@ -257,6 +261,8 @@ class Coordinator:
         machine = self.registry.machine(rec.type, rec.version, rec.id)
         fn = machine.defn.step(env.headers.step or "").local
         assert fn is not None
+        if isinstance(fn, AtomicStep):
+            fn = fn.bind(self.twophase, f"{rec.id}:{env.headers.step}")
         try:
             result = await fn(machine.decode(machine.defn.data_type, rec.data))
         except BusinessError as exc:

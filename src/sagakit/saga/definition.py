@@ -24,15 +24,19 @@ together with the one before it; the group is joined when all have replied.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 import msgspec
 
 from ..errors import DefinitionError
 from ..messages import spec_of
 from ..policies import RetryPolicy
+from ..twophase.step import AtomicStep
+
+if TYPE_CHECKING:
+    from ..twophase.protocol import AtomicTx
 
 D = TypeVar("D")
 StepKind = Literal["compensatable", "pivot", "retriable"]
@@ -174,6 +178,19 @@ class StepBuilder(Generic[D]):
     def local(self, fn: Callable[[D], Awaitable[D | None]]) -> StepBuilder[D]:
         """Run ``await fn(data)`` in the coordinator; its result becomes the data."""
         self._d.local = fn
+        return self
+
+    def atomic(
+        self, resources: Sequence[str], fn: Callable[[D, AtomicTx], Awaitable[D | None]]
+    ) -> StepBuilder[D]:
+        """Run ``await fn(data, tx)`` as one atomic group over ``resources`` (2PC).
+
+        A local step of the coordinator: the group commits on every database
+        or on none, and the result becomes the data; see :mod:`sagakit.twophase`.
+        Like any local step it has no compensation: a later step's failure
+        does not undo it, so make it the pivot or put it after the pivot.
+        """
+        self._d.local = AtomicStep(tuple(resources), fn)
         return self
 
     def on_reply(self, reply_type: type[Any], fn: Callable[[D, Any], D | None]) -> StepBuilder[D]:

@@ -76,6 +76,22 @@ MIGRATIONS: list[list[str]] = [
         # from its claims, so that an outage never makes a row look poisonous.
         "ALTER TABLE {p}messages ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
     ],
+    [
+        # Two-phase commit (sagakit.twophase): a group's commit record (present
+        # means commit, absent means abort), the keys of saga steps run as atomic
+        # groups (so a rerun step does not commit twice), and the audit of every
+        # action recovery or an operator takes on a prepared branch.
+        """CREATE TABLE IF NOT EXISTS {p}twophase_records (
+            group_id TEXT PRIMARY KEY, node TEXT NOT NULL, resources TEXT NOT NULL,
+            decided_at {real} NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS {p}twophase_keys (
+            key TEXT PRIMARY KEY, group_id TEXT NOT NULL, result {blob},
+            decided_at {real} NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS {p}twophase_audit (
+            seq {serial}, at {real} NOT NULL, node TEXT NOT NULL, group_id TEXT NOT NULL,
+            resource TEXT, action TEXT NOT NULL, outcome TEXT NOT NULL, actor TEXT NOT NULL,
+            via TEXT NOT NULL, reason TEXT NOT NULL)""",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
