@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -267,7 +268,8 @@ class Partitions:
     def add(self, worker: str) -> Link:
         i = len(self.links) + 1
         ns, host_if, peer = f"sk{self.tag}n{i}", f"sk{self.tag}h{i}", f"sk{self.tag}p{i}"
-        host_ip, ns_ip = f"10.231.{i}.1", f"10.231.{i}.2"
+        net = 100 + zlib.crc32(self.tag.encode()) % 150  # concurrent runs use other subnets
+        host_ip, ns_ip = f"10.{net}.{i}.1", f"10.{net}.{i}.2"
         for cmd in (
             f"ip netns add {ns}",
             f"ip link add {host_if} type veth peer name {peer}",
