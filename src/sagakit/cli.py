@@ -48,6 +48,8 @@ EXTRA_OF = {
     "rich": "demo",
     "starlette": "demo",
     "uvicorn": "demo",
+    "opentelemetry": "otel",
+    "prometheus_client": "metrics",
 }
 #: what the demo imports that a plain ``pip install sagakit`` lacks
 DEMO_EXTRA = frozenset(m for m, extra in EXTRA_OF.items() if extra == "demo")
