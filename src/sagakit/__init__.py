@@ -27,6 +27,7 @@ from .errors import (
     WaitTimeout,
 )
 from .messages import Done, Envelope, Failure, command, event, new_id, reply
+from .observe.telemetry import Telemetry, TelemetryOptions
 from .ops import Actor
 from .participant import Context, Participant
 from .policies import RetryPolicy
@@ -68,6 +69,8 @@ __all__ = [
     "Store",
     "StoreError",
     "SystemClock",
+    "Telemetry",
+    "TelemetryOptions",
     "Transport",
     "TransportError",
     "UnknownMessageType",
