@@ -101,6 +101,8 @@ class Tracing:
         if sender is not None and env.kind == "event" and not self.events_parent:
             links, parent = [Link(sender)], Context()
         elif sender is not None:
+            if not sender.trace_flags.sampled:  # an unsampled trace stays so, at no cost
+                return trace.use_span(NonRecordingSpan(sender))
             parent = trace.set_span_in_context(NonRecordingSpan(sender), Context())
         attrs = self._messaging(env, queue, "process")
         attrs["messaging.consumer.group.name"] = group
@@ -110,6 +112,10 @@ class Tracing:
 
     def send(self, env: Envelope, destination: str) -> None:
         """A PRODUCER span for one outgoing message; its context goes in the envelope."""
+        current = trace.get_current_span().get_span_context()
+        if current.is_valid and not current.trace_flags.sampled:
+            env.headers.traceparent = format_traceparent(current)
+            return
         span = self.tracer.start_span(
             f"send {destination}",
             kind=SpanKind.PRODUCER,
@@ -194,6 +200,8 @@ class Tracing:
         status: Status | None,
     ) -> None:
         stored = parse(progress.trace)
+        if stored is not None and not stored.trace_flags.sampled:
+            return  # the saga's trace was not sampled: neither are its steps
         parent = trace.set_span_in_context(NonRecordingSpan(stored)) if stored else Context()
         span = self.tracer.start_span(
             name, parent, SpanKind.INTERNAL, attrs, start_time=int(start * NS)
