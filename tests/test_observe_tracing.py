@@ -152,3 +152,34 @@ async def _until(check: Any, timeout: float = 10.0) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("timed out")
+
+
+async def test_the_trace_crosses_a_broker_through_the_relay(tmp_path: Path, redis_url: str) -> None:
+    """Over Redis Streams the outbox is relayed; the traceparent rides in the envelope."""
+    import uuid
+
+    import redis.asyncio as aioredis
+
+    ns = f"sktrace-{uuid.uuid4().hex[:10]}"
+    app, exporter = traced(tmp_path, f"{redis_url}?namespace={ns}&lease=2")
+    bench(app, ["reserve", "stock"], Plan())
+    defn = app.saga(linear("relayed", ["reserve", "stock"]))
+    try:
+        async with app:
+            saga_id = await app.sagas.start(defn, Data("k"))
+            view = await app.sagas.wait(saga_id, timeout=20)
+    finally:
+        raw = aioredis.Redis.from_url(redis_url)
+        keys = [k async for k in raw.scan_iter(match=f"{ns}:*", count=500)]
+        if keys:
+            await raw.delete(*keys)
+        await raw.aclose()
+    assert view.state == sk.SagaState.COMPLETED
+    spans = exporter.get_finished_spans()
+    sends = {s.name: s for s in spans if s.kind is SpanKind.PRODUCER}
+    process = next(s for s in spans if s.name == "process stock")
+    assert attrs(process)["messaging.system"] == "redis"
+    assert process.parent is not None
+    assert process.parent.span_id == sends["send stock"].context.span_id
+    saga_traces = {s.context.trace_id for s in spans if s.name.startswith("saga")}
+    assert saga_traces == {process.context.trace_id}
