@@ -144,3 +144,37 @@ def test_a_gauge_name_is_registered_once() -> None:
     m.gauge("tracker_unmatched_events", "Events no flow instance matched", ["flow"], read)
     with pytest.raises(sk.DuplicateRegistration):
         m.gauge("tracker_unmatched_events", "again", ["flow"], read)
+
+
+async def test_step_latencies_carry_the_trace_id_as_an_exemplar(tmp_path: Path) -> None:
+    import httpx
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from sagakit.observe.health import HealthServer
+
+    telemetry = Telemetry(tracer_provider=TracerProvider(), metrics=True)
+    app = sk.App(f"sqlite:///{tmp_path}/t.db")
+    app.instrument(telemetry)
+    bench(app, ["a"], Plan())
+    defn = app.saga(linear("ex", ["a"]))
+    async with app:
+        saga_id = await app.sagas.start(defn, Data("k"))
+        await app.sagas.wait(saga_id, timeout=10)
+        rec = await app.store.saga_get(saga_id)
+        server = HealthServer(app, telemetry.metrics, host="127.0.0.1", port=0)
+        await server.start()
+        try:
+            async with httpx.AsyncClient() as client:
+                url = f"http://127.0.0.1:{server.port}/metrics"
+                om = await client.get(url, headers={"Accept": "application/openmetrics-text"})
+                plain = await client.get(url)
+        finally:
+            await server.stop()
+    assert rec is not None
+    trace = json.loads(rec.progress)["trace"]
+    trace_id = trace.split("-")[1]
+    assert om.headers["content-type"].startswith("application/openmetrics-text")
+    bucket = [line for line in om.text.splitlines() if "step_duration_seconds_bucket" in line]
+    assert any(f'# {{trace_id="{trace_id}"}}' in line for line in bucket)
+    assert plain.headers["content-type"].startswith("text/plain")
+    assert "trace_id" not in plain.text
