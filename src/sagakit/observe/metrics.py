@@ -48,6 +48,7 @@ class Metrics:
         self.registry = r = registry if registry is not None else CollectorRegistry()
         self.prefix = p = prefix
         self._gauges: dict[str, _Registered] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.started = Counter(f"{p}_sagas_started", "Sagas started", ["saga_type"], registry=r)
         self.finished = Counter(
             f"{p}_sagas_finished",
@@ -102,6 +103,14 @@ class Metrics:
         self.relay_published = Counter(
             f"{p}_relay_published", "Outbox rows the relay published to the broker", registry=r
         )
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once per label set."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def gauge(self, name: str, documentation: str, labels: list[str], read: GaugeCallback) -> None:
         """Add a gauge whose values ``read`` gives when ``/metrics`` is scraped.
