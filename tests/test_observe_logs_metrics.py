@@ -178,3 +178,61 @@ async def test_step_latencies_carry_the_trace_id_as_an_exemplar(tmp_path: Path) 
     assert any(f'# {{trace_id="{trace_id}"}}' in line for line in bucket)
     assert plain.headers["content-type"].startswith("text/plain")
     assert "trace_id" not in plain.text
+
+
+async def test_store_wide_gauges_describe_what_waits(tmp_path: Path) -> None:
+    from sagakit.observe import TelemetryOptions
+
+    options = TelemetryOptions(stuck_after=0.2, long_retry=3)
+    telemetry = Telemetry(tracing=False, metrics=True, options=options)
+    # nothing runs participant "a" here: its commands wait, and their sagas get stuck
+    run = ["b", "c", "coordinator"]
+    app = sk.App(f"sqlite:///{tmp_path}/t.db", settings=sk.Settings(max_poll=0.02), run=run)
+    app.instrument(telemetry)
+    plan = Plan(refuse_times={("r", "c"): 10_000})
+    bench(app, ["a", "b", "c"], plan)
+    hold = app.saga(linear("hold", ["a"]))
+    forever = sk.RetryPolicy.forever(initial=0.01, max_delay=0.02)
+    retry = app.saga(linear("retry", ["b", "c"], retriable={"c": forever}))
+    m = telemetry.metrics
+    assert m is not None
+
+    async def scrape() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        await m.refresh()
+        text = generate_latest(m.registry).decode()
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
+
+    async with app:
+        await app.sagas.start(hold, Data("h"))
+        await app.sagas.start(retry, Data("r"))
+        async with app.store.transaction() as tx:  # bytes no codec can read, for b
+            await app.store.queue.put(tx, "b", "junk-1", b"not json")
+
+        async def settled() -> bool:
+            g = await scrape()
+            return (
+                g.get(("sagakit_sagas_stuck", frozenset({("saga_type", "hold")}))) == 1
+                and g.get(("sagakit_dead_letters", frozenset({("store", "app"), ("queue", "b")})))
+                == 1
+                and g.get(
+                    (
+                        "sagakit_steps_long_retrying",
+                        frozenset({("saga_type", "retry"), ("step", "c"), ("phase", "forward")}),
+                    )
+                )
+                == 1
+            )
+
+        await eventually(settled, timeout=15)
+        g = await scrape()
+    running = frozenset({("saga_type", "hold"), ("state", "running")})
+    assert g[("sagakit_sagas_active", running)] == 1
+    assert g[("sagakit_saga_oldest_active_age_seconds", frozenset({("saga_type", "hold")}))] > 0.2
+    assert g[("sagakit_timers_pending", frozenset())] >= 0
+    assert g[("sagakit_outbox_pending", frozenset({("store", "app")}))] == 0  # no relay here

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -46,12 +46,16 @@ _progress = msgspec.json.Decoder(_Progress)
 
 
 class StoreGauges:
-    """Reads the gauges of the App's store and of its participants' stores."""
+    """Reads the gauges of the App's store and of its participants' stores.
+
+    ``stores`` gives the stores by name when a scrape asks (participants may be
+    added after the App was instrumented).
+    """
 
     def __init__(
         self,
         main: Store,
-        stores: Mapping[str, Store],
+        stores: Callable[[], Mapping[str, Store]],
         *,
         stuck_after: float,
         long_retry: int,
@@ -140,7 +144,7 @@ class StoreGauges:
 
     async def outbox_pending(self) -> Values:
         out: Values = {}
-        for name, store in self.stores.items():
+        for name, store in self.stores().items():
             rows = await self._read(
                 store, "SELECT count(*) FROM {p}messages WHERE queue = ?", OUTBOX_QUEUE
             )
@@ -149,7 +153,7 @@ class StoreGauges:
 
     async def outbox_age(self) -> Values:
         out: Values = {}
-        for name, store in self.stores.items():
+        for name, store in self.stores().items():
             rows = await self._read(
                 store, "SELECT min(created_at) FROM {p}messages WHERE queue = ?", OUTBOX_QUEUE
             )
@@ -166,7 +170,7 @@ class StoreGauges:
 
     async def dead_letters(self) -> Values:
         out: Values = {}
-        for name, store in self.stores.items():
+        for name, store in self.stores().items():
             rows = await self._read(
                 store, "SELECT queue, count(*) FROM {p}dead_letters GROUP BY queue"
             )

@@ -96,7 +96,10 @@ class Telemetry(Hooks):
 
             stuck = self.options.stuck_after or app.settings.stuck_after or 300.0
             gauges = StoreGauges(
-                app.store, _stores(app), stuck_after=stuck, long_retry=self.options.long_retry
+                app.store,
+                lambda: _stores(app),
+                stuck_after=stuck,
+                long_retry=self.options.long_retry,
             )
             gauges.register(self.metrics)
 
