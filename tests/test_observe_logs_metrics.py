@@ -17,7 +17,9 @@ from sagakit.messages import Headers
 from sagakit.observe import ContextFilter, JsonFormatter, Telemetry, TextFormatter
 from sagakit.observe.attempts import sent_at
 from sagakit.observe.metrics import Metrics
-from tests.helpers import Data, DidIt, Do, eventually
+from sagakit.store import open_store
+from sagakit.testing import drop_tables
+from tests.helpers import Data, DidIt, Do, Refused, Undo, eventually
 from tests.saga_harness import Plan, bench, linear
 
 
@@ -180,59 +182,84 @@ async def test_step_latencies_carry_the_trace_id_as_an_exemplar(tmp_path: Path) 
     assert "trace_id" not in plain.text
 
 
-async def test_store_wide_gauges_describe_what_waits(tmp_path: Path) -> None:
+async def _did(cmd: Do, ctx: sk.Context) -> DidIt:
+    return DidIt(1)
+
+
+async def _refuse(cmd: Do, ctx: sk.Context) -> DidIt:
+    raise Refused("not now")
+
+
+async def _nothing(cmd: Undo, ctx: sk.Context) -> None:
+    return None
+
+
+Gauges = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def read_gauges(m: Metrics) -> Gauges:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    await m.refresh()
+    text = generate_latest(m.registry).decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+
+
+def gauge(g: Gauges, name: str, **labels: str) -> float | None:
+    return g.get((f"sagakit_{name}", frozenset(labels.items())))
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+async def test_store_wide_gauges_describe_what_waits(
+    tmp_path: Path, db: str, prefix: str, request: pytest.FixtureRequest
+) -> None:
     from sagakit.observe import TelemetryOptions
 
+    url = f"sqlite:///{tmp_path}/t.db"
+    if db == "postgresql":
+        url = str(request.getfixturevalue("postgres_url"))
     options = TelemetryOptions(stuck_after=0.2, long_retry=3)
     telemetry = Telemetry(tracing=False, metrics=True, options=options)
     # nothing runs participant "a" here: its commands wait, and their sagas get stuck
-    run = ["b", "c", "coordinator"]
-    app = sk.App(f"sqlite:///{tmp_path}/t.db", settings=sk.Settings(max_poll=0.02), run=run)
+    app = sk.App(
+        url, settings=sk.Settings(max_poll=0.02, prefix=prefix), run=["b", "c", "coordinator"]
+    )
     app.instrument(telemetry)
-    plan = Plan(refuse_times={("r", "c"): 10_000})
-    bench(app, ["a", "b", "c"], plan)
+    for name in ("a", "b", "c"):  # "c" always refuses: its saga retries it for ever
+        part = app.participant(name)
+        part.command(Undo)(_nothing)
+        part.command(Do)(_refuse if name == "c" else _did)
     hold = app.saga(linear("hold", ["a"]))
     forever = sk.RetryPolicy.forever(initial=0.01, max_delay=0.02)
     retry = app.saga(linear("retry", ["b", "c"], retriable={"c": forever}))
     m = telemetry.metrics
     assert m is not None
 
-    async def scrape() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        from prometheus_client.parser import text_string_to_metric_families
+    async def settled() -> bool:
+        g = await read_gauges(m)
+        return (
+            gauge(g, "sagas_stuck", saga_type="hold") == 1
+            and gauge(g, "dead_letters", store="app", queue="b") == 1
+            and gauge(g, "steps_long_retrying", saga_type="retry", step="c", phase="forward") == 1
+        )
 
-        await m.refresh()
-        text = generate_latest(m.registry).decode()
-        return {
-            (s.name, frozenset(s.labels.items())): s.value
-            for f in text_string_to_metric_families(text)
-            for s in f.samples
-        }
-
-    async with app:
-        await app.sagas.start(hold, Data("h"))
-        await app.sagas.start(retry, Data("r"))
-        async with app.store.transaction() as tx:  # bytes no codec can read, for b
-            await app.store.queue.put(tx, "b", "junk-1", b"not json")
-
-        async def settled() -> bool:
-            g = await scrape()
-            return (
-                g.get(("sagakit_sagas_stuck", frozenset({("saga_type", "hold")}))) == 1
-                and g.get(("sagakit_dead_letters", frozenset({("store", "app"), ("queue", "b")})))
-                == 1
-                and g.get(
-                    (
-                        "sagakit_steps_long_retrying",
-                        frozenset({("saga_type", "retry"), ("step", "c"), ("phase", "forward")}),
-                    )
-                )
-                == 1
-            )
-
-        await eventually(settled, timeout=15)
-        g = await scrape()
-    running = frozenset({("saga_type", "hold"), ("state", "running")})
-    assert g[("sagakit_sagas_active", running)] == 1
-    assert g[("sagakit_saga_oldest_active_age_seconds", frozenset({("saga_type", "hold")}))] > 0.2
-    assert g[("sagakit_timers_pending", frozenset())] >= 0
-    assert g[("sagakit_outbox_pending", frozenset({("store", "app")}))] == 0  # no relay here
+    try:
+        async with app:
+            await app.sagas.start(hold, Data("h"))
+            await app.sagas.start(retry, Data("r"))
+            async with app.store.transaction() as tx:  # bytes no codec can read, for b
+                await app.store.queue.put(tx, "b", "junk-1", b"not json")
+            await eventually(settled, timeout=15)
+            g = await read_gauges(m)
+    finally:
+        async with open_store(url, prefix=prefix) as store:
+            await drop_tables(store)
+    assert gauge(g, "sagas_active", saga_type="hold", state="running") == 1
+    assert (gauge(g, "saga_oldest_active_age_seconds", saga_type="hold") or 0) > 0.2
+    assert gauge(g, "sagas_failed", saga_type="hold") is None  # none failed
+    assert (gauge(g, "timers_pending") or 0) >= 0
+    assert gauge(g, "outbox_pending", store="app") == 0  # the database transport: no relay
