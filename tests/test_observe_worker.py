@@ -214,7 +214,9 @@ def test_worker_serves_metrics_health_and_readiness(tmp_path: Path) -> None:
 def test_readyz_says_503_while_the_store_is_unreachable(tmp_path: Path) -> None:
     port = free_port()
     store = "postgresql://nobody@127.0.0.1:1/none"  # nothing listens on port 1
-    proc = worker(store, tmp_path / "ready", "--metrics-port", str(port), env={})
+    proc = worker(
+        store, tmp_path / "ready", "--metrics-port", str(port), "--log-format", "json", env={}
+    )
     try:
         wait_for(lambda: _answers(port), proc)
         assert scrape(port, "/healthz").status_code == 200
@@ -225,6 +227,9 @@ def test_readyz_says_503_while_the_store_is_unreachable(tmp_path: Path) -> None:
         proc.terminate()
         out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0, out  # waiting for a store is not a configuration error
+    first = json.loads(out.splitlines()[0])  # --log-format json: one object per line
+    assert first["level"] == "WARNING" and first["logger"] == "sagakit.worker"
+    assert "cannot start yet" in first["message"] and first["time"].endswith("Z")
 
 
 def _answers(port: int) -> bool:

@@ -108,12 +108,20 @@ def iso(created: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{ms:03d}Z"
 
 
-def configure(level: int = logging.WARNING, *, fmt: str = "text") -> logging.Handler:
-    """Log to stderr with timestamps (``fmt="text"``) or as JSON lines (``"json"``)."""
+def configure(
+    level: int = logging.WARNING, *, fmt: str = "text", force: bool = False
+) -> logging.Handler | None:
+    """Log to stderr with timestamps (``fmt="text"``) or as JSON lines (``"json"``).
+
+    Like :func:`logging.basicConfig`, does nothing if the root logger already
+    has handlers (the application configured logging), unless ``force``.
+    """
+    root = logging.getLogger()
+    if root.handlers and not force:
+        return None
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(ContextFilter())
-    root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
