@@ -142,8 +142,3 @@ def _set(gauge: Gauge, values: Mapping[tuple[str, ...], float]) -> None:
     gauge.clear()
     for labels, value in values.items():
         (gauge.labels(*labels) if labels else gauge).set(value)
-
-
-def exemplar(trace_id: str | None) -> dict[str, Any] | None:
-    """The exemplar of an observation made inside a trace (OpenMetrics only)."""
-    return {"trace_id": trace_id} if trace_id else None
