@@ -84,8 +84,8 @@ class OutboxWriter:
         self.writer: Writer = direct if direct is not None else OutboxTable(store)
 
     async def flush(self, tx: Tx, out: Outbox) -> None:
+        self.hooks.sending(out)
         if out.messages:
-            self.hooks.sending(out)
             encode = self.codec.encode
             batch = [Outgoing(e.id, e.kind, dest, encode(e)) for e, dest in out.messages]
             await self.writer.write(tx, batch)

@@ -122,6 +122,8 @@ class Telemetry(Hooks):
         if self.tracing is not None:
             for env, destination in out.messages:
                 self.tracing.send(env, destination)
+            for env, _, _ in out.scheduled:  # timers: fired later, in the same trace
+                self.tracing.carry(env)
 
     def saga_starting(
         self, defn: SagaDefinition[Any], saga_id: str, progress: Progress

@@ -125,6 +125,12 @@ class Tracing:
             env.headers.traceparent = tp
         span.end()
 
+    def carry(self, env: Envelope) -> None:
+        """Give a message with no trace context the current one (no span of its own)."""
+        if env.headers.traceparent is None:
+            current = trace.get_current_span().get_span_context()
+            env.headers.traceparent = format_traceparent(current)
+
     def _messaging(self, env: Envelope, destination: str, op: str) -> dict[str, Any]:
         h = env.headers
         attrs: dict[str, Any] = {
