@@ -290,3 +290,61 @@ async def test_demo_counters_equal_the_demos_own_outcomes(tmp_path: Path) -> Non
     assert failed == result["failed"]
     assert result["compensated"] > 0 and result["completed"] > 0
     assert value(found, "sagakit_sagas_active", saga_type="create-order", state="running") == 0
+
+
+def test_the_worker_exports_spans_over_otlp_when_an_endpoint_is_set(tmp_path: Path) -> None:
+    """sagakit[otel] and OTEL_EXPORTER_OTLP_ENDPOINT: no code, spans reach the collector."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    received: list[tuple[str, bytes]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, body))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    store = f"sqlite:///{tmp_path}/s.db"
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+        "OTEL_SERVICE_NAME": "shop-worker",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+    proc = worker(store, tmp_path / "ready", env=env)
+
+    async def one_saga() -> str:
+        async with traced.create(store, run=[]) as app:
+            saga_id = await app.sagas.start(traced.definition(), traced.Job("k"))
+            return str((await app.sagas.wait(saga_id, timeout=20)).state)
+
+    try:
+        wait_for((tmp_path / "ready").exists, proc)
+        assert asyncio.run(one_saga()) == "completed"
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+        server.shutdown()
+    assert proc.returncode == 0, out
+    names, services = set(), set()
+    for path, body in received:
+        assert path == "/v1/traces"
+        request = ExportTraceServiceRequest.FromString(body)
+        for rs in request.resource_spans:
+            services |= {
+                a.value.string_value for a in rs.resource.attributes if a.key == "service.name"
+            }
+            names |= {s.name for ss in rs.scope_spans for s in ss.spans}
+    assert services == {"shop-worker"}
+    assert {"process a", "send sagakit.coordinator", "saga.step traced/a", "saga traced"} <= names
