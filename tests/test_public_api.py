@@ -4,6 +4,8 @@ import sagakit
 def test_public_surface_is_pinned() -> None:
     assert sorted(sagakit.__all__) == sorted(
         [
+            "Telemetry",
+            "TelemetryOptions",
             "Actor",
             "App",
             "AtomicAborted",

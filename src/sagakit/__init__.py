@@ -28,6 +28,7 @@ from .errors import (
     WaitTimeout,
 )
 from .messages import Done, Envelope, Failure, command, event, new_id, reply
+from .observe.telemetry import Telemetry, TelemetryOptions
 from .ops import Actor
 from .participant import Context, Participant
 from .policies import RetryPolicy
@@ -72,6 +73,8 @@ __all__ = [
     "Store",
     "StoreError",
     "SystemClock",
+    "Telemetry",
+    "TelemetryOptions",
     "Transport",
     "TransportError",
     "TwoPhaseOptions",

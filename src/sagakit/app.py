@@ -29,6 +29,7 @@ from .clock import Clock
 from .endpoint import Endpoint, HopPolicy, Route, Router
 from .errors import ConfigurationError, DuplicateRegistration
 from .messages import DEFAULT_MAX_SIZE, Codec, Envelope, TypeRegistry
+from .observe.hooks import BASE, Hooks
 from .ops.background import Periodic
 from .ops.dead_letters import DeadLetters
 from .ops.retention import Pruner, Retention
@@ -142,6 +143,8 @@ class App:
             else open_transport(transport, self.store, **_transport_options(transport, s))
         )
         self.registry = TypeRegistry()
+        #: what the engine tells observers (see :meth:`instrument`)
+        self.hooks: Hooks = BASE
         self.codec = Codec(self.registry, s.max_message_size, s.signing)
         self._writers: dict[int, OutboxWriter] = {}
         coordinator = Coordinator(SagaRegistry(), self.writer_for(self.store), s.retry)
@@ -217,6 +220,7 @@ class App:
         writer = self._writers.get(id(store))
         if writer is None:
             writer = self._writers[id(store)] = OutboxWriter(store, self.transport, self.codec)
+            writer.hooks = self.hooks
         return writer
 
     def only(self, services: Iterable[str]) -> None:
@@ -231,6 +235,30 @@ class App:
 
     def runs(self, name: str) -> bool:
         return self._run is None or name in self._run
+
+    def instrument(self, hooks: Hooks) -> None:
+        """Report to ``hooks`` (a :class:`~sagakit.observe.Telemetry`); before ``start()``."""
+        if self._started:
+            raise ConfigurationError("App.instrument() must be called before start()")
+        self.hooks = hooks
+        self.sagas.coordinator.hooks = hooks
+        for writer in self._writers.values():
+            writer.hooks = hooks
+        bind = getattr(hooks, "bind", None)
+        if bind is not None:
+            bind(self)
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    def stores_in_use(self) -> list[Store]:
+        """The stores this process opened (its own and those of the participants it runs)."""
+        return self._stores()
+
+    def stopped_consumers(self) -> list[str]:
+        """Consumers of this process whose consuming task has ended (readiness)."""
+        return [_name(sub) for sub in self._subs if _ended(sub)]
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -320,7 +348,9 @@ class App:
         self, name: str, store: Store, router: Router, *, trusted: bool = False
     ) -> Endpoint:
         writer = self.writer_for(store)
-        return Endpoint(name, writer, router, policy=self.settings.hop, trusted=trusted)
+        ep = Endpoint(name, writer, router, policy=self.settings.hop, trusted=trusted)
+        ep.hooks = self.hooks
+        return ep
 
     async def _declare(self) -> None:
         for name, p in self.participants.items():
@@ -381,6 +411,7 @@ class App:
                     max_poll=s.max_poll,
                     max_failures=s.relay_max_failures,
                 )
+                relay.hooks = self.hooks
                 relay.start()
                 self._relays.append(relay)
 
@@ -392,6 +423,16 @@ def _route_replies(coord: Coordinator) -> Router:
         return route if env.kind == "reply" else None
 
     return router
+
+
+def _ended(sub: Subscription) -> bool:
+    task = getattr(sub, "_task", None)
+    return isinstance(task, asyncio.Task) and task.done()
+
+
+def _name(sub: Subscription) -> str:
+    task = getattr(sub, "_task", None)
+    return task.get_name() if isinstance(task, asyncio.Task) else type(sub).__name__
 
 
 async def _prune_all(pruners: list[Pruner]) -> None:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from . import __version__
 from .app import COORDINATOR, App, Settings
 from .errors import CommandFailed, ConfigurationError, SagakitError, is_outage
+from .observe.logging import configure as configure_logging
 from .ops import dead_letters_cli
 from .transport import redact
 from .twophase import cli as twophase_cli
@@ -49,6 +50,8 @@ EXTRA_OF = {
     "rich": "demo",
     "starlette": "demo",
     "uvicorn": "demo",
+    "opentelemetry": "otel",
+    "prometheus_client": "metrics",
 }
 #: what the demo imports that a plain ``pip install sagakit`` lacks
 DEMO_EXTRA = frozenset(m for m, extra in EXTRA_OF.items() if extra == "demo")
@@ -198,10 +201,16 @@ async def _start(obj: Any, patience: float) -> None:
 
 
 async def _serve(
-    obj: Any, services: list[str], ready_file: str | None, patience: float = 0.0
+    obj: Any,
+    services: list[str],
+    ready_file: str | None,
+    patience: float = 0.0,
+    metrics_port: int | None = None,
 ) -> None:
     """Start, report readiness, run until SIGTERM/SIGINT, then stop gracefully.
 
+    With ``metrics_port``, ``/metrics``, ``/healthz`` and ``/readyz`` are served
+    from before the start (``/readyz`` says 503 while the store is awaited).
     A second signal during the graceful stop exits at once (status 130).
     """
     stop = asyncio.Event()
@@ -216,8 +225,10 @@ async def _serve(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    health = await _health(obj, metrics_port)
     try:
-        await _start(obj, patience)
+        if not await _until_stopped(_start(obj, patience), stop):
+            return  # stopped while still waiting for the store or broker
         line = f"sagakit worker ready: pid {os.getpid()}, services {','.join(services)}"
         print(line, file=sys.stderr, flush=True)
         if ready_file:
@@ -225,7 +236,62 @@ async def _serve(
         await stop.wait()
     finally:
         await obj.stop()
+        if health is not None:
+            await health.stop()
     log.info("stopped cleanly")
+
+
+async def _until_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Run ``work`` unless ``stop`` is set first (then cancel it); True if it finished."""
+    task, stopping = asyncio.ensure_future(work), asyncio.ensure_future(stop.wait())
+    await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return False
+    task.result()
+    return True
+
+
+def _instrument(obj: Any, metrics_port: int | None) -> Any:
+    """Telemetry for the worker's App: metrics with a port, tracing when configured.
+
+    Tracing is on when an OpenTelemetry SDK is configured: by
+    ``opentelemetry-instrument``, or by ``OTEL_EXPORTER_OTLP_ENDPOINT`` with
+    ``sagakit[otel]`` installed. Returns the tracer provider made here (to
+    flush at exit), if any.
+    """
+    from .observe.tracing_setup import configured_provider, provider_from_env
+
+    provider = None if configured_provider() else provider_from_env()
+    tracing = provider is not None or configured_provider()
+    if metrics_port is None and not tracing:
+        return None
+    app = _app_of(obj)
+    if app is None:
+        raise ConfigurationError("--metrics-port and tracing need an App (or an object with .app)")
+    from .observe import Telemetry
+
+    app.instrument(
+        Telemetry(tracing=tracing, metrics=metrics_port is not None, tracer_provider=provider)
+    )
+    return provider
+
+
+async def _health(obj: Any, port: int | None) -> Any:
+    if port is None:
+        return None
+    app = _app_of(obj)
+    assert app is not None and app.hooks is not None
+    from .observe.health import HealthServer
+
+    server = HealthServer(app, getattr(app.hooks, "metrics", None), port=port)
+    try:
+        await server.start()
+    except OSError as exc:
+        raise ConfigurationError(f"--metrics-port {port}: {exc.strerror or exc}") from exc
+    return server
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -245,7 +311,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings=settings,
     )
     services = _check_services(obj, args.service)
-    asyncio.run(_serve(obj, services, args.ready_file, args.connect_patience))
+    if args.metrics_port is not None and not 0 <= args.metrics_port < 65536:
+        raise ConfigurationError(f"--metrics-port {args.metrics_port} is not a port number")
+    provider = _instrument(obj, args.metrics_port)
+    try:
+        asyncio.run(
+            _serve(obj, services, args.ready_file, args.connect_patience, args.metrics_port)
+        )
+    finally:
+        if provider is not None:
+            provider.shutdown()  # flush the spans still buffered
     return 0
 
 
@@ -387,6 +462,12 @@ def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="sagakit", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level; tracebacks")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines with timestamps (default) or one JSON object per line",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser(
         "demo", help="run the order-fulfillment demo (see 'sagakit demo --help')", add_help=False
@@ -409,6 +490,18 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--lease", type=float, help="Settings.lease in seconds, for the factory")
     w.add_argument("--prefetch", type=int, help="Settings.prefetch, for the factory")
     w.add_argument("--ready-file", help="write the pid to this file once consuming")
+    w.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="N",
+        help="serve /metrics, /healthz and /readyz on this port (needs sagakit[metrics])",
+    )
+    w.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=argparse.SUPPRESS,
+        help="text lines with timestamps (default) or one JSON object per line",
+    )
     w.add_argument(
         "--connect-patience",
         type=float,
@@ -513,7 +606,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse(list(sys.argv[1:] if argv is None else argv))
         verbose = args.verbose
-        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+        level = logging.INFO if verbose else logging.WARNING
+        configure_logging(level, fmt=getattr(args, "log_format", "text"))
         return int(args.func(args))
     except SystemExit as exc:  # argparse: --help, --version, usage errors (already printed)
         return exc.code if isinstance(exc.code, int) else int(exc.code is not None)

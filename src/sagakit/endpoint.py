@@ -44,6 +44,7 @@ from .errors import (
 )
 from .inbox import FAILURE, Admission, Inbox, Verdict
 from .messages import Codec, Envelope, Failure, Headers, new_id, reply_headers
+from .observe.hooks import BASE, Hooks
 from .outbox import Outbox, OutboxWriter
 from .policies import RetryPolicy
 from .store.core import DEAD_LETTER_KEEP as DEAD_LETTER_KEEP
@@ -83,6 +84,7 @@ class Scope:
     inbox: Inbox
     codec: Codec
     out: Outbox = field(default_factory=Outbox)
+    hooks: Hooks = BASE
 
     async def answer(self, payload: Any, outcome: str) -> None:
         """Record this command's outcome in the inbox and send it as the reply."""
@@ -118,6 +120,7 @@ class Scope:
         if admission.verdict is Verdict.REFUSED:
             self.refuse()
         elif admission.verdict is Verdict.DUPLICATE and admission.stored is not None:
+            self.hooks.duplicate(self.inbox.consumer)
             self.resend(admission.stored)
         return admission.verdict is not Verdict.NEW
 
@@ -134,6 +137,8 @@ Router = Callable[[Envelope], Route | None]
 
 class Endpoint:
     """Consumes one queue into one store."""
+
+    hooks: Hooks = BASE  #: set by the App (sagakit.observe)
 
     def __init__(
         self,
@@ -165,7 +170,8 @@ class Endpoint:
         if delivery.attempt > self.policy.max_deliveries:
             await self._over_limit(delivery, env)
             return
-        await self._dispatch(delivery, env)
+        with self.hooks.processing(env, self.name):
+            await self._dispatch(delivery, env)
 
     async def _dispatch(self, delivery: Delivery, env: Envelope) -> None:
         try:
@@ -223,7 +229,7 @@ class Endpoint:
         """Run ``body`` and flush its outbox in one transaction, then ack."""
         acked = False
         async with self.store.transaction() as tx:
-            scope = Scope(env, tx, self.inbox, self.codec)
+            scope = Scope(env, tx, self.inbox, self.codec, hooks=self.hooks)
             await body(scope)
             await self.writer.flush(tx, scope.out)
             if delivery is not None:
@@ -349,6 +355,7 @@ class Endpoint:
 
     def _outage(self, exc: StoreUnavailable, delay: float) -> None:
         if delay == 0.1:  # once per message and outage, not per try
+            self.hooks.outage(self.name)
             log.warning("%s: unavailable (%s); waiting it out", self.name, exc)
 
     async def _store_dead_letter(

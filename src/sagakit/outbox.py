@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, cast
 
 from .errors import SagakitError, TransportError
 from .messages import Codec, Envelope, Kind, peek
+from .observe.hooks import BASE, Hooks
 from .store.consumer import first_poll
 from .transport import Outgoing
 
@@ -73,6 +74,8 @@ class OutboxTable:
 class OutboxWriter:
     """Flushes an :class:`Outbox` into one store's transaction."""
 
+    hooks: Hooks = BASE  #: set by the App (sagakit.observe)
+
     def __init__(self, store: Store, transport: Transport, codec: Codec) -> None:
         self.store = store
         self.codec = codec
@@ -81,6 +84,7 @@ class OutboxWriter:
         self.writer: Writer = direct if direct is not None else OutboxTable(store)
 
     async def flush(self, tx: Tx, out: Outbox) -> None:
+        self.hooks.sending(out)
         if out.messages:
             encode = self.codec.encode
             batch = [Outgoing(e.id, e.kind, dest, encode(e)) for e, dest in out.messages]
@@ -104,6 +108,8 @@ class Relay:
     :class:`~sagakit.errors.TransportError`, or every row of a batch failing —
     is never poison: the rows wait with backoff and are not counted.
     """
+
+    hooks: Hooks = BASE  #: set by the App (sagakit.observe)
 
     def __init__(
         self,
@@ -160,6 +166,7 @@ class Relay:
         except Exception as exc:
             return await self._isolate(items, exc)
         await self._ack(items)
+        self.hooks.relayed(len(items))
         return len(items)
 
     async def _isolate(self, items: list[Queued], exc: Exception) -> int:
@@ -169,6 +176,7 @@ class Relay:
             raise exc
         sent, failed = await self._one_by_one(items) if len(items) > 1 else ([], [(items[0], exc)])
         await self._ack(sent)
+        self.hooks.relayed(len(sent))
         if not sent and len(items) > 1:  # nothing gets through: the broker, not the rows
             await self._back_off(items)
             raise TransportError(f"no message of a batch of {len(items)} published: {exc!r}")

@@ -28,6 +28,7 @@ from ..errors import (
     UnknownSaga,
 )
 from ..messages import Done, Envelope, Failure, Headers, caused_by, command, encode_json, new_id
+from ..observe.hooks import BASE, Hooks
 from ..outbox import Outbox
 from ..store.core import LogEntry, SagaRecord
 from ..twophase.step import AtomicStep
@@ -89,6 +90,8 @@ class RunLocal(msgspec.Struct, frozen=True):
 class Coordinator:
     """Runs saga definitions; one per App, any number of processes per store."""
 
+    hooks: Hooks = BASE  #: set by the App (sagakit.observe)
+
     def __init__(self, registry: SagaRegistry, writer: OutboxWriter, retry: RetryPolicy) -> None:
         self.registry = registry
         self.writer = writer
@@ -117,17 +120,19 @@ class Coordinator:
         now = self.store.clock.now()
         deadline = now + defn.deadline if defn.deadline else None
         progress = Progress(correlation_id=correlation_id or saga_id)
-        inst = Instance(saga_id, defn.name, defn.version, SagaState.RUNNING, data, progress)
-        decision = self.registry.machine(defn.name, defn.version).apply(inst, Started())
-        rec = SagaRecord(saga_id, defn.name, defn.version, "", b"", b"", 0, now, now, deadline)
-        _record(rec, decision.instance)
-        out = Outbox()
-        async with self.store.transaction() as tx:
-            if await self.store.saga_insert(tx, rec):
-                await self._carry_out(tx, out, rec, decision, None, insert=True)
-                await self.writer.flush(tx, out)
-                return saga_id
-            existing = await self.store.saga_load(tx, saga_id, lock=False)
+        with self.hooks.saga_starting(defn, saga_id, progress):
+            inst = Instance(saga_id, defn.name, defn.version, SagaState.RUNNING, data, progress)
+            decision = self.registry.machine(defn.name, defn.version).apply(inst, Started())
+            rec = SagaRecord(saga_id, defn.name, defn.version, "", b"", b"", 0, now, now, deadline)
+            _record(rec, decision.instance)
+            out = Outbox()
+            async with self.store.transaction() as tx:
+                if await self.store.saga_insert(tx, rec):
+                    self.hooks.decided(tx, rec, defn, inst, decision, Started())
+                    await self._carry_out(tx, out, rec, decision, None, insert=True)
+                    await self.writer.flush(tx, out)
+                    return saga_id
+                existing = await self.store.saga_load(tx, saga_id, lock=False)
         if existing is not None and (existing.type, existing.version) != defn.key:
             raise SagaIdInUse(
                 f"saga id {saga_id!r} already names an instance of {existing.type!r} "
@@ -207,6 +212,7 @@ class Coordinator:
             rec.error,
         )
         decision = machine.apply(inst, event)
+        self.hooks.decided(tx, rec, machine.defn, inst, decision, event)
         await self._carry_out(tx, out, rec, decision, cause)
         return decision
 

@@ -63,6 +63,8 @@ class Progress(msgspec.Struct):
     unapplied: dict[str, str] = {}
     #: the message id of the deadline timer, cancelled when the saga finishes
     deadline_timer: str | None = None
+    #: W3C traceparent of the saga's start span: every step span joins its trace
+    trace: str | None = None
 
     def copy(self) -> Progress:
         """A copy safe to change (pending entries are immutable)."""
@@ -77,6 +79,7 @@ class Progress(msgspec.Struct):
             self.stuck_step,
             dict(self.unapplied),
             self.deadline_timer,
+            self.trace,
         )
 
 

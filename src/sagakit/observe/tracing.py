@@ -1,0 +1,264 @@
+"""OpenTelemetry spans: messaging spans per hop, saga spans per step attempt.
+
+Only ``opentelemetry-api`` is imported; which SDK, sampler and exporter run is
+the application's choice (``pip install 'sagakit[otel]'`` for the SDK and the
+OTLP exporter, configured by the standard ``OTEL_*`` variables). With no SDK
+installed every span is a no-op.
+
+Messaging spans follow the OpenTelemetry messaging conventions:
+``send <destination>`` (PRODUCER) when a message is written to the outbox, its
+context injected as the envelope's ``traceparent``; ``process <queue>``
+(CONSUMER) around the hop. A command or reply continues the sender's trace;
+an event starts a trace of its own linked to the sender (``events_parent``
+makes it a child instead).
+
+Saga spans have saga meaning. ``saga.start TYPE`` is a short span whose
+context is stored in the instance's progress record; every step attempt is
+one span, ``saga.step TYPE/STEP`` or ``saga.compensate TYPE/STEP``, child of
+that stored context, emitted when the attempt has ended with the start and
+end times the store holds; ``saga TYPE`` covers the instance from creation to
+its final state and is emitted when it gets there. No span stays open while a
+saga waits, and a coordinator that restarts loses none.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigurationError
+from .attempts import Attempt
+
+try:
+    from opentelemetry import context, trace
+    from opentelemetry.context import Context
+    from opentelemetry.trace import (
+        Link,
+        NonRecordingSpan,
+        SpanContext,
+        SpanKind,
+        Status,
+        StatusCode,
+        TraceFlags,
+    )
+except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
+    raise ConfigurationError(
+        "tracing needs OpenTelemetry: install sagakit[otel]", retryable=False
+    ) from exc
+
+if TYPE_CHECKING:
+    from ..messages import Envelope
+    from ..saga.definition import SagaDefinition
+    from ..saga.machine import Instance
+    from ..saga.state import Progress
+
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+NS = 1_000_000_000
+
+
+def parse(traceparent: str | None) -> SpanContext | None:
+    """A remote span context from a W3C ``traceparent`` (None if absent or invalid)."""
+    m = _TRACEPARENT.match(traceparent or "")
+    if m is None:
+        return None
+    sc = SpanContext(int(m[1], 16), int(m[2], 16), True, TraceFlags(int(m[3], 16)))
+    return sc if sc.is_valid else None
+
+
+def format_traceparent(sc: SpanContext) -> str | None:
+    if not sc.is_valid:
+        return None
+    return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
+
+
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id (32 hex digits) in a ``traceparent``."""
+    sc = parse(traceparent)
+    return f"{sc.trace_id:032x}" if sc is not None else None
+
+
+class Tracing:
+    """Makes sagakit's spans with one OpenTelemetry tracer."""
+
+    def __init__(
+        self, provider: Any = None, *, system: str = "sagakit", events_parent: bool = False
+    ) -> None:
+        from .. import __version__
+
+        self.tracer = trace.get_tracer("sagakit", __version__, tracer_provider=provider)
+        self.system = system
+        self.events_parent = events_parent
+
+    # -- messaging --------------------------------------------------------------
+
+    def process(self, env: Envelope, queue: str, group: str) -> AbstractContextManager[Any]:
+        """The CONSUMER span around one message's hop, made current."""
+        sender = parse(env.headers.traceparent)
+        links: list[Link] = []
+        parent: Context | None = None
+        if sender is not None and env.kind == "event" and not self.events_parent:
+            links, parent = [Link(sender)], Context()
+        elif sender is not None:
+            if not sender.trace_flags.sampled:  # an unsampled trace stays so, at no cost
+                return Current(NonRecordingSpan(sender))
+            parent = trace.set_span_in_context(NonRecordingSpan(sender), Context())
+        attrs = self._messaging(env, queue, "process")
+        attrs["messaging.consumer.group.name"] = group
+        span = self.tracer.start_span(f"process {queue}", parent, SpanKind.CONSUMER, attrs, links)
+        return Current(span, end=True)
+
+    def send(self, env: Envelope, destination: str) -> None:
+        """A PRODUCER span for one outgoing message; its context goes in the envelope."""
+        current = trace.get_current_span().get_span_context()
+        if current.is_valid and not current.trace_flags.sampled:
+            env.headers.traceparent = format_traceparent(current)
+            return
+        span = self.tracer.start_span(
+            f"send {destination}",
+            kind=SpanKind.PRODUCER,
+            attributes=self._messaging(env, destination, "send"),
+        )
+        tp = format_traceparent(span.get_span_context())
+        if tp is not None:
+            env.headers.traceparent = tp
+        span.end()
+
+    def carry(self, env: Envelope) -> None:
+        """Give a message with no trace context the current one (no span of its own)."""
+        if env.headers.traceparent is None:
+            current = trace.get_current_span().get_span_context()
+            env.headers.traceparent = format_traceparent(current)
+
+    def _messaging(self, env: Envelope, destination: str, op: str) -> dict[str, Any]:
+        h = env.headers
+        attrs: dict[str, Any] = {
+            "messaging.system": self.system,
+            "messaging.operation.name": op,
+            "messaging.operation.type": op,
+            "messaging.destination.name": destination,
+            "messaging.message.id": env.id,
+            "sagakit.message.type": env.type,
+            "sagakit.message.kind": env.kind,
+        }
+        if h.correlation_id:
+            attrs["messaging.message.conversation_id"] = h.correlation_id
+        if h.saga_id:
+            attrs["sagakit.saga.id"] = h.saga_id
+        if h.causation_id:
+            attrs["sagakit.causation_id"] = h.causation_id
+        return attrs
+
+    # -- sagas ------------------------------------------------------------------
+
+    def saga_start(
+        self, defn: SagaDefinition[Any], saga_id: str, progress: Progress
+    ) -> AbstractContextManager[Any]:
+        """The short span of a saga's start; its context is stored in ``progress``."""
+        cm = self.tracer.start_as_current_span(
+            f"saga.start {defn.name}",
+            kind=SpanKind.INTERNAL,
+            attributes=_saga_attrs(saga_id, defn.name, defn.version, progress.correlation_id),
+        )
+        return _Storing(cm, progress)
+
+    def attempt(self, inst: Instance, a: Attempt, end: float) -> None:
+        """Emit the span of one finished step attempt, under the saga's start span."""
+        verb = "saga.compensate" if a.phase == "compensate" else "saga.step"
+        attrs = _saga_attrs(inst.id, inst.type, inst.version, inst.progress.correlation_id)
+        attrs.update(
+            {
+                "sagakit.step.name": a.step,
+                "sagakit.step.phase": a.phase,
+                "sagakit.step.kind": a.kind,
+                "sagakit.step.attempt": a.attempt,
+                "sagakit.step.outcome": a.outcome,
+                "messaging.message.id": a.message_id,
+            }
+        )
+        if a.error_type:
+            attrs["error.type"] = a.error_type
+        status = (
+            Status(StatusCode.ERROR, a.error) if a.failed and a.outcome != "cancelled" else None
+        )
+        self._emit(f"{verb} {inst.type}/{a.step}", inst.progress, attrs, a.started, end, status)
+
+    def saga_end(self, inst: Instance, created: float, end: float) -> None:
+        """Emit the span of a whole saga, from its creation to its final state."""
+        attrs = _saga_attrs(inst.id, inst.type, inst.version, inst.progress.correlation_id)
+        attrs["sagakit.saga.outcome"] = inst.state.value
+        status = None
+        if inst.state.value in ("failed", "compensated", "aborted"):
+            attrs["error.type"] = inst.state.value
+            status = Status(StatusCode.ERROR, inst.error or inst.state.value)
+        start = math.floor(created * 1000) / 1000  # the resolution of the steps' times
+        self._emit(f"saga {inst.type}", inst.progress, attrs, start, end, status)
+
+    def _emit(
+        self,
+        name: str,
+        progress: Progress,
+        attrs: dict[str, Any],
+        start: float,
+        end: float,
+        status: Status | None,
+    ) -> None:
+        stored = parse(progress.trace)
+        if stored is not None and not stored.trace_flags.sampled:
+            return  # the saga's trace was not sampled: neither are its steps
+        parent = trace.set_span_in_context(NonRecordingSpan(stored)) if stored else Context()
+        span = self.tracer.start_span(
+            name, parent, SpanKind.INTERNAL, attrs, start_time=int(start * NS)
+        )
+        if status is not None:
+            span.set_status(status)
+        span.end(end_time=int(max(end, start) * NS))
+
+
+class Current:
+    """Makes a span current for a ``with`` block, and ends it if ``end``
+    (what ``use_span`` does, for less)."""
+
+    __slots__ = ("end", "span", "token")
+
+    def __init__(self, span: Any, *, end: bool = False) -> None:
+        self.span, self.end = span, end
+        self.token: object = None
+
+    def __enter__(self) -> Any:
+        self.token = context.attach(trace.set_span_in_context(self.span))
+        return self.span
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        context.detach(self.token)  # type: ignore[arg-type]
+        if not self.end:
+            return
+        if exc is not None and isinstance(exc, Exception):
+            self.span.record_exception(exc)
+            self.span.set_status(Status(StatusCode.ERROR, f"{kind.__name__}: {exc}"))
+        self.span.end()
+
+
+class _Storing:
+    """Enters a span and writes its traceparent into a progress record."""
+
+    def __init__(self, cm: AbstractContextManager[Any], progress: Progress) -> None:
+        self.cm, self.progress = cm, progress
+
+    def __enter__(self) -> Any:
+        span = self.cm.__enter__()
+        self.progress.trace = format_traceparent(span.get_span_context())
+        return span
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self.cm.__exit__(*exc)
+
+
+def _saga_attrs(saga_id: str, type_: str, version: int, correlation_id: str) -> dict[str, Any]:
+    return {
+        "sagakit.saga.id": saga_id,
+        "sagakit.saga.type": type_,
+        "sagakit.saga.version": version,
+        "messaging.message.conversation_id": correlation_id,
+    }
