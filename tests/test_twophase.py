@@ -420,3 +420,26 @@ async def test_recovery_touches_only_its_own_nodes_branches(
             (left.group_id, "rollback")
         }
         assert await ob.state(mine, "ned") == ("PENDING", 0, True)
+
+
+async def test_groups_in_doubt_are_gauges_on_the_metrics_endpoint(
+    dbs: tuple[str, str], store_url: str
+) -> None:
+    """A group stopped after prepare shows as in doubt, with its age, on /metrics."""
+    from prometheus_client import generate_latest
+
+    app = app_for(store_url, dbs, safe_age=3600.0)
+    telemetry = sk.Telemetry(tracing=False)
+    app.instrument(telemetry)
+    async with app:
+        await ob.add_customers(app, ["hal"])
+        await stop_at(app, "prepared", "hal")
+        assert telemetry.metrics is not None
+        await telemetry.metrics.refresh()
+        text = generate_latest(telemetry.metrics.registry).decode()
+        assert "sagakit_twophase_in_doubt 2.0" in text, text
+        assert "sagakit_twophase_oldest_prepared_age_seconds" in text
+        for branch in await app.twophase.in_doubt():
+            await app.twophase.resolve(
+                branch.gid, "rollback", actor=sk.Actor("test"), reason="clean up"
+            )

@@ -102,6 +102,8 @@ class Telemetry(Hooks):
                 long_retry=self.options.long_retry,
             )
             gauges.register(self.metrics)
+            if app.twophase.resources:
+                register_twophase(self.metrics, app)
 
     async def serve(self, app: App, port: int, host: str = "0.0.0.0") -> HealthServer:
         """Serve ``/metrics``, ``/healthz`` and ``/readyz`` for ``app`` on ``port``."""
@@ -226,6 +228,21 @@ def _count_finished(m: Metrics, inst: Instance, duration: float) -> None:
     outcome = inst.state.value
     m.child(m.finished, inst.type, outcome).inc()
     m.child(m.saga_duration, inst.type, outcome).observe(max(0.0, duration))
+
+
+def register_twophase(m: Metrics, app: App) -> None:
+    """Gauges of atomic groups in doubt (:mod:`sagakit.twophase`), read at scrape time."""
+
+    async def in_doubt() -> dict[tuple[str, ...], float]:
+        return {(): float((await app.twophase.gauges()).in_doubt)}
+
+    async def oldest() -> dict[tuple[str, ...], float]:
+        return {(): (await app.twophase.gauges()).oldest_age}
+
+    m.gauge("twophase_in_doubt", "Prepared branches of this node in doubt", [], in_doubt)
+    m.gauge(
+        "twophase_oldest_prepared_age_seconds", "Age of the oldest branch in doubt", [], oldest
+    )
 
 
 def messaging_system(app: App) -> str:
