@@ -15,9 +15,13 @@ from .errors import (
     DefinitionError,
     DuplicateRegistration,
     InvalidOperatorAction,
+    LockTimingWarning,
     MalformedMessage,
     MessageError,
     OversizeMessage,
+    PendingElsewhere,
+    ReservationExpired,
+    ResourceUnavailable,
     SagakitError,
     SagaNotFound,
     SchemaMismatch,
@@ -26,6 +30,7 @@ from .errors import (
     UnknownMessageType,
     WaitTimeout,
 )
+from .locks import Pending, Reservations
 from .messages import Done, Envelope, Failure, command, event, new_id, reply
 from .ops import Actor
 from .participant import Context, Participant
@@ -51,10 +56,16 @@ __all__ = [
     "Failure",
     "FakeClock",
     "InvalidOperatorAction",
+    "LockTimingWarning",
     "MalformedMessage",
     "MessageError",
     "OversizeMessage",
     "Participant",
+    "Pending",
+    "PendingElsewhere",
+    "ReservationExpired",
+    "Reservations",
+    "ResourceUnavailable",
     "RetryPolicy",
     "Saga",
     "SagaDefinition",
