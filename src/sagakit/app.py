@@ -181,20 +181,22 @@ class App:
         *,
         space: str | None = None,
         ttl: float = 60.0,
-        sweep_every: float = 1.0,
+        sweep_every: float | None = 1.0,
     ) -> Reservations:
         """Timeout-based locks in ``participant``'s database (see :mod:`sagakit.locks`).
 
         Processes that run the participant also run the expiry sweeper every
-        ``sweep_every`` seconds. ``space`` (default: the participant's name)
+        ``sweep_every`` seconds (None: no sweeper; reservations that need
+        units still reclaim overdue ones). ``space`` (default: the participant's name)
         keeps its pools apart from other participants' in a shared database.
         """
         if participant not in self.participants:
             raise ConfigurationError(f"reservations for unknown participant {participant!r}")
-        if sweep_every <= 0:
+        if sweep_every is not None and sweep_every <= 0:
             raise ConfigurationError(f"sweep_every must be positive, got {sweep_every}")
         locks = Reservations(self.store_of(participant), space or participant, ttl=ttl)
-        self._sweepers.append((participant, locks, sweep_every))
+        if sweep_every is not None:
+            self._sweepers.append((participant, locks, sweep_every))
         return locks
 
     def store_of(self, participant: str) -> Store:

@@ -103,6 +103,12 @@ class Reservations:
             units,
         )
 
+    async def clear(self) -> None:
+        """Delete every pool and reservation of this space (a demo or test starting over)."""
+        async with self.store.transaction() as tx:
+            for table in (self._rows, self._pools):
+                await tx.execute(f"DELETE FROM {table} WHERE space = ?", self.space)
+
     # -- in a handler ----------------------------------------------------------
 
     async def reserve(
@@ -339,9 +345,9 @@ class Reservations:
             resource,
         )
         if row is None:
-            return f"{self.space}: no resource {resource!r}"
+            return f"no resource {resource!r} in {self.space!r}"
         want = "the whole item" if amount is None else f"{amount} wanted"
-        return f"{self.space} {resource}: {want}, {row[0]} of {row[1]} available"
+        return f"{resource}: {want}, {row[0]} of {row[1]} available"
 
 
 def _holder(ctx: Context, step: str | None) -> Holder:
