@@ -9,8 +9,10 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import pytest
 
 import sagakit as sk
@@ -26,7 +28,7 @@ T0 = 1_800_000_000.0
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'locks.db'}"
-    return str(request.getfixturevalue("postgres_url"))
+    return f"{request.getfixturevalue('postgres_url')}?max_size=2"  # the server is shared
 
 
 @pytest.fixture
@@ -253,3 +255,74 @@ async def test_a_process_killed_mid_reservation_holds_nothing(url: str, prefix: 
     finally:
         await drop_tables(store)
         await store.close()
+
+
+@sk.command("t_locks.Reserve")
+class ReserveOne(msgspec.Struct):
+    pass
+
+
+@sk.command("t_locks.Confirm")
+class ConfirmAll(msgspec.Struct):
+    pass
+
+
+@sk.command("t_locks.Release")
+class ReleaseAll(msgspec.Struct):
+    pass
+
+
+@dataclass
+class Buy:
+    n: int
+
+
+BUY = (
+    sk.Saga("t-locks-buy", Buy, deadline=60.0)
+    .step("reserve")
+    .invoke("stock", lambda d: ReserveOne())
+    .compensate("stock", lambda d: ReleaseAll())
+    .reserves(ttl=120.0)
+    .step("confirm")
+    .invoke("stock", lambda d: ConfirmAll())
+    .confirms("reserve")
+    .pivot()
+    .build()
+)
+
+
+async def test_sagas_racing_for_the_last_units_sell_each_once(url: str, prefix: str) -> None:
+    """40 real sagas, 5 units: 5 complete, 35 are refused and compensated, nothing held."""
+    app = sk.App(url, settings=sk.Settings(prefix=prefix, max_poll=0.02))
+    stock = app.participant("stock")
+    locks = app.reservations("stock", ttl=120.0)
+    app.saga(BUY)
+
+    @stock.command(ReserveOne)
+    async def reserve(cmd: ReserveOne, ctx: sk.Context) -> None:
+        await locks.reserve(ctx, "last", 1)
+
+    @stock.command(ConfirmAll)
+    async def confirm(cmd: ConfirmAll, ctx: sk.Context) -> None:
+        await locks.confirm(ctx)
+
+    @stock.command(ReleaseAll)
+    async def release(cmd: ReleaseAll, ctx: sk.Context) -> None:
+        await locks.release(ctx)
+
+    try:
+        async with app:
+            async with app.store.transaction() as tx:
+                await locks.add(tx, "last", 5)
+            ids = await asyncio.gather(*(app.sagas.start(BUY, Buy(i)) for i in range(40)))
+            views = await asyncio.gather(*(app.sagas.wait(i, timeout=60) for i in ids))
+            (books,) = await locks.audit()
+            held = [await locks.held_by(Holder(i)) for i in ids]
+    finally:
+        async with open_store(url, prefix=prefix) as leftovers:
+            await drop_tables(leftovers)
+    states = sorted(str(v.state) for v in views)
+    assert states == ["compensated"] * 35 + ["completed"] * 5
+    assert all("sagakit.ResourceUnavailable" in (v.error or "") for v in views if v.error)
+    assert books.conserved and (books.available, books.reserved, books.confirmed) == (0, 0, 5)
+    assert sorted(len(h) for h in held) == [0] * 35 + [1] * 5  # the losers never held any
