@@ -326,3 +326,16 @@ async def test_sagas_racing_for_the_last_units_sell_each_once(url: str, prefix: 
     assert all("sagakit.ResourceUnavailable" in (v.error or "") for v in views if v.error)
     assert books.conserved and (books.available, books.reserved, books.confirmed) == (0, 0, 5)
     assert sorted(len(h) for h in held) == [0] * 35 + [1] * 5  # the losers never held any
+
+
+async def test_malformed_requests_are_configuration_errors(store: Store) -> None:
+    with pytest.raises(sk.ConfigurationError, match="space name and a positive ttl"):
+        Reservations(store, "", ttl=1.0)
+    locks = await pool(store, 1)
+    for wanted, rule in [({"sku": 0}, "amount must be positive"), ({"": 1}, "resource id")]:
+        with pytest.raises(sk.ConfigurationError, match=rule):
+            async with store.transaction() as tx:
+                await locks.take(tx, Holder("h"), wanted, now=T0)
+    with pytest.raises(sk.ConfigurationError, match="ttl must be positive"):
+        async with store.transaction() as tx:
+            await locks.take(tx, Holder("h"), {"sku": 1}, ttl=0.0, now=T0)

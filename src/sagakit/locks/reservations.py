@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ReservationExpired, ResourceUnavailable
+from ..errors import ConfigurationError, ReservationExpired, ResourceUnavailable
 from ..store import Store, Tx
 from .rules import (
     CONFIRMED,
@@ -78,7 +78,8 @@ class Reservations:
     """
 
     def __init__(self, store: Store, space: str, *, ttl: float = 60.0) -> None:
-        check_request(space, 1, ttl)
+        if not space or not ttl > 0:
+            raise ConfigurationError(f"Reservations need a space name and a positive ttl: {ttl}")
         self.store, self.space, self.ttl = store, space, ttl
         self._pools = f"{store.prefix}lock_pools"
         self._rows = f"{store.prefix}reservations"
