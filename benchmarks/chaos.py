@@ -392,7 +392,8 @@ def outcome_mismatches(
     have undone every effect it can undo, have no effect it cannot undo (the
     pivot and after), no compensation without its effect, and the order
     rejected (or never recorded, if its create never took effect: the barrier
-    cancelled it) with nothing charged, shipped, awarded or still reserved. Other
+    cancelled it) with nothing charged (or the charge refunded), shipped, awarded
+    or still reserved. Other
     states are not judged here (they are not final, or need an operator).
     """
     if state == "completed":
@@ -445,6 +446,14 @@ async def order_books(of: OrderFulfillment) -> dict[str, OrderBooks]:
         sql = f"SELECT order_id, count(*) FROM {service.t(table)} GROUP BY order_id"
         for order_id, n in await _rows(of, service, sql):
             books.setdefault(order_id, {})[key] = int(n)
+    # A charge refunded in full (the compensation of charge-card) no longer counts.
+    pay, ref = of.payments.t("payments"), of.payments.t("refunds")
+    refunded = (
+        f"SELECT p.order_id FROM {pay} p WHERE p.amount <= "
+        f"(SELECT COALESCE(SUM(r.amount), 0) FROM {ref} r WHERE r.payment_id = p.id)"
+    )
+    for (order_id,) in await _rows(of, of.payments, refunded):
+        books[order_id]["payments"] -= 1
     return {order_id: OrderBooks(**b) for order_id, b in books.items()}
 
 

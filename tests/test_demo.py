@@ -125,7 +125,7 @@ async def test_out_of_stock_releases_credit(of: OrderFulfillment) -> None:
     order = await of.orders.get("o-stock")
     assert order is not None and order.status == "rejected"
     assert order.reason_code == "inventory.OutOfStock"
-    assert order.reason == "LE-06: 2 wanted, 1 available"
+    assert order.reason == "LE-06: 2 wanted, 1 of 1 available"
     assert await credit_of(of, "rich") == (1_000_000, 0)
     # all lines or none: the keyboard taken before the shortfall is back
     assert await stock_of(of, "KB-01") == (10, 0, 0)
@@ -215,13 +215,15 @@ async def test_stock_reservation_expires_and_is_released(tmp_path: Path) -> None
         assert await inv.reservation_states("o-x") == {"MS-02": "expired"}
         assert await inv.sweep() == 0  # released once only
 
-        # Confirming late takes the stock again while there is some...
-        async with inv.store.transaction() as tx:
-            await inv.confirm(ConfirmStock("o-x"), ctx_for(tx, clock.now()))
-        assert await stock_of(of, "MS-02") == (6, 0, 4)
-        assert await inv.reservation_states("o-x") == {"MS-02": "confirmed"}
+        # Confirming late is refused, even with the stock still on the shelf: the
+        # confirm is the saga's pivot, so the order is compensated instead.
+        with pytest.raises(ReservationExpired, match=r"expired 1\.000s ago"):
+            async with inv.store.transaction() as tx:
+                await inv.confirm(ConfirmStock("o-x"), ctx_for(tx, clock.now()))
+        assert await stock_of(of, "MS-02") == (10, 0, 0)
+        assert await inv.reservation_states("o-x") == {"MS-02": "expired"}
 
-        # ...and refuses when it has gone to someone else meanwhile.
+        # An expired reservation nobody swept yet gives its units to the next order.
         async with inv.store.transaction() as tx:
             await inv.reserve(ReserveStock("o-y", [Line("LE-06", 1, 4900)]), ctx_for(tx, 0.0))
         clock.advance(61)
@@ -229,6 +231,7 @@ async def test_stock_reservation_expires_and_is_released(tmp_path: Path) -> None
             await inv.reserve(
                 ReserveStock("o-z", [Line("LE-06", 1, 4900)]), ctx_for(tx, clock.now())
             )
+        assert await inv.reservation_states("o-y") == {"LE-06": "expired"}
         with pytest.raises(ReservationExpired):
             async with inv.store.transaction() as tx:
                 await inv.confirm(ConfirmStock("o-y"), ctx_for(tx, clock.now()))
@@ -247,15 +250,15 @@ class StallingGateway(FakeCardGateway):
         return super().charge(token, amount)
 
 
-async def test_saga_stalled_past_the_ttl_still_completes(tmp_path: Path) -> None:
-    """The charge stalls, the reservation expires, the confirmation takes the stock again."""
+async def stalled_order(tmp_path: Path, stock_ttl: float, stall_for: float) -> Any:
+    """An order whose charge fails once, then is retried after ``stall_for`` seconds."""
     clock = sk.FakeClock()
     gateway = StallingGateway()
     of = build(
         f"sqlite:///{tmp_path}/s.db",
         clock=clock,
         gateway=gateway,
-        stock_ttl=60,
+        stock_ttl=stock_ttl,
         sweep_interval=0,
     )
     await seeded(of)
@@ -269,14 +272,24 @@ async def test_saga_stalled_past_the_ttl_still_completes(tmp_path: Path) -> None
             await asyncio.sleep(0.01)
         assert (await of.app.sagas.get(saga_id)).state == "running"
         assert await stock_of(of, "MS-02") == (8, 2, 0)
-        clock.advance(120)  # past the TTL and the retry delay
-        assert await of.inventory.sweep() == 1
-        assert await stock_of(of, "MS-02") == (10, 0, 0)
+        clock.advance(stall_for)
         view = await of.app.sagas.wait(saga_id, timeout=20)
-        assert view.state == "completed", view.error
-        assert await stock_of(of, "MS-02") == (8, 0, 2)
+        return view, await stock_of(of, "MS-02"), await of.payments.books(), gateway.charges
     finally:
         await of.stop()
+
+
+async def test_a_charge_stalled_past_the_lock_is_refunded_and_the_order_rejected(
+    tmp_path: Path,
+) -> None:
+    """The stock lock (30 s) expires while the charge is retried; the card is charged,
+    the confirm at the pivot is refused, and the saga refunds the card."""
+    view, stock, books, charges = await stalled_order(tmp_path, stock_ttl=30, stall_for=40)
+    assert view.state == "compensated", view.error
+    assert view.data.reason_code == "inventory.ReservationExpired"
+    assert view.compensated[:2] == ["charge-card", "reserve-stock"]
+    assert stock == (10, 0, 0)
+    assert charges == 1 and books.charged == books.refunded == 5800
 
 
 # -- payments: refunds keep the books -----------------------------------------
@@ -435,3 +448,27 @@ async def test_a_rejection_that_overtakes_its_create_leaves_the_order_rejected(
         assert order is not None and order.status == REJECTED and order.total == 5
         if backend == "postgresql":
             await drop_tables(of.app.store)
+
+
+def _lock_ttl_run(store: str, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    code = demo.main(["--lock-ttl", "0.05", "--json", "--store", store])  # the contract
+    result: dict[str, Any] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and all(result["invariants"].values()), result
+    assert result["expired"] > 0, result  # some orders lost their locks...
+    assert result["compensated"] >= result["expired"]  # ...and were compensated
+    assert result["failed"] == result["pending"] == 0
+    return result
+
+
+def test_demo_with_short_locks_compensates_the_orders_that_lost_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _lock_ttl_run(f"sqlite:///{tmp_path}/sagakit.db", capsys)
+    assert demo.main(["--lock-ttl", "0"]) == 2
+    assert "--lock-ttl must be positive" in capsys.readouterr().err
+
+
+def test_demo_with_short_locks_on_postgres(
+    postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _lock_ttl_run(postgres_url, capsys)

@@ -16,9 +16,13 @@ from .errors import (
     DefinitionError,
     DuplicateRegistration,
     InvalidOperatorAction,
+    LockTimingWarning,
     MalformedMessage,
     MessageError,
     OversizeMessage,
+    PendingElsewhere,
+    ReservationExpired,
+    ResourceUnavailable,
     SagakitError,
     SagaNotFound,
     SchemaMismatch,
@@ -27,6 +31,7 @@ from .errors import (
     UnknownMessageType,
     WaitTimeout,
 )
+from .locks import Pending, Reservations
 from .messages import Done, Envelope, Failure, command, event, new_id, reply
 from .observe.telemetry import Telemetry, TelemetryOptions
 from .ops import Actor
@@ -56,10 +61,16 @@ __all__ = [
     "Failure",
     "FakeClock",
     "InvalidOperatorAction",
+    "LockTimingWarning",
     "MalformedMessage",
     "MessageError",
     "OversizeMessage",
     "Participant",
+    "Pending",
+    "PendingElsewhere",
+    "ReservationExpired",
+    "Reservations",
+    "ResourceUnavailable",
     "RetryPolicy",
     "Saga",
     "SagaDefinition",

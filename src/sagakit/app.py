@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from .clock import Clock
 from .endpoint import Endpoint, HopPolicy, Route, Router
 from .errors import ConfigurationError, DuplicateRegistration
+from .locks import Reservations
 from .messages import DEFAULT_MAX_SIZE, Codec, Envelope, TypeRegistry
 from .observe.hooks import BASE, Hooks
 from .ops.background import Periodic
@@ -159,6 +160,7 @@ class App:
         self._run = set(run) if run is not None else None
         self._subs: list[Subscription] = []
         self._relays: list[Relay] = []
+        self._sweepers: list[tuple[str, Reservations, float]] = []
         self._started = False
 
     # -- wiring --------------------------------------------------------------
@@ -206,6 +208,30 @@ class App:
         ``tx["customers"].execute(...)``; see :mod:`sagakit.twophase`.
         """
         return self.twophase.atomic(*names, group_id=group_id)
+
+    def reservations(
+        self,
+        participant: str,
+        *,
+        space: str | None = None,
+        ttl: float = 60.0,
+        sweep_every: float | None = 1.0,
+    ) -> Reservations:
+        """Timeout-based locks in ``participant``'s database (see :mod:`sagakit.locks`).
+
+        Processes that run the participant also run the expiry sweeper every
+        ``sweep_every`` seconds (None: no sweeper; reservations that need
+        units still reclaim overdue ones). ``space`` (default: the participant's name)
+        keeps its pools apart from other participants' in a shared database.
+        """
+        if participant not in self.participants:
+            raise ConfigurationError(f"reservations for unknown participant {participant!r}")
+        if sweep_every is not None and sweep_every <= 0:
+            raise ConfigurationError(f"sweep_every must be positive, got {sweep_every}")
+        locks = Reservations(self.store_of(participant), space or participant, ttl=ttl)
+        if sweep_every is not None:
+            self._sweepers.append((participant, locks, sweep_every))
+        return locks
 
     def store_of(self, participant: str) -> Store:
         """The store a participant's handlers run in."""
@@ -386,6 +412,9 @@ class App:
             watcher = StuckWatcher(self.sagas.queries, s.stuck_after)
             every = min(60.0, max(0.05, s.stuck_after / 2))
             jobs.append(Periodic("sagakit stuck-saga watcher", every, watcher.check))
+        for name, locks, every in self._sweepers:
+            if self.runs(name):
+                jobs.append(Periodic(f"sagakit lock sweeper {locks.space}", every, locks.sweep))
         for job in jobs:
             job.start()
             self._subs.append(job)

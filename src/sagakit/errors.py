@@ -22,7 +22,10 @@ transports), so callers never see ``sqlite3`` or ``asyncpg`` exceptions.
     │   ├── NoHandler                 no handler for this type at this endpoint
     │   └── UnknownSaga               a reply for a saga id the store does not know
     ├── BusinessError                 raised by a handler: becomes a failure reply
-    │   └── Cancelled                 the command came after its compensation; no effect
+    │   ├── Cancelled                 the command came after its compensation; no effect
+    │   ├── ResourceUnavailable       a reservation wants units the pool does not have
+    │   ├── ReservationExpired        a confirm came after its reservation expired or was released
+    │   └── PendingElsewhere          another saga holds the semantic lock on an aggregate
     ├── Refusal                       (internal) carries a BusinessError out of the handler
     ├── HandlerFailed                 a technical failure that exhausted its retries
     │   └── HandlerTimeout            a handler ran past Settings.handler_timeout (retryable)
@@ -31,6 +34,7 @@ transports), so callers never see ``sqlite3`` or ``asyncpg`` exceptions.
     │   └── ConcurrencyConflict       optimistic version check lost (retryable)
     ├── TransportError                broker trouble (retryable)
     │   └── LeaseLost                 another consumer took the message over (retryable)
+    ├── LockTimingWarning             a saga may confirm after its locks expire (a warning)
     ├── CommandFailed                 a `sagakit` command could not do its work (exit 1)
     ├── TwoPhaseError                 two-phase commit (sagakit.twophase)
     │   ├── AtomicAborted             rolled back: refused prepare, lost database, id collision
@@ -173,6 +177,37 @@ class Cancelled(BusinessError):
     """The command arrived after its compensation; it had no effect."""
 
     code = "sagakit.Cancelled"
+
+
+class ResourceUnavailable(BusinessError):
+    """A reservation asked for units (or a whole item) that are not free; the saga compensates."""
+
+    code = "sagakit.ResourceUnavailable"
+
+
+class ReservationExpired(BusinessError):
+    """A confirm found its reservation expired, released or missing; nothing was confirmed.
+
+    Raised from the confirming step (best: the pivot), the saga compensates
+    and the order, booking... is refused instead of being half done.
+    """
+
+    code = "sagakit.ReservationExpired"
+
+
+class PendingElsewhere(BusinessError):
+    """Another saga is in the middle of changing this aggregate (a semantic lock)."""
+
+    code = "sagakit.PendingElsewhere"
+
+
+class LockTimingWarning(SagakitError, UserWarning):
+    """A saga definition may reach its confirm steps only after its locks have expired.
+
+    Issued by ``Saga.build()`` with the numbers (the deadline and the
+    shortest lock time-to-live); the saga still works, but some instances
+    will find their reservations gone and compensate.
+    """
 
 
 class HandlerTimeout(HandlerFailed):

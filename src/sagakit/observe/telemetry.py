@@ -240,9 +240,7 @@ def register_twophase(m: Metrics, app: App) -> None:
         return {(): (await app.twophase.gauges()).oldest_age}
 
     m.gauge("twophase_in_doubt", "Prepared branches of this node in doubt", [], in_doubt)
-    m.gauge(
-        "twophase_oldest_prepared_age_seconds", "Age of the oldest branch in doubt", [], oldest
-    )
+    m.gauge("twophase_oldest_prepared_age_seconds", "Age of the oldest branch in doubt", [], oldest)
 
 
 def messaging_system(app: App) -> str:

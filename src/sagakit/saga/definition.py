@@ -34,6 +34,7 @@ from ..errors import DefinitionError
 from ..messages import spec_of
 from ..policies import RetryPolicy
 from ..twophase.step import AtomicStep
+from .acquire_first import check_locks
 
 if TYPE_CHECKING:
     from ..twophase.protocol import AtomicTx
@@ -70,6 +71,10 @@ class StepDef:
     on_failure: Callable[[Any, Any], Any] | None = None
     #: declared to change nothing that would need undoing (a check, a read)
     nothing_to_undo: bool = False
+    #: in the reserve phase: the step only takes locks that live this long (seconds)
+    lock_ttl: float | None = None
+    #: the reserve steps whose locks this step confirms
+    confirms: tuple[str, ...] = ()
 
     @property
     def compensatable(self) -> bool:
@@ -125,6 +130,8 @@ class _Draft:
     timeout: float | None = None
     on_failure: Callable[[Any, Any], Any] | None = None
     nothing_to_undo: bool = False
+    lock_ttl: float | None = None
+    confirms: tuple[str, ...] = ()
 
 
 class Saga(Generic[D]):
@@ -154,6 +161,7 @@ class Saga(Generic[D]):
         _check_header(self)
         steps = _freeze(self, self._drafts)
         _check_order(self.name, steps)
+        check_locks(self.name, steps, self.deadline)
         return SagaDefinition(
             self.name,
             self.version,
@@ -224,6 +232,25 @@ class StepBuilder(Generic[D]):
         compensate the earlier steps instead.
         """
         self._d.nothing_to_undo = True
+        return self
+
+    def reserves(self, ttl: float) -> StepBuilder[D]:
+        """Put this step in the saga's reserve phase: it only takes timeout-based locks.
+
+        ``ttl`` is how long the participant keeps them (see
+        :class:`sagakit.Reservations`). ``build()`` checks that the phase comes
+        before the pivot, that a later step ``.confirms()`` this one, and warns
+        (:class:`~sagakit.LockTimingWarning`) if the saga may reach that
+        confirm only after ``ttl``. Compensate the step with a release.
+        """
+        if not ttl > 0:
+            raise DefinitionError(f"step {self._d.name!r}: a lock ttl must be positive")
+        self._d.lock_ttl = ttl
+        return self
+
+    def confirms(self, *reserve_steps: str) -> StepBuilder[D]:
+        """This step makes the locks of ``reserve_steps`` permanent (at or after the pivot)."""
+        self._d.confirms = tuple(reserve_steps)
         return self
 
     def pivot(self) -> StepBuilder[D]:
@@ -299,6 +326,8 @@ def _freeze(saga: Saga[Any], drafts: list[_Draft]) -> list[StepDef]:
                 d.timeout,
                 on_failure=d.on_failure,
                 nothing_to_undo=d.nothing_to_undo,
+                lock_ttl=d.lock_ttl,
+                confirms=d.confirms,
             )
         )
     return steps

@@ -92,6 +92,24 @@ MIGRATIONS: list[list[str]] = [
             resource TEXT, action TEXT NOT NULL, outcome TEXT NOT NULL, actor TEXT NOT NULL,
             via TEXT NOT NULL, reason TEXT NOT NULL)""",
     ],
+    [
+        # Timeout-based locks and semantic locks (sagakit.locks): pools of units,
+        # the reservations on them (swept by state and expiry), and pending markers.
+        """CREATE TABLE IF NOT EXISTS {p}lock_pools (
+            space TEXT NOT NULL, resource TEXT NOT NULL, total BIGINT NOT NULL,
+            available BIGINT NOT NULL CHECK (available >= 0), PRIMARY KEY (space, resource))""",
+        """CREATE TABLE IF NOT EXISTS {p}reservations (
+            space TEXT NOT NULL, holder TEXT NOT NULL, step TEXT NOT NULL, resource TEXT NOT NULL,
+            amount BIGINT NOT NULL, state TEXT NOT NULL, expires_at {real} NOT NULL,
+            created_at {real} NOT NULL, updated_at {real} NOT NULL,
+            PRIMARY KEY (space, holder, step, resource))""",
+        "CREATE INDEX IF NOT EXISTS {p}reservations_due ON {p}reservations (state, expires_at)",
+        """CREATE INDEX IF NOT EXISTS {p}reservations_pool
+            ON {p}reservations (space, resource, state)""",
+        """CREATE TABLE IF NOT EXISTS {p}pending (
+            space TEXT NOT NULL, key TEXT NOT NULL, holder TEXT NOT NULL, change TEXT NOT NULL,
+            since {real} NOT NULL, PRIMARY KEY (space, key))""",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -16,17 +16,15 @@ multi-process demo (``sagakit.examples.order_fulfillment.cluster``) split the ap
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import sagakit as sk
 
 from .catalog import CATALOG
 from .customers import Customers
-from .inventory import DEFAULT_TTL, Inventory
+from .inventory import DEFAULT_TTL, Inventory, lock_timing
 from .loyalty import Loyalty
 from .messages import Line
 from .orders import Orders
@@ -51,10 +49,8 @@ class OrderFulfillment:
     payments: Payments
     shipping: Shipping
     loyalty: Loyalty
-    sweep_interval: float = 1.0
     #: the saga version new orders start (a rolling upgrade moves it on)
     saga: sk.SagaDefinition[OrderData] = create_order
-    _sweeper: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
     def services(self) -> list[Service]:
@@ -68,20 +64,13 @@ class OrderFulfillment:
         ]
 
     async def start(self) -> None:
-        """Create the services' tables, then start the App and the stock sweeper."""
+        """Create the services' tables, then start the App (and so the stock sweeper,
+        which the App runs in the processes that run the inventory service)."""
         for service in self.services:
             await service.create_tables()
         await self.app.start()
-        # The stock sweeper belongs to the inventory service: only its processes run it.
-        if self.sweep_interval > 0 and self.app.runs("inventory"):
-            self._sweeper = asyncio.create_task(self.inventory.run_sweeper(self.sweep_interval))
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
         await self.app.stop()
 
     async def __aenter__(self) -> OrderFulfillment:
@@ -139,20 +128,25 @@ def build(
     gateway: FakeCardGateway | None = None,
     stock_ttl: float = DEFAULT_TTL,
     sweep_interval: float = 1.0,
+    lock_ttl: float | None = None,
     run: Iterable[str] | None = None,
 ) -> OrderFulfillment:
     """The order-fulfillment application on ``store`` and ``transport``.
 
     ``run`` selects the services (and/or ``"coordinator"``) this process
     consumes for; None runs them all, ``[]`` none (a process that only places
-    orders and reads the books).
+    orders and reads the books). ``stock_ttl`` is how long stock reservations
+    live; ``sweep_interval`` how often expired ones are swept (0: never);
+    ``lock_ttl`` (``sagakit demo --lock-ttl``) sets both.
     """
+    if lock_ttl is not None:
+        stock_ttl, sweep_interval = lock_timing(lock_ttl)
     app = sk.App(store, transport, settings=settings, clock=clock, run=run)
     where = service_stores(store)
     services = {
         "orders": Orders(),
         "customers": Customers(),
-        "inventory": Inventory(ttl=stock_ttl),
+        "inventory": Inventory(stock_ttl, sweep_interval or None),
         "payments": Payments(gateway),
         "shipping": Shipping(carrier),
         "loyalty": Loyalty(),
@@ -160,4 +154,4 @@ def build(
     for name, service in services.items():
         service.install(app, where[name])
     app.saga(create_order)
-    return OrderFulfillment(app, **services, sweep_interval=sweep_interval)  # type: ignore[arg-type]
+    return OrderFulfillment(app, **services)  # type: ignore[arg-type]

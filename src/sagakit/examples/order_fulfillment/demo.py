@@ -52,9 +52,11 @@ from .app import OrderFulfillment, build
 from .catalog import CATALOG
 from .cluster import Cluster, WorkerFailed
 from .loyalty import points_for
+from .messages import ReservationExpired
 from .orders import APPROVED, REJECTED
 from .payments import CARD_DECLINED, CARD_INSUFFICIENT_FUNDS, CARD_OK
 from .shipping import FakeCarrier
+from .worker import LOCK_TTL_ENV
 
 log = logging.getLogger("sagakit.examples.order_fulfillment.demo")
 
@@ -68,6 +70,7 @@ CARD = "rejected: card declined"
 OTHER = "rejected: other"
 NOT_FINISHED = "not finished"
 OUTCOMES = [COMPLETED, SHIPPING_RETRIED, CREDIT, STOCK, CARD, OTHER, NOT_FINISHED]
+EXPIRED_CODE = ReservationExpired.code
 REASONS = {
     "customers.CreditLimitExceeded": CREDIT,
     "inventory.OutOfStock": STOCK,
@@ -358,7 +361,7 @@ async def check(
     credit = await of.customers.audit()
     stock = await of.inventory.audit()
     books = await of.payments.books()
-    net = await of.payments.net_by_order()
+    net = {i: v for i, v in (await of.payments.net_by_order()).items() if v}  # refunds net 0
     shipped = await of.shipping.shipped_orders()
     awards = await of.loyalty.awards()
     held = [s.sku for s in stock if s.reserved]
@@ -418,7 +421,13 @@ async def check(
         store=redact(args.store),
         transport=redact(args.transport),
         seed=args.seed,
+        extra={"expired": expired_orders(orders.values(), mine)},
     )
+
+
+def expired_orders(orders: Any, mine: set[str]) -> int:
+    """Orders compensated because their stock reservation expired before the pivot."""
+    return sum(1 for o in orders if o.id in mine and o.reason_code == EXPIRED_CODE)
 
 
 async def run(args: argparse.Namespace) -> Result:
@@ -428,7 +437,13 @@ async def run(args: argparse.Namespace) -> Result:
     # Planned outages are in the shipping table (see seed); orders placed
     # later over HTTP (--serve) meet a carrier that refuses 10% of first bookings.
     carrier = FakeCarrier()
-    of = build(args.store, args.transport, carrier=carrier, settings=_settings(args))
+    of = build(
+        args.store,
+        args.transport,
+        carrier=carrier,
+        settings=_settings(args),
+        lock_ttl=args.lock_ttl,
+    )
     await of.start()
     try:
         await seed(of, plan)
@@ -461,10 +476,17 @@ async def run_cluster(args: argparse.Namespace) -> Result:
     handlers (``run=[]``) but relays what it writes to the outbox.
     """
     plan = make_plan(args.orders, args.seed)
-    of = build(args.store, args.transport, run=[], settings=_settings(args))
+    of = build(args.store, args.transport, run=[], settings=_settings(args), lock_ttl=args.lock_ttl)
     await of.start()
     layout = Cluster.layout(per_service=args.processes, coordinators=args.coordinators)
-    cluster = Cluster(args.store, args.transport, layout, lease=args.lease, log_dir=args.log_dir)
+    cluster = Cluster(
+        args.store,
+        args.transport,
+        layout,
+        lease=args.lease,
+        log_dir=args.log_dir,
+        env=_ttl_env(args),
+    )
     chaos: dict[str, Any] = {}
     try:
         await seed(of, plan)
@@ -494,7 +516,7 @@ async def run_cluster(args: argparse.Namespace) -> Result:
         codes = cluster.stop()
         await of.stop()
     unclean = {n: c for n, c in codes.items() if c != 0}
-    result.extra = {
+    result.extra |= {
         "processes": pids,
         "worker_exit_codes": codes,
         "workers_stopped_cleanly": not unclean,
@@ -523,6 +545,11 @@ async def _chaos(cluster: Cluster, watch: Watch, out: dict[str, Any]) -> None:
     out["finished_at_kill"] = watch.finished
     await asyncio.sleep(1.0)
     out["restarted_pid"] = await cluster.restart(victim)
+
+
+def _ttl_env(args: argparse.Namespace) -> dict[str, str]:
+    """``--lock-ttl`` for the worker processes (read by ``worker.create``)."""
+    return {} if args.lock_ttl is None else {LOCK_TTL_ENV: str(args.lock_ttl)}
 
 
 def _settings(args: argparse.Namespace) -> sk.Settings | None:
@@ -573,6 +600,8 @@ def report(result: Result, args: argparse.Namespace) -> None:
         f"the carrier refused {result.shipping_refusals} bookings; "
         "each was retried until the parcel shipped"
     )
+    if out.get("expired"):
+        console.print(f"{out['expired']} orders lost their stock lock before the pivot: refunded")
     inv = Table(title="invariants across the six services")
     inv.add_column("invariant")
     inv.add_column("", justify="center")
@@ -660,6 +689,14 @@ def parser() -> argparse.ArgumentParser:
         help="Settings.lease in seconds: how soon a dead consumer's messages come back "
         "(default 30; 2 with --chaos)",
     )
+    p.add_argument(
+        "--lock-ttl",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="time-to-live of the stock locks (default 120); a short one makes some orders "
+        "lose their reservations before the pivot, and they are compensated",
+    )
     p.add_argument("--log-dir", default=None, help="worker logs (default: a temporary directory)")
     return p
 
@@ -685,6 +722,8 @@ def misuse(args: argparse.Namespace) -> str | None:
         return "--processes >= 0 and --coordinators >= 1"
     if args.processes and args.serve:
         return "--serve runs in one process; drop --processes"
+    if args.lock_ttl is not None and not args.lock_ttl > 0:
+        return "--lock-ttl must be positive"
     if args.chaos and (not args.processes or args.coordinators < 2):
         return "--chaos needs --processes and two coordinators"
     return None

@@ -1,12 +1,13 @@
-"""Payments: charge a card for an order (the saga's pivot), refund a payment.
+"""Payments: charge a card for an order, refund a payment.
 
 The card network is a fake (:class:`FakeCardGateway`) that behaves like a
 payment provider's test mode: special card tokens are declined. A charge is
 recorded once per order, so a redelivered command never charges twice.
 
-Refunds are not a compensation of the create-order saga (once the card is
-charged the saga only goes forward); they exist for returns and operators,
-and they count in the books: ``charged - refunded == total of approved orders``.
+A refund compensates the charge when the saga's pivot (confirming the stock)
+is refused, e.g. because the stock reservation expired; refunds also serve
+returns and operators, and they count in the books:
+``charged - refunded == total of approved orders``.
 """
 
 from __future__ import annotations

@@ -4,17 +4,26 @@
 
     create-order     orders.CreateOrder        undo: orders.RejectOrder (with the reason)
     reserve-credit   customers.ReserveCredit   undo: customers.ReleaseCredit
-    reserve-stock    inventory.ReserveStock    undo: inventory.ReleaseStock
-    charge-card      payments.ChargeCard       pivot: no way back once charged
-    confirm-stock    inventory.ConfirmStock    retried until it succeeds
+    reserve-stock    inventory.ReserveStock    undo: inventory.ReleaseStock   (reserve phase)
+    charge-card      payments.ChargeCard       undo: payments.RefundPayment
+    confirm-stock    inventory.ConfirmStock    pivot: the stock is spent, no way back
     ship             shipping.ShipOrder        retried until the carrier takes it
     award-points     loyalty.AwardPoints       retried; never compensated
     approve          orders.ApproveOrder       retried
 
-A business refusal before the pivot (credit limit, stock, card) is recorded
-in the saga data by ``on_failure`` and the completed steps are compensated in
-reverse order; the last compensation rejects the order with that reason.
-After the pivot every step is retried forward: the order will be approved.
+The acquire-first shape: the stock is locked for ``STOCK_TTL`` seconds
+(a timeout-based lock, :class:`sagakit.Reservations`), the card is charged,
+and the lock is confirmed at the pivot. A confirm that comes too late is
+refused (``inventory.ReservationExpired``) and, being the pivot, compensates
+the order: the card is refunded. The saga's ``DEADLINE`` is shorter than the
+lock, so a saga that cannot reach its pivot in time is compensated rather
+than left holding stock.
+
+A business refusal before the pivot (credit limit, stock, card, an expired
+reservation) is recorded in the saga data by ``on_failure`` and the completed
+steps are compensated in reverse order; the last compensation rejects the
+order with that reason. After the pivot every step is retried forward: the
+order will be approved.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import msgspec
 
 import sagakit as sk
 
+from .inventory import DEFAULT_TTL
 from .loyalty import points_for
 from .messages import (
     ApproveOrder,
@@ -37,6 +47,7 @@ from .messages import (
     Line,
     OrderShipped,
     PointsAwarded,
+    RefundPayment,
     RejectOrder,
     ReleaseCredit,
     ReleaseStock,
@@ -98,8 +109,16 @@ def reject(d: OrderData) -> RejectOrder:
     )
 
 
+def refund(d: OrderData) -> RefundPayment:
+    return RefundPayment(d.order_id, d.total, d.reason or "the order was compensated")
+
+
 #: a reply must come within this long, or the step counts as failed
 STEP_TIMEOUT = 30.0
+#: a saga that has not reached its pivot by then is compensated (shorter than the lock)
+DEADLINE = 60.0
+#: the stock lock's time-to-live the inventory service promises
+STOCK_TTL = DEFAULT_TTL
 #: forward recovery after the pivot: quick at first, then patient
 FORWARD = sk.RetryPolicy(max_attempts=20, initial=0.02, multiplier=2.0, max_delay=2.0)
 
@@ -112,7 +131,7 @@ def define(version: int = 1) -> sk.SagaDefinition[OrderData]:
     started with, so old processes must hand version-2 messages back.
     """
     return (
-        sk.Saga("create-order", OrderData, version=version)
+        sk.Saga("create-order", OrderData, version=version, deadline=DEADLINE)
         .step("create-order")
         .invoke("orders", lambda d: CreateOrder(d.order_id, d.customer_id, d.lines, d.total))
         .compensate("orders", reject)
@@ -128,16 +147,18 @@ def define(version: int = 1) -> sk.SagaDefinition[OrderData]:
         .on_reply(StockReserved, lambda d, r: replace(d, stock_expires_at=r.expires_at))
         .on_failure(refused)
         .compensate("inventory", lambda d: ReleaseStock(d.order_id))
+        .reserves(ttl=STOCK_TTL)
         .timeout(STEP_TIMEOUT)
         .step("charge-card")
         .invoke("payments", lambda d: ChargeCard(d.order_id, d.customer_id, d.total, d.card_token))
         .on_reply(CardCharged, lambda d, r: replace(d, payment_id=r.payment_id))
         .on_failure(refused)
-        .pivot()
+        .compensate("payments", refund)
         .step("confirm-stock")
         .invoke("inventory", lambda d: ConfirmStock(d.order_id))
-        .on_failure(retried("confirm-stock"))
-        .retry(FORWARD)
+        .on_failure(refused)
+        .confirms("reserve-stock")
+        .pivot()
         .step("ship")
         .invoke("shipping", lambda d: ShipOrder(d.order_id, d.customer_id, d.lines, d.address))
         .on_reply(

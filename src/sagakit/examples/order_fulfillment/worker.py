@@ -17,11 +17,15 @@ starts the workers (see :mod:`sagakit.examples.order_fulfillment.cluster`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import sagakit as sk
 
 from .app import OrderFulfillment, build
+
+#: the stock locks' time-to-live in seconds, set by ``sagakit demo --lock-ttl``
+LOCK_TTL_ENV = "SAGAKIT_DEMO_LOCK_TTL"
 
 
 def create(
@@ -35,4 +39,6 @@ def create(
         raise sk.ConfigurationError(
             f"{__name__}:create needs a store: --store URL or SAGAKIT_STORE"
         )
-    return build(store, transport or "database", settings=settings, run=run)
+    ttl = os.environ.get(LOCK_TTL_ENV)
+    lock_ttl = float(ttl) if ttl else None
+    return build(store, transport or "database", settings=settings, run=run, lock_ttl=lock_ttl)
