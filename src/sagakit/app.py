@@ -18,23 +18,30 @@ the transport and starts the consumers this process runs (``run=``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Iterable
+import time
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
+import msgspec
+
+from .choreography import TRACKER, ChoreographyDefinition, Flows
+from .choreography.shell import TIMER_QUEUE as TRACK_TIMERS
 from .clock import Clock
-from .endpoint import Endpoint, HopPolicy, Route, Router
-from .errors import ConfigurationError, DuplicateRegistration
-from .messages import DEFAULT_MAX_SIZE, Codec, Envelope, TypeRegistry
+from .endpoint import Endpoint, HopPolicy, Route, Router, Scope
+from .errors import ConfigurationError, DuplicateRegistration, MissingCorrelation
+from .inbox import Inbox
+from .messages import DEFAULT_MAX_SIZE, Codec, Envelope, Headers, TypeRegistry, new_id
 from .ops.background import Periodic
 from .ops.dead_letters import DeadLetters
 from .ops.retention import Pruner, Retention
 from .ops.stuck import StuckWatcher
 from .outbox import OutboxWriter, Relay
-from .participant import Participant
+from .participant import Context, Participant
 from .policies import RetryPolicy
 from .saga import Sagas
 from .saga.coordinator import COORDINATOR_QUEUE, LOCAL_QUEUE, TIMER_QUEUE, Coordinator
@@ -146,6 +153,8 @@ class App:
         #: list, replay and purge the main store's dead letters
         self.dead_letters = DeadLetters(self.store, self.transport)
         self.participants: dict[str, Participant] = {}
+        #: tracked choreographies and the queries on their flows
+        self.flows = Flows(self.store)
         self._pstores: dict[str, Store] = {}
         self._run = set(run) if run is not None else None
         self._subs: list[Subscription] = []
@@ -172,6 +181,46 @@ class App:
             for cls, _ in step.on_reply.values():
                 self.registry.add(cls)
         return definition
+
+    def track(self, definition: ChoreographyDefinition) -> ChoreographyDefinition:
+        """Track a choreography: its events feed flows keyed by correlation id
+        (run by the service ``tracker``; queries in ``app.flows``)."""
+        self.flows.register(definition)
+        for cls in definition.types:
+            self.registry.add(cls)
+        return definition
+
+    @contextlib.asynccontextmanager
+    async def begin(
+        self,
+        participant: str,
+        *,
+        correlation_id: str | None = None,
+        new_conversation: bool = False,
+    ) -> AsyncIterator[Context]:
+        """A handler's transaction outside any handler, to start a conversation.
+
+        ::
+
+            async with app.begin("orders", correlation_id=order_id) as ctx:
+                await ctx.db.execute("INSERT INTO orders ...")
+                ctx.publish(OrderPlaced(...))
+
+        The participant's business change and the events it publishes commit
+        together. An event needs a correlation id: pass one, or
+        ``new_conversation=True`` for a fresh one (``ctx.correlation_id``).
+        """
+        if participant not in self.participants:
+            raise ConfigurationError(f"no participant {participant!r}")
+        if correlation_id is None and not new_conversation:
+            raise MissingCorrelation("begin() needs correlation_id= or new_conversation=True")
+        headers = Headers(correlation_id=correlation_id or new_id(), created_at=time.time())
+        origin = Envelope(new_id(), "sagakit.Origin", "event", msgspec.Raw(b"null"), headers)
+        store = self.store_of(participant)
+        async with store.transaction() as tx:
+            scope = Scope(origin, tx, Inbox(store, participant), self.codec)
+            yield Context(scope)
+            await self.writer_for(store).flush(tx, scope.out)
 
     def store_of(self, participant: str) -> Store:
         """The store a participant's handlers run in."""
@@ -219,6 +268,8 @@ class App:
         coordinating = self.runs(COORDINATOR) and bool(self.sagas.definitions)
         if coordinating:
             await self._start_coordinator()
+        if self.runs(TRACKER) and self.flows.trackers:
+            await self._start_trackers()
         self._start_housekeeping(coordinating)
         self._start_relays()
 
@@ -292,6 +343,8 @@ class App:
         for name, p in self.participants.items():
             await self.transport.declare(name, list(p.events))
         await self.transport.declare(COORDINATOR_QUEUE, [])
+        for tracker in self.flows.trackers.values():
+            await self.transport.declare(tracker.queue, sorted(tracker.defn.events()))
 
     async def _start_participants(self) -> None:
         for name, p in self.participants.items():
@@ -309,6 +362,14 @@ class App:
         self._subs.append(self._store_consumer(TIMER_QUEUE, timers.handle))
         local = self._endpoint(LOCAL_QUEUE, self.store, _route_replies(coord), trusted=True)
         self._subs.append(self._store_consumer(LOCAL_QUEUE, lambda d: coord.run_local(d, local)))
+
+    async def _start_trackers(self) -> None:
+        for tracker in self.flows.trackers.values():
+            await self._consume(
+                tracker.queue, self._endpoint(tracker.queue, self.store, tracker.route)
+            )
+        timers = self._endpoint(TRACK_TIMERS, self.store, self.flows.timer_route, trusted=True)
+        self._subs.append(self._store_consumer(TRACK_TIMERS, timers.handle))
 
     def _start_housekeeping(self, coordinating: bool) -> None:
         """Retention runs in every process over the stores it uses (several pruners at

@@ -76,6 +76,21 @@ MIGRATIONS: list[list[str]] = [
         # from its claims, so that an outage never makes a row look poisonous.
         "ALTER TABLE {p}messages ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
     ],
+    [
+        # Choreography tracker (sagakit.choreography): one row per tracked flow,
+        # keyed by choreography and correlation id, and its timeline (applied,
+        # held, outside and rejected events, deadlines), held events' bytes kept.
+        """CREATE TABLE IF NOT EXISTS {p}chor_flows (
+            flow TEXT NOT NULL, correlation_id TEXT NOT NULL, status TEXT NOT NULL,
+            state {blob} NOT NULL, started_at {real}, updated_at {real} NOT NULL,
+            PRIMARY KEY (flow, correlation_id))""",
+        "CREATE INDEX IF NOT EXISTS {p}chor_flows_status ON {p}chor_flows (status, updated_at)",
+        """CREATE TABLE IF NOT EXISTS {p}chor_timeline (
+            seq {serial}, flow TEXT NOT NULL, correlation_id TEXT NOT NULL, at {real} NOT NULL,
+            kind TEXT NOT NULL, type TEXT, step TEXT, message_id TEXT, reason TEXT, data {blob})""",
+        "CREATE INDEX IF NOT EXISTS {p}chor_timeline_flow ON {p}chor_timeline "
+        "(flow, correlation_id, seq)",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
