@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from typing import Any
@@ -85,10 +86,8 @@ async def wait_flows(
     end, poll = loop.time() + timeout, 0.02
     while loop.time() < end:
         for oid in [i for i, v in views.items() if v is None or v.status not in FINAL]:
-            try:
+            with contextlib.suppress(FlowNotFound):
                 views[oid] = await of.app.flows.get(oid, flow="place-order", timeline=False)
-            except FlowNotFound:
-                pass
         if all(v is not None and v.status in FINAL for v in views.values()):
             break
         await asyncio.sleep(poll)
