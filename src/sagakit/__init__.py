@@ -7,6 +7,7 @@ module: the whole error tree in :mod:`sagakit.errors`, backends in
 """
 
 from .app import App, Settings
+from .choreography import Choreography, ChoreographyDefinition, ChoreographyStalled, FlowView
 from .clock import Clock, FakeClock, SystemClock
 from .errors import (
     BusinessError,
@@ -14,9 +15,11 @@ from .errors import (
     ConfigurationError,
     DefinitionError,
     DuplicateRegistration,
+    FlowNotFound,
     InvalidOperatorAction,
     MalformedMessage,
     MessageError,
+    MissingCorrelation,
     OversizeMessage,
     SagakitError,
     SagaNotFound,
@@ -41,6 +44,9 @@ __all__ = [
     "App",
     "BusinessError",
     "Cancelled",
+    "Choreography",
+    "ChoreographyDefinition",
+    "ChoreographyStalled",
     "Clock",
     "ConfigurationError",
     "Context",
@@ -50,9 +56,12 @@ __all__ = [
     "Envelope",
     "Failure",
     "FakeClock",
+    "FlowNotFound",
+    "FlowView",
     "InvalidOperatorAction",
     "MalformedMessage",
     "MessageError",
+    "MissingCorrelation",
     "OversizeMessage",
     "Participant",
     "RetryPolicy",

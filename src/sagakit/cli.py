@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import __version__
 from .app import COORDINATOR, App, Settings
+from .choreography import check_cli
 from .errors import CommandFailed, ConfigurationError, SagakitError, is_outage
 from .ops import dead_letters_cli
 from .transport import redact
@@ -428,6 +429,7 @@ def parser() -> argparse.ArgumentParser:
     _prune_parser(db)
     _sagas_parser(sub)
     dead_letters_cli.add_parser(sub)
+    check_cli.add_parser(sub)
     return p
 
 

@@ -337,3 +337,15 @@ async def place(of: OrderFulfillment, order: PlacedOrder) -> None:
     async with of.app.begin("orders", correlation_id=order.order_id) as ctx:
         await of.orders.create(create, ctx)
         ctx.publish(OrderPlaced(order))
+
+
+def application(store: str = "memory://", transport: str = "database") -> OrderFulfillment:
+    """The choreographed application, for ``sagakit check`` and ``sagakit worker``::
+
+    sagakit check sagakit.examples.order_fulfillment.choreography:application
+    """
+    from .app import build
+
+    of = build(store, transport)
+    install(of)
+    return of
