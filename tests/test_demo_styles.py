@@ -18,7 +18,7 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str,
     return code, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("style", ["choreography"])
+@pytest.mark.parametrize("style", ["choreography", "mixed"])
 def test_style_on_the_embedded_default(
     style: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -33,7 +33,7 @@ def test_style_on_the_embedded_default(
     assert result["pending"] == 0 and result["failed"] == 0
 
 
-@pytest.mark.parametrize("style", ["choreography"])
+@pytest.mark.parametrize("style", ["choreography", "mixed"])
 def test_style_on_postgres_and_rabbitmq(
     style: str, postgres_url: str, rabbitmq_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

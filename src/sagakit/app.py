@@ -35,7 +35,7 @@ from .clock import Clock
 from .endpoint import Endpoint, HopPolicy, Route, Router, Scope
 from .errors import ConfigurationError, DuplicateRegistration, MissingCorrelation
 from .inbox import Inbox
-from .messages import DEFAULT_MAX_SIZE, Codec, Envelope, Headers, TypeRegistry, new_id
+from .messages import DEFAULT_MAX_SIZE, Codec, Envelope, Headers, TypeRegistry, new_id, spec_of
 from .ops.background import Periodic
 from .ops.dead_letters import DeadLetters
 from .ops.retention import Pruner, Retention
@@ -44,6 +44,7 @@ from .outbox import OutboxWriter, Relay
 from .participant import Context, Participant
 from .policies import RetryPolicy
 from .saga import Sagas
+from .saga.awaits import AWAITS, Awaits
 from .saga.coordinator import COORDINATOR_QUEUE, LOCAL_QUEUE, TIMER_QUEUE, Coordinator
 from .saga.definition import SagaDefinition
 from .saga.registry import SagaRegistry
@@ -150,6 +151,8 @@ class App:
         self._writers: dict[int, OutboxWriter] = {}
         coordinator = Coordinator(SagaRegistry(), self.writer_for(self.store), s.retry)
         self.sagas = Sagas(coordinator.registry, coordinator)
+        #: the endpoint behind the sagas' wait_for steps
+        self.awaits = Awaits(self.store)
         #: list, replay and purge the main store's dead letters
         self.dead_letters = DeadLetters(self.store, self.transport)
         self.participants: dict[str, Participant] = {}
@@ -180,7 +183,14 @@ class App:
         for step in definition.steps:
             for cls, _ in step.on_reply.values():
                 self.registry.add(cls)
+                if step.action is not None and step.action.participant == AWAITS:
+                    self.awaits.expect(spec_of(cls).name, self.awaits.keys.get(spec_of(cls).name))
         return definition
+
+    def await_key(self, event: type[Any], field: str) -> None:
+        """Pair ``event`` with waiting saga steps by its payload ``field`` instead
+        of its ``correlation_id`` header (call before registering the sagas)."""
+        self.awaits.expect(spec_of(event).name, field)
 
     def track(self, definition: ChoreographyDefinition) -> ChoreographyDefinition:
         """Track a choreography: its events feed flows keyed by correlation id
@@ -343,6 +353,8 @@ class App:
         for name, p in self.participants.items():
             await self.transport.declare(name, list(p.events))
         await self.transport.declare(COORDINATOR_QUEUE, [])
+        if self.awaits.keys:
+            await self.transport.declare(AWAITS, sorted(self.awaits.keys))
         for tracker in self.flows.trackers.values():
             await self.transport.declare(tracker.queue, sorted(tracker.defn.events()))
 
@@ -362,6 +374,8 @@ class App:
         self._subs.append(self._store_consumer(TIMER_QUEUE, timers.handle))
         local = self._endpoint(LOCAL_QUEUE, self.store, _route_replies(coord), trusted=True)
         self._subs.append(self._store_consumer(LOCAL_QUEUE, lambda d: coord.run_local(d, local)))
+        if self.awaits.keys:
+            await self._consume(AWAITS, self._endpoint(AWAITS, self.store, self.awaits.route))
 
     async def _start_trackers(self) -> None:
         for tracker in self.flows.trackers.values():
@@ -413,9 +427,11 @@ class App:
 
 
 def _route_replies(coord: Coordinator) -> Router:
-    route = Route(coord.on_reply)
+    route, start = Route(coord.on_reply), Route(coord.on_start)
 
     def router(env: Envelope) -> Route | None:
+        if env.kind == "command" and env.type == "sagakit.StartSaga":
+            return start
         return route if env.kind == "reply" else None
 
     return router

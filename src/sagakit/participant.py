@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import msgspec
+
 from .endpoint import Route, Scope
 from .errors import (
     BusinessError,
@@ -32,7 +34,7 @@ from .errors import (
     UndeclaredEvent,
 )
 from .inbox import SUCCESS, key_of
-from .messages import Done, Envelope, caused_by, new_id, spec_of
+from .messages import Done, Envelope, caused_by, encode_json, new_id, spec_of
 
 if TYPE_CHECKING:
     from .store import Tx
@@ -54,6 +56,26 @@ class Context:
     def __init__(self, scope: Scope, publishes: frozenset[str] | None = None) -> None:
         self._scope = scope
         self._publishes = publishes
+
+    def start_saga(self, definition: Any, data: Any, *, saga_id: str | None = None) -> str:
+        """Start an orchestrated saga when this transaction commits; its id.
+
+        The request goes to the coordinator through this handler's outbox, so
+        the saga starts exactly once, with this message's correlation id (the
+        saga id too, unless given: one id space for the business transaction).
+        A choreography continues on the saga's ``on_completed`` /
+        ``on_compensated`` events.
+        """
+        from .saga.coordinator import COORDINATOR_QUEUE, StartSaga
+
+        scope = self._scope
+        cid = scope.env.headers.correlation_id or scope.env.id
+        saga_id = saga_id or cid
+        raw = msgspec.Raw(encode_json(data))
+        request = StartSaga(definition.name, definition.version, raw, saga_id, cid)
+        headers = caused_by(scope.env, correlation_id=cid, saga_id=None, saga_type=None)
+        scope.out.send(scope.codec.make(request, headers), COORDINATOR_QUEUE)
+        return saga_id
 
     @property
     def db(self) -> Tx:
@@ -139,6 +161,8 @@ class Participant:
     commands: dict[str, _Registered] = field(default_factory=dict)
     events: dict[str, _Registered] = field(default_factory=dict)
     types: list[type[Any]] = field(default_factory=list)
+    #: event type -> saga definitions its handler starts (declared)
+    starts: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def command(
         self,
@@ -164,6 +188,7 @@ class Participant:
         timeout: float | None = None,
         publishes: tuple[type[Any], ...] | None = None,
         on_refusal: OnRefusal | None = None,
+        starts: tuple[Any, ...] = (),
     ) -> Callable[[Callable[[M, Context], Awaitable[R]]], Callable[[M, Context], Awaitable[R]]]:
         """Register a handler of event type ``cls`` (this participant subscribes).
 
@@ -175,8 +200,11 @@ class Participant:
         failure event: the handler's changes are rolled back and the failure
         event is published with the inbox row in a fresh transaction. Without
         it a business error is a technical failure (retried, then dead-lettered).
+        ``starts`` names the saga definitions it starts (``ctx.start_saga``), for
+        ``sagakit check``, which counts their completion events as published.
         """
         declared = _names(publishes)
+        self.starts[spec_of(cls).name] = tuple(starts)
         if on_refusal is not None and declared is None:
             raise ConfigurationError("on_refusal= needs publishes= naming its failure event")
         return self._register(
@@ -200,9 +228,19 @@ class Participant:
         return decorate
 
     def handlers(self) -> list[tuple[str, str, frozenset[str] | None]]:
-        """(kind, type it handles, event types it declares publishing) per handler."""
+        """(kind, type it handles, event types it declares publishing) per handler.
+
+        The completion events of the sagas an event handler starts count as
+        its own: they follow from it.
+        """
         rows = [("command", n, r.publishes) for n, r in self.commands.items()]
-        return rows + [("event", n, r.publishes) for n, r in self.events.items()]
+        for n, r in self.events.items():
+            announced = frozenset(name for d in self.starts.get(n, ()) for name in d.announces)
+            if r.publishes is None and not announced:
+                rows.append(("event", n, None))
+            else:
+                rows.append(("event", n, (r.publishes or frozenset()) | announced))
+        return rows
 
     def wrap(self, wrapper: Callable[[str, CommandHandler], CommandHandler]) -> None:
         """Wrap every command handler registered so far, e.g. for instrumentation.

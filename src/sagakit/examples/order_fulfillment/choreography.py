@@ -23,6 +23,8 @@ The contract :data:`place_order` declares all of this for the tracker,
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 import sagakit as sk
@@ -169,23 +171,32 @@ def refusal(cls: type[StockRefused] | type[PaymentDeclined]) -> OnRefusal:
 
 def install(of: OrderFulfillment) -> None:
     """Subscribe the six services to each other's events and track the flow."""
-    _customers(of)
-    _inventory(of)
+    reserve_credit(of)
+    release_credit(of, (StockRefused, PaymentDeclined))
+    reserve_stock(of)
+    release_stock(of, (PaymentDeclined,))
+    _confirm_stock(of)
     _payments(of)
     _shipping(of)
     _loyalty(of)
-    _orders(of)
+    _approve(of)
+    reject_orders(of, (StockRefused, PaymentDeclined))
     of.app.track(place_order)
 
 
-def _p(service: object) -> sk.Participant:
+def participant_of(service: object) -> sk.Participant:
     p = getattr(service, "participant", None)
     assert isinstance(p, sk.Participant)
     return p
 
 
-def _customers(of: OrderFulfillment) -> None:
-    p, svc = _p(of.customers), of.customers
+#: a failure event that carries the order (and a code and reason)
+Failed = type[StockRefused] | type[PaymentDeclined] | type[Any]
+
+
+def reserve_credit(of: OrderFulfillment) -> None:
+    """customers: OrderPlaced -> CreditWasReserved | CreditRefused."""
+    p, svc = participant_of(of.customers), of.customers
 
     @p.event(
         OrderPlaced,
@@ -197,21 +208,23 @@ def _customers(of: OrderFulfillment) -> None:
         await svc.reserve_credit(ReserveCredit(o.customer_id, o.order_id, o.total), ctx)
         ctx.publish(CreditWasReserved(o))
 
-    async def release(order: PlacedOrder, ctx: sk.Context) -> None:
+
+def release_credit(of: OrderFulfillment, failures: tuple[Failed, ...]) -> None:
+    """customers: each failure event after the credit was reserved -> CreditReleased."""
+    p, svc = participant_of(of.customers), of.customers
+
+    async def release(e: Any, ctx: sk.Context) -> None:
+        order = e.order
         await svc.release_credit(ReleaseCredit(order.customer_id, order.order_id), ctx)
         ctx.publish(CreditReleased(order.order_id))
 
-    @p.event(StockRefused, publishes=(CreditReleased,))
-    async def on_no_stock(e: StockRefused, ctx: sk.Context) -> None:
-        await release(e.order, ctx)
-
-    @p.event(PaymentDeclined, publishes=(CreditReleased,))
-    async def on_declined(e: PaymentDeclined, ctx: sk.Context) -> None:
-        await release(e.order, ctx)
+    for failure in failures:
+        p.event(failure, publishes=(CreditReleased,))(release)
 
 
-def _inventory(of: OrderFulfillment) -> None:
-    p, svc = _p(of.inventory), of.inventory
+def reserve_stock(of: OrderFulfillment) -> None:
+    """inventory: CreditWasReserved -> StockWasReserved | StockRefused."""
+    p, svc = participant_of(of.inventory), of.inventory
 
     @p.event(
         CreditWasReserved,
@@ -222,19 +235,30 @@ def _inventory(of: OrderFulfillment) -> None:
         await svc.reserve(ReserveStock(e.order.order_id, e.order.lines), ctx)
         ctx.publish(StockWasReserved(e.order))
 
+
+def release_stock(of: OrderFulfillment, failures: tuple[Failed, ...]) -> None:
+    """inventory: each failure event after the stock was reserved -> StockReleased."""
+    p, svc = participant_of(of.inventory), of.inventory
+
+    async def release(e: Any, ctx: sk.Context) -> None:
+        await svc.release(ReleaseStock(e.order.order_id), ctx)
+        ctx.publish(StockReleased(e.order.order_id))
+
+    for failure in failures:
+        p.event(failure, publishes=(StockReleased,))(release)
+
+
+def _confirm_stock(of: OrderFulfillment) -> None:
+    p, svc = participant_of(of.inventory), of.inventory
+
     @p.event(PaymentCaptured, publishes=(StockConfirmed,))
     async def confirm(e: PaymentCaptured, ctx: sk.Context) -> None:
         await svc.confirm(ConfirmStock(e.order.order_id), ctx)
         ctx.publish(StockConfirmed(e.order))
 
-    @p.event(PaymentDeclined, publishes=(StockReleased,))
-    async def release(e: PaymentDeclined, ctx: sk.Context) -> None:
-        await svc.release(ReleaseStock(e.order.order_id), ctx)
-        ctx.publish(StockReleased(e.order.order_id))
-
 
 def _payments(of: OrderFulfillment) -> None:
-    p, svc = _p(of.payments), of.payments
+    p, svc = participant_of(of.payments), of.payments
 
     @p.event(
         StockWasReserved,
@@ -249,7 +273,7 @@ def _payments(of: OrderFulfillment) -> None:
 
 
 def _shipping(of: OrderFulfillment) -> None:
-    p, svc = _p(of.shipping), of.shipping
+    p, svc = participant_of(of.shipping), of.shipping
 
     @p.event(StockConfirmed, publishes=(OrderWasShipped,))
     async def ship(e: StockConfirmed, ctx: sk.Context) -> None:
@@ -295,7 +319,7 @@ async def book(svc: object, o: PlacedOrder, ctx: sk.Context) -> tuple[str, int]:
 
 
 def _loyalty(of: OrderFulfillment) -> None:
-    p, svc = _p(of.loyalty), of.loyalty
+    p, svc = participant_of(of.loyalty), of.loyalty
 
     @p.event(OrderWasShipped, publishes=(PointsWereAwarded,))
     async def award(e: OrderWasShipped, ctx: sk.Context) -> None:
@@ -304,14 +328,19 @@ def _loyalty(of: OrderFulfillment) -> None:
         ctx.publish(PointsWereAwarded(o, e.shipment_id, awarded.points))
 
 
-def _orders(of: OrderFulfillment) -> None:
-    p, svc = _p(of.orders), of.orders
+def _approve(of: OrderFulfillment) -> None:
+    p, svc = participant_of(of.orders), of.orders
 
     @p.event(PointsWereAwarded, publishes=(OrderApproved,))
     async def approve(e: PointsWereAwarded, ctx: sk.Context) -> None:
         oid = e.order.order_id
         await svc.approve(ApproveOrder(oid, e.shipment_id, points_for(e.order.total)), ctx)
         ctx.publish(OrderApproved(oid))
+
+
+def reject_orders(of: OrderFulfillment, failures: tuple[Failed, ...]) -> None:
+    """orders: a refused credit, and each later failure event -> OrderRejected (with the reason)."""
+    p, svc = participant_of(of.orders), of.orders
 
     async def reject(order_id: str, code: str, reason: str, ctx: sk.Context) -> None:
         await svc.reject(RejectOrder(order_id, code, reason), ctx)
@@ -321,13 +350,11 @@ def _orders(of: OrderFulfillment) -> None:
     async def no_credit(e: CreditRefused, ctx: sk.Context) -> None:
         await reject(e.order_id, e.code, e.reason, ctx)
 
-    @p.event(StockRefused, publishes=(OrderRejected,))
-    async def no_stock(e: StockRefused, ctx: sk.Context) -> None:
+    async def failed(e: Any, ctx: sk.Context) -> None:
         await reject(e.order.order_id, e.code, e.reason, ctx)
 
-    @p.event(PaymentDeclined, publishes=(OrderRejected,))
-    async def declined(e: PaymentDeclined, ctx: sk.Context) -> None:
-        await reject(e.order.order_id, e.code, e.reason, ctx)
+    for failure in failures:
+        p.event(failure, publishes=(OrderRejected,))(failed)
 
 
 async def place(of: OrderFulfillment, order: PlacedOrder) -> None:

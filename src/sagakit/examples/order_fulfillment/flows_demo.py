@@ -22,7 +22,7 @@ from sagakit.errors import FlowNotFound
 from sagakit.messages import peek
 from sagakit.transport import redact
 
-from . import choreography
+from . import choreography, mixed
 from .app import OrderFulfillment, build
 from .catalog import CATALOG
 from .choreography import PlacedOrder
@@ -50,21 +50,47 @@ def placed(o: PlannedOrder) -> PlacedOrder:
     return PlacedOrder(o.order_id, o.customer_id, lines, o.total, o.card_token, o.address)
 
 
+#: style -> (wiring, tracked choreography)
+STYLES = {
+    "choreography": (choreography.install, choreography.place_order.name),
+    "mixed": (mixed.install, mixed.place_order.name),
+}
+
+
 async def run(args: argparse.Namespace, settings: Any = None) -> Result:
-    """Run the plan as a choreography and check the books."""
+    """Run the plan in ``args.style`` and check the books."""
+    install, flow = STYLES[args.style]
     plan = make_plan(args.orders, args.seed)
     of = build(args.store, args.transport, settings=settings)
-    choreography.install(of)
+    install(of)
     await of.start()
     try:
         await seed(of, plan)
         started = time.perf_counter()
         await place_all(of, plan)
-        views = await wait_flows(of, [o.order_id for o in plan.orders], args.timeout)
+        views = await wait_flows(of, [o.order_id for o in plan.orders], args.timeout, flow)
         elapsed = time.perf_counter() - started
-        return await check(of, plan, views, elapsed, args)
+        result = await check(of, plan, views, elapsed, args)
+        if args.style == "mixed":
+            await sagas_agree(of, views, result)
+        return result
     finally:
         await of.stop()
+
+
+async def sagas_agree(of: OrderFulfillment, views: dict[str, FlowView | None], r: Result) -> None:
+    """Mixed style: each order's fulfil-order saga (same id) ended as its flow says."""
+    wrong = []
+    for oid, view in views.items():
+        rec = await of.app.store.saga_get(oid)
+        reached = view is not None and ("reserve-stock" in view.done)
+        expected = None if not reached else view.status if view else None
+        if (rec.state if rec else None) != expected:
+            wrong.append(oid)
+    r.invariants["sagas_match_flows"] = not wrong
+    r.details["sagas_match_flows"] = (
+        "each fulfil-order saga ended as its flow did" if not wrong else f"disagree: {wrong[:5]}"
+    )
 
 
 async def place_all(of: OrderFulfillment, plan: Plan, concurrency: int = 64) -> None:
@@ -78,7 +104,7 @@ async def place_all(of: OrderFulfillment, plan: Plan, concurrency: int = 64) -> 
 
 
 async def wait_flows(
-    of: OrderFulfillment, order_ids: list[str], timeout: float
+    of: OrderFulfillment, order_ids: list[str], timeout: float, flow: str = "place-order"
 ) -> dict[str, FlowView | None]:
     """Poll the tracker until every flow is finished or ``timeout`` passes."""
     views: dict[str, FlowView | None] = dict.fromkeys(order_ids)
@@ -87,7 +113,7 @@ async def wait_flows(
     while loop.time() < end:
         for oid in [i for i, v in views.items() if v is None or v.status not in FINAL]:
             with contextlib.suppress(FlowNotFound):
-                views[oid] = await of.app.flows.get(oid, flow="place-order", timeline=False)
+                views[oid] = await of.app.flows.get(oid, flow=flow, timeline=False)
         if all(v is not None and v.status in FINAL for v in views.values()):
             break
         await asyncio.sleep(poll)
