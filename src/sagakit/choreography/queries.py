@@ -7,6 +7,7 @@ to the tracker's tables (no transaction, no locks).
 from __future__ import annotations
 
 import asyncio
+import builtins
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,17 @@ class FlowView:
     @property
     def finished(self) -> bool:
         return self.status in FINAL
+
+
+@dataclass(frozen=True, slots=True)
+class StoryLine:
+    """One line of a business transaction's history, from a flow or a saga."""
+
+    at: float
+    source: str  #: ``flow <choreography>`` or ``saga <definition>``
+    entry: str  #: the timeline row's kind, or the saga history entry
+    subject: str | None  #: the event type, or the saga step
+    detail: str | None
 
 
 class Flows:
@@ -104,6 +116,20 @@ class Flows:
         """Number of flows per status."""
         return await self.rows.counts(flow)
 
+    async def history(self, correlation_id: str) -> builtins.list[StoryLine]:
+        """The whole business transaction in one list, oldest first: the
+        timelines of its tracked flows and the history of the saga with the
+        same id (``ctx.start_saga`` uses the correlation id as the saga id)."""
+        lines: builtins.list[StoryLine] = []
+        for row in await self.rows.get(correlation_id):
+            for t in await self.rows.history(row.flow, correlation_id):
+                lines.append(StoryLine(t.at, f"flow {row.flow}", t.kind, t.type, t.reason))
+        saga = await self.store.saga_get(correlation_id)
+        if saga is not None:
+            for e in await self.store.history(correlation_id):
+                lines.append(StoryLine(e.at, f"saga {saga.type}", e.entry, e.step, e.detail))
+        return sorted(lines, key=lambda line: line.at)
+
     async def wait(self, correlation_id: str, *, timeout: float = 30.0) -> FlowView:
         """Poll until the flow is finished (completed, compensated or failed)."""
         async with asyncio.timeout(timeout):
@@ -136,4 +162,4 @@ class Flows:
         )
 
 
-__all__ = ["TIMER_QUEUE", "FlowView", "Flows"]
+__all__ = ["TIMER_QUEUE", "FlowView", "Flows", "StoryLine"]
