@@ -455,3 +455,31 @@ def whole() -> sk.App:
     install(app)
     app.track(contract().build())
     return app
+
+
+# -- the diagram ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("module", "svg"),
+    [
+        ("sagakit.examples.order_fulfillment.choreography", "place-order-choreography.svg"),
+        ("sagakit.examples.order_fulfillment.mixed", "place-order-mixed.svg"),
+    ],
+)
+def test_the_diagram_is_drawn_from_the_contract_and_committed(module: str, svg: str) -> None:
+    import importlib
+    import xml.dom.minidom
+    from pathlib import Path
+
+    from sagakit.choreography.diagram import lane_of, render
+
+    defn = importlib.import_module(module).place_order
+    drawn = render(defn)
+    xml.dom.minidom.parseString(drawn)  # well-formed
+    for name in defn.events():
+        assert f"<title>{name}</title>" in drawn
+        assert f">{lane_of(name)}</text>" in drawn  # its service has a lane
+    assert drawn.count("stroke-dasharray") == sum(len(u.on) for u in defn.undos)
+    committed = Path(__file__).parent.parent / "docs" / svg
+    assert committed.read_text() == drawn, f"regenerate docs/{svg} (see diagram.py)"
