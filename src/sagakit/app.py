@@ -18,30 +18,26 @@ the transport and starts the consumers this process runs (``run=``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-import msgspec
-
 from .choreography import TRACKER, ChoreographyDefinition, Flows
 from .choreography.shell import TIMER_QUEUE as TRACK_TIMERS
 from .clock import Clock
-from .endpoint import Endpoint, HopPolicy, Route, Router, Scope
+from .endpoint import Endpoint, HopPolicy, Route, Router
 from .errors import ConfigurationError, DuplicateRegistration, MissingCorrelation
-from .inbox import Inbox
-from .messages import DEFAULT_MAX_SIZE, Codec, Envelope, Headers, TypeRegistry, new_id, spec_of
+from .messages import DEFAULT_MAX_SIZE, Codec, Envelope, TypeRegistry, new_id, spec_of
 from .ops.background import Periodic
 from .ops.dead_letters import DeadLetters
 from .ops.retention import Pruner, Retention
 from .ops.stuck import StuckWatcher
 from .outbox import OutboxWriter, Relay
-from .participant import Context, Participant
+from .participant import Context, Participant, conversation
 from .policies import RetryPolicy
 from .saga import Sagas
 from .saga.awaits import AWAITS, Awaits
@@ -200,14 +196,9 @@ class App:
             self.registry.add(cls)
         return definition
 
-    @contextlib.asynccontextmanager
-    async def begin(
-        self,
-        participant: str,
-        *,
-        correlation_id: str | None = None,
-        new_conversation: bool = False,
-    ) -> AsyncIterator[Context]:
+    def begin(
+        self, participant: str, *, correlation_id: str | None = None, new_conversation: bool = False
+    ) -> AbstractAsyncContextManager[Context]:
         """A handler's transaction outside any handler, to start a conversation.
 
         ::
@@ -224,13 +215,8 @@ class App:
             raise ConfigurationError(f"no participant {participant!r}")
         if correlation_id is None and not new_conversation:
             raise MissingCorrelation("begin() needs correlation_id= or new_conversation=True")
-        headers = Headers(correlation_id=correlation_id or new_id(), created_at=time.time())
-        origin = Envelope(new_id(), "sagakit.Origin", "event", msgspec.Raw(b"null"), headers)
         store = self.store_of(participant)
-        async with store.transaction() as tx:
-            scope = Scope(origin, tx, Inbox(store, participant), self.codec)
-            yield Context(scope)
-            await self.writer_for(store).flush(tx, scope.out)
+        return conversation(store, self.writer_for(store), participant, correlation_id or new_id())
 
     def store_of(self, participant: str) -> Store:
         """The store a participant's handlers run in."""

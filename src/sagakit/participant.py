@@ -18,7 +18,9 @@ is the same for every copy and every retry of one saga step.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -33,11 +35,12 @@ from .errors import (
     Refusal,
     UndeclaredEvent,
 )
-from .inbox import SUCCESS, key_of
-from .messages import Done, Envelope, caused_by, encode_json, new_id, spec_of
+from .inbox import SUCCESS, Inbox, key_of
+from .messages import Done, Envelope, Headers, caused_by, encode_json, new_id, spec_of
 
 if TYPE_CHECKING:
-    from .store import Tx
+    from .outbox import OutboxWriter
+    from .store import Store, Tx
 
 M = TypeVar("M")
 R = TypeVar("R")
@@ -291,6 +294,23 @@ class Participant:
             # the endpoint records the refusal in a fresh one.
             raise Refusal(exc) from exc
         await scope.answer(Done() if result is None else result, SUCCESS)
+
+
+@asynccontextmanager
+async def conversation(
+    store: Store, writer: OutboxWriter, participant: str, correlation_id: str
+) -> AsyncIterator[Context]:
+    """A participant's transaction outside any handler (see ``App.begin``).
+
+    Its messages are caused by a stand-in origin message that carries the
+    correlation id, so they propagate it like a handler's would.
+    """
+    headers = Headers(correlation_id=correlation_id, created_at=time.time())
+    origin = Envelope(new_id(), "sagakit.Origin", "event", msgspec.Raw(b"null"), headers)
+    async with store.transaction() as tx:
+        scope = Scope(origin, tx, Inbox(store, participant), writer.codec)
+        yield Context(scope)
+        await writer.flush(tx, scope.out)
 
 
 async def _unset(payload: Any, ctx: Context) -> None:  # replaced when decorating
