@@ -23,6 +23,7 @@ The contract :data:`place_order` declares all of this for the tracker,
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -366,13 +367,20 @@ async def place(of: OrderFulfillment, order: PlacedOrder) -> None:
         ctx.publish(OrderPlaced(order))
 
 
-def application(store: str = "memory://", transport: str = "database") -> OrderFulfillment:
-    """The choreographed application, for ``sagakit check`` and ``sagakit worker``::
+def application(
+    store: str = "memory://",
+    transport: str = "database",
+    run: Iterable[str] | None = None,
+    settings: sk.Settings | None = None,
+) -> OrderFulfillment:
+    """The application in this style, for ``sagakit check`` and ``sagakit worker``::
 
     sagakit check sagakit.examples.order_fulfillment.choreography:application
+    sagakit worker --app sagakit.examples.order_fulfillment.choreography:application \\
+        --store URL --service customers        # or tracker, coordinator...
     """
     from .app import build
 
-    of = build(store, transport)
+    of = build(store, transport, settings=settings, run=run)
     install(of)
     return of

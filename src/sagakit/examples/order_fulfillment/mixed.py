@@ -19,7 +19,7 @@ every message, the id of the saga and the key of the tracked flow, so
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import msgspec
@@ -235,10 +235,20 @@ def _loyalty(of: OrderFulfillment) -> None:
         ctx.publish(PointsEarned(e.order_id, awarded.points))
 
 
-def application(store: str = "memory://", transport: str = "database") -> OrderFulfillment:
-    """The mixed application, for ``sagakit check`` and ``sagakit worker``."""
+def application(
+    store: str = "memory://",
+    transport: str = "database",
+    run: Iterable[str] | None = None,
+    settings: sk.Settings | None = None,
+) -> OrderFulfillment:
+    """The application in this style, for ``sagakit check`` and ``sagakit worker``::
+
+    sagakit check sagakit.examples.order_fulfillment.mixed:application
+    sagakit worker --app sagakit.examples.order_fulfillment.mixed:application \\
+        --store URL --service customers        # or tracker, coordinator...
+    """
     from .app import build
 
-    of = build(store, transport)
+    of = build(store, transport, settings=settings, run=run)
     install(of)
     return of
