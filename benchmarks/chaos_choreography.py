@@ -74,8 +74,9 @@ async def one_run(args: argparse.Namespace, k: int, root: Path) -> dict[str, Any
         views = await flows_demo.wait_flows(of, ids, args.timeout, flow)
         monkey.cancel()
         elapsed = time.perf_counter() - started
-        args.store, args.transport_used = store, transport
-        result = await flows_demo.check(of, plan, views, elapsed, _demo_args(args, store))
+        result = await flows_demo.check(
+            of, plan, views, elapsed, _demo_args(args, store, transport)
+        )
     finally:
         codes = cluster.stop()
         await of.stop()
@@ -120,11 +121,12 @@ async def _store(args: argparse.Namespace, k: int, root: Path) -> tuple[str, Any
 
         return f"sqlite:///{folder}/sagakit.db", nothing
     name = f"chaos_chor_{int(time.time())}_{k}"
-    bl.admin(args.store, f"CREATE DATABASE {name}")
+    admin = bl.with_database(args.store, "postgres").split("?", 1)[0]
+    await asyncio.to_thread(bl.admin, admin, f"CREATE DATABASE {name}")
     url = bl.with_database(args.store, name)
 
     async def drop() -> None:
-        bl.admin(args.store, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await asyncio.to_thread(bl.admin, admin, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
     return url, drop
 
@@ -135,10 +137,8 @@ def _transport(transport: str) -> str:
     return with_option(transport, "namespace", fresh_namespace("chaoschor"))
 
 
-def _demo_args(args: argparse.Namespace, store: str) -> argparse.Namespace:
-    return argparse.Namespace(
-        store=store, transport=args.transport_used, seed=args.seed, style=args.style
-    )
+def _demo_args(args: argparse.Namespace, store: str, transport: str) -> argparse.Namespace:
+    return argparse.Namespace(store=store, transport=transport, seed=args.seed, style=args.style)
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
