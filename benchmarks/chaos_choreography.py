@@ -67,7 +67,7 @@ async def one_run(args: argparse.Namespace, k: int, root: Path) -> dict[str, Any
         await demo.seed(of, plan)
         await cluster.start(timeout=60.0)
         started = time.perf_counter()
-        monkey = asyncio.create_task(_monkey(cluster, args, kills))
+        monkey = asyncio.create_task(_monkey(cluster, args, kills, random.Random(args.seed + k)))
         await _place(of, plan, args.place_over)
         flow = flows_demo.STYLES[args.style][1]
         ids = [o.order_id for o in plan.orders]
@@ -100,8 +100,9 @@ async def _place(of: OrderFulfillment, plan: demo.Plan, over: float) -> None:
         await asyncio.sleep(gap)
 
 
-async def _monkey(cluster: Cluster, args: argparse.Namespace, kills: list[str]) -> None:
-    rng = random.Random(args.seed)
+async def _monkey(
+    cluster: Cluster, args: argparse.Namespace, kills: list[str], rng: random.Random
+) -> None:
     while True:
         await asyncio.sleep(rng.uniform(args.min_gap, args.max_gap))
         victim = rng.choice(cluster.names)
