@@ -82,12 +82,17 @@ async def test_a_refusing_event_handler_rolls_back_and_publishes_its_failure_eve
 # -- a tracker fed by hand ------------------------------------------------------
 
 
+@sk.event("trip.Noted")
+class Noted(msgspec.Struct):
+    trip: str
+
+
 @pytest.fixture
 async def watched() -> AsyncIterator[sk.App]:
     """Only a tracker and a source of events: nobody reacts, so the test decides."""
     app = sk.App("memory://", settings=FAST)
     app.participant("source")
-    app.track(contract(deadline=0.3, hold=0.3).build())
+    app.track(contract(deadline=0.3, hold=0.3).also_records(Noted).build())
     ops = app.participant("ops")
     app.stalled = []  # type: ignore[attr-defined]
 
@@ -231,7 +236,15 @@ async def test_each_event_is_counted_once_even_when_delivered_twice(watched: sk.
     assert view.status == "completed" and view.events == 4 and len(view.timeline) == 4
 
 
-async def test_an_event_outside_the_contract_is_shown(watched: sk.App) -> None:
+async def test_a_recorded_event_outside_the_contract_is_shown(watched: sk.App) -> None:
+    await emit(watched, "noted", TripRequested("noted"), Noted("noted"))
+    view = await rows(watched, "noted", 2)
+    assert (view.timeline[1].kind, view.timeline[1].type) == ("outside", "trip.Noted")
+    assert "not an event of this choreography" in (view.timeline[1].reason or "")
+    assert view.status == "running" and view.events == 1
+
+
+async def test_an_event_that_does_not_fit_is_shown(watched: sk.App) -> None:
     cid = "twice"
     await emit(watched, cid, TripRequested(cid), HotelBooked(cid), HotelBooked(cid))
 

@@ -342,7 +342,7 @@ class App:
         if self.awaits.keys:
             await self.transport.declare(AWAITS, sorted(self.awaits.keys))
         for tracker in self.flows.trackers.values():
-            await self.transport.declare(tracker.queue, sorted(tracker.defn.events()))
+            await self.transport.declare(tracker.queue, sorted(tracker.defn.watched()))
 
     async def _start_participants(self) -> None:
         for name, p in self.participants.items():

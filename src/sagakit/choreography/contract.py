@@ -81,6 +81,12 @@ class ChoreographyDefinition:
     #: a payload field holding the correlation key (None: the correlation_id header)
     correlate: str | None
     types: tuple[type[Any], ...] = field(repr=False, default=())
+    #: other event types the tracker records in a flow's timeline (as outside the contract)
+    recorded: tuple[str, ...] = ()
+
+    def watched(self) -> list[str]:
+        """Every event type the tracker subscribes to."""
+        return self.events() + [r for r in self.recorded if r not in self.events()]
 
     @property
     def pivot(self) -> str | None:
@@ -142,6 +148,7 @@ class Choreography:
         self._completions: tuple[type[Any], ...] = ()
         self._deadline: float | None = None
         self._hold = DEFAULT_HOLD
+        self._recorded: tuple[type[Any], ...] = ()
 
     def starts_on(self, event: type[Any]) -> Choreography:
         """The event that begins a flow (its correlation key names the flow)."""
@@ -188,6 +195,12 @@ class Choreography:
         self._hold = seconds
         return self
 
+    def also_records(self, *events: type[Any]) -> Choreography:
+        """Event types outside the contract that the tracker still shows in a
+        flow's timeline (as ``outside``), e.g. other services' reactions."""
+        self._recorded = events
+        return self
+
     def build(self) -> ChoreographyDefinition:
         """Validate and freeze the contract; raises :class:`DefinitionError`."""
         return _validate(self)
@@ -225,7 +238,8 @@ def _validate(b: Choreography) -> ChoreographyDefinition:
         b._deadline,
         b._hold,
         b._correlate,
-        types,
+        types + tuple(b._recorded),
+        tuple(_name(r, f"{n}: also_records") for r in b._recorded),
     )
     _one_role_each(defn)
     _failures_undo_everything_before(defn)

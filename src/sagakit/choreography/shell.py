@@ -51,7 +51,7 @@ class Tracker:
         self.queue = queue_of(defn.name)
         self.rows = FlowRows(store)
         self.store = store
-        self._types = frozenset(defn.events())
+        self._types = frozenset(defn.watched())
 
     def route(self, env: Envelope) -> Route | None:
         if env.kind == "event" and env.type in self._types:

@@ -170,6 +170,7 @@ place_order = (
     .undo("reserve-credit", on=(StockRefused, FulfilmentFailed), done=CreditReleased)
     .undo("reserve-stock", on=(FulfilmentFailed,), done=StockReleased)
     .completes_on(OrderApproved, OrderRejected)
+    .also_records(ShipmentBooked, PointsEarned)  # the saga's side, shown in the timeline
     .deadline(minutes=5)
     .build()
 )
