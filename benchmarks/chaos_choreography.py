@@ -85,6 +85,7 @@ async def one_run(args: argparse.Namespace, k: int, root: Path) -> dict[str, Any
         "run": k,
         "ok": result.ok,
         "invariants": result.invariants,
+        "violated": {k: result.details[k] for k, v in result.invariants.items() if not v},
         "states": dict(result.states),
         "kills": len(kills),
         "killed": kills,
@@ -183,7 +184,7 @@ def main() -> int:
         bad = [k for k, v in r["invariants"].items() if not v]
         print(
             f"run {r['run']}: {r['states']} in {r['elapsed_s']} s, {r['kills']} kills, "
-            f"{'all invariants hold' if not bad else 'VIOLATED: ' + ', '.join(bad)}"
+            f"{'all invariants hold' if not bad else 'VIOLATED: ' + json.dumps(r['violated'])}"
         )
     if args.json:
         print(json.dumps(summary))

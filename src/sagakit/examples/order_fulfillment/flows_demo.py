@@ -217,7 +217,8 @@ async def books(
         "points_only_for_shipped_orders": f"{sum(awards.values()):,} points, {len(awards)} awards",
         "orders_match_flows": "approved ⇔ flow completed, rejected with a reason ⇔ compensated",
         "no_flow_pending": f"{len(status)} flows final (tracker)",
-        "no_dead_letters": f"{len(dead)} dead letters",
+        "no_dead_letters": f"{len(dead)} dead letters"
+        + "".join(f"; {d.queue}: {d.reason[:300]}" for d in dead[:3]),
     }
     return invariants, details
 
