@@ -454,7 +454,7 @@ def test_check_command_exits_non_zero_with_a_readable_list(
     out = capsys.readouterr().out
     assert out.startswith("2 problems in tests.test_choreography:broken:")
     assert cli.main(["check", "tests.test_choreography:whole"]) == 0
-    assert "no problems (1 choreographies checked)" in capsys.readouterr().out
+    assert "no problems (1 choreography checked)" in capsys.readouterr().out
 
 
 def test_check_passes_on_the_demo_choreography(capsys: pytest.CaptureFixture[str]) -> None:

@@ -65,5 +65,6 @@ def cmd_check(args: argparse.Namespace) -> int:
         for line in found:
             print(f"  - {line}")
     else:
-        print(f"{args.app}: no problems ({len(tracked)} choreographies checked)")
+        n = len(tracked)
+        print(f"{args.app}: no problems ({n} choreograph{'y' if n == 1 else 'ies'} checked)")
     return 1 if found else 0
