@@ -7,6 +7,7 @@ module: the whole error tree in :mod:`sagakit.errors`, backends in
 """
 
 from .app import App, Settings
+from .choreography import Choreography, ChoreographyDefinition, ChoreographyStalled, FlowView
 from .clock import Clock, FakeClock, SystemClock
 from .errors import (
     AtomicAborted,
@@ -15,10 +16,12 @@ from .errors import (
     ConfigurationError,
     DefinitionError,
     DuplicateRegistration,
+    FlowNotFound,
     InvalidOperatorAction,
     LockTimingWarning,
     MalformedMessage,
     MessageError,
+    MissingCorrelation,
     OversizeMessage,
     PendingElsewhere,
     ReservationExpired,
@@ -51,6 +54,9 @@ __all__ = [
     "AtomicTx",
     "BusinessError",
     "Cancelled",
+    "Choreography",
+    "ChoreographyDefinition",
+    "ChoreographyStalled",
     "Clock",
     "ConfigurationError",
     "Context",
@@ -60,10 +66,13 @@ __all__ = [
     "Envelope",
     "Failure",
     "FakeClock",
+    "FlowNotFound",
+    "FlowView",
     "InvalidOperatorAction",
     "LockTimingWarning",
     "MalformedMessage",
     "MessageError",
+    "MissingCorrelation",
     "OversizeMessage",
     "Participant",
     "Pending",

@@ -21,24 +21,28 @@ import asyncio
 import logging
 import signal
 from collections.abc import Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
+from .choreography import TRACKER, ChoreographyDefinition, Flows
+from .choreography.shell import TIMER_QUEUE as TRACK_TIMERS
 from .clock import Clock
 from .endpoint import Endpoint, HopPolicy, Route, Router
-from .errors import ConfigurationError, DuplicateRegistration
+from .errors import ConfigurationError, DuplicateRegistration, MissingCorrelation
 from .locks import Reservations
-from .messages import DEFAULT_MAX_SIZE, Codec, Envelope, TypeRegistry
+from .messages import DEFAULT_MAX_SIZE, Codec, Envelope, TypeRegistry, new_id, spec_of
 from .observe.hooks import BASE, Hooks
 from .ops.background import Periodic
 from .ops.dead_letters import DeadLetters
 from .ops.retention import Pruner, Retention
 from .ops.stuck import StuckWatcher
 from .outbox import OutboxWriter, Relay
-from .participant import Participant
+from .participant import Context, Participant, conversation
 from .policies import RetryPolicy
 from .saga import Sagas
+from .saga.awaits import AWAITS, Awaits
 from .saga.coordinator import COORDINATOR_QUEUE, LOCAL_QUEUE, TIMER_QUEUE, Coordinator
 from .saga.definition import SagaDefinition
 from .saga.registry import SagaRegistry
@@ -150,12 +154,16 @@ class App:
         self._writers: dict[int, OutboxWriter] = {}
         coordinator = Coordinator(SagaRegistry(), self.writer_for(self.store), s.retry)
         self.sagas = Sagas(coordinator.registry, coordinator)
+        #: the endpoint behind the sagas' wait_for steps
+        self.awaits = Awaits(self.store)
         #: list, replay and purge the main store's dead letters
         self.dead_letters = DeadLetters(self.store, self.transport)
         #: atomic groups over registered resources (two-phase commit)
         self.twophase = TwoPhase(self.store, s.twophase)
         coordinator.twophase = self.twophase
         self.participants: dict[str, Participant] = {}
+        #: tracked choreographies and the queries on their flows
+        self.flows = Flows(self.store)
         self._pstores: dict[str, Store] = {}
         self._run = set(run) if run is not None else None
         self._subs: list[Subscription] = []
@@ -182,6 +190,8 @@ class App:
         for step in definition.steps:
             for cls, _ in step.on_reply.values():
                 self.registry.add(cls)
+                if step.action is not None and step.action.participant == AWAITS:
+                    self.awaits.expect(spec_of(cls).name, self.awaits.keys.get(spec_of(cls).name))
         return definition
 
     def resource(self, name: str, url: str | Resource | None = None) -> Resource:
@@ -232,6 +242,41 @@ class App:
         if sweep_every is not None:
             self._sweepers.append((participant, locks, sweep_every))
         return locks
+
+    def await_key(self, event: type[Any], field: str) -> None:
+        """Pair ``event`` with waiting saga steps by its payload ``field`` instead
+        of its ``correlation_id`` header (call before registering the sagas)."""
+        self.awaits.expect(spec_of(event).name, field)
+
+    def track(self, definition: ChoreographyDefinition) -> ChoreographyDefinition:
+        """Track a choreography: its events feed flows keyed by correlation id
+        (run by the service ``tracker``; queries in ``app.flows``)."""
+        self.flows.register(definition)
+        for cls in definition.types:
+            self.registry.add(cls)
+        return definition
+
+    def begin(
+        self, participant: str, *, correlation_id: str | None = None, new_conversation: bool = False
+    ) -> AbstractAsyncContextManager[Context]:
+        """A handler's transaction outside any handler, to start a conversation.
+
+        ::
+
+            async with app.begin("orders", correlation_id=order_id) as ctx:
+                await ctx.db.execute("INSERT INTO orders ...")
+                ctx.publish(OrderPlaced(...))
+
+        The participant's business change and the events it publishes commit
+        together. An event needs a correlation id: pass one, or
+        ``new_conversation=True`` for a fresh one (``ctx.correlation_id``).
+        """
+        if participant not in self.participants:
+            raise ConfigurationError(f"no participant {participant!r}")
+        if correlation_id is None and not new_conversation:
+            raise MissingCorrelation("begin() needs correlation_id= or new_conversation=True")
+        store = self.store_of(participant)
+        return conversation(store, self.writer_for(store), participant, correlation_id or new_id())
 
     def store_of(self, participant: str) -> Store:
         """The store a participant's handlers run in."""
@@ -306,6 +351,8 @@ class App:
         coordinating = self.runs(COORDINATOR) and bool(self.sagas.definitions)
         if coordinating:
             await self._start_coordinator()
+        if self.runs(TRACKER) and self.flows.trackers:
+            await self._start_trackers()
         self._start_housekeeping(coordinating)
         self._start_relays()
 
@@ -382,6 +429,10 @@ class App:
         for name, p in self.participants.items():
             await self.transport.declare(name, list(p.events))
         await self.transport.declare(COORDINATOR_QUEUE, [])
+        if self.awaits.keys:
+            await self.transport.declare(AWAITS, sorted(self.awaits.keys))
+        for tracker in self.flows.trackers.values():
+            await self.transport.declare(tracker.queue, sorted(tracker.defn.watched()))
 
     async def _start_participants(self) -> None:
         for name, p in self.participants.items():
@@ -399,6 +450,16 @@ class App:
         self._subs.append(self._store_consumer(TIMER_QUEUE, timers.handle))
         local = self._endpoint(LOCAL_QUEUE, self.store, _route_replies(coord), trusted=True)
         self._subs.append(self._store_consumer(LOCAL_QUEUE, lambda d: coord.run_local(d, local)))
+        if self.awaits.keys:
+            await self._consume(AWAITS, self._endpoint(AWAITS, self.store, self.awaits.route))
+
+    async def _start_trackers(self) -> None:
+        for tracker in self.flows.trackers.values():
+            await self._consume(
+                tracker.queue, self._endpoint(tracker.queue, self.store, tracker.route)
+            )
+        timers = self._endpoint(TRACK_TIMERS, self.store, self.flows.timer_route, trusted=True)
+        self._subs.append(self._store_consumer(TRACK_TIMERS, timers.handle))
 
     def _start_housekeeping(self, coordinating: bool) -> None:
         """Retention runs in every process over the stores it uses (several pruners at
@@ -446,9 +507,11 @@ class App:
 
 
 def _route_replies(coord: Coordinator) -> Router:
-    route = Route(coord.on_reply)
+    route, start = Route(coord.on_reply), Route(coord.on_start)
 
     def router(env: Envelope) -> Route | None:
+        if env.kind == "command" and env.type == "sagakit.StartSaga":
+            return start
         return route if env.kind == "reply" else None
 
     return router

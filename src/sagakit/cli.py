@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import __version__
 from .app import COORDINATOR, App, Settings
+from .choreography import TRACKER, check_cli
 from .errors import CommandFailed, ConfigurationError, SagakitError, is_outage
 from .observe.logging import configure as configure_logging
 from .ops import dead_letters_cli
@@ -169,7 +170,7 @@ def _check_services(obj: Any, services: list[str] | None) -> list[str]:
     app = _app_of(obj)
     if app is None:
         return services or ["(all)"]
-    known = [*app.participants, COORDINATOR]
+    known = [*app.participants, COORDINATOR] + ([TRACKER] if app.flows.trackers else [])
     unknown = sorted(set(services or []) - set(known))
     if unknown:
         raise ConfigurationError(
@@ -523,6 +524,7 @@ def parser() -> argparse.ArgumentParser:
     _sagas_parser(sub)
     dead_letters_cli.add_parser(sub)
     twophase_cli.add_parser(sub)
+    check_cli.add_parser(sub)
     return p
 
 

@@ -182,7 +182,9 @@ class Endpoint:
         except LeaseLost:
             log.info("lease lost on %s; another consumer has it", env.id)
         except Refusal as refusal:
-            await self.fail_command(delivery, env, refusal.error, technical=False)
+            await self.fail_command(
+                delivery, env, refusal.error, technical=False, after=refusal.after
+            )
         except (MessageError, RoutingError) as exc:
             await self.dead_letter(delivery, env, exc)
         except SagaVersionUnknown as exc:
@@ -308,8 +310,12 @@ class Endpoint:
         *,
         technical: bool,
         dead: bool = False,
+        after: Callable[[Scope], None] | None = None,
     ) -> None:
-        """Record a failure as the command's outcome, unless another copy's outcome won."""
+        """Record a failure as the command's outcome, unless another copy's outcome won.
+
+        ``after`` adds to the same transaction (an event handler's failure event).
+        """
 
         async def body(scope: Scope) -> None:
             if dead:
@@ -317,6 +323,8 @@ class Endpoint:
             if await scope.settled_elsewhere(await scope.inbox.admit(scope.tx, env)):
                 return
             await scope.answer(_failure(exc, technical), FAILURE)
+            if after is not None:
+                after(scope)
 
         await self._settle(delivery, env, body)
 

@@ -43,12 +43,16 @@ transports), so callers never see ``sqlite3`` or ``asyncpg`` exceptions.
     ├── DeadLetterError               dead-letter API misuse
     │   ├── DeadLetterNotFound        no dead letter with that number
     │   └── NotReplayable             a truncated or undecodable dead letter cannot be replayed
-    └── SagaError                     saga API misuse
-        ├── SagaNotFound
-        ├── SagaVersionUnknown        instance of a definition version not registered
-        ├── InvalidOperatorAction     the action does not fit the instance's state
-        ├── SagaIdInUse               start() with an id that names another definition's instance
-        └── WaitTimeout               wait() ran out of time (also a TimeoutError)
+    ├── SagaError                     saga API misuse
+    │   ├── SagaNotFound
+    │   ├── SagaVersionUnknown        instance of a definition version not registered
+    │   ├── InvalidOperatorAction     the action does not fit the instance's state
+    │   ├── SagaIdInUse               start() with an id that names another definition's instance
+    │   └── WaitTimeout               wait() ran out of time (also a TimeoutError)
+    └── ChoreographyError             choreography API misuse
+        ├── MissingCorrelation        an event would leave without a correlation id
+        ├── UndeclaredEvent           a handler published an event missing from its publishes=
+        └── FlowNotFound              no tracked flow with that correlation id
 """
 
 from __future__ import annotations
@@ -164,9 +168,12 @@ class Refusal(SagakitError):
     its transaction is rolled back and the failure recorded in a fresh one.
     """
 
-    def __init__(self, error: BusinessError) -> None:
+    def __init__(self, error: BusinessError, after: Any = None) -> None:
         super().__init__(str(error), saga_id=error.saga_id, step=error.step)
         self.error = error
+        #: run on the fresh transaction's scope once the failure is recorded
+        #: (an event handler publishing its declared failure event)
+        self.after = after
 
 
 class HandlerFailed(SagakitError):
@@ -337,3 +344,26 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, StoreUnavailable):
         return True
     return isinstance(exc, TransportError) and exc.retryable and not isinstance(exc, LeaseLost)
+
+
+class ChoreographyError(SagakitError):
+    """Misuse of the choreography API (publishing, tracking, queries)."""
+
+
+class MissingCorrelation(ChoreographyError):
+    """An event would leave without a correlation id.
+
+    Every event belongs to a business transaction; a handler that really
+    begins a new one says so with ``ctx.publish(event, new_conversation=True)``.
+    """
+
+
+class UndeclaredEvent(ChoreographyError):
+    """A handler published an event type missing from its ``publishes=`` list.
+
+    The declaration is what ``sagakit check`` reads, so it must not lie.
+    """
+
+
+class FlowNotFound(ChoreographyError):
+    """No tracked choreography instance has that correlation id."""

@@ -82,6 +82,17 @@ class Timer(msgspec.Struct, frozen=True):
     seconds: float = 0.0
 
 
+@command("sagakit.StartSaga")
+class StartSaga(msgspec.Struct, frozen=True):
+    """Start an instance: sent by a handler (``ctx.start_saga``) through its outbox."""
+
+    saga_type: str
+    version: int
+    data: msgspec.Raw
+    saga_id: str
+    correlation_id: str
+
+
 @command("sagakit.RunLocal")
 class RunLocal(msgspec.Struct, frozen=True):
     """Asks a coordinator process to run a local step."""
@@ -117,6 +128,31 @@ class Coordinator:
         """
         defn = self.registry.registered(defn)  # steps run as registered
         saga_id = saga_id or new_id()
+        out = Outbox()
+        async with self.store.transaction() as tx:
+            if await self.start_within(tx, out, defn, data, saga_id, correlation_id, None):
+                await self.writer.flush(tx, out)
+                return saga_id
+            existing = await self.store.saga_load(tx, saga_id, lock=False)
+        if existing is not None and (existing.type, existing.version) != defn.key:
+            raise SagaIdInUse(
+                f"saga id {saga_id!r} already names an instance of {existing.type!r} "
+                f"v{existing.version}, not {defn.name!r} v{defn.version}",
+                saga_id=saga_id,
+            )
+        return saga_id
+
+    async def start_within(
+        self,
+        tx: Tx,
+        out: Outbox,
+        defn: SagaDefinition[Any],
+        data: Any,
+        saga_id: str,
+        correlation_id: str | None,
+        cause: Envelope | None,
+    ) -> bool:
+        """Insert a new instance and its first effects in ``tx``; False if the id exists."""
         now = self.store.clock.now()
         deadline = now + defn.deadline if defn.deadline else None
         progress = Progress(correlation_id=correlation_id or saga_id)
@@ -125,21 +161,24 @@ class Coordinator:
             decision = self.registry.machine(defn.name, defn.version).apply(inst, Started())
             rec = SagaRecord(saga_id, defn.name, defn.version, "", b"", b"", 0, now, now, deadline)
             _record(rec, decision.instance)
-            out = Outbox()
-            async with self.store.transaction() as tx:
-                if await self.store.saga_insert(tx, rec):
-                    self.hooks.decided(tx, rec, defn, inst, decision, Started())
-                    await self._carry_out(tx, out, rec, decision, None, insert=True)
-                    await self.writer.flush(tx, out)
-                    return saga_id
-                existing = await self.store.saga_load(tx, saga_id, lock=False)
-        if existing is not None and (existing.type, existing.version) != defn.key:
-            raise SagaIdInUse(
-                f"saga id {saga_id!r} already names an instance of {existing.type!r} "
-                f"v{existing.version}, not {defn.name!r} v{defn.version}",
-                saga_id=saga_id,
-            )
-        return saga_id
+            if not await self.store.saga_insert(tx, rec):
+                return False
+            self.hooks.decided(tx, rec, defn, inst, decision, Started())
+            await self._carry_out(tx, out, rec, decision, cause, insert=True)
+        return True
+
+    async def on_start(self, scope: Scope) -> None:
+        """Route: a handler asked for a saga to start (``ctx.start_saga``), once."""
+        env = scope.env
+        if await scope.settled_elsewhere(await scope.inbox.admit(scope.tx, env)):
+            return
+        req = scope.codec.payload(env, StartSaga)
+        machine = self.registry.machine(req.saga_type, req.version, req.saga_id)
+        data = machine.decode(machine.defn.data_type, bytes(req.data))
+        await self.start_within(
+            scope.tx, scope.out, machine.defn, data, req.saga_id, req.correlation_id, env
+        )
+        await scope.inbox.record(scope.tx, env, "success", None)
 
     async def on_reply(self, scope: Scope) -> None:
         """Route: a reply (or a local step's result) for a saga step."""
@@ -228,6 +267,8 @@ class Coordinator:
     ) -> None:
         """Persist a decision and turn its effects into messages, in ``tx``."""
         inst = d.instance
+        if d.changed and inst.state.value != rec.state:
+            self._announce(out, rec, inst, cause)
         for effect in d.effects:
             await self._effect(tx, out, inst, effect, cause)
         if d.changed and not insert:
@@ -241,6 +282,25 @@ class Coordinator:
         await self.store.log(tx, lines)
         if d.changed and inst.state.terminal:
             tx.notify(finished(rec.id))
+
+    def _announce(
+        self, out: Outbox, rec: SagaRecord, inst: Instance, cause: Envelope | None
+    ) -> None:
+        """Publish the definition's completed/compensated event as the instance ends."""
+        defn = self.registry.machine(rec.type, rec.version, rec.id).defn
+        announcement = {
+            SagaState.COMPLETED: defn.on_completed,
+            SagaState.COMPENSATED: defn.on_compensated,
+        }.get(inst.state)
+        if announcement is None:
+            return
+        fields: dict[str, Any] = {
+            "correlation_id": inst.progress.correlation_id,
+            "saga_id": inst.id,
+            "saga_type": inst.type,
+        }
+        headers = caused_by(cause, **fields) if cause is not None else Headers(**fields)
+        out.publish(self.codec.make(announcement[1](inst.data), headers))
 
     async def _effect(
         self, tx: Tx, out: Outbox, inst: Instance, effect: Any, cause: Envelope | None

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 D = TypeVar("D")
 StepKind = Literal["compensatable", "pivot", "retriable"]
+Announcement = tuple[type[Any], Callable[[Any], Any]]
 
 DEFAULT_COMPENSATION_RETRY = RetryPolicy(max_attempts=12, initial=0.05, max_delay=30.0)
 
@@ -97,6 +98,10 @@ class SagaDefinition(Generic[D]):
     steps: tuple[StepDef, ...]
     deadline: float | None
     compensation_retry: RetryPolicy
+    #: (event type, factory from the data) published when an instance ends
+    #: completed / compensated (mixing styles)
+    on_completed: Announcement | None = None
+    on_compensated: Announcement | None = None
 
     groups: tuple[tuple[StepDef, ...], ...] = field(init=False, repr=False)
     by_name: dict[str, StepDef] = field(init=False, repr=False)
@@ -116,6 +121,11 @@ class SagaDefinition(Generic[D]):
     def key(self) -> tuple[str, int]:
         return (self.name, self.version)
 
+    @property
+    def announces(self) -> list[str]:
+        """The event type names it publishes as it ends."""
+        return [spec_of(a[0]).name for a in (self.on_completed, self.on_compensated) if a]
+
 
 @dataclass
 class _Draft:
@@ -132,6 +142,7 @@ class _Draft:
     nothing_to_undo: bool = False
     lock_ttl: float | None = None
     confirms: tuple[str, ...] = ()
+    waits: bool = False  #: a wait_for step: nothing to undo unless pivot or retriable
 
 
 class Saga(Generic[D]):
@@ -145,9 +156,18 @@ class Saga(Generic[D]):
         version: int = 1,
         deadline: float | None = None,
         compensation_retry: RetryPolicy = DEFAULT_COMPENSATION_RETRY,
+        on_completed: tuple[type[Any], Callable[[D], Any]] | None = None,
+        on_compensated: tuple[type[Any], Callable[[D], Any]] | None = None,
     ) -> None:
+        """``on_completed=(EventType, factory)`` (and ``on_compensated``): the
+        coordinator publishes ``factory(data)`` with the saga's correlation id
+        when an instance ends that way, so a choreography can continue on it."""
+        for a in (on_completed, on_compensated):
+            if a is not None and spec_of(a[0]).kind != "event":
+                raise DefinitionError(f"saga {name!r}: {spec_of(a[0]).name!r} is not an event")
         self.name, self.data_type, self.version = name, data_type, version
         self.deadline, self.compensation_retry = deadline, compensation_retry
+        self.on_completed, self.on_compensated = on_completed, on_compensated
         self._drafts: list[_Draft] = []
 
     def step(self, name: str, *, parallel: bool = False) -> StepBuilder[D]:
@@ -169,6 +189,8 @@ class Saga(Generic[D]):
             tuple(steps),
             self.deadline,
             self.compensation_retry,
+            self.on_completed,
+            self.on_compensated,
         )
 
 
@@ -199,6 +221,31 @@ class StepBuilder(Generic[D]):
         does not undo it, so make it the pivot or put it after the pivot.
         """
         self._d.local = AtomicStep(tuple(resources), fn)
+        return self
+
+    def wait_for(
+        self,
+        event: type[Any],
+        *,
+        key: Callable[[D], str],
+        fold: Callable[[D, Any], D | None] | None = None,
+    ) -> StepBuilder[D]:
+        """Wait for an event instead of sending a command (mixing with choreography).
+
+        The step succeeds when an event of type ``event`` arrives whose
+        correlation key equals ``key(data)`` — the ``correlation_id`` header,
+        or the payload field given by ``App.await_key(event, field)``; one that
+        arrived before the step started counts too. ``fold(data, event)``
+        keeps what the saga needs from it. Bound the wait with ``.timeout()``:
+        before the pivot a timeout compensates, after it ``.retry()`` waits again.
+        Waiting changes nothing, so there is nothing to undo.
+        """
+        from .awaits import AWAITS, AwaitEvent
+
+        name = spec_of(event).name
+        self._d.action = Action(AWAITS, lambda d: AwaitEvent(name, key(d)))
+        self._d.on_reply[name] = (event, fold or (lambda d, e: None))
+        self._d.waits = True
         return self
 
     def on_reply(self, reply_type: type[Any], fn: Callable[[D, Any], D | None]) -> StepBuilder[D]:
@@ -311,6 +358,8 @@ def _freeze(saga: Saga[Any], drafts: list[_Draft]) -> list[StepDef]:
             )
         if d.parallel and i == 0:
             raise DefinitionError(f"{where}: the first step cannot be parallel")
+        if d.waits and not (d.pivot or d.retry or d.compensation):
+            d.nothing_to_undo = True
         group = group if d.parallel else group + 1
         kind: StepKind = "pivot" if d.pivot else "retriable" if d.retry else "compensatable"
         steps.append(

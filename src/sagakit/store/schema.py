@@ -110,6 +110,26 @@ MIGRATIONS: list[list[str]] = [
             space TEXT NOT NULL, key TEXT NOT NULL, holder TEXT NOT NULL, change TEXT NOT NULL,
             since {real} NOT NULL, PRIMARY KEY (space, key))""",
     ],
+    [
+        # Choreographed sagas and mixing styles. The tracker (sagakit.choreography):
+        # one row per tracked flow, keyed by choreography and correlation id, and
+        # its timeline (applied, held, outside and rejected events, deadlines).
+        """CREATE TABLE IF NOT EXISTS {p}chor_flows (
+            flow TEXT NOT NULL, correlation_id TEXT NOT NULL, status TEXT NOT NULL,
+            state {blob} NOT NULL, started_at {real}, updated_at {real} NOT NULL,
+            PRIMARY KEY (flow, correlation_id))""",
+        "CREATE INDEX IF NOT EXISTS {p}chor_flows_status ON {p}chor_flows (status, updated_at)",
+        """CREATE TABLE IF NOT EXISTS {p}chor_timeline (
+            seq {serial}, flow TEXT NOT NULL, correlation_id TEXT NOT NULL, at {real} NOT NULL,
+            kind TEXT NOT NULL, type TEXT, step TEXT, message_id TEXT, reason TEXT, data {blob})""",
+        "CREATE INDEX IF NOT EXISTS {p}chor_timeline_flow ON {p}chor_timeline "
+        "(flow, correlation_id, seq)",
+        # Mixing styles (sagakit.saga.awaits): a saga step waiting for an event
+        # and the event, paired by (event type, key) in one row.
+        """CREATE TABLE IF NOT EXISTS {p}awaits (
+            event_type TEXT NOT NULL, key TEXT NOT NULL, waiting {blob}, arrived {blob},
+            updated_at {real} NOT NULL, PRIMARY KEY (event_type, key))""",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -86,6 +86,8 @@ JSON_KEYS = {
     NOT_FINISHED: "not_finished",
 }
 
+STYLES = ["orchestration", "choreography", "mixed"]
+
 #: the share of each planned outcome; the rest complete first time
 MIX = {CREDIT: 0.08, CARD: 0.08, STOCK: 0.08, SHIPPING_RETRIED: 0.12}
 PLENTIFUL = ["KB-01", "MS-02", "HD-03", "CB-04", "MN-05"]
@@ -431,6 +433,8 @@ def expired_orders(orders: Any, mine: set[str]) -> int:
 
 
 async def run(args: argparse.Namespace) -> Result:
+    if args.style != "orchestration":
+        return await run_style(args)
     if args.processes:
         return await run_cluster(args)
     plan = make_plan(args.orders, args.seed)
@@ -466,6 +470,13 @@ async def run(args: argparse.Namespace) -> Result:
         return result
     finally:
         await of.stop()
+
+
+async def run_style(args: argparse.Namespace) -> Result:
+    """The same plan in another style (its own module)."""
+    from . import flows_demo
+
+    return await flows_demo.run(args, _settings(args))
 
 
 async def run_cluster(args: argparse.Namespace) -> Result:
@@ -698,6 +709,12 @@ def parser() -> argparse.ArgumentParser:
         "lose their reservations before the pivot, and they are compensated",
     )
     p.add_argument("--log-dir", default=None, help="worker logs (default: a temporary directory)")
+    p.add_argument(
+        "--style",
+        choices=STYLES,
+        default="orchestration",
+        help="how the services cooperate (default orchestration)",
+    )
     return p
 
 
@@ -726,6 +743,8 @@ def misuse(args: argparse.Namespace) -> str | None:
         return "--lock-ttl must be positive"
     if args.chaos and (not args.processes or args.coordinators < 2):
         return "--chaos needs --processes and two coordinators"
+    if args.style != "orchestration" and (args.processes or args.serve):
+        return f"--style {args.style} runs in one process, without --processes or --serve"
     return None
 
 
