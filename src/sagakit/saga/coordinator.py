@@ -16,6 +16,8 @@ whichever coordinator process is free.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -130,8 +132,8 @@ class Coordinator:
         saga_id = saga_id or new_id()
         out = Outbox()
         async with self.store.transaction() as tx:
-            if await self.start_within(tx, out, defn, data, saga_id, correlation_id, None):
-                await self.writer.flush(tx, out)
+            flush = partial(self.writer.flush, tx, out)  # in the saga's trace context
+            if await self.start_within(tx, out, defn, data, saga_id, correlation_id, None, flush):
                 return saga_id
             existing = await self.store.saga_load(tx, saga_id, lock=False)
         if existing is not None and (existing.type, existing.version) != defn.key:
@@ -151,8 +153,13 @@ class Coordinator:
         saga_id: str,
         correlation_id: str | None,
         cause: Envelope | None,
+        then: Callable[[], Awaitable[None]] | None = None,
     ) -> bool:
-        """Insert a new instance and its first effects in ``tx``; False if the id exists."""
+        """Insert a new instance and its first effects in ``tx``; False if the id exists.
+
+        ``then`` runs last, still inside the new saga's trace context (the start
+        flushes its outbox there, so the first commands carry the saga's trace).
+        """
         now = self.store.clock.now()
         deadline = now + defn.deadline if defn.deadline else None
         progress = Progress(correlation_id=correlation_id or saga_id)
@@ -165,6 +172,8 @@ class Coordinator:
                 return False
             self.hooks.decided(tx, rec, defn, inst, decision, Started())
             await self._carry_out(tx, out, rec, decision, cause, insert=True)
+            if then is not None:
+                await then()
         return True
 
     async def on_start(self, scope: Scope) -> None:

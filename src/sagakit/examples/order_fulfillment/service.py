@@ -71,10 +71,12 @@ class Service:
                 await tx.execute(f"CREATE INDEX IF NOT EXISTS {idx} ON {self.t(table)} ({cols})")
 
     async def reset(self) -> None:
-        """Delete every row of this service's tables (the demo starts clean)."""
+        """Start clean: drop this service's tables and create them anew (a run of
+        an older release may have left them in another shape)."""
         async with self._store().transaction() as tx:
             for table in self.tables:
-                await tx.execute(f"DELETE FROM {self.t(table)}")
+                await tx.execute(f"DROP TABLE IF EXISTS {self.t(table)}")
+        await self.create_tables()
 
     async def query(self, sql: str, *args: Any) -> list[Any]:
         """Run a read-only query on this service's database."""
