@@ -238,6 +238,43 @@ class _CountingConnection(sqlite3.Connection):
         self._sk_base = self.total_changes
 
 
+# -- PostgreSQL round-trip counting ----------------------------------------------
+
+
+class RoundTripCounter:
+    """Counts the statements every asyncpg connection in the process sends, client-side.
+
+    The shared server has no ``pg_stat_statements`` (it needs
+    ``shared_preload_libraries``), so the count is taken where the statements
+    leave: ``execute``, ``executemany``, ``fetch``, ``fetchrow`` and
+    ``fetchval`` of :class:`asyncpg.Connection` are wrapped and counted, one
+    each (a call is one round trip: asyncpg sends ``executemany``'s rows as
+    one pipelined batch). BEGIN, COMMIT and LISTEN health probes count like
+    any statement; a pool's own connection set-up does not.
+    """
+
+    count = 0
+    installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if cls.installed:
+            return
+        import asyncpg
+
+        cls.installed = True
+        for name in ("execute", "executemany", "fetch", "fetchrow", "fetchval"):
+            setattr(asyncpg.Connection, name, _counted(getattr(asyncpg.Connection, name)))
+
+
+def _counted(method: Any) -> Any:
+    async def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        RoundTripCounter.count += 1
+        return await method(self, *args, **kwargs)
+
+    return counted
+
+
 # -- numbers ---------------------------------------------------------------------
 
 

@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from benchlib import CommitCounter, current_rss_mb, peak_rss_mb, percentile
+from benchlib import CommitCounter, RoundTripCounter, current_rss_mb, peak_rss_mb, percentile
 
 EXPECTED = {"happy": "completed", "compensate": "compensated"}
 
@@ -531,10 +531,12 @@ async def drive(
         # latencies as unboxed doubles, preallocated when the count is known, so
         # that the client's own bookkeeping does not show up as memory growth
         lat = array.array("d", bytes(8 * count)) if count else array.array("d")
-        commits0, cpu0 = CommitCounter.count, time.process_time()
+        commits0, trips0 = CommitCounter.count, RoundTripCounter.count
+        cpu0 = time.process_time()
         elapsed = await phase(duration, count, True)
         cpu = time.process_time() - cpu0
         commits = CommitCounter.count - commits0
+        trips = RoundTripCounter.count - trips0
         peak = peak_rss_mb()  # before the statistics below allocate their own lists
     finally:
         await c.teardown()
@@ -550,6 +552,7 @@ async def drive(
         "p99_ms": percentile(lat, 99) * 1000,
         "cpu_ms_per_saga": cpu * 1000 / n if n else float("nan"),
         "commits_per_saga": commits / n if n and CommitCounter.installed else None,
+        "statements_per_saga": trips / n if n and RoundTripCounter.installed else None,
         "peak_rss_mb": peak,
         "rss_samples": rss,
         "wrong_state": n - states[expected],
@@ -575,6 +578,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.count_commits:
         CommitCounter.install()
+    if args.db == "postgresql":
+        RoundTripCounter.install()
     if args.duration is None and args.count is None:
         args.duration = 2.0
     os.makedirs(args.workdir, exist_ok=True)

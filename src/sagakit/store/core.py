@@ -221,7 +221,7 @@ class Store:
 
     async def inbox_record(self, tx: Tx, consumer: str, key: str, row: InboxRow) -> None:
         """Store the outcome of the run that :meth:`inbox_admit` let through."""
-        await tx.execute(
+        await tx.later(
             f"UPDATE {self.prefix}inbox SET outcome = ?, reply = ?, destination = ?, "
             "attempt = ? WHERE consumer = ? AND key = ?",
             row.outcome,
@@ -365,7 +365,13 @@ class Store:
     async def saga_update(self, tx: Tx, rec: SagaRecord) -> None:
         """Write an instance back; optimistic check on ``rev`` (then bumped)."""
         rec.updated_at = self.clock.now()
-        n = await tx.execute(
+        saga_id = rec.id
+
+        def check(n: int) -> None:
+            if n != 1:
+                raise ConcurrencyConflict("saga changed concurrently", saga_id=saga_id)
+
+        await tx.later(
             f"UPDATE {self.prefix}sagas SET state = ?, data = ?, progress = ?, rev = ?, "
             "updated_at = ?, deadline = ?, error = ? WHERE id = ? AND rev = ?",
             rec.state,
@@ -377,9 +383,8 @@ class Store:
             rec.error,
             rec.id,
             rec.rev,
+            check=check,
         )
-        if n != 1:
-            raise ConcurrencyConflict("saga changed concurrently", saga_id=rec.id)
         rec.rev += 1
 
     async def saga_get(self, saga_id: str) -> SagaRecord | None:
@@ -392,11 +397,17 @@ class Store:
         return _saga_record(rows[0]) if rows else None
 
     async def log(self, tx: Tx, entries: Sequence[LogEntry]) -> None:
-        """Append lines to saga histories."""
-        await tx.executemany(
+        """Append lines to saga histories (one held write, see :meth:`Tx.later`)."""
+        if not entries:
+            return
+        values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(entries))
+        args = [
+            a for e in entries for a in (e.saga_id, e.at, e.entry, e.step, e.message_id, e.detail)
+        ]
+        await tx.later(
             f"INSERT INTO {self.prefix}saga_log (saga_id, at, entry, step, message_id, detail) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            [(e.saga_id, e.at, e.entry, e.step, e.message_id, e.detail) for e in entries],
+            f"VALUES {values}",
+            *args,
         )
 
     async def history(self, saga_id: str) -> list[LogEntry]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..clock import SystemClock
+from ..errors import LeaseLost
 
 if TYPE_CHECKING:
     from . import Tx
@@ -132,7 +133,7 @@ class WorkQueue:
     ) -> None:
         """Add a message to ``queue`` inside ``tx``; consumers wake on commit."""
         args = (message_id, queue, destination, kind, data, self._now(), delay)
-        await tx.execute(self._put_sql, *args, self.store.clock.now())
+        await tx.later(self._put_sql, *args, self.store.clock.now())
         tx.notify(queue)
 
     async def fan_out(self, tx: Tx, topic: str, message_id: str, data: bytes) -> None:
@@ -166,6 +167,20 @@ class WorkQueue:
             item.attempts,
         )
         return n == 1
+
+    async def ack_later(self, tx: Tx, item: Queued) -> None:
+        """Delete a claimed row with ``tx``'s held writes; :class:`LeaseLost` if it was lost."""
+
+        def check(n: int) -> None:
+            if n != 1:
+                raise LeaseLost(f"lease on message {item.id} was lost")
+
+        await tx.later(
+            f"DELETE FROM {self.store.prefix}messages WHERE seq = ? AND attempts = ?",
+            item.seq,
+            item.attempts,
+            check=check,
+        )
 
     async def release(self, item: Queued, delay: float) -> None:
         """Make a claimed row due again after ``delay`` seconds."""
@@ -201,7 +216,7 @@ class WorkQueue:
 
     async def cancel(self, tx: Tx, message_id: str) -> None:
         """Remove a queued message by id (e.g. a timer that is no longer needed)."""
-        await tx.execute(f"DELETE FROM {self.store.prefix}messages WHERE id = ?", message_id)
+        await tx.later(f"DELETE FROM {self.store.prefix}messages WHERE id = ?", message_id)
 
     async def depth(self, queue: str | None = None) -> int:
         """How many messages wait (or are leased) on ``queue``, or on all queues."""
