@@ -291,23 +291,24 @@ class HandPostgres:
             for stmt in _ddl("postgresql", p):
                 await c.execute(stmt)
 
-    async def _save(self, c: Any, sid: str, state: str, step: int) -> None:
-        sql = f"UPDATE {self.p}hand_sagas SET state = $1, step = $2, updated_at = $3 WHERE id = $4"
-        await c.execute(sql, state, step, time.time(), sid)
-
-    async def _step(self, c: Any, sid: str, step: int, n: int, fail: bool) -> None:
-        async with c.transaction():
-            if fail:
-                raise Refused
-            await c.execute(
-                f"INSERT INTO {self.p}t{step} (saga_id, amount) VALUES ($1, $2)", sid, n
-            )
+    def _saved(self, effect: str | None) -> str:
+        """One statement: the step's effect (if any) and the saga's new state, atomically."""
+        save = f"UPDATE {self.p}hand_sagas SET state = $1, step = $2, updated_at = $3 WHERE id = $4"
+        if effect is None:
+            return save
+        return f"WITH effect AS ({effect}) {save}"
 
     async def one(self, i: int, fail: bool) -> str:
-        """One connection for the whole saga; each statement below is its own commit."""
+        """One pooled connection per saga; every state change is one statement (one commit).
+
+        A careful engineer's version: a step's insert and the saga's new state
+        go in one statement (a data-modifying CTE), so each step costs one
+        round trip and one commit, and a crash between them is impossible.
+        """
         sid = str(uuid.uuid4())
         data = json.dumps({"n": i, "fail": fail})
         p = self.p
+        ins = f"INSERT INTO {p}t{{}} (saga_id, amount) VALUES ($4, $5)"
         async with self.pool.acquire() as c:
             await c.execute(
                 f"INSERT INTO {p}hand_sagas VALUES ($1, 'running', 0, $2, $3)",
@@ -316,16 +317,16 @@ class HandPostgres:
                 time.time(),
             )
             for step in (1, 2, 3):
-                try:
-                    await self._step(c, sid, step, i, fail and step == 3)
-                except Refused:
-                    await self._save(c, sid, "compensating", step - 1)
+                if fail and step == 3:  # the step refuses: nothing of it commits
+                    await c.execute(self._saved(None), "compensating", 2, time.time(), sid)
                     for undo in (2, 1):
-                        await c.execute(f"DELETE FROM {p}t{undo} WHERE saga_id = $1", sid)
+                        gone = f"DELETE FROM {p}t{undo} WHERE saga_id = $4"
                         state = "compensated" if undo == 1 else "compensating"
-                        await self._save(c, sid, state, undo - 1)
+                        await c.execute(self._saved(gone), state, undo - 1, time.time(), sid)
                     return "compensated"
-                await self._save(c, sid, "completed" if step == 3 else "running", step)
+                state = "completed" if step == 3 else "running"
+                sql = self._saved(ins.format(step))
+                await c.execute(sql, state, step, time.time(), sid, i)
         return "completed"
 
     async def teardown(self) -> None:
@@ -456,7 +457,8 @@ class Dbos:
 
 def make(contender: str, db: str, url: str, workdir: str, prefix: str, in_flight: int) -> Any:
     """Build a contender; ``url`` is the PostgreSQL URL (ignored for SQLite)."""
-    pool = max(2, min(in_flight, 16))
+    pool = max(2, min(in_flight, 16))  # DBOS's step pool
+    hand_pool = max(2, in_flight)  # the hand-written saga: one connection per saga in flight
     store = f"sqlite:///{os.path.join(workdir, 'bench.db')}" if db == "sqlite" else url
     if contender == "sagakit":
         return Sagakit(store, prefix)
@@ -465,7 +467,7 @@ def make(contender: str, db: str, url: str, workdir: str, prefix: str, in_flight
     if contender == "handwritten":
         if db == "sqlite":
             return HandSqlite(os.path.join(workdir, "bench.db"), prefix)
-        return HandPostgres(url, prefix, pool)
+        return HandPostgres(url, prefix, hand_pool)
     if contender == "dbos":
         return Dbos(db, url, workdir, prefix, pool)
     raise SystemExit(f"unknown contender {contender!r}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sagakit.errors import ConcurrencyConflict, LeaseLost
+from sagakit.errors import ConcurrencyConflict, LeaseLost, SagaIdInUse
 from sagakit.store import Store, open_store
 from sagakit.store.core import LogEntry, SagaRecord
 from sagakit.store.sqlite import SqliteDriver
@@ -169,3 +169,18 @@ async def test_a_concurrent_saga_update_aborts_the_batch(pg: Store) -> None:
     assert [e.entry for e in await pg.history("s1")] == []
     got = await pg.saga_get("s1")
     assert got is not None and got.rev == 1
+
+
+async def test_a_taken_saga_id_undoes_the_start_batch(pg: Store) -> None:
+    now = pg.clock.now()
+    rec = SagaRecord("s2", "t", 1, "running", b"{}", b"{}", 0, now, now)
+    async with pg.transaction() as tx:
+        await pg.saga_insert_later(tx, rec)
+        await pg.queue.put(tx, "first.commands", "c1", b"go")
+    with pytest.raises(SagaIdInUse):
+        async with pg.transaction() as tx:
+            await pg.saga_insert_later(tx, rec)
+            await pg.log(tx, [LogEntry("s2", now, "started")])
+            await pg.queue.put(tx, "first.commands", "c2", b"go again")
+    assert await pg.queue.depth("first.commands") == 1
+    assert await pg.history("s2") == []

@@ -118,12 +118,14 @@ class Coordinator:
         rec = SagaRecord(saga_id, defn.name, defn.version, "", b"", b"", 0, now, now, deadline)
         _record(rec, decision.instance)
         out = Outbox()
-        async with self.store.transaction() as tx:
-            if await self.store.saga_insert(tx, rec):
+        try:
+            async with self.store.transaction() as tx:  # on PostgreSQL: one batch and COMMIT
+                await self.store.saga_insert_later(tx, rec)
                 await self._carry_out(tx, out, rec, decision, None, insert=True)
                 await self.writer.flush(tx, out)
-                return saga_id
-            existing = await self.store.saga_load(tx, saga_id, lock=False)
+            return saga_id
+        except SagaIdInUse:
+            existing = await self.store.saga_get(saga_id)
         if existing is not None and (existing.type, existing.version) != defn.key:
             raise SagaIdInUse(
                 f"saga id {saga_id!r} already names an instance of {existing.type!r} "

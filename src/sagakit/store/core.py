@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..clock import Clock
-from ..errors import ConcurrencyConflict, ConfigurationError, StoreError
+from ..errors import ConcurrencyConflict, ConfigurationError, SagaIdInUse, StoreError
 from .queue import WorkQueue
 from .schema import SCHEMA_VERSION, check_prefix, statements
 
@@ -351,6 +351,26 @@ class Store:
             *_saga_values(rec),
         )
         return n == 1
+
+    async def saga_insert_later(self, tx: Tx, rec: SagaRecord) -> None:
+        """Insert a new instance with ``tx``'s held writes; :class:`SagaIdInUse` if the id exists.
+
+        The error rolls the whole transaction back, so whatever was held with
+        it (the saga's first history lines and commands) goes too.
+        """
+        saga_id = rec.id
+
+        def check(n: int) -> None:
+            if n != 1:
+                raise SagaIdInUse(f"saga id {saga_id!r} exists", saga_id=saga_id)
+
+        await tx.later(
+            f"INSERT INTO {self.prefix}sagas (id, type, version, state, data, progress, rev, "
+            "created_at, updated_at, deadline, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            *_saga_values(rec),
+            check=check,
+        )
 
     async def saga_load(self, tx: Tx, saga_id: str, *, lock: bool = True) -> SagaRecord | None:
         """Load an instance, row-locked on PostgreSQL when ``lock``."""
