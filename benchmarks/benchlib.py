@@ -89,9 +89,9 @@ class ScratchDatabase:
     databases, the given database is used and commit counts are marked shared.
     """
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, suffix: str = "") -> None:
         self.base_url = base_url
-        self.name = f"sagakit_bench_{os.getpid()}"
+        self.name = f"sagakit_bench_{os.getpid()}{suffix}"
         self.url = with_database(base_url, self.name)
         self.private = False
 

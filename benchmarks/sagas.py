@@ -63,7 +63,7 @@ async def run(args: argparse.Namespace) -> None:
                         out["p50_ms"],
                         out["p99_ms"],
                         out["cpu_ms_per_saga"],
-                        out["statements_per_saga"],
+                        out["statements_per_saga"] if db == "postgresql" else None,
                     ]
                 )
     finally:
