@@ -16,6 +16,10 @@ as before; commit callbacks and wake-ups run after it. A lone transaction
 commits at once: grouping only happens when callers are already waiting, so
 it adds no latency. Reads (:meth:`SqliteDriver.read`) commit an open group
 first, so they never see another caller's writes before they are durable.
+The price: a transaction that holds the connection for long (a handler
+waiting on something slow inside it) also holds back the COMMIT of the few
+that ran just before it in its group; it already held back every other
+transaction of the process, since there is one connection.
 """
 
 from __future__ import annotations
