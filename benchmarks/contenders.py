@@ -73,9 +73,14 @@ class Sagakit:
         transport: str = "database",
         *,
         signing: bool = False,
+        services: set[str] | None = None,
         **tuning: Any,
     ) -> None:
-        """``tuning``: further :class:`sagakit.Settings` fields (retention.py sets retention)."""
+        """``tuning``: further :class:`sagakit.Settings` fields (retention.py sets retention).
+
+        ``services``: run only these in this process (``App.only``): ``p1``..``p3``
+        and ``coordinator``; the empty set makes a pure client (start + wait).
+        """
         import msgspec
 
         import sagakit as sk
@@ -112,6 +117,8 @@ class Sagakit:
         settings = sk.Settings(prefix=prefix, signing=keys, **tuning)
         self.app = app = sk.App(url, transport, settings=settings)
         app.saga(self.definition)
+        if services is not None:
+            app.only(services)
 
         def insert(table: str) -> Callable[[Any, Any], Awaitable[None]]:
             sql = f"INSERT INTO {p}{table} (saga_id, amount) VALUES (?, ?)"
@@ -562,6 +569,19 @@ async def drive(
     }
 
 
+async def serve(url: str, transport: str, prefix: str, services: set[str]) -> None:
+    """Run some of the saga's services until SIGTERM; print ``ready`` once started."""
+    import signal
+
+    c = Sagakit(url, prefix, transport, services=services)
+    await c.setup()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+    await c.teardown()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contender", required=True)
@@ -576,8 +596,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefix", default="bench_")
     ap.add_argument("--count-commits", action="store_true", help="SQLite: count commits")
     ap.add_argument("--rss-every", type=int, default=0)
+    ap.add_argument("--transport", default="database", help="sagakit's transport URL")
+    ap.add_argument("--serve", default=None, help="run only these services until SIGTERM")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.serve is not None:
+        services = {s for s in args.serve.split(",") if s}
+        asyncio.run(serve(args.url, args.transport, args.prefix, services))
+        return
     if args.count_commits:
         CommitCounter.install()
     if args.db == "postgresql":
