@@ -184,3 +184,17 @@ async def test_a_taken_saga_id_undoes_the_start_batch(pg: Store) -> None:
             await pg.queue.put(tx, "first.commands", "c2", b"go again")
     assert await pg.queue.depth("first.commands") == 1
     assert await pg.history("s2") == []
+
+
+async def test_writes_held_in_a_failed_savepoint_are_dropped(pg: Store) -> None:
+    q = pg.queue
+    async with pg.transaction() as tx:
+        await q.put(tx, "sp.kept", "k1", b"before")
+        with pytest.raises(RuntimeError):
+            async with tx.savepoint():
+                await q.put(tx, "sp.dropped", "d1", b"inside")
+                raise RuntimeError("the block fails")
+        async with tx.savepoint():
+            await q.put(tx, "sp.kept", "k2", b"inside, kept")
+    assert await q.depth("sp.dropped") == 0
+    assert await q.depth("sp.kept") == 2

@@ -258,14 +258,20 @@ class PostgresTx:
 
     @asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
-        """A nested transaction: rolled back alone if the block raises."""
+        """A nested transaction: rolled back alone if the block raises.
+
+        Writes held inside the block are sent before it ends, so their checks
+        fail the block, and dropped unsent if it raises.
+        """
         await self.flush()
         self._savepoints += 1
         name = f"sagakit_sp{self._savepoints}"
         await self._simple(f"SAVEPOINT {name}")
         try:
             yield
+            await self.flush()
         except BaseException:
+            self._held.clear()
             await _quietly(partial(self.connection.execute, f"ROLLBACK TO SAVEPOINT {name}"))
             raise
         await self._simple(f"RELEASE SAVEPOINT {name}")
