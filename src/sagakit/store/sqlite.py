@@ -178,7 +178,11 @@ class SqliteDriver:
             if group is None:
                 await self._begin(conn)
                 group = self._group = _Group()
-            _run(conn, f"SAVEPOINT {_MEMBER}")
+            try:
+                _run(conn, f"SAVEPOINT {_MEMBER}")
+            except StoreError:
+                self._settle(group)  # never leave a group nobody will end
+                raise
             tx = SqliteTx(conn)
             try:
                 yield tx
