@@ -189,7 +189,11 @@ class SqliteDriver:
             except BaseException:
                 self._undo(conn, group)
                 raise
-            _run(conn, f"RELEASE {_MEMBER}")
+            try:
+                _run(conn, f"RELEASE {_MEMBER}")
+            except StoreError:
+                self._undo(conn, group)
+                raise
             group.txs.append(tx)
             await self._gather(group)
         await asyncio.shield(group.done)  # durable before the block returns
