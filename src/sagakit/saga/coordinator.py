@@ -16,6 +16,7 @@ whichever coordinator process is free.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -232,7 +233,9 @@ class Coordinator:
         ]
         await self.store.log(tx, lines)
         if d.changed and inst.state.terminal:
-            tx.notify(finished(rec.id))
+            name, final = finished(rec.id), replace(rec)
+            tx.on_commit(lambda: self.store.queue.waker.offer(name, final))  # before the wake
+            tx.notify(name)
 
     async def _effect(
         self, tx: Tx, out: Outbox, inst: Instance, effect: Any, cause: Envelope | None

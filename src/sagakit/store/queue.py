@@ -54,6 +54,7 @@ class Waker:
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}
         self._watchers: dict[str, int] = {}
+        self._offers: dict[str, object] = {}
 
     def event(self, name: str) -> asyncio.Event:
         ev = self._events.get(name)
@@ -73,6 +74,20 @@ class Waker:
             return
         self._watchers.pop(name, None)
         self._events.pop(name, None)
+        self._offers.pop(name, None)
+
+    def offer(self, name: str, value: object) -> None:
+        """Leave ``value`` for whoever watches ``name`` (nothing kept if nobody does).
+
+        A commit in this process hands what it wrote (a saga's final record) to
+        its waiters, so they need not read it back from the database.
+        """
+        if name in self._watchers:
+            self._offers[name] = value
+
+    def taken(self, name: str) -> object | None:
+        """What was last offered under ``name``, if anything (it stays for other watchers)."""
+        return self._offers.get(name)
 
     def wake(self, name: str) -> None:
         ev = self._events.get(name)
