@@ -17,8 +17,10 @@ import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
+import sagakit as sk
 from sagakit.errors import ConcurrencyConflict, LeaseLost, SagaIdInUse
 from sagakit.store import Store, open_store
 from sagakit.store.core import LogEntry, SagaRecord
@@ -198,3 +200,40 @@ async def test_writes_held_in_a_failed_savepoint_are_dropped(pg: Store) -> None:
             await q.put(tx, "sp.kept", "k2", b"inside, kept")
     assert await q.depth("sp.dropped") == 0
     assert await q.depth("sp.kept") == 2
+
+
+# -- wait(): the finishing commit hands the record to local waiters -------------
+
+
+@sk.command("rt.Book")
+class Book(msgspec.Struct):
+    amount: int
+
+
+class Order(msgspec.Struct):
+    amount: int
+
+
+async def test_a_local_waiter_reads_the_saga_once(tmp_path: Path) -> None:
+    book = sk.Saga("rt-book", Order).step("book").invoke("ledger", lambda o: Book(o.amount))
+    defn = book.build()
+    app = sk.App(f"sqlite:///{tmp_path / 'w.db'}")
+    app.saga(defn)
+
+    @app.participant("ledger").command(Book)
+    async def booked(cmd: Book, ctx: sk.Context) -> None:
+        await asyncio.sleep(0.05)  # the waiter is watching before the saga ends
+
+    reads = 0
+    async with app:
+        real = app.store.saga_get
+
+        async def counted(saga_id: str) -> SagaRecord | None:
+            nonlocal reads
+            reads += 1
+            return await real(saga_id)
+
+        app.store.saga_get = counted  # type: ignore[method-assign]
+        view = await app.sagas.wait(await app.sagas.start(defn, Order(5)), 10)
+    assert view.state == "completed" and view.data == Order(5)
+    assert reads == 1  # the first look; the end came with the commit
