@@ -252,7 +252,9 @@ class Coordinator:
             headers = _headers(inst, effect.step, "timer", 1, cause)
             env = make(timer, headers, id=effect.message_id)
             out.schedule(env, TIMER_QUEUE, effect.seconds)
-        elif isinstance(effect, CancelTimer):
+        elif isinstance(effect, CancelTimer) and (cause is None or cause.id != effect.message_id):
+            # (the timer being handled is deleted by this hop's own acknowledgement: deleting it
+            # twice in one batch could leave the acknowledgement a row short, a lost lease)
             await self.store.queue.cancel(tx, effect.message_id)
 
     async def _local_outcome(
