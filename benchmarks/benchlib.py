@@ -89,9 +89,9 @@ class ScratchDatabase:
     databases, the given database is used and commit counts are marked shared.
     """
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, suffix: str = "") -> None:
         self.base_url = base_url
-        self.name = f"sagakit_bench_{os.getpid()}"
+        self.name = f"sagakit_bench_{os.getpid()}{suffix}"
         self.url = with_database(base_url, self.name)
         self.private = False
 
@@ -236,6 +236,43 @@ class _CountingConnection(sqlite3.Connection):
     def rollback(self) -> None:
         super().rollback()
         self._sk_base = self.total_changes
+
+
+# -- PostgreSQL round-trip counting ----------------------------------------------
+
+
+class RoundTripCounter:
+    """Counts the statements every asyncpg connection in the process sends, client-side.
+
+    The shared server has no ``pg_stat_statements`` (it needs
+    ``shared_preload_libraries``), so the count is taken where the statements
+    leave: ``execute``, ``executemany``, ``fetch``, ``fetchrow`` and
+    ``fetchval`` of :class:`asyncpg.Connection` are wrapped and counted, one
+    each (a call is one round trip: asyncpg sends ``executemany``'s rows as
+    one pipelined batch). BEGIN, COMMIT and LISTEN health probes count like
+    any statement; a pool's own connection set-up does not.
+    """
+
+    count = 0
+    installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if cls.installed:
+            return
+        import asyncpg
+
+        cls.installed = True
+        for name in ("execute", "executemany", "fetch", "fetchrow", "fetchval"):
+            setattr(asyncpg.Connection, name, _counted(getattr(asyncpg.Connection, name)))
+
+
+def _counted(method: Any) -> Any:
+    async def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        RoundTripCounter.count += 1
+        return await method(self, *args, **kwargs)
+
+    return counted
 
 
 # -- numbers ---------------------------------------------------------------------

@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from benchlib import CommitCounter, current_rss_mb, peak_rss_mb, percentile
+from benchlib import CommitCounter, RoundTripCounter, current_rss_mb, peak_rss_mb, percentile
 
 EXPECTED = {"happy": "completed", "compensate": "compensated"}
 
@@ -73,9 +73,14 @@ class Sagakit:
         transport: str = "database",
         *,
         signing: bool = False,
+        services: set[str] | None = None,
         **tuning: Any,
     ) -> None:
-        """``tuning``: further :class:`sagakit.Settings` fields (retention.py sets retention)."""
+        """``tuning``: further :class:`sagakit.Settings` fields (retention.py sets retention).
+
+        ``services``: run only these in this process (``App.only``): ``p1``..``p3``
+        and ``coordinator``; the empty set makes a pure client (start + wait).
+        """
         import msgspec
 
         import sagakit as sk
@@ -112,6 +117,8 @@ class Sagakit:
         settings = sk.Settings(prefix=prefix, signing=keys, **tuning)
         self.app = app = sk.App(url, transport, settings=settings)
         app.saga(self.definition)
+        if services is not None:
+            app.only(services)
 
         def insert(table: str) -> Callable[[Any, Any], Awaitable[None]]:
             sql = f"INSERT INTO {p}{table} (saga_id, amount) VALUES (?, ?)"
@@ -291,23 +298,24 @@ class HandPostgres:
             for stmt in _ddl("postgresql", p):
                 await c.execute(stmt)
 
-    async def _save(self, c: Any, sid: str, state: str, step: int) -> None:
-        sql = f"UPDATE {self.p}hand_sagas SET state = $1, step = $2, updated_at = $3 WHERE id = $4"
-        await c.execute(sql, state, step, time.time(), sid)
-
-    async def _step(self, c: Any, sid: str, step: int, n: int, fail: bool) -> None:
-        async with c.transaction():
-            if fail:
-                raise Refused
-            await c.execute(
-                f"INSERT INTO {self.p}t{step} (saga_id, amount) VALUES ($1, $2)", sid, n
-            )
+    def _saved(self, effect: str | None) -> str:
+        """One statement: the step's effect (if any) and the saga's new state, atomically."""
+        save = f"UPDATE {self.p}hand_sagas SET state = $1, step = $2, updated_at = $3 WHERE id = $4"
+        if effect is None:
+            return save
+        return f"WITH effect AS ({effect}) {save}"
 
     async def one(self, i: int, fail: bool) -> str:
-        """One connection for the whole saga; each statement below is its own commit."""
+        """One pooled connection per saga; every state change is one statement (one commit).
+
+        A careful engineer's version: a step's insert and the saga's new state
+        go in one statement (a data-modifying CTE), so each step costs one
+        round trip and one commit, and a crash between them is impossible.
+        """
         sid = str(uuid.uuid4())
         data = json.dumps({"n": i, "fail": fail})
         p = self.p
+        ins = f"INSERT INTO {p}t{{}} (saga_id, amount) VALUES ($4, $5)"
         async with self.pool.acquire() as c:
             await c.execute(
                 f"INSERT INTO {p}hand_sagas VALUES ($1, 'running', 0, $2, $3)",
@@ -316,16 +324,16 @@ class HandPostgres:
                 time.time(),
             )
             for step in (1, 2, 3):
-                try:
-                    await self._step(c, sid, step, i, fail and step == 3)
-                except Refused:
-                    await self._save(c, sid, "compensating", step - 1)
+                if fail and step == 3:  # the step refuses: nothing of it commits
+                    await c.execute(self._saved(None), "compensating", 2, time.time(), sid)
                     for undo in (2, 1):
-                        await c.execute(f"DELETE FROM {p}t{undo} WHERE saga_id = $1", sid)
+                        gone = f"DELETE FROM {p}t{undo} WHERE saga_id = $4"
                         state = "compensated" if undo == 1 else "compensating"
-                        await self._save(c, sid, state, undo - 1)
+                        await c.execute(self._saved(gone), state, undo - 1, time.time(), sid)
                     return "compensated"
-                await self._save(c, sid, "completed" if step == 3 else "running", step)
+                state = "completed" if step == 3 else "running"
+                sql = self._saved(ins.format(step))
+                await c.execute(sql, state, step, time.time(), sid, i)
         return "completed"
 
     async def teardown(self) -> None:
@@ -456,7 +464,8 @@ class Dbos:
 
 def make(contender: str, db: str, url: str, workdir: str, prefix: str, in_flight: int) -> Any:
     """Build a contender; ``url`` is the PostgreSQL URL (ignored for SQLite)."""
-    pool = max(2, min(in_flight, 16))
+    pool = max(2, min(in_flight, 16))  # DBOS's step pool
+    hand_pool = max(2, in_flight)  # the hand-written saga: one connection per saga in flight
     store = f"sqlite:///{os.path.join(workdir, 'bench.db')}" if db == "sqlite" else url
     if contender == "sagakit":
         return Sagakit(store, prefix)
@@ -465,7 +474,7 @@ def make(contender: str, db: str, url: str, workdir: str, prefix: str, in_flight
     if contender == "handwritten":
         if db == "sqlite":
             return HandSqlite(os.path.join(workdir, "bench.db"), prefix)
-        return HandPostgres(url, prefix, pool)
+        return HandPostgres(url, prefix, hand_pool)
     if contender == "dbos":
         return Dbos(db, url, workdir, prefix, pool)
     raise SystemExit(f"unknown contender {contender!r}")
@@ -531,10 +540,12 @@ async def drive(
         # latencies as unboxed doubles, preallocated when the count is known, so
         # that the client's own bookkeeping does not show up as memory growth
         lat = array.array("d", bytes(8 * count)) if count else array.array("d")
-        commits0, cpu0 = CommitCounter.count, time.process_time()
+        commits0, trips0 = CommitCounter.count, RoundTripCounter.count
+        cpu0 = time.process_time()
         elapsed = await phase(duration, count, True)
         cpu = time.process_time() - cpu0
         commits = CommitCounter.count - commits0
+        trips = RoundTripCounter.count - trips0
         peak = peak_rss_mb()  # before the statistics below allocate their own lists
     finally:
         await c.teardown()
@@ -550,11 +561,25 @@ async def drive(
         "p99_ms": percentile(lat, 99) * 1000,
         "cpu_ms_per_saga": cpu * 1000 / n if n else float("nan"),
         "commits_per_saga": commits / n if n and CommitCounter.installed else None,
+        "statements_per_saga": trips / n if n and RoundTripCounter.installed else None,
         "peak_rss_mb": peak,
         "rss_samples": rss,
         "wrong_state": n - states[expected],
         "states": dict(states),
     }
+
+
+async def serve(url: str, transport: str, prefix: str, services: set[str]) -> None:
+    """Run some of the saga's services until SIGTERM; print ``ready`` once started."""
+    import signal
+
+    c = Sagakit(url, prefix, transport, services=services)
+    await c.setup()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+    await c.teardown()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -571,10 +596,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefix", default="bench_")
     ap.add_argument("--count-commits", action="store_true", help="SQLite: count commits")
     ap.add_argument("--rss-every", type=int, default=0)
+    ap.add_argument("--transport", default="database", help="sagakit's transport URL")
+    ap.add_argument("--serve", default=None, help="run only these services until SIGTERM")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.serve is not None:
+        services = {s for s in args.serve.split(",") if s}
+        asyncio.run(serve(args.url, args.transport, args.prefix, services))
+        return
     if args.count_commits:
         CommitCounter.install()
+    if args.db == "postgresql":
+        RoundTripCounter.install()
     if args.duration is None and args.count is None:
         args.duration = 2.0
     os.makedirs(args.workdir, exist_ok=True)

@@ -23,6 +23,7 @@ import shutil
 import tempfile
 
 import benchlib as bl
+from benchlib import RoundTripCounter
 from contenders import Sagakit, drive
 
 
@@ -62,6 +63,7 @@ async def run(args: argparse.Namespace) -> None:
                         out["p50_ms"],
                         out["p99_ms"],
                         out["cpu_ms_per_saga"],
+                        out["statements_per_saga"] if db == "postgresql" else None,
                     ]
                 )
     finally:
@@ -73,7 +75,16 @@ async def run(args: argparse.Namespace) -> None:
         f"sagakit, 3-step saga ({args.variant}{', signed' if args.signing else ''}), "
         "database transport; "
         f"{hw['cpus']} CPUs, load {hw['load']}",
-        ("database", "in flight", "sagas", "sagas/s", "p50 ms", "p99 ms", "CPU ms/saga"),
+        (
+            "database",
+            "in flight",
+            "sagas",
+            "sagas/s",
+            "p50 ms",
+            "p99 ms",
+            "CPU ms/saga",
+            "statements/saga",
+        ),
         rows,
     )
     for n in notes:
@@ -91,6 +102,7 @@ def main() -> None:
     if args.quick:
         args.duration, args.warmup = 0.8, 0.2
     logging.basicConfig(level=logging.WARNING)
+    RoundTripCounter.install()  # PostgreSQL statements, counted client-side
     asyncio.run(run(args))
 
 

@@ -239,11 +239,7 @@ class Relay:
             await self.store.queue.release(item, self._delay(item.attempts))
 
     async def _ack(self, items: list[Queued]) -> None:
-        if not items:
-            return
-        async with self.store.transaction() as tx:
-            for item in items:
-                await self.store.queue.ack(tx, item)
+        await self.store.queue.ack_many(items)
 
     def _delay(self, attempts: int) -> float:
         """Exponential in the row's claims, capped: an outage is retried ever more slowly."""

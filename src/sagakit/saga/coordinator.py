@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -131,11 +132,15 @@ class Coordinator:
         defn = self.registry.registered(defn)  # steps run as registered
         saga_id = saga_id or new_id()
         out = Outbox()
-        async with self.store.transaction() as tx:
-            flush = partial(self.writer.flush, tx, out)  # in the saga's trace context
-            if await self.start_within(tx, out, defn, data, saga_id, correlation_id, None, flush):
-                return saga_id
-            existing = await self.store.saga_load(tx, saga_id, lock=False)
+        try:
+            async with self.store.transaction() as tx:  # on PostgreSQL: one batch and COMMIT
+                flush = partial(self.writer.flush, tx, out)  # in the saga's trace context
+                await self.start_within(
+                    tx, out, defn, data, saga_id, correlation_id, None, flush, held=True
+                )
+            return saga_id
+        except SagaIdInUse:
+            existing = await self.store.saga_get(saga_id)
         if existing is not None and (existing.type, existing.version) != defn.key:
             raise SagaIdInUse(
                 f"saga id {saga_id!r} already names an instance of {existing.type!r} "
@@ -154,11 +159,16 @@ class Coordinator:
         correlation_id: str | None,
         cause: Envelope | None,
         then: Callable[[], Awaitable[None]] | None = None,
+        *,
+        held: bool = False,
     ) -> bool:
         """Insert a new instance and its first effects in ``tx``; False if the id exists.
 
         ``then`` runs last, still inside the new saga's trace context (the start
         flushes its outbox there, so the first commands carry the saga's trace).
+        ``held``: the insert is one of ``tx``'s held writes (one batch with the
+        rest on PostgreSQL) and a taken id raises :class:`SagaIdInUse` at the
+        batch, rolling the whole transaction back; for a transaction of its own.
         """
         now = self.store.clock.now()
         deadline = now + defn.deadline if defn.deadline else None
@@ -168,7 +178,9 @@ class Coordinator:
             decision = self.registry.machine(defn.name, defn.version).apply(inst, Started())
             rec = SagaRecord(saga_id, defn.name, defn.version, "", b"", b"", 0, now, now, deadline)
             _record(rec, decision.instance)
-            if not await self.store.saga_insert(tx, rec):
+            if held:
+                await self.store.saga_insert_later(tx, rec)
+            elif not await self.store.saga_insert(tx, rec):
                 return False
             self.hooks.decided(tx, rec, defn, inst, decision, Started())
             await self._carry_out(tx, out, rec, decision, cause, insert=True)
@@ -290,7 +302,9 @@ class Coordinator:
         ]
         await self.store.log(tx, lines)
         if d.changed and inst.state.terminal:
-            tx.notify(finished(rec.id))
+            name, final = finished(rec.id), replace(rec)
+            tx.on_commit(lambda: self.store.queue.waker.offer(name, final))  # before the wake
+            tx.notify(name)
 
     def _announce(
         self, out: Outbox, rec: SagaRecord, inst: Instance, cause: Envelope | None
@@ -326,7 +340,9 @@ class Coordinator:
             headers = _headers(inst, effect.step, "timer", 1, cause)
             env = make(timer, headers, id=effect.message_id)
             out.schedule(env, TIMER_QUEUE, effect.seconds)
-        elif isinstance(effect, CancelTimer):
+        elif isinstance(effect, CancelTimer) and (cause is None or cause.id != effect.message_id):
+            # (the timer being handled is deleted by this hop's own acknowledgement: deleting it
+            # twice in one batch could leave the acknowledgement a row short, a lost lease)
             await self.store.queue.cancel(tx, effect.message_id)
 
     async def _local_outcome(

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from ..errors import SagaNotFound, WaitTimeout
+from ..store.core import SagaRecord
 from .coordinator import finished
 from .state import TERMINAL, SagaState, progress_decoder
 
 if TYPE_CHECKING:
-    from ..store import LogEntry, SagaRecord, Store
+    from ..store import LogEntry, Store
     from .registry import SagaRegistry
 
 
@@ -115,9 +116,12 @@ class SagaQueries:
     async def _until_final(
         self, saga_id: str, woken: asyncio.Event, poll: float, history: bool
     ) -> SagaView:
+        waker, name = self.store.queue.waker, finished(saga_id)
         while True:
             woken.clear()  # a commit after this read sets it again
-            rec = await self.store.saga_get(saga_id)
+            rec = waker.taken(name)  # the final record a commit in this process left
+            if not isinstance(rec, SagaRecord):
+                rec = await self.store.saga_get(saga_id)
             if rec is not None and rec.state in TERMINAL:
                 return await self.view(rec, history)
             with suppress(TimeoutError):

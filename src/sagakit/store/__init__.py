@@ -42,6 +42,17 @@ class Tx(Protocol):
 
     def notify(self, queue: str) -> None: ...
 
+    async def later(self, sql: str, *args: Any, check: Callable[[int], None] | None = None) -> None:
+        """Run a write whose outcome nothing needs before the commit.
+
+        The driver may hold it and send it with the transaction's other held
+        writes in one round trip, before the next statement or the COMMIT;
+        ``check`` gets its row count then and raises to abort the transaction.
+        Held writes of one batch run as one statement, so two of them must not
+        change the same row; a statement (``INSERT``/``UPDATE``/``DELETE``)
+        without ``RETURNING``.
+        """
+
 
 class Driver(Protocol):
     """A database connection (or pool) that runs transactions."""

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from ..errors import LeaseLost, SagakitError
+from ..errors import SagakitError
 
 if TYPE_CHECKING:
     from . import Tx
@@ -70,8 +70,7 @@ class QueueDelivery:
         """Delete the row inside ``tx`` (settled once ``tx`` commits)."""
         if store is not self.queue.store:
             return False
-        if not await self.queue.ack(tx, self.item):
-            raise LeaseLost(f"lease on message {self.item.id} was lost")
+        await self.queue.ack_later(tx, self.item)
         tx.on_commit(self._committed)
         return True
 

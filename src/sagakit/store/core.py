@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..clock import Clock
-from ..errors import ConcurrencyConflict, ConfigurationError, StoreError
+from ..errors import ConcurrencyConflict, ConfigurationError, SagaIdInUse, StoreError
 from .queue import WorkQueue
 from .schema import SCHEMA_VERSION, check_prefix, oldest_compatible, statements
 
@@ -245,7 +245,7 @@ class Store:
 
     async def inbox_record(self, tx: Tx, consumer: str, key: str, row: InboxRow) -> None:
         """Store the outcome of the run that :meth:`inbox_admit` let through."""
-        await tx.execute(
+        await tx.later(
             f"UPDATE {self.prefix}inbox SET outcome = ?, reply = ?, destination = ?, "
             "attempt = ? WHERE consumer = ? AND key = ?",
             row.outcome,
@@ -376,6 +376,26 @@ class Store:
         )
         return n == 1
 
+    async def saga_insert_later(self, tx: Tx, rec: SagaRecord) -> None:
+        """Insert a new instance with ``tx``'s held writes; :class:`SagaIdInUse` if the id exists.
+
+        The error rolls the whole transaction back, so whatever was held with
+        it (the saga's first history lines and commands) goes too.
+        """
+        saga_id = rec.id
+
+        def check(n: int) -> None:
+            if n != 1:
+                raise SagaIdInUse(f"saga id {saga_id!r} exists", saga_id=saga_id)
+
+        await tx.later(
+            f"INSERT INTO {self.prefix}sagas (id, type, version, state, data, progress, rev, "
+            "created_at, updated_at, deadline, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            *_saga_values(rec),
+            check=check,
+        )
+
     async def saga_load(self, tx: Tx, saga_id: str, *, lock: bool = True) -> SagaRecord | None:
         """Load an instance, row-locked on PostgreSQL when ``lock``."""
         row = await tx.fetchone(
@@ -389,7 +409,13 @@ class Store:
     async def saga_update(self, tx: Tx, rec: SagaRecord) -> None:
         """Write an instance back; optimistic check on ``rev`` (then bumped)."""
         rec.updated_at = self.clock.now()
-        n = await tx.execute(
+        saga_id = rec.id
+
+        def check(n: int) -> None:
+            if n != 1:
+                raise ConcurrencyConflict("saga changed concurrently", saga_id=saga_id)
+
+        await tx.later(
             f"UPDATE {self.prefix}sagas SET state = ?, data = ?, progress = ?, rev = ?, "
             "updated_at = ?, deadline = ?, error = ? WHERE id = ? AND rev = ?",
             rec.state,
@@ -401,9 +427,8 @@ class Store:
             rec.error,
             rec.id,
             rec.rev,
+            check=check,
         )
-        if n != 1:
-            raise ConcurrencyConflict("saga changed concurrently", saga_id=rec.id)
         rec.rev += 1
 
     async def saga_get(self, saga_id: str) -> SagaRecord | None:
@@ -416,11 +441,17 @@ class Store:
         return _saga_record(rows[0]) if rows else None
 
     async def log(self, tx: Tx, entries: Sequence[LogEntry]) -> None:
-        """Append lines to saga histories."""
-        await tx.executemany(
+        """Append lines to saga histories (one held write, see :meth:`Tx.later`)."""
+        if not entries:
+            return
+        values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(entries))
+        args = [
+            a for e in entries for a in (e.saga_id, e.at, e.entry, e.step, e.message_id, e.detail)
+        ]
+        await tx.later(
             f"INSERT INTO {self.prefix}saga_log (saga_id, at, entry, step, message_id, detail) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            [(e.saga_id, e.at, e.entry, e.step, e.message_id, e.detail) for e in entries],
+            f"VALUES {values}",
+            *args,
         )
 
     async def history(self, saga_id: str) -> list[LogEntry]:

@@ -34,7 +34,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from ..errors import ConfigurationError, StoreError, StoreUnavailable
 from ..transport._url import Option, count, parse_url, redact, seconds
@@ -190,48 +190,99 @@ def rowcount(status: str) -> int:
     return int(count) if verb in _COUNTED and count.isdigit() else 0
 
 
+class _Held(NamedTuple):
+    """A write held for the next batch (:meth:`PostgresTx.later`)."""
+
+    sql: str
+    args: tuple[Any, ...]
+    check: Callable[[int], None] | None
+
+
 class PostgresTx:
-    """A transaction on one pooled connection; handlers see it as ``ctx.db``."""
+    """A transaction on one pooled connection; handlers see it as ``ctx.db``.
+
+    Writes given to :meth:`later` are held and sent together, as one statement
+    of data-modifying CTEs, just before the next statement or the COMMIT: a
+    hop's inbox outcome, outgoing messages, acknowledgement, saga update and
+    history cost one round trip instead of one each.
+    """
 
     def __init__(self, conn: Any) -> None:
         self.connection = conn
         self._callbacks: list[Callable[[], None]] = []
         self.queues: set[str] = set()
         self._savepoints = 0
+        self._held: list[_Held] = []
 
     async def execute(self, sql: str, *args: Any) -> int:
+        await self.flush()
         try:
             return rowcount(await self.connection.execute(to_dollar(sql), *args))
         except DBError as exc:
             raise translate(exc) from exc
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self.flush()
         try:
             await self.connection.executemany(to_dollar(sql), rows)
         except DBError as exc:
             raise translate(exc) from exc
 
     async def fetchone(self, sql: str, *args: Any) -> Any:
+        await self.flush()
         try:
             return await self.connection.fetchrow(to_dollar(sql), *args)
         except DBError as exc:
             raise translate(exc) from exc
 
     async def fetchall(self, sql: str, *args: Any) -> list[Any]:
+        await self.flush()
         try:
             return list(await self.connection.fetch(to_dollar(sql), *args))
         except DBError as exc:
             raise translate(exc) from exc
 
+    async def later(self, sql: str, *args: Any, check: Callable[[int], None] | None = None) -> None:
+        """Hold a write for the next batch (see :class:`PostgresTx`)."""
+        self._held.append(_Held(sql, args, check))
+
+    async def flush(self) -> None:
+        """Send the held writes: one alone as it is, several as one statement."""
+        held, self._held = self._held, []
+        if len(held) == 1:
+            only = held[0]
+            n = rowcount(await self._send(self.connection.execute, only.sql, only.args))
+            if only.check is not None:
+                only.check(n)
+        elif held:
+            sql, args = batch_sql(held)
+            counts = await self._send(self.connection.fetchrow, sql, args)
+            for h, n in zip(held, counts, strict=True):
+                if h.check is not None:
+                    h.check(n)
+
+    async def _send(self, method: Callable[..., Any], sql: str, args: Sequence[Any]) -> Any:
+        try:
+            return await method(to_dollar(sql), *args)
+        except DBError as exc:
+            raise translate(exc) from exc
+
     @asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
-        """A nested transaction: rolled back alone if the block raises."""
+        """A nested transaction: rolled back alone if the block raises.
+
+        Writes held inside the block are sent before it ends, so their checks
+        fail the block, and dropped unsent if it raises.
+        """
+        await self.flush()
         self._savepoints += 1
         name = f"sagakit_sp{self._savepoints}"
         await self._simple(f"SAVEPOINT {name}")
         try:
             yield
+            await self.flush()
         except BaseException:
+            self._held.clear()
             await _quietly(partial(self.connection.execute, f"ROLLBACK TO SAVEPOINT {name}"))
             raise
         await self._simple(f"RELEASE SAVEPOINT {name}")
@@ -255,6 +306,21 @@ class PostgresTx:
                 on_notify(queue)
         for cb in self._callbacks:
             cb()
+
+
+@functools.lru_cache(maxsize=256)
+def _batch_text(texts: tuple[str, ...]) -> str:
+    ctes = ", ".join(f"w{i} AS ({t} RETURNING 1)" for i, t in enumerate(texts))
+    counts = ", ".join(f"(SELECT count(*) FROM w{i})::int" for i in range(len(texts)))
+    return f"WITH {ctes} SELECT {counts}"
+
+
+def batch_sql(held: Sequence[_Held]) -> tuple[str, list[Any]]:
+    """Several writes as one statement that returns each one's row count."""
+    args: list[Any] = []
+    for h in held:
+        args.extend(h.args)
+    return _batch_text(tuple(h.sql for h in held)), args
 
 
 class PostgresDriver:
@@ -431,6 +497,7 @@ async def _transaction(conn: Any, channel: str, tx: PostgresTx) -> AsyncIterator
         raise translate(exc) from exc
     try:
         yield
+        await tx.flush()
     except BaseException:
         await _quietly(partial(conn.execute, "ROLLBACK"))
         raise

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..clock import SystemClock
+from ..errors import LeaseLost
 
 if TYPE_CHECKING:
     from . import Tx
@@ -53,6 +54,7 @@ class Waker:
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}
         self._watchers: dict[str, int] = {}
+        self._offers: dict[str, object] = {}
 
     def event(self, name: str) -> asyncio.Event:
         ev = self._events.get(name)
@@ -72,6 +74,20 @@ class Waker:
             return
         self._watchers.pop(name, None)
         self._events.pop(name, None)
+        self._offers.pop(name, None)
+
+    def offer(self, name: str, value: object) -> None:
+        """Leave ``value`` for whoever watches ``name`` (nothing kept if nobody does).
+
+        A commit in this process hands what it wrote (a saga's final record) to
+        its waiters, so they need not read it back from the database.
+        """
+        if name in self._watchers:
+            self._offers[name] = value
+
+    def taken(self, name: str) -> object | None:
+        """What was last offered under ``name``, if anything (it stays for other watchers)."""
+        return self._offers.get(name)
 
     def wake(self, name: str) -> None:
         ev = self._events.get(name)
@@ -132,7 +148,7 @@ class WorkQueue:
     ) -> None:
         """Add a message to ``queue`` inside ``tx``; consumers wake on commit."""
         args = (message_id, queue, destination, kind, data, self._now(), delay)
-        await tx.execute(self._put_sql, *args, self.store.clock.now())
+        await tx.later(self._put_sql, *args, self.store.clock.now())
         tx.notify(queue)
 
     async def fan_out(self, tx: Tx, topic: str, message_id: str, data: bytes) -> None:
@@ -166,6 +182,43 @@ class WorkQueue:
             item.attempts,
         )
         return n == 1
+
+    async def ack_many(self, items: Sequence[Queued]) -> None:
+        """Delete claimed rows whose leases still hold, in one statement (a relay's batch).
+
+        A row whose lease was lost is left to whoever holds it now. On
+        PostgreSQL this is one autocommit round trip, whatever the batch size.
+        """
+        if not items:
+            return
+        p = self.store.prefix
+        if self.store.dialect == "postgresql":
+            await self.store.driver.fetch_single(
+                f"DELETE FROM {p}messages m USING unnest(?::bigint[], ?::int[]) AS a(seq, n) "
+                "WHERE m.seq = a.seq AND m.attempts = a.n",
+                [i.seq for i in items],
+                [i.attempts for i in items],
+            )
+            return
+        async with self.store.transaction() as tx:
+            await tx.executemany(
+                f"DELETE FROM {p}messages WHERE seq = ? AND attempts = ?",
+                [(i.seq, i.attempts) for i in items],
+            )
+
+    async def ack_later(self, tx: Tx, item: Queued) -> None:
+        """Delete a claimed row with ``tx``'s held writes; :class:`LeaseLost` if it was lost."""
+
+        def check(n: int) -> None:
+            if n != 1:
+                raise LeaseLost(f"lease on message {item.id} was lost")
+
+        await tx.later(
+            f"DELETE FROM {self.store.prefix}messages WHERE seq = ? AND attempts = ?",
+            item.seq,
+            item.attempts,
+            check=check,
+        )
 
     async def release(self, item: Queued, delay: float) -> None:
         """Make a claimed row due again after ``delay`` seconds."""
@@ -201,7 +254,7 @@ class WorkQueue:
 
     async def cancel(self, tx: Tx, message_id: str) -> None:
         """Remove a queued message by id (e.g. a timer that is no longer needed)."""
-        await tx.execute(f"DELETE FROM {self.store.prefix}messages WHERE id = ?", message_id)
+        await tx.later(f"DELETE FROM {self.store.prefix}messages WHERE id = ?", message_id)
 
     async def depth(self, queue: str | None = None) -> int:
         """How many messages wait (or are leased) on ``queue``, or on all queues."""

@@ -5,11 +5,28 @@ fastest and the simplest shape. Statements run on the event loop thread (they
 take microseconds on a local file); waiting for another process's write lock is
 done with ``asyncio.sleep``, never by blocking the loop. Other processes see
 new messages by short adaptive polling.
+
+Group commit: the write transaction's BEGIN IMMEDIATE and COMMIT cost more
+than a hop's statements, so transactions that queue up behind each other
+share one. Each caller's transaction runs in a savepoint of the shared one (a
+caller that raises rolls back alone); the last caller in line — or the
+:data:`GROUP_MAX`-th — commits for everyone. Nobody's ``async with`` returns
+before that COMMIT, so a transaction is durable when its block ends, exactly
+as before; commit callbacks and wake-ups run after it. A lone transaction
+commits at once: grouping only happens when callers are already waiting, so
+it adds no latency. Reads (:meth:`SqliteDriver.read`) commit an open group
+first, so they never see another caller's writes before they are durable.
+The price: a transaction that holds the connection for long (a handler
+waiting on something slow inside it) also holds back the COMMIT of the few
+that ran just before it in its group; it already held back every other
+transaction of the process, since there is one connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -18,8 +35,12 @@ from typing import Any, Literal
 
 from ..errors import StoreError, StoreUnavailable
 
+log = logging.getLogger("sagakit.store.sqlite")
+
 _BUSY_RETRY_S = 0.002
 _BUSY_GIVE_UP_S = 30.0
+GROUP_MAX = 64  #: transactions committed together at most (bounds latency and the WAL)
+_MEMBER = "sagakit_member"
 
 
 def _translate(exc: sqlite3.Error) -> StoreError:
@@ -64,6 +85,12 @@ class SqliteTx:
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
 
+    async def later(self, sql: str, *args: Any, check: Callable[[int], None] | None = None) -> None:
+        """SQLite statements cost no round trip: run it now."""
+        n = await self.execute(sql, *args)
+        if check is not None:
+            check(n)
+
     @asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
         """A nested transaction: rolled back alone if the block raises."""
@@ -92,6 +119,16 @@ class SqliteTx:
             cb()
 
 
+class _Group:
+    """One shared write transaction: its members' transactions and their commit."""
+
+    __slots__ = ("done", "txs")
+
+    def __init__(self) -> None:
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.txs: list[SqliteTx] = []
+
+
 class SqliteDriver:
     """The embedded default store driver."""
 
@@ -105,6 +142,12 @@ class SqliteDriver:
         self._conn: sqlite3.Connection | None = None
         self._lock = asyncio.Lock()
         self._on_notify: Callable[[str], None] | None = None
+        self._group: _Group | None = None
+        self._waiting = 0  # callers queued for the connection
+        self._flushes: set[asyncio.Task[None]] = set()
+        #: write transactions committed and callers' transactions in them (group commit)
+        self.commits = 0
+        self.grouped = 0
 
     async def open(self) -> None:
         if self.path != ":memory:":
@@ -120,7 +163,8 @@ class SqliteDriver:
         self._conn = conn
 
     async def close(self) -> None:
-        async with self._lock:
+        async with self._queued():
+            self._commit_group()
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
@@ -131,23 +175,127 @@ class SqliteDriver:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTx]:
-        async with self._lock:
-            conn = self._conn
-            if conn is None:
-                raise StoreError("store is closed")
-            await self._begin(conn)
+        async with self._queued():
+            conn = self._connection()
+            group = self._group
+            if group is None:
+                await self._begin(conn)
+                group = self._group = _Group()
+            try:
+                _run(conn, f"SAVEPOINT {_MEMBER}")
+            except StoreError:
+                self._settle(group)  # never leave a group nobody will end
+                raise
             tx = SqliteTx(conn)
             try:
                 yield tx
             except BaseException:
-                conn.execute("ROLLBACK")
+                self._undo(conn, group)
                 raise
             try:
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                conn.execute("ROLLBACK")
-                raise _translate(exc) from exc
-        tx.committed(self._on_notify)
+                _run(conn, f"RELEASE {_MEMBER}")
+            except StoreError:
+                self._undo(conn, group)
+                raise
+            group.txs.append(tx)
+            await self._gather(group)
+        await asyncio.shield(group.done)  # durable before the block returns
+
+    def _undo(self, conn: sqlite3.Connection, group: _Group) -> None:
+        """Roll one caller's transaction back alone, keeping the group's others."""
+        try:
+            conn.execute(f"ROLLBACK TO {_MEMBER}")
+            conn.execute(f"RELEASE {_MEMBER}")
+        except sqlite3.Error as exc:
+            if not conn.in_transaction:  # SQLite ended the whole transaction itself
+                self._lose_group(exc)
+                return
+        self._settle(group)
+
+    def _lose_group(self, exc: sqlite3.Error) -> None:
+        group, self._group = self._group, None
+        if group is not None:
+            group.done.set_exception(_translate(exc))
+            group.done.exception()
+
+    async def _gather(self, group: _Group) -> None:
+        """Let callers that are ready to run queue up for the group, then settle it.
+
+        SQLite statements never suspend, so nobody else runs while a transaction
+        is open; one turn of the event loop lets the handlers that are ready
+        reach the connection and join.
+        """
+        if self._waiting == 0 and len(group.txs) < GROUP_MAX:
+            try:
+                await asyncio.sleep(0)
+            except BaseException:
+                self._commit_group()  # our writes are in it: never leave it unowned
+                raise
+        self._settle(group)
+
+    def _settle(self, group: _Group) -> None:
+        """Commit the group now unless another caller waits to join it."""
+        if self._waiting == 0 or len(group.txs) >= GROUP_MAX:
+            self._commit_group()
+
+    def _commit_group(self) -> None:
+        group, self._group = self._group, None
+        if group is None or self._conn is None:
+            return
+        conn = self._conn
+        if not group.txs:
+            _quiet_rollback(conn)
+            group.done.set_result(None)
+            return
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _quiet_rollback(conn)
+            group.done.set_exception(_translate(exc))
+            group.done.exception()  # retrieved: a caller may have been cancelled meanwhile
+            return
+        self.commits += 1
+        self.grouped += len(group.txs)
+        group.done.set_result(None)
+        for tx in group.txs:  # in the order the transactions ran
+            try:
+                tx.committed(self._on_notify)
+            except Exception:  # one caller's callback must not cost the others theirs
+                log.exception("commit callback failed")
+
+    @asynccontextmanager
+    async def _queued(self) -> AsyncIterator[None]:
+        """Hold the connection; while queued, count as a caller the group waits for."""
+        self._waiting += 1
+        try:
+            await self._lock.acquire()
+        except BaseException:
+            self._waiting -= 1
+            self._flush_later()  # the group may have been left open for us
+            raise
+        self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _flush_later(self) -> None:
+        """A caller gave up its place: commit an open group nobody else will."""
+        if self._group is None or self._waiting or self._lock.locked():
+            return
+        task = asyncio.ensure_future(self._flush())
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self) -> None:
+        async with self._queued():
+            if self._waiting == 0:
+                self._commit_group()
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError("store is closed")
+        return self._conn
 
     async def fetch_single(self, sql: str, *args: Any) -> list[Any]:
         """One statement in its own (serialised, busy-aware) transaction."""
@@ -158,12 +306,12 @@ class SqliteDriver:
         """A read-only query without BEGIN IMMEDIATE: it takes no write lock.
 
         In WAL mode a reader never waits for a writer in another process; in
-        this process it still waits its turn for the one connection.
+        this process it still waits its turn for the one connection, and an
+        open group is committed first (a read sees only durable writes).
         """
-        async with self._lock:
-            conn = self._conn
-            if conn is None:
-                raise StoreError("store is closed")
+        async with self._queued():
+            conn = self._connection()
+            self._commit_group()
             try:
                 return conn.execute(sql, args).fetchall()
             except sqlite3.Error as exc:
@@ -180,3 +328,15 @@ class SqliteDriver:
                     raise _translate(exc) from exc
             await asyncio.sleep(_BUSY_RETRY_S)
             waited += _BUSY_RETRY_S
+
+
+def _run(conn: sqlite3.Connection, sql: str) -> None:
+    try:
+        conn.execute(sql)
+    except sqlite3.Error as exc:
+        raise _translate(exc) from exc
+
+
+def _quiet_rollback(conn: sqlite3.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):
+        conn.execute("ROLLBACK")
