@@ -5,6 +5,14 @@ def test_public_surface_is_pinned() -> None:
     assert sorted(sagakit.__all__) == sorted(
         [
             "Actor",
+            "UnknownAction",
+            "Unauthenticated",
+            "Tokens",
+            "SagaQuery",
+            "Operations",
+            "Forbidden",
+            "ConsoleError",
+            "ActionRequest",
             "App",
             "BusinessError",
             "Cancelled",

@@ -8,12 +8,15 @@ module: the whole error tree in :mod:`sagakit.errors`, backends in
 
 from .app import App, Settings
 from .clock import Clock, FakeClock, SystemClock
+from .console import ActionRequest, Operations, SagaQuery, Tokens
 from .errors import (
     BusinessError,
     Cancelled,
     ConfigurationError,
+    ConsoleError,
     DefinitionError,
     DuplicateRegistration,
+    Forbidden,
     InvalidOperatorAction,
     MalformedMessage,
     MessageError,
@@ -23,6 +26,8 @@ from .errors import (
     SchemaMismatch,
     StoreError,
     TransportError,
+    Unauthenticated,
+    UnknownAction,
     UnknownMessageType,
     WaitTimeout,
 )
@@ -37,12 +42,14 @@ from .transport import Transport, open_transport
 __version__ = "0.2.0"
 
 __all__ = [
+    "ActionRequest",
     "Actor",
     "App",
     "BusinessError",
     "Cancelled",
     "Clock",
     "ConfigurationError",
+    "ConsoleError",
     "Context",
     "DefinitionError",
     "Done",
@@ -50,15 +57,18 @@ __all__ = [
     "Envelope",
     "Failure",
     "FakeClock",
+    "Forbidden",
     "InvalidOperatorAction",
     "MalformedMessage",
     "MessageError",
+    "Operations",
     "OversizeMessage",
     "Participant",
     "RetryPolicy",
     "Saga",
     "SagaDefinition",
     "SagaNotFound",
+    "SagaQuery",
     "SagaState",
     "SagaView",
     "SagakitError",
@@ -68,8 +78,11 @@ __all__ = [
     "Store",
     "StoreError",
     "SystemClock",
+    "Tokens",
     "Transport",
     "TransportError",
+    "Unauthenticated",
+    "UnknownAction",
     "UnknownMessageType",
     "WaitTimeout",
     "__version__",

@@ -26,6 +26,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from .clock import Clock
+from .console.commands import OPERATOR_QUEUE, CommandExecutor
 from .endpoint import Endpoint, HopPolicy, Route, Router
 from .errors import ConfigurationError, DuplicateRegistration
 from .messages import DEFAULT_MAX_SIZE, Codec, Envelope, TypeRegistry
@@ -309,6 +310,7 @@ class App:
         self._subs.append(self._store_consumer(TIMER_QUEUE, timers.handle))
         local = self._endpoint(LOCAL_QUEUE, self.store, _route_replies(coord), trusted=True)
         self._subs.append(self._store_consumer(LOCAL_QUEUE, lambda d: coord.run_local(d, local)))
+        self._subs.append(self._store_consumer(OPERATOR_QUEUE, CommandExecutor(coord).handle))
 
     def _start_housekeeping(self, coordinating: bool) -> None:
         """Retention runs in every process over the stores it uses (several pruners at

@@ -8,7 +8,7 @@ never a free-text name) and why.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .machine import OperatorAction
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 class SagaOperator:
-    """Retry, skip, compensate or abort one instance."""
+    """Retry, skip, compensate, abort, resume or edit one instance."""
 
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
@@ -40,6 +40,19 @@ class SagaOperator:
     async def compensate(self, saga_id: str, *, actor: Actor, reason: str) -> None:
         """Force compensation of a running instance before its pivot."""
         await self.coordinator.operate(saga_id, OperatorAction("compensate", actor, reason))
+
+    async def resume(self, saga_id: str, *, actor: Actor, reason: str) -> None:
+        """Re-send the in-flight steps of a running or compensating instance under their
+        own message ids (the participants' inboxes answer what they already did)."""
+        await self.coordinator.operate(saga_id, OperatorAction("resume", actor, reason))
+
+    async def edit(
+        self, saga_id: str, patch: list[dict[str, Any]], *, actor: Actor, reason: str
+    ) -> None:
+        """Change an unfinished or failed instance's data with a JSON patch (RFC 6902
+        add/remove/replace/test); the history keeps each path's value before and after."""
+        action = OperatorAction("edit", actor, reason, patch=tuple(patch))
+        await self.coordinator.operate(saga_id, action)
 
     async def abort(self, saga_id: str, *, actor: Actor, reason: str) -> None:
         """Stop an unfinished instance where it is, without compensating."""
