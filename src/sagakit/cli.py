@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import __version__
 from .app import COORDINATOR, App, Settings
+from .console import cli as console_cli
 from .errors import CommandFailed, ConfigurationError, SagakitError, is_outage
 from .ops import dead_letters_cli
 from .transport import redact
@@ -48,6 +49,7 @@ EXTRA_OF = {
     "rich": "demo",
     "starlette": "demo",
     "uvicorn": "demo",
+    "jinja2": "console",
 }
 #: what the demo imports that a plain ``pip install sagakit`` lacks
 DEMO_EXTRA = frozenset(m for m, extra in EXTRA_OF.items() if extra == "demo")
@@ -426,8 +428,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--prefix", default="sagakit_", help="table name prefix (default sagakit_)")
     m.set_defaults(func=cmd_migrate)
     _prune_parser(db)
-    _sagas_parser(sub)
+    console_cli.add_saga_actions(_sagas_parser(sub))
     dead_letters_cli.add_parser(sub)
+    console_cli.add_parser(sub)
     return p
 
 
@@ -453,7 +456,7 @@ def _prune_parser(db: Any) -> None:
     pr.set_defaults(func=cmd_prune)
 
 
-def _sagas_parser(sub: Any) -> None:
+def _sagas_parser(sub: Any) -> Any:
     sg = sub.add_parser("sagas", help="saga instances").add_subparsers(dest="sagas", required=True)
     ls = sg.add_parser(
         "list",
@@ -467,6 +470,7 @@ def _sagas_parser(sub: Any) -> None:
     ls.add_argument("--type", help="only this saga type")
     ls.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     ls.set_defaults(func=cmd_sagas_list)
+    return sg
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

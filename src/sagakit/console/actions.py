@@ -139,7 +139,7 @@ class Operations:
         if dry_run or not fit:
             return plan
         plan.command_id = cmd_id = new_id()
-        line = self._line(actor, f"bulk-{req.action}", target, req.reason, "done", source)
+        line = self.entry(actor, f"bulk-{req.action}", target, req.reason, "done", source)
         async with self.store.transaction() as tx:
             detail = msgspec.json.encode({"count": len(fit), "sample": plan.sample}).decode()
             await self.audit.record(tx, _with(line, detail=detail, command_id=cmd_id))
@@ -190,7 +190,7 @@ class Operations:
         except Exception as exc:
             await self._failed(actor, req, target, source, f"{type(exc).__name__}: {exc}")
             raise
-        await self.audit.append(self._line(actor, name, target, reason, "done", source, detail))
+        await self.audit.append(self.entry(actor, name, target, reason, "done", source, detail))
         return detail
 
     # -- checks and audit ----------------------------------------------------------
@@ -222,16 +222,16 @@ class Operations:
         self, actor: Actor, action: str, target: str, reason: str, why: str, source: str | None
     ) -> None:
         """Audit a refused attempt, then raise :class:`Forbidden`."""
-        await self.audit.append(self._line(actor, action, target, reason, "denied", source, why))
+        await self.audit.append(self.entry(actor, action, target, reason, "denied", source, why))
         raise Forbidden(f"{actor}: {why}")
 
     async def _failed(
         self, actor: Actor, req: ActionRequest, target: str, source: str | None, why: str
     ) -> None:
-        line = self._line(actor, req.action, target, req.reason, "failed", source, why)
+        line = self.entry(actor, req.action, target, req.reason, "failed", source, why)
         await self.audit.append(line)
 
-    def _line(
+    def entry(
         self,
         actor: Actor,
         action: str,
