@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from ...errors import (
+    ConfigurationError,
     ConsoleError,
     InvalidOperatorAction,
     SagakitError,
@@ -140,6 +141,8 @@ def status_of(exc: Exception) -> int:
         return 409
     if isinstance(exc, StoreError):
         return 503
+    if isinstance(exc, ConfigurationError):  # a bad role or name in a request
+        return 422
     if isinstance(exc, ValueError) and not isinstance(exc, SagakitError):
         return 422
     return 500
