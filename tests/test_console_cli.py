@@ -1,4 +1,4 @@
-"""``sagakit console``, ``console token``, ``sagas <action>`` and ``audit list``, in subprocesses."""
+"""``sagakit console``, ``console token``, ``sagas <action>``, ``audit list``: subprocesses."""
 
 from __future__ import annotations
 
