@@ -11,7 +11,7 @@ import sagakit as sk
 from sagakit.console import ActionRequest, AuditFilter, Operations, SagaQuery, Tokens
 from sagakit.console.commands import OPERATOR_QUEUE, OperatorCommand, encode
 from tests.console_bench import failed_saga, make_app
-from tests.helpers import eventually
+from tests.helpers import Data, eventually
 from tests.saga_harness import Plan, committed
 
 OPS = sk.Actor("ops@example.com", via="test")
@@ -144,3 +144,36 @@ async def _state_is(app: sk.App, key: str, state: str) -> bool:
 
 async def _audited(ops: Operations, n: int) -> bool:
     return len(await ops.audit.list()) >= n
+
+
+async def test_resume_resends_a_lost_command_and_a_duplicate_runs_once(
+    tmp_path, plan: Plan
+) -> None:
+    url = f"sqlite:///{tmp_path}/r.db"
+    first = make_app(url, plan)
+    first.only(["coordinator", "a", "b", "c"])  # nobody consumes d's queue yet
+    defn = first.sagas.definitions[("piv", 1)]
+    async with first:
+        for key in ("lost", "kept"):
+            await first.sagas.start(defn, Data(key), saga_id=key)
+        await eventually(lambda: _queued(first, "d", 2))
+        lost = (await first.store.saga_get("lost")).progress  # type: ignore[union-attr]
+        mid = msgspec.json.decode(lost)["pending"]["d"]["message_id"]
+        async with first.store.transaction() as tx:  # an operator purged it by hand
+            await tx.execute(f"DELETE FROM {first.store.prefix}messages WHERE id = ?", mid)
+        ops = Operations(first.store)
+        for key in ("lost", "kept"):
+            sub = await ops.submit(key, ActionRequest("resume", "d never answered"), actor=OPS)
+            assert (await ops.outcome(sub.command_id, key, timeout=10)).outcome == "done"  # type: ignore[union-attr]
+        assert await first.store.queue.depth("d") == 3  # lost's again, kept's twice
+    again = Plan()
+    async with make_app(url, again) as app:
+        for key in ("lost", "kept"):
+            await eventually(lambda key=key: _state_is(app, key, "completed"))
+            assert committed(again, key) == ["T:d"]  # the duplicate answered by the inbox
+        history = (await app.sagas.get("lost")).history
+        assert [e.entry for e in history].count("command-resent") == 1
+
+
+async def _queued(app: sk.App, queue: str, n: int) -> bool:
+    return await app.store.queue.depth(queue) >= n
