@@ -289,7 +289,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the dashboard until interrupted."""
     import uvicorn
 
-    from ..cli import DEFAULT_STORE, _import
+    from ..cli import DEFAULT_STORE, _app_of, _load_app
     from ..store import open_store
     from .web import ConsoleOptions, create_app
 
@@ -301,7 +301,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         proxy_header=args.proxy_header,
         trusted_proxies=tuple(args.trusted_proxy),
     )
-    definitions = _definitions(_import(args.app)) if args.app else {}
+    definitions = {}
+    if args.app:  # an App, or a factory of one: only its saga definitions are used
+        built = _app_of(_load_app(args.app, defaults={"store": url}))
+        if built is None:
+            raise ConfigurationError(f"{args.app} is not an App (nor has one as .app)")
+        definitions = dict(built.sagas.definitions)
     app = create_app(
         open_store(url, prefix=args.prefix), options, definitions=definitions, manage_store=True
     )
@@ -312,13 +317,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
-
-
-def _definitions(obj: Any) -> dict[tuple[str, int], Any]:
-    app = obj if hasattr(obj, "sagas") else getattr(obj, "app", None)
-    if app is None or not hasattr(app, "sagas"):
-        raise ConfigurationError("--app wants an App (or an object with an App as .app)")
-    return dict(app.sagas.definitions)
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
