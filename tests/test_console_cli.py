@@ -122,3 +122,26 @@ async def _up(http: httpx.AsyncClient) -> bool:
         return (await http.get("/api/health")).status_code == 401
     except httpx.TransportError:
         return False
+
+
+async def test_console_over_the_demos_store_shows_its_sagas(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path}/demo.db"
+    ran = await sagakit("demo", "--orders", "3", "--store", url, "--json")
+    assert ran.returncode == 0, ran.stderr
+    made = await sagakit("console", "token", "create", "--role", "viewer", "--store", url)
+    tok = made.stdout.split()[-1]
+    port = _free_port()
+    app = "sagakit.examples.order_fulfillment.worker:create"
+    argv = [sys.executable, "-m", "sagakit.cli", "console", "--store", url, "--port", str(port)]
+    server = subprocess.Popen([*argv, "--app", app], cwd=tmp_path)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            await eventually(lambda: _up(http), timeout=30, every=0.2)
+            http.cookies.set("sagakit_session", tok)
+            listed = (await http.get("/api/sagas")).json()
+            assert sum(listed["counts"].values()) == 3 and len(listed["sagas"]) == 3
+            page = await http.get(f"/sagas/{listed['sagas'][0]['id']}")
+            assert page.status_code == 200 and "◆ pivot" in page.text
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=20)

@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import sys
-import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,7 +31,6 @@ from .ops import dead_letters_cli
 from .transport import redact
 
 if TYPE_CHECKING:
-    from .saga import SagaView
     from .store import Store
 
 log = logging.getLogger("sagakit.worker")
@@ -341,43 +339,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sagas_list(args: argparse.Namespace) -> int:
-    """List saga instances, read-only; ``--stuck`` lists those without progress."""
-    from .saga.queries import SagaQueries
-    from .saga.registry import SagaRegistry
-
-    async def job(store: Store) -> list[SagaView]:
-        return await SagaQueries(store, SagaRegistry()).list(
-            type=args.type, state=args.state, stuck_for=args.stuck, limit=args.limit
-        )
-
-    views = _on_store(args, "list sagas in", job)
-    if args.json:
-        print(json.dumps([_saga_json(v) for v in views]))
-    else:
-        print("\n".join(_saga_line(v) for v in views) or "no sagas")
-    return 0
-
-
-def _saga_json(v: SagaView) -> dict[str, Any]:
-    return {
-        "id": v.id,
-        "type": v.type,
-        "version": v.version,
-        "state": v.state.value,
-        "created_at": v.created_at,
-        "updated_at": v.updated_at,
-        "pending": v.pending,
-        "error": v.error,
-    }
-
-
-def _saga_line(v: SagaView) -> str:
-    idle = time.time() - v.updated_at
-    pending = ",".join(v.pending) or "-"
-    return f"{v.id}  {v.type} v{v.version}  {v.state.value}  idle {idle:.0f}s  pending {pending}"
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo with the arguments after ``demo``, which it parses itself."""
     demo = importlib.import_module(DEMO)  # without the demo extra: see missing_extra()
@@ -469,7 +430,6 @@ def _sagas_parser(sub: Any) -> Any:
     ls.add_argument("--state", help="only this state (running, failed, ...)")
     ls.add_argument("--type", help="only this saga type")
     ls.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
-    ls.set_defaults(func=cmd_sagas_list)
     return sg
 
 

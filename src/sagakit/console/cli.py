@@ -158,9 +158,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         return [summary(r) for r in await select(store, q)]
 
     rows = _run(args, "list sagas in", job)
-    lines = [
-        f"{r['id']}  {r['type']} v{r['version']}  {r['state']}  step {r['step'] or '-'}  "
-        f"idle {time.time() - r['updated_at']:.0f}s"
+    lines = [  # the line 'sagas list' printed before the console: kept as it was
+        f"{r['id']}  {r['type']} v{r['version']}  {r['state']}  "
+        f"idle {time.time() - r['updated_at']:.0f}s  pending {','.join(r['pending']) or '-'}"
         for r in rows
     ]
     _print(args, rows, "\n".join(lines) or "no sagas")

@@ -83,6 +83,7 @@ def summary(rec: SagaRecord) -> dict[str, Any]:
         "version": rec.version,
         "state": rec.state,
         "step": prog.stuck_step or next(iter(sorted(prog.pending)), None),
+        "pending": sorted(prog.pending),
         "correlation_id": prog.correlation_id,
         "created_at": rec.created_at,
         "updated_at": rec.updated_at,
