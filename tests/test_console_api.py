@@ -180,3 +180,16 @@ def test_the_openapi_document_names_every_endpoint() -> None:
         for p in doc["paths"]
     }
     assert {p for _, p in ENDPOINTS} - {"/api/openapi.json"} == paths
+
+
+async def test_a_failed_login_is_refused_and_audited(app: sk.App) -> None:
+    async with client(app) as http:
+        form = await http.get("/login")
+        nonce = http.cookies.get("sagakit_login")
+        assert form.status_code == 200 and nonce
+        r = await http.post("/login", data={"csrf": nonce, "token": "sgk_nope"})
+        assert r.status_code == 401
+        r = await http.post("/login", data={"csrf": "stale", "token": await token(app, "viewer")})
+        assert r.status_code == 403 and "sagakit_session" not in http.cookies
+    [line] = await Operations(app.store).audit.list(AuditFilter(action="login"))
+    assert (line.actor, line.outcome) == ("anonymous", "denied")

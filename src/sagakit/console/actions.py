@@ -108,7 +108,7 @@ class Operations:
         if rec is None:
             await self._failed(actor, req, saga_id, source, "no such saga")
             raise SagaNotFound(f"no saga {saga_id!r}", saga_id=saga_id)
-        if why := _refusal(req, rec):
+        if why := refusal_of(req, rec):
             await self._failed(actor, req, saga_id, source, why)
             raise InvalidOperatorAction(why, saga_id=saga_id)
         cmd = _command(new_id(), saga_id, req, actor, source)
@@ -134,7 +134,7 @@ class Operations:
         target = "query:" + msgspec.json.encode(query.as_dict()).decode()
         await self._allowed(actor, req, target, source, action=f"bulk-{req.action}")
         matching = await select(self.store, query)
-        fit = [r.id for r in matching if not _refusal(req, r)]
+        fit = [r.id for r in matching if not refusal_of(req, r)]
         plan = BulkPlan(req.action, dry_run, len(fit), fit[:SAMPLE], len(matching) - len(fit))
         if dry_run or not fit:
             return plan
@@ -255,7 +255,8 @@ class Operations:
         )
 
 
-def _refusal(req: ActionRequest, rec: SagaRecord) -> str | None:
+def refusal_of(req: ActionRequest, rec: SagaRecord) -> str | None:
+    """Why ``req`` does not fit the stored instance ``rec`` (None: it does)."""
     if req.action == "edit" and not req.patch:
         return "edit needs a JSON patch"
     return refusal(req.action, SagaState(rec.state), progress_decoder.decode(rec.progress))

@@ -211,10 +211,10 @@ def cmd_act(args: argparse.Namespace) -> int:
 
 
 async def _check(store: Store, saga_id: str, req: ActionRequest) -> dict[str, Any]:
-    from .actions import _refusal
+    from .actions import refusal_of
 
     rec = await store.saga_get(saga_id)
-    why = "no such saga" if rec is None else _refusal(req, rec)
+    why = "no such saga" if rec is None else refusal_of(req, rec)
     return {
         "saga_id": saga_id,
         "action": req.action,

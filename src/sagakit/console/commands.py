@@ -61,7 +61,11 @@ class CommandExecutor:
 
     async def handle(self, delivery: QueueDelivery) -> None:
         """Execute one command; a refusal by the machine is audited as ``failed``."""
-        cmd = _decoder.decode(delivery.data)
+        try:
+            cmd = _decoder.decode(delivery.data)
+        except msgspec.MsgspecError as exc:  # not ours to run: drop it, loudly
+            log.error("dropping an undecodable operator command: %s", exc)
+            return await delivery.ack()
         try:
             await self._execute(cmd, delivery)
         except (InvalidOperatorAction, SagaNotFound) as exc:

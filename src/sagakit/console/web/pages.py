@@ -20,7 +20,7 @@ from ..query import STATES, detail, select, summary
 from .api import dead_letter_json, limit_of, query_of
 from .auth import COOKIE, LOGIN_COOKIE, Caller, csrf_ok
 from .body import form_body
-from .console import Console, source_of
+from .console import ANONYMOUS, Console, source_of
 from .health import health
 
 if TYPE_CHECKING:
@@ -86,6 +86,10 @@ async def login(c: Console, request: Request) -> Response:
     try:
         await c.tokens.verify(token)
     except Unauthenticated as exc:
+        line = c.ops.entry(
+            ANONYMOUS, "login", "session", "", "denied", source_of(request), str(exc)
+        )
+        await c.ops.audit.append(line)
         return await login_form(c, request, str(exc), 401)
     page = RedirectResponse("/sagas", status_code=303)
     page.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=c.options.secure_cookie)
