@@ -175,3 +175,25 @@ async def test_a_request_without_the_csrf_token_is_refused(
 
 async def _still_failed(app: sk.App, key: str) -> bool:
     return (await app.sagas.get(key, history=False)).state == "failed"
+
+
+async def test_bulk_retry_from_the_list_previews_then_acts(
+    app: sk.App, plan: Plan, console: str, browser: Any
+) -> None:
+    for key in ("bulk-1", "bulk-2"):
+        await failed_saga(app, plan, key)
+    page = await log_in(browser, console, await token(app, "operator"))
+    await page.goto(f"{console}/sagas?state=failed")
+    await page.fill("#bulk input[name=reason]", "carrier API fixed")
+    await page.click("#bulk button")
+    await playwright_api.expect(page.locator("#bulk-count")).to_contain_text("Would retry 2 sagas")
+    await page.click("#confirm")
+    await playwright_api.expect(page.locator("#bulk-count")).to_contain_text("Queued retry for 2")
+    for key in ("bulk-1", "bulk-2"):
+        await eventually(lambda key=key: _state_is(app, key, "completed"))
+    lines = await Operations(app.store).audit.list()
+    assert sorted(x.action for x in lines) == ["bulk-retry", "retry", "retry"]
+
+
+async def _state_is(app: sk.App, key: str, state: str) -> bool:
+    return (await app.sagas.get(key, history=False)).state == state
