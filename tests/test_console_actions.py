@@ -177,3 +177,19 @@ async def test_resume_resends_a_lost_command_and_a_duplicate_runs_once(
 
 async def _queued(app: sk.App, queue: str, n: int) -> bool:
     return await app.store.queue.depth(queue) >= n
+
+
+async def test_actions_from_python_are_audited_like_queued_ones(app: sk.App, plan: Plan) -> None:
+    await failed_saga(app, plan, "py")
+    with pytest.raises(sk.InvalidOperatorAction):
+        await app.sagas.retry("py", actor=sk.Actor("eve", role="viewer"), reason="curious")
+    with pytest.raises(sk.InvalidOperatorAction):
+        await app.sagas.compensate("py", actor=OPS, reason="undo it")
+    await app.sagas.retry("py", actor=OPS, reason="fixed")
+    lines = await Operations(app.store).audit.list(AuditFilter(target="py"))
+    assert [(x.action, x.outcome) for x in reversed(lines)] == [
+        ("retry", "denied"),
+        ("compensate", "failed"),
+        ("retry", "done"),
+    ]
+    assert lines[0].via == "test" and lines[0].before != lines[0].after

@@ -41,7 +41,7 @@ async def app(
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path}/s.db"
     else:
-        url = request.getfixturevalue("postgres_url")
+        url = request.getfixturevalue("postgres_url") + "?max_size=3"  # a shared server
     settings = sk.Settings(max_poll=0.02, prefix=prefix)
     app, wh = sk.App(url, settings=settings), Warehouse()
     twice = sk.RetryPolicy(max_attempts=2, initial=0.01)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from ..errors import InvalidOperatorAction, SagakitError, SagaNotFound
+from ..messages import new_id
 from ..ops import Actor
 from ..outbox import Outbox
 from ..saga.machine import OperatorAction
@@ -23,6 +24,7 @@ from .audit import Audit, AuditEntry, digest
 
 if TYPE_CHECKING:
     from ..saga.coordinator import Coordinator
+    from ..store import Tx
     from ..store.consumer import QueueDelivery
 
 log = logging.getLogger("sagakit.console.commands")
@@ -76,19 +78,10 @@ class CommandExecutor:
             await self._failed(cmd, delivery, f"{type(exc).__name__}: {exc}")
 
     async def _execute(self, cmd: OperatorCommand, delivery: QueueDelivery) -> None:
-        store, out = self.store, Outbox()
-        patch = tuple(cmd.patch) if cmd.patch else None
-        action = OperatorAction(cmd.action, cmd.actor_of(), cmd.reason, cmd.step, patch)  # type: ignore[arg-type]
+        store = self.store
         async with store.transaction() as tx:
             if not await self.audit.seen(tx, cmd.id, cmd.saga_id):
-                before = digest(await store.saga_load(tx, cmd.saga_id))
-                await self.coordinator.apply(
-                    tx, out, cmd.saga_id, action, None, missing=SagaNotFound
-                )
-                after = digest(await store.saga_load(tx, cmd.saga_id, lock=False))
-                now = store.clock.now()
-                await self.audit.record(tx, _line(cmd, now, "done", before, after))
-                await self.coordinator.writer.flush(tx, out)
+                await apply_audited(self.coordinator, tx, cmd)
             await delivery.ack_in(store, tx)
         await delivery.ack()  # a no-op once the transaction has settled it
 
@@ -96,6 +89,48 @@ class CommandExecutor:
         log.info("operator command %s on %s failed: %s", cmd.action, cmd.saga_id, why)
         await self.audit.append(_line(cmd, self.store.clock.now(), "failed", detail=why))
         await delivery.ack()
+
+
+async def apply_audited(coordinator: Coordinator, tx: Tx, cmd: OperatorCommand) -> None:
+    """Apply ``cmd`` through the coordinator shell and record its ``done`` line, in ``tx``."""
+    store, out = coordinator.store, Outbox()
+    patch = tuple(cmd.patch) if cmd.patch else None
+    action = OperatorAction(cmd.action, cmd.actor_of(), cmd.reason, cmd.step, patch)  # type: ignore[arg-type]
+    before = digest(await store.saga_load(tx, cmd.saga_id))
+    await coordinator.apply(tx, out, cmd.saga_id, action, None, missing=SagaNotFound)
+    after = digest(await store.saga_load(tx, cmd.saga_id, lock=False))
+    await Audit(store).record(tx, _line(cmd, store.clock.now(), "done", before, after))
+    await coordinator.writer.flush(tx, out)
+
+
+async def run_inline(coordinator: Coordinator, saga_id: str, action: OperatorAction) -> None:
+    """An action from Python (``app.sagas.retry(...)``): run now, in this process, audited
+    like a queued command — done with it in one transaction; refused or failed apart."""
+    cmd = OperatorCommand(
+        new_id(),
+        action.action,
+        saga_id,
+        action.reason,
+        action.actor.id,
+        action.actor.role,
+        action.actor.via,
+        action.step,
+        list(action.patch) if action.patch else None,
+    )
+    audit, now = Audit(coordinator.store), coordinator.store.clock.now()
+    if not action.actor.may_act():
+        await audit.append(
+            _line(cmd, now, "denied", detail=f"role {action.actor.role} may not act")
+        )
+    try:
+        if not action.actor.may_act() or not action.reason.strip():
+            return await coordinator.operate(saga_id, action)  # raises, with the reason why
+        async with coordinator.store.transaction() as tx:
+            await apply_audited(coordinator, tx, cmd)
+    except (InvalidOperatorAction, SagaNotFound) as exc:
+        if action.actor.may_act():
+            await audit.append(_line(cmd, now, "failed", detail=str(exc)))
+        raise
 
 
 def _line(
