@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 import jinja2
+import msgspec
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from ...errors import SagaNotFound, Unauthenticated
@@ -188,8 +189,6 @@ async def saga_action(c: Console, request: Request) -> Response:
 
 
 def _patch(text: str) -> list[dict[str, Any]] | None:
-    import msgspec
-
     if not text.strip():
         return None
     try:
