@@ -9,14 +9,17 @@ module: the whole error tree in :mod:`sagakit.errors`, backends in
 from .app import App, Settings
 from .choreography import Choreography, ChoreographyDefinition, ChoreographyStalled, FlowView
 from .clock import Clock, FakeClock, SystemClock
+from .console import ActionRequest, Operations, SagaQuery, Tokens
 from .errors import (
     AtomicAborted,
     BusinessError,
     Cancelled,
     ConfigurationError,
+    ConsoleError,
     DefinitionError,
     DuplicateRegistration,
     FlowNotFound,
+    Forbidden,
     InvalidOperatorAction,
     LockTimingWarning,
     MalformedMessage,
@@ -31,6 +34,8 @@ from .errors import (
     SchemaMismatch,
     StoreError,
     TransportError,
+    Unauthenticated,
+    UnknownAction,
     UnknownMessageType,
     WaitTimeout,
 )
@@ -48,6 +53,7 @@ from .twophase import AtomicTx, TwoPhaseOptions
 __version__ = "0.2.0"
 
 __all__ = [
+    "ActionRequest",
     "Actor",
     "App",
     "AtomicAborted",
@@ -59,6 +65,7 @@ __all__ = [
     "ChoreographyStalled",
     "Clock",
     "ConfigurationError",
+    "ConsoleError",
     "Context",
     "DefinitionError",
     "Done",
@@ -68,11 +75,13 @@ __all__ = [
     "FakeClock",
     "FlowNotFound",
     "FlowView",
+    "Forbidden",
     "InvalidOperatorAction",
     "LockTimingWarning",
     "MalformedMessage",
     "MessageError",
     "MissingCorrelation",
+    "Operations",
     "OversizeMessage",
     "Participant",
     "Pending",
@@ -84,6 +93,7 @@ __all__ = [
     "Saga",
     "SagaDefinition",
     "SagaNotFound",
+    "SagaQuery",
     "SagaState",
     "SagaView",
     "SagakitError",
@@ -95,9 +105,12 @@ __all__ = [
     "SystemClock",
     "Telemetry",
     "TelemetryOptions",
+    "Tokens",
     "Transport",
     "TransportError",
     "TwoPhaseOptions",
+    "Unauthenticated",
+    "UnknownAction",
     "UnknownMessageType",
     "WaitTimeout",
     "__version__",

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from .choreography import TRACKER, ChoreographyDefinition, Flows
 from .choreography.shell import TIMER_QUEUE as TRACK_TIMERS
 from .clock import Clock
+from .console.commands import OPERATOR_QUEUE, CommandExecutor
 from .endpoint import Endpoint, HopPolicy, Route, Router
 from .errors import ConfigurationError, DuplicateRegistration, MissingCorrelation
 from .locks import Reservations
@@ -450,6 +451,7 @@ class App:
         self._subs.append(self._store_consumer(TIMER_QUEUE, timers.handle))
         local = self._endpoint(LOCAL_QUEUE, self.store, _route_replies(coord), trusted=True)
         self._subs.append(self._store_consumer(LOCAL_QUEUE, lambda d: coord.run_local(d, local)))
+        self._subs.append(self._store_consumer(OPERATOR_QUEUE, CommandExecutor(coord).handle))
         if self.awaits.keys:
             await self._consume(AWAITS, self._endpoint(AWAITS, self.store, self.awaits.route))
 

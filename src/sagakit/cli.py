@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import sys
-import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from . import __version__
 from .app import COORDINATOR, App, Settings
 from .choreography import TRACKER, check_cli
+from .console import cli as console_cli
 from .errors import CommandFailed, ConfigurationError, SagakitError, is_outage
 from .observe.logging import configure as configure_logging
 from .ops import dead_letters_cli
@@ -34,7 +34,6 @@ from .transport import redact
 from .twophase import cli as twophase_cli
 
 if TYPE_CHECKING:
-    from .saga import SagaView
     from .store import Store
 
 log = logging.getLogger("sagakit.worker")
@@ -53,6 +52,7 @@ EXTRA_OF = {
     "uvicorn": "demo",
     "opentelemetry": "otel",
     "prometheus_client": "metrics",
+    "jinja2": "console",
 }
 #: what the demo imports that a plain ``pip install sagakit`` lacks
 DEMO_EXTRA = frozenset(m for m, extra in EXTRA_OF.items() if extra == "demo")
@@ -416,43 +416,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sagas_list(args: argparse.Namespace) -> int:
-    """List saga instances, read-only; ``--stuck`` lists those without progress."""
-    from .saga.queries import SagaQueries
-    from .saga.registry import SagaRegistry
-
-    async def job(store: Store) -> list[SagaView]:
-        return await SagaQueries(store, SagaRegistry()).list(
-            type=args.type, state=args.state, stuck_for=args.stuck, limit=args.limit
-        )
-
-    views = _on_store(args, "list sagas in", job)
-    if args.json:
-        print(json.dumps([_saga_json(v) for v in views]))
-    else:
-        print("\n".join(_saga_line(v) for v in views) or "no sagas")
-    return 0
-
-
-def _saga_json(v: SagaView) -> dict[str, Any]:
-    return {
-        "id": v.id,
-        "type": v.type,
-        "version": v.version,
-        "state": v.state.value,
-        "created_at": v.created_at,
-        "updated_at": v.updated_at,
-        "pending": v.pending,
-        "error": v.error,
-    }
-
-
-def _saga_line(v: SagaView) -> str:
-    idle = time.time() - v.updated_at
-    pending = ",".join(v.pending) or "-"
-    return f"{v.id}  {v.type} v{v.version}  {v.state.value}  idle {idle:.0f}s  pending {pending}"
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo with the arguments after ``demo``, which it parses itself."""
     demo = importlib.import_module(DEMO)  # without the demo extra: see missing_extra()
@@ -521,10 +484,11 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--prefix", default="sagakit_", help="table name prefix (default sagakit_)")
     m.set_defaults(func=cmd_migrate)
     _prune_parser(db)
-    _sagas_parser(sub)
+    console_cli.add_saga_actions(_sagas_parser(sub))
     dead_letters_cli.add_parser(sub)
     twophase_cli.add_parser(sub)
     check_cli.add_parser(sub)
+    console_cli.add_parser(sub)
     return p
 
 
@@ -550,7 +514,7 @@ def _prune_parser(db: Any) -> None:
     pr.set_defaults(func=cmd_prune)
 
 
-def _sagas_parser(sub: Any) -> None:
+def _sagas_parser(sub: Any) -> Any:
     sg = sub.add_parser("sagas", help="saga instances").add_subparsers(dest="sagas", required=True)
     ls = sg.add_parser(
         "list",
@@ -563,7 +527,7 @@ def _sagas_parser(sub: Any) -> None:
     ls.add_argument("--state", help="only this state (running, failed, ...)")
     ls.add_argument("--type", help="only this saga type")
     ls.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
-    ls.set_defaults(func=cmd_sagas_list)
+    return sg
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

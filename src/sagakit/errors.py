@@ -40,6 +40,10 @@ transports), so callers never see ``sqlite3`` or ``asyncpg`` exceptions.
     │   ├── AtomicAborted             rolled back: refused prepare, lost database, id collision
     │   ├── BranchNotFound            no in-doubt branch with that global id (operator resolve)
     │   └── AmbiguousOutcome          a commit found no branch and no record to vouch for it
+    ├── ConsoleError                  the operator console (or its action model) refused
+    │   ├── Unauthenticated           no token, or an unknown or revoked one (HTTP 401)
+    │   ├── Forbidden                 the role may not, the console is read-only, CSRF failed (403)
+    │   └── UnknownAction             an action nothing handles (yet)
     ├── DeadLetterError               dead-letter API misuse
     │   ├── DeadLetterNotFound        no dead letter with that number
     │   └── NotReplayable             a truncated or undecodable dead letter cannot be replayed
@@ -367,3 +371,27 @@ class UndeclaredEvent(ChoreographyError):
 
 class FlowNotFound(ChoreographyError):
     """No tracked choreography instance has that correlation id."""
+
+
+class ConsoleError(SagakitError):
+    """The operator console, its API or its action model refused a request."""
+
+    status = 400
+
+
+class Unauthenticated(ConsoleError):
+    """No credentials, or a token that is unknown or revoked."""
+
+    status = 401
+
+
+class Forbidden(ConsoleError):
+    """Known, but not allowed: a role that may not, a read-only console, a failed CSRF check."""
+
+    status = 403
+
+
+class UnknownAction(ConsoleError):
+    """An operator action nothing handles (yet): see ``sagakit.console.actions``."""
+
+    status = 404

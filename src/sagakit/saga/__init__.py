@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import builtins
 from typing import Any, TypeVar
 
 from ..ops import Actor
@@ -93,6 +94,14 @@ class Sagas:
 
     async def abort(self, saga_id: str, *, actor: Actor, reason: str) -> None:
         await self.operator.abort(saga_id, actor=actor, reason=reason)
+
+    async def resume(self, saga_id: str, *, actor: Actor, reason: str) -> None:
+        await self.operator.resume(saga_id, actor=actor, reason=reason)
+
+    async def edit(
+        self, saga_id: str, patch: builtins.list[dict[str, Any]], *, actor: Actor, reason: str
+    ) -> None:
+        await self.operator.edit(saga_id, patch, actor=actor, reason=reason)
 
 
 __all__ = [

@@ -38,6 +38,7 @@ from ..messages import Failure, new_id, spec_of
 from ..ops import Actor
 from ..policies import RetryPolicy
 from .definition import SagaDefinition, StepDef
+from .patch import apply_patch, diff
 from .state import Pending, Phase, Progress, SagaState
 
 LOCAL_RESULT = "sagakit.LocalResult"
@@ -100,11 +101,14 @@ class TimerFired:
 class OperatorAction:
     """An operator's decision about a stuck or unwanted instance."""
 
-    action: Literal["retry", "skip", "compensate", "abort"]
+    action: Literal["retry", "skip", "compensate", "abort", "resume", "edit"]
     actor: Actor
     reason: str
     #: the step a ``skip`` passes over (None: the one the instance is stuck on)
     step: str | None = None
+    #: ``edit``: a JSON patch on the saga's data; ``skip``: the output the operator
+    #: supplies for the skipped step, as a patch applied before it counts as done
+    patch: tuple[dict[str, Any], ...] | None = None
 
 
 Event = Started | ReplyReceived | TimerFired | OperatorAction
@@ -302,7 +306,13 @@ class _Run:
 
     def operator(self, op: OperatorAction) -> None:
         self.log(f"operator-{op.action}", detail=f"by {op.actor}: {op.reason}")
-        actions = {"retry": op_retry, "skip": op_skip, "compensate": op_compensate}
+        actions = {
+            "retry": op_retry,
+            "skip": op_skip,
+            "compensate": op_compensate,
+            "resume": op_resume,
+            "edit": op_edit,
+        }
         actions.get(op.action, op_abort)(self, op)
 
     # -- forward ----------------------------------------------------------------
@@ -562,6 +572,8 @@ def op_skip(run: _Run, op: OperatorAction) -> None:
             saga_id=inst.id,
         )
     run.log("step-skipped", step, detail=f"{phase}: {op.reason}")
+    if op.patch:
+        edit_data(run, op.patch)
     if phase == Phase.COMPENSATE:
         return run.compensated(step)
     run.mark_done(step)
@@ -603,6 +615,62 @@ def op_abort(run: _Run, op: OperatorAction) -> None:
     run.prog.pending.clear()
     run.inst.error = "aborted by operator"
     run.finish(SagaState.ABORTED)
+
+
+def op_resume(run: _Run, op: OperatorAction) -> None:
+    """Re-send every in-flight step of an unfinished instance under its own message id.
+
+    For an instance that waits on a reply that will not come (a command lost
+    outside sagakit's guarantees, a participant's queue purged by hand): the
+    participant's inbox answers a command it already handled with its stored
+    reply, so a resend never runs a step twice.
+    """
+    inflight = [(n, p) for n, p in run.prog.pending.items() if not p.waiting]
+    if run.inst.state not in (SagaState.RUNNING, SagaState.COMPENSATING) or not inflight:
+        raise InvalidOperatorAction(
+            "only a running or compensating instance with a step in flight can be resumed",
+            saga_id=run.inst.id,
+        )
+    for name, p in inflight:
+        resend(run, run.defn.step(name), p)
+
+
+def resend(run: _Run, sdef: StepDef, p: Pending) -> None:
+    """The in-flight command of ``sdef`` again, same message id and attempt."""
+    if sdef.local is not None:
+        run.emit(RunLocalStep(p.message_id, sdef.name, p.phase, p.attempt))
+    else:
+        action = sdef.action if p.phase == Phase.FORWARD else sdef.compensation
+        assert action is not None
+        cmd = action.factory(run.inst.data)
+        run.emit(SendCommand(p.message_id, sdef.name, p.phase, p.attempt, action.participant, cmd))
+    run.log("command-resent", sdef.name, p.message_id, f"attempt {p.attempt}")
+
+
+def op_edit(run: _Run, op: OperatorAction) -> None:
+    """Change an unfinished (or failed) instance's data with a JSON patch; the diff is kept."""
+    if run.inst.state in (SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.ABORTED):
+        raise InvalidOperatorAction(
+            f"instance is already {run.inst.state}; its data is final", saga_id=run.inst.id
+        )
+    if not op.patch:
+        raise InvalidOperatorAction("edit needs a JSON patch", saga_id=run.inst.id)
+    edit_data(run, op.patch)
+
+
+def edit_data(run: _Run, patch: tuple[dict[str, Any], ...]) -> None:
+    """Apply ``patch`` to the data, which must still fit the definition's data type."""
+    before = msgspec.to_builtins(run.inst.data)
+    after = apply_patch(before, list(patch))
+    try:
+        run.inst.data = msgspec.convert(after, run.defn.data_type)
+    except msgspec.ValidationError as exc:
+        raise InvalidOperatorAction(
+            f"the patched data is not a valid {run.defn.data_type.__name__}: {exc}",
+            saga_id=run.inst.id,
+        ) from None
+    changes = diff(before, after, list(patch))
+    run.log("data-edited", detail=msgspec.json.encode(changes).decode())
 
 
 def _failure_of(payload: bytes) -> Failure:

@@ -130,6 +130,21 @@ MIGRATIONS: list[list[str]] = [
             event_type TEXT NOT NULL, key TEXT NOT NULL, waiting {blob}, arrived {blob},
             updated_at {real} NOT NULL, PRIMARY KEY (event_type, key))""",
     ],
+    [
+        # The operator console (sagakit.console): API tokens, stored as hashes and
+        # revocable, and the append-only audit of every operator action, denied
+        # attempts included; (command, target) makes executing a command idempotent.
+        """CREATE TABLE IF NOT EXISTS {p}console_tokens (
+            id TEXT PRIMARY KEY, hash TEXT NOT NULL, name TEXT NOT NULL, role TEXT NOT NULL,
+            created_at {real} NOT NULL, created_by TEXT NOT NULL, revoked_at {real})""",
+        """CREATE TABLE IF NOT EXISTS {p}audit (
+            seq {serial}, at {real} NOT NULL, actor TEXT NOT NULL, role TEXT NOT NULL,
+            via TEXT NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL, reason TEXT NOT NULL,
+            outcome TEXT NOT NULL, source TEXT, before_digest TEXT, after_digest TEXT,
+            detail TEXT, command_id TEXT)""",
+        "CREATE UNIQUE INDEX IF NOT EXISTS {p}audit_command ON {p}audit (command_id, target)",
+        "CREATE INDEX IF NOT EXISTS {p}audit_target ON {p}audit (target, seq)",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

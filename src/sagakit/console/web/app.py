@@ -1,0 +1,148 @@
+"""The Starlette application: routes, error mapping, security headers, the store's lifetime."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from ...errors import (
+    ConfigurationError,
+    ConsoleError,
+    InvalidOperatorAction,
+    SagakitError,
+    SagaNotFound,
+    StoreError,
+    Unauthenticated,
+)
+from . import api, pages
+from .console import ANONYMOUS, Console, source_of
+from .options import ConsoleOptions
+
+if TYPE_CHECKING:
+    from ...saga.definition import SagaDefinition
+    from ...store import Store
+
+log = logging.getLogger("sagakit.console")
+
+Handler = Callable[[Console, Request], Awaitable[Response]]
+HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; form-action 'self'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def create_app(
+    store: Store,
+    options: ConsoleOptions | None = None,
+    *,
+    definitions: dict[tuple[str, int], SagaDefinition[Any]] | None = None,
+    manage_store: bool = False,
+) -> Starlette:
+    """The console over ``store``; with ``manage_store`` it opens and closes the store."""
+    c = Console(store, options or ConsoleOptions(), definitions or {})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if manage_store:
+            await store.open(migrate=False)
+        try:
+            yield
+        finally:
+            if manage_store:
+                await store.close()
+
+    return Starlette(routes=_routes(c), lifespan=lifespan)
+
+
+def _routes(c: Console) -> list[Route]:
+    def r(path: str, fn: Handler, methods: tuple[str, ...] = ("GET",), html: bool = False) -> Route:
+        return Route(path, _bind(c, fn, html), methods=list(methods))
+
+    return [
+        r("/api/sagas", api.list_sagas),
+        r("/api/sagas/{saga_id}", api.get_saga),
+        r("/api/sagas/{saga_id}/{action}", api.act, ("POST",)),
+        r("/api/bulk/{action}", api.bulk, ("POST",)),
+        r("/api/audit", api.audit_list),
+        r("/api/dead-letters", api.dead_letters),
+        r("/api/health", api.get_health),
+        r("/api/tokens", api.tokens_list),
+        r("/api/tokens", api.token_create, ("POST",)),
+        r("/api/tokens/{token_id}", api.token_revoke, ("DELETE",)),
+        r("/api/openapi.json", api.openapi),
+        r("/", pages.home, html=True),
+        r("/login", pages.login_form, html=True),
+        r("/login", pages.login, ("POST",), html=True),
+        r("/logout", pages.logout, ("POST",), html=True),
+        r("/sagas", pages.saga_list, html=True),
+        r("/sagas/{saga_id}", pages.saga_page, html=True),
+        r("/sagas/{saga_id}/{action}", pages.saga_action, ("POST",), html=True),
+        r("/bulk", pages.bulk, ("POST",), html=True),
+        r("/dead-letters", pages.dead_letter_page, html=True),
+        r("/audit", pages.audit_page, html=True),
+        r("/health", pages.health_page, html=True),
+        r("/static/console.js", pages.script),
+        r("/static/console.css", pages.style),
+    ]
+
+
+def _bind(c: Console, fn: Handler, html: bool) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        try:
+            response = await fn(c, request)
+        except Exception as exc:
+            if isinstance(exc, Unauthenticated) and request.method != "GET":
+                await _deny_anonymous(c, request, str(exc))
+            response = _error(c, request, exc, html)
+        response.headers.update(HEADERS)
+        return response
+
+    return endpoint
+
+
+async def _deny_anonymous(c: Console, request: Request, why: str) -> None:
+    """Audit a state-changing request nobody could be identified for."""
+    params = request.path_params
+    action = params.get("action", request.url.path)
+    target = params.get("saga_id", params.get("token_id", request.url.path))
+    line = c.ops.entry(ANONYMOUS, action, target, "", "denied", source_of(request), why)
+    await c.ops.audit.append(line)
+
+
+def _error(c: Console, request: Request, exc: Exception, html: bool) -> Response:
+    status = status_of(exc)
+    if status == 500:
+        log.exception("console: %s %s failed", request.method, request.url.path)
+    if html and isinstance(exc, Unauthenticated):
+        return RedirectResponse("/login", status_code=303)
+    if html:
+        return pages.error_page(c, request, status, str(exc))
+    body = {"error": str(exc) if status != 500 else "internal error", "type": type(exc).__name__}
+    return JSONResponse(body, status_code=status)
+
+
+def status_of(exc: Exception) -> int:
+    """The HTTP status of an exception a handler raised."""
+    if isinstance(exc, ConsoleError):
+        return exc.status
+    if isinstance(exc, SagaNotFound):
+        return 404
+    if isinstance(exc, InvalidOperatorAction):
+        return 409
+    if isinstance(exc, StoreError):
+        return 503
+    if isinstance(exc, ConfigurationError):  # a bad role or name in a request
+        return 422
+    if isinstance(exc, ValueError) and not isinstance(exc, SagakitError):
+        return 422
+    return 500

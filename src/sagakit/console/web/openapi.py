@@ -1,0 +1,174 @@
+"""The OpenAPI 3.0 document of the JSON API, served at ``/api/openapi.json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..admissible import SAGA_ACTIONS
+from ..query import STATES
+
+_STR = {"type": "string"}
+_NUM = {"type": "number"}
+_ERR = {
+    "description": "error",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
+_DENIED = {"401": _ERR, "403": _ERR}
+
+
+def _ok(schema: dict[str, Any], code: str = "200") -> dict[str, Any]:
+    return {code: {"description": "ok", "content": {"application/json": {"schema": schema}}}}
+
+
+def _param(name: str, schema: dict[str, Any], where: str = "query") -> dict[str, Any]:
+    return {"name": name, "in": where, "required": where == "path", "schema": schema}
+
+
+_QUERY_PARAMS = [
+    _param("type", _STR),
+    _param("state", {"type": "string", "enum": list(STATES)}),
+    _param("step", _STR),
+    _param("older_than", {"type": "number", "minimum": 0}),
+    _param("stuck_for", {"type": "number", "minimum": 0}),
+    _param("correlation_id", _STR),
+    _param("version", {"type": "integer", "minimum": 1}),
+    _param("limit", {"type": "integer", "minimum": 1, "maximum": 10000}),
+]
+_PATCH = {"type": "array", "items": {"type": "object"}, "maxItems": 100}
+_ACTION_BODY = {
+    "type": "object",
+    "required": ["reason"],
+    "additionalProperties": False,
+    "properties": {
+        "reason": {"type": "string", "minLength": 1, "maxLength": 2000},
+        "step": _STR,
+        "patch": _PATCH,
+        "wait": {"type": "number", "minimum": 0, "maximum": 30},
+    },
+}
+
+
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+def document() -> dict[str, Any]:
+    """The document (built on demand; it is small)."""
+    action = _param("action", {"type": "string", "enum": list(SAGA_ACTIONS)}, "path")
+    saga_id = _param("saga_id", _STR, "path")
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "sagakit console API", "version": "1"},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Error": {"type": "object", "properties": {"error": _STR, "type": _STR}}},
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/api/sagas": {
+                "get": {
+                    "parameters": _QUERY_PARAMS,
+                    "responses": {**_ok({"type": "object"}), **_DENIED, "422": _ERR},
+                }
+            },
+            "/api/sagas/{saga_id}": {
+                "get": {
+                    "parameters": [saga_id],
+                    "responses": {**_ok({"type": "object"}), **_DENIED, "404": _ERR},
+                }
+            },
+            "/api/sagas/{saga_id}/{action}": {
+                "post": {
+                    "parameters": [saga_id, action],
+                    "requestBody": _body(_ACTION_BODY),
+                    "responses": {
+                        **_ok({"type": "object"}),
+                        **_ok({"type": "object"}, "202"),
+                        **_DENIED,
+                        "400": _ERR,
+                        "404": _ERR,
+                        "409": _ERR,
+                        "413": _ERR,
+                        "415": _ERR,
+                        "422": _ERR,
+                    },
+                }
+            },
+            "/api/bulk/{action}": {
+                "post": {
+                    "parameters": [action],
+                    "requestBody": _body(
+                        {
+                            "type": "object",
+                            "required": ["reason"],
+                            "properties": {
+                                "reason": _STR,
+                                "dry_run": {"type": "boolean"},
+                                "query": {"type": "object"},
+                                "step": _STR,
+                                "patch": _PATCH,
+                            },
+                        }
+                    ),
+                    "responses": {
+                        **_ok({"type": "object"}),
+                        **_DENIED,
+                        "400": _ERR,
+                        "413": _ERR,
+                        "415": _ERR,
+                        "422": _ERR,
+                    },
+                }
+            },
+            "/api/audit": {
+                "get": {
+                    "parameters": [
+                        _param("actor", _STR),
+                        _param("action", _STR),
+                        _param("target", _STR),
+                        _param("outcome", {"type": "string", "enum": ["done", "denied", "failed"]}),
+                        _param("limit", {"type": "integer", "minimum": 1, "maximum": 10000}),
+                    ],
+                    "responses": {**_ok({"type": "array"}), **_DENIED, "422": _ERR},
+                }
+            },
+            "/api/dead-letters": {
+                "get": {
+                    "parameters": [
+                        _param("limit", {"type": "integer", "minimum": 1, "maximum": 10000})
+                    ],
+                    "responses": {**_ok({"type": "array"}), **_DENIED, "422": _ERR},
+                }
+            },
+            "/api/health": {"get": {"responses": {**_ok({"type": "object"}), **_DENIED}}},
+            "/api/tokens": {
+                "get": {"responses": {**_ok({"type": "array"}), **_DENIED}},
+                "post": {
+                    "requestBody": _body(
+                        {
+                            "type": "object",
+                            "required": ["role"],
+                            "properties": {
+                                "role": {"type": "string", "enum": ["viewer", "operator", "admin"]},
+                                "name": _STR,
+                            },
+                        }
+                    ),
+                    "responses": {
+                        **_ok({"type": "object"}, "201"),
+                        **_DENIED,
+                        "400": _ERR,
+                        "413": _ERR,
+                        "415": _ERR,
+                        "422": _ERR,
+                    },
+                },
+            },
+            "/api/tokens/{token_id}": {
+                "delete": {
+                    "parameters": [_param("token_id", _STR, "path")],
+                    "responses": {**_ok({"type": "object"}), **_DENIED, "404": _ERR},
+                }
+            },
+        },
+    }
