@@ -36,6 +36,8 @@ from .ops.stuck import StuckWatcher
 from .outbox import OutboxWriter, Relay
 from .participant import Participant
 from .policies import RetryPolicy
+from .process import Processes, ProcessManager
+from .process.runtime import ProcessTimer, timer_queue
 from .saga import Sagas
 from .saga.coordinator import COORDINATOR_QUEUE, LOCAL_QUEUE, TIMER_QUEUE, Coordinator
 from .saga.definition import SagaDefinition
@@ -143,6 +145,8 @@ class App:
         self._writers: dict[int, OutboxWriter] = {}
         coordinator = Coordinator(SagaRegistry(), self.writer_for(self.store), s.retry)
         self.sagas = Sagas(coordinator.registry, coordinator)
+        #: process managers and stateless sagas (sagakit.process)
+        self.processes = Processes(self.writer_for(self.store), coordinator)
         #: list, replay and purge the main store's dead letters
         self.dead_letters = DeadLetters(self.store, self.transport)
         self.participants: dict[str, Participant] = {}
@@ -172,6 +176,20 @@ class App:
             for cls, _ in step.on_reply.values():
                 self.registry.add(cls)
         return definition
+
+    def process(self, pm: ProcessManager[Any]) -> ProcessManager[Any]:
+        """Register a process manager or stateless saga (each name once).
+
+        Its messages arrive on the queue ``sagakit.process.NAME``; it runs in
+        processes that run the service ``NAME`` (``sagakit worker --service NAME``).
+        """
+        self.processes.register(pm)
+        for cls in pm.types.values():
+            self.registry.add(cls)
+        self.registry.add(ProcessTimer)
+        if "sagakit.SagaEnded" in pm.types:
+            self.sagas.coordinator.announce_ends = True
+        return pm
 
     def store_of(self, participant: str) -> Store:
         """The store a participant's handlers run in."""
@@ -216,6 +234,7 @@ class App:
                 self.registry.add(cls)
         await self._declare()
         await self._start_participants()
+        await self._start_processes()
         coordinating = self.runs(COORDINATOR) and bool(self.sagas.definitions)
         if coordinating:
             await self._start_coordinator()
@@ -292,6 +311,8 @@ class App:
         for name, p in self.participants.items():
             await self.transport.declare(name, list(p.events))
         await self.transport.declare(COORDINATOR_QUEUE, [])
+        for pm in self.processes.managers.values():
+            await self.transport.declare(pm.queue, pm.subscribed())
 
     async def _start_participants(self) -> None:
         for name, p in self.participants.items():
@@ -309,6 +330,18 @@ class App:
         self._subs.append(self._store_consumer(TIMER_QUEUE, timers.handle))
         local = self._endpoint(LOCAL_QUEUE, self.store, _route_replies(coord), trusted=True)
         self._subs.append(self._store_consumer(LOCAL_QUEUE, lambda d: coord.run_local(d, local)))
+
+    async def _start_processes(self) -> None:
+        """Each process manager: its queue through the broker, its timers (and
+        held messages) from the store's own queue, one inbox for both."""
+        for name, rt in self.processes.runtimes.items():
+            if not self.runs(name):
+                continue
+            writer, hop, queue = self.writer_for(self.store), self.settings.hop, rt.pm.queue
+            ep = Endpoint(queue, writer, rt.route, policy=hop, consumer=queue)
+            await self._consume(queue, ep)
+            timers = Endpoint(queue, writer, rt.route, policy=hop, consumer=queue, trusted=True)
+            self._subs.append(self._store_consumer(timer_queue(rt.pm), timers.handle))
 
     def _start_housekeeping(self, coordinating: bool) -> None:
         """Retention runs in every process over the stores it uses (several pruners at

@@ -27,7 +27,17 @@ from ..errors import (
     SagaNotFound,
     UnknownSaga,
 )
-from ..messages import Done, Envelope, Failure, Headers, caused_by, command, encode_json, new_id
+from ..messages import (
+    Done,
+    Envelope,
+    Failure,
+    Headers,
+    caused_by,
+    command,
+    encode_json,
+    event,
+    new_id,
+)
 from ..outbox import Outbox
 from ..store.core import LogEntry, SagaRecord
 from .machine import (
@@ -79,6 +89,19 @@ class Timer(msgspec.Struct, frozen=True):
     seconds: float = 0.0
 
 
+@event("sagakit.SagaEnded")
+class SagaEnded(msgspec.Struct, frozen=True):
+    """Published when a saga reaches a final state (completed, compensated,
+    failed or aborted), if the App asked for it (``Coordinator.announce_ends``,
+    set when a process manager reacts to it)."""
+
+    saga_id: str
+    saga_type: str
+    state: str
+    correlation_id: str | None = None
+    error: str | None = None
+
+
 @command("sagakit.RunLocal")
 class RunLocal(msgspec.Struct, frozen=True):
     """Asks a coordinator process to run a local step."""
@@ -93,6 +116,8 @@ class Coordinator:
         self.store: Store = writer.store
         self.codec = writer.codec
         self.retry = retry
+        #: publish SagaEnded when a saga finishes (a process manager listens)
+        self.announce_ends = False
 
     # -- entry points ---------------------------------------------------------
 
@@ -110,20 +135,14 @@ class Coordinator:
         """
         defn = self.registry.registered(defn)  # steps run as registered
         saga_id = saga_id or new_id()
-        now = self.store.clock.now()
-        deadline = now + defn.deadline if defn.deadline else None
-        progress = Progress(correlation_id=correlation_id or saga_id)
-        inst = Instance(saga_id, defn.name, defn.version, SagaState.RUNNING, data, progress)
-        decision = self.registry.machine(defn.name, defn.version).apply(inst, Started())
-        rec = SagaRecord(saga_id, defn.name, defn.version, "", b"", b"", 0, now, now, deadline)
-        _record(rec, decision.instance)
         out = Outbox()
         async with self.store.transaction() as tx:
-            if await self.store.saga_insert(tx, rec):
-                await self._carry_out(tx, out, rec, decision, None, insert=True)
+            if await self.start_in(
+                tx, out, defn, data, saga_id=saga_id, correlation_id=correlation_id
+            ):
                 await self.writer.flush(tx, out)
                 return saga_id
-            existing = await self.store.saga_load(tx, saga_id, lock=False)
+        existing = await self.store.saga_load(tx, saga_id, lock=False)
         if existing is not None and (existing.type, existing.version) != defn.key:
             raise SagaIdInUse(
                 f"saga id {saga_id!r} already names an instance of {existing.type!r} "
@@ -131,6 +150,35 @@ class Coordinator:
                 saga_id=saga_id,
             )
         return saga_id
+
+    async def start_in(
+        self,
+        tx: Tx,
+        out: Outbox,
+        defn: SagaDefinition[Any],
+        data: Any,
+        *,
+        saga_id: str,
+        correlation_id: str | None = None,
+        cause: Envelope | None = None,
+    ) -> bool:
+        """Insert an instance and queue its first commands in ``tx`` (False: id taken).
+
+        For callers that start a saga as part of their own transaction (a
+        process manager's decision); :meth:`start` is this in a transaction of its own.
+        """
+        defn = self.registry.registered(defn)
+        now = self.store.clock.now()
+        deadline = now + defn.deadline if defn.deadline else None
+        progress = Progress(correlation_id=correlation_id or saga_id)
+        inst = Instance(saga_id, defn.name, defn.version, SagaState.RUNNING, data, progress)
+        decision = self.registry.machine(defn.name, defn.version).apply(inst, Started())
+        rec = SagaRecord(saga_id, defn.name, defn.version, "", b"", b"", 0, now, now, deadline)
+        _record(rec, decision.instance)
+        if not await self.store.saga_insert(tx, rec):
+            return False
+        await self._carry_out(tx, out, rec, decision, cause, insert=True)
+        return True
 
     async def on_reply(self, scope: Scope) -> None:
         """Route: a reply (or a local step's result) for a saga step."""
@@ -231,6 +279,15 @@ class Coordinator:
         await self.store.log(tx, lines)
         if d.changed and inst.state.terminal:
             tx.notify(finished(rec.id))
+            if self.announce_ends:
+                self._announce(out, inst, cause)
+
+    def _announce(self, out: Outbox, inst: Instance, cause: Envelope | None) -> None:
+        """Publish :class:`SagaEnded` (only when a process manager listens for it)."""
+        corr = inst.progress.correlation_id
+        ended = SagaEnded(inst.id, inst.type, inst.state.value, corr, inst.error)
+        headers = caused_by(cause, saga_id=inst.id, saga_type=inst.type, correlation_id=corr)
+        out.publish(self.codec.make(ended, headers))
 
     async def _effect(
         self, tx: Tx, out: Outbox, inst: Instance, effect: Any, cause: Envelope | None
