@@ -28,6 +28,7 @@ class Send:
 
     to: str
     command: Any
+    attempt: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +66,9 @@ class Decision:
     completed: bool = False
     note: str | None = field(default=None)
 
-    def send(self, to: str, command: Any) -> Decision:
-        """Also send ``command`` to participant ``to``."""
-        return dataclasses.replace(self, sends=(*self.sends, Send(to, command)))
+    def send(self, to: str, command: Any, *, attempt: int = 1) -> Decision:
+        """Also send ``command`` to participant ``to`` (``attempt``: its header, for a resend)."""
+        return dataclasses.replace(self, sends=(*self.sends, Send(to, command, attempt)))
 
     def publish(self, event: Any) -> Decision:
         """Also publish ``event``."""

@@ -80,6 +80,7 @@ class OutgoingCommand:
     to: str
     command: Any
     step: str
+    attempt: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +198,7 @@ def _stateless(pm: ProcessManager[Any], msg: Input) -> Outcome:
     if d.changed or d.timers or d.completed:
         raise ProcessError(f"{pm.name}: a stateless saga's handler may only send and publish")
     commands = tuple(
-        OutgoingCommand(s.to, s.command, step_of(pm.name, s.command, 0)) for s in d.sends
+        OutgoingCommand(s.to, s.command, step_of(pm.name, s.command, 0), s.attempt) for s in d.sends
     )
     return Outcome(Verdict.APPLIED, None, None, "", commands, d.events, d.sagas, note=d.note)
 
@@ -249,7 +250,8 @@ def _effects(
     commands = []
     for s in d.sends:
         seq += 1
-        commands.append(OutgoingCommand(s.to, s.command, step_of(pm.name, s.command, seq)))
+        step = step_of(pm.name, s.command, seq)
+        commands.append(OutgoingCommand(s.to, s.command, step, s.attempt))
     after = dataclasses.replace(base, state=state, status=status, done=done, timers=timers, seq=seq)
     verdict = Verdict.STARTED if before is None else Verdict.APPLIED
     return Outcome(

@@ -175,7 +175,8 @@ class ProcessRuntime:
         make, env = scope.codec.make, scope.env
         for c in o.commands:
             h = caused_by(env, saga_id=inp.key, saga_type=self.reply_tag, step=c.step,
-                          phase=None, reply_to=self.pm.queue, correlation_id=corr)  # fmt: skip
+                          phase=None, reply_to=self.pm.queue, correlation_id=corr,
+                          attempt=c.attempt)  # fmt: skip
             scope.out.send(make(c.command, h), c.to)
         for e in o.events:
             h = caused_by(env, saga_id=None, saga_type=None, step=None, correlation_id=corr)

@@ -406,6 +406,10 @@ async def check(
 
 
 async def run(args: argparse.Namespace) -> Result:
+    if args.style == "process-manager":
+        from .process_manager import run as run_process_manager
+
+        return await run_process_manager(args)  # type: ignore[no-any-return]
     if args.processes:
         return await run_cluster(args)
     plan = make_plan(args.orders, args.seed)
@@ -645,6 +649,12 @@ def parser() -> argparse.ArgumentParser:
         "(default 30; 2 with --chaos)",
     )
     p.add_argument("--log-dir", default=None, help="worker logs (default: a temporary directory)")
+    p.add_argument(
+        "--style",
+        choices=["orchestration", "process-manager"],
+        default="orchestration",
+        help="what drives each order: the create-order saga (default) or a process manager",
+    )
     return p
 
 
@@ -669,6 +679,8 @@ def misuse(args: argparse.Namespace) -> str | None:
         return "--processes >= 0 and --coordinators >= 1"
     if args.processes and args.serve:
         return "--serve runs in one process; drop --processes"
+    if args.style == "process-manager" and (args.processes or args.serve):
+        return "--style process-manager runs in one process, without --serve"
     if args.chaos and (not args.processes or args.coordinators < 2):
         return "--chaos needs --processes and two coordinators"
     return None
