@@ -20,7 +20,7 @@ from sagakit.examples.checkout import (
     Refund,
     checkout,
 )
-from sagakit.process import Ignore, ProcessManager, StatelessSaga, decide, evolve, react
+from sagakit.process import Ignore, ProcessManager, StatelessSaga, TimerFired, decide, evolve, react
 from sagakit.process.check import problems
 from sagakit.testing import failed, given, ok
 
@@ -83,15 +83,15 @@ def test_a_restarted_timer_fires_once_with_its_new_token() -> None:
     pm = ProcessManager("pinger", Ping, key=lambda m: m.id)
 
     @pm.starts(Poke, to="waiting")
-    def start(e: Poke) -> sk.process.Decision:
+    def start(e: Poke) -> sk.Decision:
         return decide(Ping(e.id)).after("t", 10)
 
     @pm.on(Poke, when="waiting")
-    def again(e: Poke, s: Ping) -> sk.process.Decision:
+    def again(e: Poke, s: Ping) -> sk.Decision:
         return evolve(s, pokes=s.pokes + 1).after("t", 10)
 
     @pm.timer("t", when="waiting", to="done")
-    def fired(t: sk.process.TimerFired, s: Ping) -> sk.process.Decision:
+    def fired(t: TimerFired, s: Ping) -> sk.Decision:
         return evolve(s, status="done", fired_at=t.due_at)
 
     s = given(pm, Poke("x")).advance(5).when(Poke("x")).advance(6).then(status="waiting")
@@ -115,7 +115,7 @@ def test_a_handler_moving_outside_its_to_is_an_illegal_transition() -> None:
     pm = ProcessManager("strict", Ping, key=lambda m: m.id)
 
     @pm.starts(Poke, to="waiting")
-    def start(e: Poke) -> sk.process.Decision:
+    def start(e: Poke) -> sk.Decision:
         return decide(Ping(e.id, status="done"))
 
     with pytest.raises(IllegalTransition, match="'done'"):
@@ -137,13 +137,13 @@ def test_a_stateless_saga_maps_events_to_commands() -> None:
     saga = StatelessSaga("forwarder")
 
     @saga.on(CheckoutPaid)
-    def paid(e: CheckoutPaid) -> sk.process.Decision:
+    def paid(e: CheckoutPaid) -> sk.Decision:
         return react().send("shipping", Charge(e.order_id, 0, "n/a"))
 
     given(saga).when(CheckoutPaid("o-1", "p")).then(sends=[("shipping", Charge("o-1", 0, "n/a"))])
 
     @saga.on(CheckoutStarted)
-    def bad(e: CheckoutStarted) -> sk.process.Decision:
+    def bad(e: CheckoutStarted) -> sk.Decision:
         return decide(1)
 
     with pytest.raises(ProcessError, match="only send and publish"):
@@ -164,19 +164,19 @@ def test_the_checks_name_each_problem() -> None:
     )
 
     @pm.starts(Poke, to="waiting")
-    def start(e: Poke) -> sk.process.Decision:
+    def start(e: Poke) -> sk.Decision:
         return decide(Ping(e.id)).after("reminder", 5)
 
     @pm.on(CheckoutPaid, when="waiting", to="stuck")
-    def paid(e: CheckoutPaid, s: Ping) -> sk.process.Decision:
+    def paid(e: CheckoutPaid, s: Ping) -> sk.Decision:
         return evolve(s, status="stuck")
 
     @pm.on(CancelRequested, when="done", to="waiting")
-    def reopen(e: CancelRequested, s: Ping) -> sk.process.Decision:
+    def reopen(e: CancelRequested, s: Ping) -> sk.Decision:
         return evolve(s, status="waiting")
 
     @pm.timer("never-started", when="waiting", to="done")
-    def late(t: sk.process.TimerFired, s: Ping) -> sk.process.Decision:
+    def late(t: TimerFired, s: Ping) -> sk.Decision:
         return evolve(s, status="done")
 
     found = problems([pm])

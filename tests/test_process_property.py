@@ -25,7 +25,7 @@ import sagakit as sk
 from sagakit.endpoint import Endpoint, HopPolicy, Scope
 from sagakit.messages import Codec, Envelope, Headers, TypeRegistry
 from sagakit.outbox import OutboxWriter
-from sagakit.process import Hold, ProcessManager, decide, evolve
+from sagakit.process import Hold, ProcessManager, TimerFired, decide, evolve
 from sagakit.process.records import ProcessTable
 from sagakit.process.runtime import ProcessRuntime, ProcessTimer, timer_queue
 from sagakit.saga import SagaRegistry
@@ -63,22 +63,22 @@ tally = ProcessManager(
 
 
 @tally.starts(Open, to="open")
-def opened(e: Open) -> sk.process.Decision:
+def opened(e: Open) -> sk.Decision:
     return decide(Tally(e.key))
 
 
 @tally.on(Add, when="open")
-def added(e: Add, s: Tally) -> sk.process.Decision:
+def added(e: Add, s: Tally) -> sk.Decision:
     return evolve(s, seen=[*s.seen, e.n]).after("nudge", 10.0)
 
 
 @tally.on(Close, when="open", to="closed")
-def closed(e: Close, s: Tally) -> sk.process.Decision:
+def closed(e: Close, s: Tally) -> sk.Decision:
     return evolve(s, status="closed")
 
 
 @tally.timer("nudge", when="open")
-def nudged(t: sk.process.TimerFired, s: Tally) -> sk.process.Decision:
+def nudged(t: TimerFired, s: Tally) -> sk.Decision:
     return evolve(s, nudges=s.nudges + 1)
 
 

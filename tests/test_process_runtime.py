@@ -19,7 +19,16 @@ from sagakit.examples.checkout import (
     install_payments,
 )
 from sagakit.messages import Headers
-from sagakit.process import Hold, Ignore, ProcessManager, SagaEnded, decide, evolve, react
+from sagakit.process import (
+    Hold,
+    Ignore,
+    ProcessManager,
+    SagaEnded,
+    TimerFired,
+    decide,
+    evolve,
+    react,
+)
 from sagakit.process.runtime import ProcessTimer, timer_queue
 from sagakit.store import open_store
 from sagakit.testing import drop_tables
@@ -139,15 +148,15 @@ def box_manager(policy: Hold | Ignore) -> ProcessManager[Box]:
     pm = ProcessManager("box", Box, key=lambda m: m.id, final=["closed"], missing=policy)
 
     @pm.starts(Open, to="open")
-    def opened(e: Open) -> sk.process.Decision:
+    def opened(e: Open) -> sk.Decision:
         return decide(Box(e.id)).after("close", 3600)
 
     @pm.on(Nudge, when="open")
-    def nudged(e: Nudge, s: Box) -> sk.process.Decision:
+    def nudged(e: Nudge, s: Box) -> sk.Decision:
         return evolve(s, nudges=s.nudges + 1)
 
     @pm.timer("close", when="open", to="closed")
-    def close(t: sk.process.TimerFired, s: Box) -> sk.process.Decision:
+    def close(t: TimerFired, s: Box) -> sk.Decision:
         return evolve(s, status="closed")
 
     return pm
@@ -238,12 +247,12 @@ def order_manager() -> ProcessManager[Order]:
     pm = ProcessManager("order", Order, key=lambda m: m.id, final=["shipped", "stuck"])
 
     @pm.starts(Open, to="shipping")
-    def opened(e: Open) -> sk.process.Decision:
+    def opened(e: Open) -> sk.Decision:
         return decide(Order(e.id)).start_saga(ship, Shipment(e.id), saga_id=f"ship-{e.id}")
 
     @pm.on(SagaEnded, when="shipping", to=("shipped", "stuck"), key=lambda e: e.correlation_id,
            missing=Ignore())  # fmt: skip
-    def ended(e: SagaEnded, s: Order) -> sk.process.Decision:
+    def ended(e: SagaEnded, s: Order) -> sk.Decision:
         return evolve(s, status="shipped" if e.state == "completed" else "stuck")
 
     return pm

@@ -3,7 +3,7 @@
 The names here are the ones an application needs. Everything else is in its
 module: the whole error tree in :mod:`sagakit.errors`, backends in
 :mod:`sagakit.store` and :mod:`sagakit.transport`, the saga machinery in
-:mod:`sagakit.saga`, test helpers in :mod:`sagakit.testing`.
+:mod:`sagakit.saga`, process managers in :mod:`sagakit.process`, test helpers in :mod:`sagakit.testing`.
 """
 
 from .app import App, Settings
@@ -30,6 +30,7 @@ from .messages import Done, Envelope, Failure, command, event, new_id, reply
 from .ops import Actor
 from .participant import Context, Participant
 from .policies import RetryPolicy
+from .process import Decision, ProcessManager, StatelessSaga, decide, evolve, react
 from .saga import Saga, SagaDefinition, Sagas, SagaState, SagaView
 from .store import Store, open_store
 from .transport import Transport, open_transport
@@ -44,6 +45,7 @@ __all__ = [
     "Clock",
     "ConfigurationError",
     "Context",
+    "Decision",
     "DefinitionError",
     "Done",
     "DuplicateRegistration",
@@ -55,6 +57,7 @@ __all__ = [
     "MessageError",
     "OversizeMessage",
     "Participant",
+    "ProcessManager",
     "RetryPolicy",
     "Saga",
     "SagaDefinition",
@@ -65,6 +68,7 @@ __all__ = [
     "Sagas",
     "SchemaMismatch",
     "Settings",
+    "StatelessSaga",
     "Store",
     "StoreError",
     "SystemClock",
@@ -74,9 +78,12 @@ __all__ = [
     "WaitTimeout",
     "__version__",
     "command",
+    "decide",
     "event",
+    "evolve",
     "new_id",
     "open_store",
     "open_transport",
+    "react",
     "reply",
 ]
