@@ -192,3 +192,18 @@ def test_the_checks_name_each_problem() -> None:
         "broken: message handler of 'checkout.CancelRequested' leaves final state 'done' "
         "for 'waiting'",
     ]
+
+
+def test_the_diagrams_are_generated_from_the_definitions() -> None:
+    from pathlib import Path
+
+    from sagakit.examples.order_fulfillment.process_manager import order_flow
+    from sagakit.process.diagram import render
+
+    docs = Path(__file__).parent.parent / "docs"
+    for pm, name in ((checkout, "checkout-process.svg"), (order_flow, "order-flow-process.svg")):
+        svg = render(pm)
+        for state in pm.states:
+            assert f">{state}</text>" in svg
+        assert (docs / name).read_text() == svg, f"regenerate docs/{name}"
+    assert "timer payment-timeout" in render(checkout)

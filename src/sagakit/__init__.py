@@ -3,7 +3,8 @@
 The names here are the ones an application needs. Everything else is in its
 module: the whole error tree in :mod:`sagakit.errors`, backends in
 :mod:`sagakit.store` and :mod:`sagakit.transport`, the saga machinery in
-:mod:`sagakit.saga`, process managers in :mod:`sagakit.process`, test helpers in :mod:`sagakit.testing`.
+:mod:`sagakit.saga`, process managers in :mod:`sagakit.process`, test helpers
+in :mod:`sagakit.testing`.
 """
 
 from .app import App, Settings

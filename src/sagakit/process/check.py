@@ -65,8 +65,9 @@ def _keys(pm: ProcessManager[Any]) -> list[str]:
 def edges(pm: ProcessManager[Any]) -> list[tuple[str | None, str, Handler]]:
     """Declared transitions ``(from, to, handler)``; ``from`` None for a starting handler.
 
-    A handler without ``when=`` applies in every non-final state; one without
-    ``to=`` keeps the state it was given (a self-loop).
+    A handler without ``when=`` applies in every non-final state; every
+    handler may keep the state it was given (a self-loop), and ``to=`` lists
+    where else it may move it.
     """
     out: list[tuple[str | None, str, Handler]] = []
     for h in _handlers(pm):
@@ -77,7 +78,7 @@ def edges(pm: ProcessManager[Any]) -> list[tuple[str | None, str, Handler]]:
             sorted(h.when) if h.when is not None else [s for s in pm.states if s not in pm.final]
         )
         for src in sources:
-            out += [(src, t, h) for t in sorted(h.to or {src})]
+            out += [(src, t, h) for t in sorted((h.to or frozenset()) | {src})]
     return out
 
 
