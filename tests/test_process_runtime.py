@@ -286,3 +286,18 @@ async def test_a_process_manager_starts_a_saga_and_reacts_to_its_end(url: str, p
 
 async def test_react_keeps_the_state() -> None:
     assert react().state is None and not react().changed
+
+
+def test_a_worker_can_run_a_process_manager_by_name() -> None:
+    from sagakit.cli import _check_services
+    from sagakit.errors import ConfigurationError, DuplicateRegistration
+
+    app = sk.App("memory://")
+    app.process(box_manager(Ignore()))
+    assert _check_services(app, ["box"]) == ["box"]
+    with pytest.raises(ConfigurationError, match="unknown service"):
+        _check_services(app, ["boxes"])
+    with pytest.raises(DuplicateRegistration):
+        app.participant("box")
+    with pytest.raises(DuplicateRegistration):
+        app.process(box_manager(Ignore()))

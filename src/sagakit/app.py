@@ -160,7 +160,8 @@ class App:
 
     def participant(self, name: str, *, store: str | Store | None = None) -> Participant:
         """A named participant; ``store`` gives it a database of its own."""
-        if name in self.participants or name.startswith("sagakit."):
+        taken = name in self.participants or name in self.processes.runtimes
+        if taken or name.startswith("sagakit."):
             raise DuplicateRegistration(f"participant {name!r} already exists (or is reserved)")
         p = self.participants[name] = Participant(name)
         if store is not None:
@@ -183,6 +184,8 @@ class App:
         Its messages arrive on the queue ``sagakit.process.NAME``; it runs in
         processes that run the service ``NAME`` (``sagakit worker --service NAME``).
         """
+        if pm.name in self.participants or pm.name == COORDINATOR:
+            raise DuplicateRegistration(f"{pm.name!r} already names a service of this app")
         self.processes.register(pm)
         for cls in pm.types.values():
             self.registry.add(cls)
