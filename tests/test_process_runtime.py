@@ -301,3 +301,22 @@ def test_a_worker_can_run_a_process_manager_by_name() -> None:
         app.participant("box")
     with pytest.raises(DuplicateRegistration):
         app.process(box_manager(Ignore()))
+
+
+@pytest.mark.usefixtures("cleanup")
+async def test_starts_racing_for_one_key_make_one_instance(url: str, prefix: str) -> None:
+    pm = box_manager(Ignore())
+    app = make_app(url, prefix, pm)
+    async with app:
+        async with app.store.transaction() as tx:  # one batch: consumed concurrently
+            for _ in range(20):
+                env = app.codec.make(Open("same"), Headers())
+                await app.store.queue.put(tx, pm.queue, env.id, app.codec.encode(env))
+
+        async def all_seen() -> bool:
+            return len(await app.processes.history(pm, "same")) == 20
+
+        await eventually(all_seen, 20, "every start handled")
+        verdicts = [e.verdict for e in await app.processes.history(pm, "same")]
+        assert verdicts.count("started") == 1 and verdicts.count("ignored") == 19
+        assert await app.store.dead_letters() == []

@@ -105,12 +105,22 @@ class ProcessTable:
         )
 
     async def load(self, tx: Tx, process: str, key: str) -> ProcessRecord | None:
-        """The instance row, locked for this transaction on PostgreSQL."""
+        """The instance row, locked for this transaction on PostgreSQL.
+
+        A key with no row yet is locked too (a transaction-scoped advisory
+        lock on PostgreSQL; SQLite has one writer), so two messages that would
+        both start the same instance run one after the other and the second
+        sees the first one's instance.
+        """
         row = await tx.fetchone(self._load_locked, process, key)
+        if row is None and self.store.dialect == "postgresql":
+            await tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))",
+                             f"{self.store.prefix}process:{process}:{key}")  # fmt: skip
+            row = await tx.fetchone(self._load_locked, process, key)
         return _record(row) if row is not None else None
 
     async def insert(self, tx: Tx, rec: ProcessRecord) -> None:
-        """Create an instance; another transaction creating it first is a conflict (retried)."""
+        """Create an instance (its key is locked by :meth:`load`; a conflict is retried)."""
         n = await tx.execute(self._insert, *_values(rec))
         if n != 1:
             raise ConcurrencyConflict(
