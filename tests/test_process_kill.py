@@ -31,7 +31,7 @@ from tests.helpers import die_with_parent
 from tests.test_kill_worker import _scalar
 from tests.workers.process_worker import STEPS, Open, Relay
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(420)
 
 N = 120
 WORKER = Path(__file__).parent / "workers" / "process_worker.py"
