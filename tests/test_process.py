@@ -207,3 +207,22 @@ def test_the_diagrams_are_generated_from_the_definitions() -> None:
             assert f">{state}</text>" in svg
         assert (docs / name).read_text() == svg, f"regenerate docs/{name}"
     assert "timer payment-timeout" in render(checkout)
+
+
+def test_each_command_is_answered_once_whatever_the_copies_of_its_reply() -> None:
+    """A participant that handled a command twice answers twice (a new reply id
+    each time); only the first answer moves the instance."""
+    from sagakit.process.definition import Replied
+    from sagakit.process.machine import Input, apply
+
+    inst = given(checkout, START).instances["o-1"]
+    (step,) = inst.awaiting
+    declined = Replied("payments.Charge", False, sk.Failure("payments.CardDeclined", "no"))
+    first = apply(
+        checkout, inst, Input("reply", "payments.Charge", declined, "r1", "o-1", step=step), 0
+    )
+    assert [c.command.method for c in first.commands] == ["card-b"]
+    assert first.after is not None and step not in first.after.awaiting
+    copy = Input("reply", "payments.Charge", declined, "r2", "o-1", step=step)
+    again = apply(checkout, first.after, copy, 0)
+    assert again.verdict == "ignored" and again.commands == () and again.after is None

@@ -60,6 +60,8 @@ class Instance:
     timers: Mapping[str, Armed] = field(default_factory=dict)
     seq: int = 0
     correlation_id: str | None = None
+    #: the step headers of commands sent and not answered yet
+    awaiting: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,8 @@ class Input:
     key: str
     token: int | None = None
     correlation_id: str | None = None
+    #: a reply's step header: which command it answers
+    step: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,12 +157,18 @@ def apply(pm: ProcessManager[Any], inst: Instance | None, msg: Input, now: float
         return _stateless(pm, msg)
     if inst is None:
         return _no_instance(pm, msg, now)
+    before = inst
+    if msg.kind == "reply":  # each command's reply counts once, whatever its copies
+        if msg.step not in inst.awaiting:
+            return Outcome(Verdict.IGNORED, inst, None, "reply to no command awaited (a copy?)")
+        inst = dataclasses.replace(inst, awaiting=inst.awaiting - {msg.step})
+    kept = inst if inst is not before else None  # a reply consumed is saved even if ignored
     h = pm.handler(msg.kind, msg.trigger, inst.status)
     if inst.done and (h is None or h.when is None):
-        return Outcome(Verdict.IGNORED, inst, None, f"instance finished ({inst.status})")
+        return Outcome(Verdict.IGNORED, before, kept, f"instance finished ({inst.status})")
     if h is None:
-        return Outcome(Verdict.IGNORED, inst, None, _unhandled(pm, msg, inst))
-    return _run(pm, inst, h, msg, now)
+        return Outcome(Verdict.IGNORED, before, kept, _unhandled(pm, msg, inst))
+    return _run(pm, inst, h, msg, now, before=before)
 
 
 def _unhandled(pm: ProcessManager[Any], msg: Input, inst: Instance) -> str:
@@ -252,7 +262,10 @@ def _effects(
         seq += 1
         step = step_of(pm.name, s.command, seq)
         commands.append(OutgoingCommand(s.to, s.command, step, s.attempt))
-    after = dataclasses.replace(base, state=state, status=status, done=done, timers=timers, seq=seq)
+    awaiting = base.awaiting | {c.step for c in commands}
+    after = dataclasses.replace(
+        base, state=state, status=status, done=done, timers=timers, seq=seq, awaiting=awaiting
+    )
     verdict = Verdict.STARTED if before is None else Verdict.APPLIED
     return Outcome(
         verdict, before, after, "", tuple(commands), d.events, d.sagas,

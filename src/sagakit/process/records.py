@@ -26,6 +26,7 @@ class Meta(msgspec.Struct, array_like=True):
 
     seq: int = 0
     timers: dict[str, tuple[int, str, float, float]] = {}
+    awaiting: list[str] = []
 
 
 _meta = msgspec.json.Decoder(Meta)
@@ -68,12 +69,15 @@ class HistoryEntry:
 def to_instance(rec: ProcessRecord, state: Any) -> Instance:
     meta = _meta.decode(rec.meta)
     timers = {n: Armed(*t) for n, t in meta.timers.items()}
-    return Instance(rec.key, state, rec.status, rec.done, timers, meta.seq, rec.correlation_id)
+    return Instance(
+        rec.key, state, rec.status, rec.done, timers, meta.seq, rec.correlation_id,
+        frozenset(meta.awaiting),
+    )  # fmt: skip
 
 
 def meta_of(inst: Instance) -> bytes:
     timers = {n: (a.token, a.message_id, a.started_at, a.due_at) for n, a in inst.timers.items()}
-    return encode_json(Meta(inst.seq, timers))
+    return encode_json(Meta(inst.seq, timers, sorted(inst.awaiting)))
 
 
 _COLS = (

@@ -92,7 +92,8 @@ class ProcessRuntime:
         cmd = command_of_step(h.step) or ""
         value: Any = scope.codec.payload(env, Failure if env.failed else None)
         replied = Replied(cmd, not env.failed, value)
-        inp = Input("reply", cmd, replied, env.id, h.saga_id or "", None, h.correlation_id)
+        key = h.saga_id or ""
+        inp = Input("reply", cmd, replied, env.id, key, None, h.correlation_id, h.step)
         await self._admitted(scope, inp)
 
     async def on_timer(self, scope: Scope) -> None:

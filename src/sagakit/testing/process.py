@@ -16,7 +16,9 @@
 (:func:`sagakit.process.machine.apply`); ``when`` and ``advance`` collect what
 the next input or the timers did, and ``then`` checks it. Replies to the
 process manager's commands are written :func:`ok` and :func:`failed`; they go
-to the instance the scenario last touched.
+to the instance the scenario last touched, as the answer to its latest unanswered command of
+that type; a reply to no unanswered command is recorded and ignored, as it
+would be at run time.
 """
 
 from __future__ import annotations
@@ -27,7 +29,15 @@ from typing import Any
 from ..clock import FakeClock
 from ..messages import Done, Failure, spec_of
 from ..process.definition import ProcessManager, Replied
-from ..process.machine import Input, Instance, Outcome, Verdict, apply, timer_id
+from ..process.machine import (
+    Input,
+    Instance,
+    Outcome,
+    Verdict,
+    apply,
+    command_of_step,
+    timer_id,
+)
 
 _UNSET: Any = object()
 
@@ -130,7 +140,8 @@ class Scenario:
         if isinstance(x, ReplyTo):
             cmd = spec_of(x.command).name
             replied = Replied(cmd, x.ok, x.value)
-            self._apply(Input("reply", cmd, replied, self._id(), self.key or ""))
+            step = self._awaited(cmd)
+            self._apply(Input("reply", cmd, replied, self._id(), self.key or "", step=step))
             return
         name = spec_of(type(x)).name
         found = self.pm.key_of(name, x) if not self.pm.stateless else self._id()
@@ -150,6 +161,12 @@ class Scenario:
         self.timers = [t for t in self.timers if _tid(self.pm, t) not in gone]
         for t in outcome.started:
             self.timers.append((t.armed.due_at, inp.key, t.name, t.armed.token))
+
+    def _awaited(self, command: str) -> str | None:
+        """The step of the latest unanswered ``command`` of the current instance."""
+        inst = self.instances.get(self.key or "")
+        steps = [s for s in (inst.awaiting if inst else ()) if command_of_step(s) == command]
+        return max(steps, key=lambda s: int(s.rsplit("#", 1)[1]), default=None)
 
     def _inst(self, key: str | None) -> Instance:
         key = key or self.key
