@@ -90,17 +90,20 @@ async def _done(store: Store) -> int:
 
 
 async def _run_until(store: Store, at: int, log: Path, *, finish: bool) -> None:
+    """Run a worker until ``at`` posts (then SIGKILL it), or to the end (then SIGTERM)."""
     worker = _start(store, log)
-    deadline = time.monotonic() + 180
+    deadline, progress = time.monotonic() + 300, (-1, -1, -1)
+    quiet_since = time.monotonic()
     try:
         while (await _done(store) < N) if finish else (await _posts(store) < at):
             assert worker.poll() is None, f"worker exited early:\n{log.read_text()}"
-            if time.monotonic() > deadline:
-                where = (await _posts(store), await _done(store), await store.queue.depth())
-                raise AssertionError(
-                    f"stalled at (posts, done, queued) {where}:\n{log.read_text()}"
-                )
-            await asyncio.sleep(0.01)
+            now_at = (await _posts(store), await _done(store), await store.queue.depth())
+            if now_at != progress:
+                progress, quiet_since = now_at, time.monotonic()
+            if time.monotonic() > deadline or time.monotonic() - quiet_since > 90:
+                raise AssertionError(f"stalled at (posts, done, queued) {progress}:\n"
+                                     f"{await _stuck(store)}\n{log.read_text()}")  # fmt: skip
+            await asyncio.sleep(0.05)
         if finish:
             while await store.queue.depth() > 0:
                 assert time.monotonic() < deadline, "queues did not drain"
@@ -108,6 +111,25 @@ async def _run_until(store: Store, at: int, log: Path, *, finish: bool) -> None:
     finally:
         worker.send_signal(signal.SIGTERM if finish else signal.SIGKILL)
         worker.wait(15)
+
+
+async def _stuck(store: Store) -> str:
+    """What the unfinished instances look like, for the failure message."""
+    p, lines = store.prefix, []
+    async with store.transaction() as tx:
+        for key, status, meta in await tx.fetchall(
+            f"SELECT key, status, meta FROM {p}processes WHERE done = 0"
+        ):
+            lines.append(f"{key} {status} {bytes(meta).decode()}")
+            for row in await tx.fetchall(
+                f"SELECT message_type, verdict, detail FROM {p}process_log WHERE key = ? "
+                "ORDER BY seq",
+                key,
+            ):
+                lines.append(f"    {row}")
+        for d in await store.dead_letters():
+            lines.append(f"dead letter: {d.reason} {d.queue}")
+    return "\n".join(lines)
 
 
 async def test_sigkill_mid_run_every_instance_resumes_once(store: Store, tmp_path: Path) -> None:

@@ -320,3 +320,12 @@ async def test_starts_racing_for_one_key_make_one_instance(url: str, prefix: str
         verdicts = [e.verdict for e in await app.processes.history(pm, "same")]
         assert verdicts.count("started") == 1 and verdicts.count("ignored") == 19
         assert await app.store.dead_letters() == []
+
+
+def test_declared_reply_types_are_known_before_any_reply_is_made() -> None:
+    """A process restarted mid-run meets replies made by the process it replaced."""
+    from sagakit.examples.checkout import checkout as pm
+
+    app = sk.App("memory://")
+    app.process(pm)
+    assert "payments.Charged" in app.registry

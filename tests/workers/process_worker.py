@@ -54,7 +54,7 @@ def relay_manager() -> ProcessManager[Relay]:
     def opened(m: Open) -> Decision:
         return decide(Relay(m.key)).send("ledger", Post(m.key, 1))
 
-    @pm.replied(Post, when="posting", to=("pausing", "done"))
+    @pm.replied(Post, returns=Posted, when="posting", to=("pausing", "done"))
     def posted(r: Replied, s: Relay) -> Decision:
         s = msgspec.structs.replace(s, posted=[*s.posted, r.value.step])
         if len(s.posted) == STEPS:

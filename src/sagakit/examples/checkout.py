@@ -114,7 +114,7 @@ def started(e: CheckoutStarted) -> Decision:
     )
 
 
-@checkout.replied(Charge, when="awaiting_payment", to=("paid", "failed"))
+@checkout.replied(Charge, returns=Charged, when="awaiting_payment", to=("paid", "failed"))
 def charged(r: Replied, s: Checkout) -> Decision:
     if r.ok:
         paid = evolve(s, status="paid", payment_id=r.value.payment_id)
@@ -141,7 +141,7 @@ def too_slow(t: TimerFired, s: Checkout) -> Decision:
     return evolve(s, status="cancelled", reason=reason).publish(ended)
 
 
-@checkout.replied(Charge, when="cancelled")
+@checkout.replied(Charge, returns=Charged, when="cancelled")
 def charged_too_late(r: Replied, s: Checkout) -> Decision:
     """A charge that succeeds after the checkout was cancelled is refunded."""
     if not r.ok:

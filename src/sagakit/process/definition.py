@@ -171,10 +171,18 @@ class ProcessManager(Generic[S]):
         self,
         command: type[Any],
         *,
+        returns: type[Any] | None = None,
         when: str | Iterable[str] | None = None,
         to: str | Iterable[str] | None = None,
     ) -> Callable[[F], F]:
-        """The handler ``fn(replied, state) -> Decision`` for replies to ``command``."""
+        """The handler ``fn(replied, state) -> Decision`` for replies to ``command``.
+
+        ``returns`` names the success reply's type, so ``replied.value`` is
+        decoded into it in every process (without it, a reply type this
+        process has not met arrives as plain JSON: dicts and lists).
+        """
+        if returns is not None:
+            self.types[spec_of(returns).name] = returns
         return self._add("reply", command, when, to, None, None)
 
     def timer(

@@ -90,7 +90,11 @@ class ProcessRuntime:
     async def on_reply(self, scope: Scope) -> None:
         env, h = scope.env, scope.env.headers
         cmd = command_of_step(h.step) or ""
-        value: Any = scope.codec.payload(env, Failure if env.failed else None)
+        value: Any
+        if env.failed or env.type in scope.codec.registry:
+            value = scope.codec.payload(env, Failure if env.failed else None)
+        else:  # a reply type nobody declared (replied(..., returns=...)): plain JSON
+            value = scope.codec.payload(env, Any)
         replied = Replied(cmd, not env.failed, value)
         key = h.saga_id or ""
         inp = Input("reply", cmd, replied, env.id, key, None, h.correlation_id, h.step)

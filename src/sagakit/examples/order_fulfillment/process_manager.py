@@ -35,16 +35,21 @@ from .loyalty import points_for
 from .messages import (
     ApproveOrder,
     AwardPoints,
+    CardCharged,
     ChargeCard,
     ConfirmStock,
     CreateOrder,
+    CreditReserved,
     Line,
+    OrderShipped,
+    PointsAwarded,
     RejectOrder,
     ReleaseCredit,
     ReleaseStock,
     ReserveCredit,
     ReserveStock,
     ShipOrder,
+    StockReserved,
 )
 from .shipping import FakeCarrier
 
@@ -93,6 +98,7 @@ class Step:
     to: str
     command: Callable[[Flow], Any]
     fold: Callable[[Flow, Any], Flow] = lambda d, r: d
+    reply: type[Any] | None = None  # the success reply's type, when it carries data
 
 
 FORWARD = [
@@ -100,20 +106,20 @@ FORWARD = [
          lambda d: CreateOrder(d.order_id, d.customer_id, d.lines, d.total)),
     Step("reserving_credit", "reserve-credit", "customers",
          lambda d: ReserveCredit(d.customer_id, d.order_id, d.total),
-         lambda d, r: replace(d, credit_reservation=r.reservation_id)),
+         lambda d, r: replace(d, credit_reservation=r.reservation_id), CreditReserved),
     Step("reserving_stock", "reserve-stock", "inventory",
          lambda d: ReserveStock(d.order_id, d.lines),
-         lambda d, r: replace(d, stock_expires_at=r.expires_at)),
+         lambda d, r: replace(d, stock_expires_at=r.expires_at), StockReserved),
     Step("charging", "charge-card", "payments",
          lambda d: ChargeCard(d.order_id, d.customer_id, d.total, d.card_token),
-         lambda d, r: replace(d, payment_id=r.payment_id)),
+         lambda d, r: replace(d, payment_id=r.payment_id), CardCharged),
     Step("confirming_stock", "confirm-stock", "inventory", lambda d: ConfirmStock(d.order_id)),
     Step("shipping", "ship", "shipping",
          lambda d: ShipOrder(d.order_id, d.customer_id, d.lines, d.address),
-         lambda d, r: replace(d, shipment_id=r.shipment_id, tracking=r.tracking)),
+         lambda d, r: replace(d, shipment_id=r.shipment_id, tracking=r.tracking), OrderShipped),
     Step("awarding", "award-points", "loyalty",
          lambda d: AwardPoints(d.customer_id, d.order_id, d.total),
-         lambda d, r: replace(d, points=r.points)),
+         lambda d, r: replace(d, points=r.points), PointsAwarded),
     Step("approving", "approve", "orders",
          lambda d: ApproveOrder(d.order_id, d.shipment_id or "", points_for(d.total))),
 ]  # fmt: skip
@@ -200,7 +206,8 @@ def _register() -> None:
         after = FORWARD[i + 1].status if i + 1 < len(FORWARD) else "approved"
         undo = [u.status for u in UNDO if _index(u.name) < i] or ["rejected"]
         to = [after, *(undo[:1] if i <= PIVOT else [])]
-        order_flow.replied(type(step.command(_BLANK)), when=step.status, to=to)(_forward(i))
+        command = type(step.command(_BLANK))
+        order_flow.replied(command, returns=step.reply, when=step.status, to=to)(_forward(i))
     for k, undo_step in enumerate(UNDO):
         after = UNDO[k + 1].status if k + 1 < len(UNDO) else "rejected"
         order_flow.replied(type(undo_step.command(_BLANK)), when=undo_step.status, to=after)(
