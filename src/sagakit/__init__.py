@@ -3,7 +3,8 @@
 The names here are the ones an application needs. Everything else is in its
 module: the whole error tree in :mod:`sagakit.errors`, backends in
 :mod:`sagakit.store` and :mod:`sagakit.transport`, the saga machinery in
-:mod:`sagakit.saga`, test helpers in :mod:`sagakit.testing`.
+:mod:`sagakit.saga`, process managers in :mod:`sagakit.process`, test helpers
+in :mod:`sagakit.testing`.
 """
 
 from .app import App, Settings
@@ -45,6 +46,7 @@ from .observe.telemetry import Telemetry, TelemetryOptions
 from .ops import Actor
 from .participant import Context, Participant
 from .policies import RetryPolicy
+from .process import Decision, ProcessManager, StatelessSaga, decide, evolve, react
 from .saga import Saga, SagaDefinition, Sagas, SagaState, SagaView
 from .store import Store, open_store
 from .transport import Transport, open_transport
@@ -67,6 +69,7 @@ __all__ = [
     "ConfigurationError",
     "ConsoleError",
     "Context",
+    "Decision",
     "DefinitionError",
     "Done",
     "DuplicateRegistration",
@@ -86,6 +89,7 @@ __all__ = [
     "Participant",
     "Pending",
     "PendingElsewhere",
+    "ProcessManager",
     "ReservationExpired",
     "Reservations",
     "ResourceUnavailable",
@@ -100,6 +104,7 @@ __all__ = [
     "Sagas",
     "SchemaMismatch",
     "Settings",
+    "StatelessSaga",
     "Store",
     "StoreError",
     "SystemClock",
@@ -115,9 +120,12 @@ __all__ = [
     "WaitTimeout",
     "__version__",
     "command",
+    "decide",
     "event",
+    "evolve",
     "new_id",
     "open_store",
     "open_transport",
+    "react",
     "reply",
 ]

@@ -42,6 +42,8 @@ from .ops.stuck import StuckWatcher
 from .outbox import OutboxWriter, Relay
 from .participant import Context, Participant, conversation
 from .policies import RetryPolicy
+from .process import Processes, ProcessManager
+from .process.runtime import ProcessTimer, timer_queue
 from .saga import Sagas
 from .saga.awaits import AWAITS, Awaits
 from .saga.coordinator import COORDINATOR_QUEUE, LOCAL_QUEUE, TIMER_QUEUE, Coordinator
@@ -157,6 +159,8 @@ class App:
         self.sagas = Sagas(coordinator.registry, coordinator)
         #: the endpoint behind the sagas' wait_for steps
         self.awaits = Awaits(self.store)
+        #: process managers and stateless sagas (sagakit.process)
+        self.processes = Processes(self.writer_for(self.store), coordinator)
         #: list, replay and purge the main store's dead letters
         self.dead_letters = DeadLetters(self.store, self.transport)
         #: atomic groups over registered resources (two-phase commit)
@@ -176,7 +180,8 @@ class App:
 
     def participant(self, name: str, *, store: str | Store | None = None) -> Participant:
         """A named participant; ``store`` gives it a database of its own."""
-        if name in self.participants or name.startswith("sagakit."):
+        taken = name in self.participants or name in self.processes.runtimes
+        if taken or name.startswith("sagakit."):
             raise DuplicateRegistration(f"participant {name!r} already exists (or is reserved)")
         p = self.participants[name] = Participant(name)
         if store is not None:
@@ -279,6 +284,22 @@ class App:
         store = self.store_of(participant)
         return conversation(store, self.writer_for(store), participant, correlation_id or new_id())
 
+    def process(self, pm: ProcessManager[Any]) -> ProcessManager[Any]:
+        """Register a process manager or stateless saga (each name once).
+
+        Its messages arrive on the queue ``sagakit.process.NAME``; it runs in
+        processes that run the service ``NAME`` (``sagakit worker --service NAME``).
+        """
+        if pm.name in self.participants or pm.name == COORDINATOR:
+            raise DuplicateRegistration(f"{pm.name!r} already names a service of this app")
+        self.processes.register(pm)
+        for cls in pm.types.values():
+            self.registry.add(cls)
+        self.registry.add(ProcessTimer)
+        if "sagakit.SagaEnded" in pm.types:
+            self.sagas.coordinator.announce_ends = True
+        return pm
+
     def store_of(self, participant: str) -> Store:
         """The store a participant's handlers run in."""
         return self._pstores.get(participant, self.store)
@@ -349,6 +370,7 @@ class App:
                 self.registry.add(cls)
         await self._declare()
         await self._start_participants()
+        await self._start_processes()
         coordinating = self.runs(COORDINATOR) and bool(self.sagas.definitions)
         if coordinating:
             await self._start_coordinator()
@@ -434,6 +456,8 @@ class App:
             await self.transport.declare(AWAITS, sorted(self.awaits.keys))
         for tracker in self.flows.trackers.values():
             await self.transport.declare(tracker.queue, sorted(tracker.defn.watched()))
+        for pm in self.processes.managers.values():
+            await self.transport.declare(pm.queue, pm.subscribed())
 
     async def _start_participants(self) -> None:
         for name, p in self.participants.items():
@@ -462,6 +486,18 @@ class App:
             )
         timers = self._endpoint(TRACK_TIMERS, self.store, self.flows.timer_route, trusted=True)
         self._subs.append(self._store_consumer(TRACK_TIMERS, timers.handle))
+
+    async def _start_processes(self) -> None:
+        """Each process manager: its queue through the broker, its timers (and
+        held messages) from the store's own queue, one inbox for both."""
+        for name, rt in self.processes.runtimes.items():
+            if not self.runs(name):
+                continue
+            writer, hop, queue = self.writer_for(self.store), self.settings.hop, rt.pm.queue
+            ep = Endpoint(queue, writer, rt.route, policy=hop, consumer=queue)
+            await self._consume(queue, ep)
+            timers = Endpoint(queue, writer, rt.route, policy=hop, consumer=queue, trusted=True)
+            self._subs.append(self._store_consumer(timer_queue(rt.pm), timers.handle))
 
     def _start_housekeeping(self, coordinating: bool) -> None:
         """Retention runs in every process over the stores it uses (several pruners at

@@ -166,11 +166,13 @@ def _select(obj: Any, services: list[str]) -> None:
 
 
 def _check_services(obj: Any, services: list[str] | None) -> list[str]:
-    """The participants and/or coordinator this process runs; unknown names are errors."""
+    """The participants, process managers and/or coordinator this process runs;
+    unknown names are errors."""
     app = _app_of(obj)
     if app is None:
         return services or ["(all)"]
-    known = [*app.participants, COORDINATOR] + ([TRACKER] if app.flows.trackers else [])
+    known = [*app.participants, *app.processes.runtimes, COORDINATOR]
+    known += [TRACKER] if app.flows.trackers else []
     unknown = sorted(set(services or []) - set(known))
     if unknown:
         raise ConfigurationError(

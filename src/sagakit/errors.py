@@ -20,7 +20,8 @@ transports), so callers never see ``sqlite3`` or ``asyncpg`` exceptions.
     │   └── DeliveryLimitExceeded     delivered more often than Settings.max_deliveries
     ├── RoutingError                  a well-formed message nobody can take
     │   ├── NoHandler                 no handler for this type at this endpoint
-    │   └── UnknownSaga               a reply for a saga id the store does not know
+    │   ├── UnknownSaga               a reply for a saga id the store does not know
+    │   └── NoProcessInstance         held past its policy with no process-manager instance
     ├── BusinessError                 raised by a handler: becomes a failure reply
     │   ├── Cancelled                 the command came after its compensation; no effect
     │   ├── ResourceUnavailable       a reservation wants units the pool does not have
@@ -53,10 +54,12 @@ transports), so callers never see ``sqlite3`` or ``asyncpg`` exceptions.
     │   ├── InvalidOperatorAction     the action does not fit the instance's state
     │   ├── SagaIdInUse               start() with an id that names another definition's instance
     │   └── WaitTimeout               wait() ran out of time (also a TimeoutError)
-    └── ChoreographyError             choreography API misuse
-        ├── MissingCorrelation        an event would leave without a correlation id
-        ├── UndeclaredEvent           a handler published an event missing from its publishes=
-        └── FlowNotFound              no tracked flow with that correlation id
+    ├── ChoreographyError             choreography API misuse
+    │   ├── MissingCorrelation        an event would leave without a correlation id
+    │   ├── UndeclaredEvent           a handler published an event missing from its publishes=
+    │   └── FlowNotFound              no tracked flow with that correlation id
+    └── ProcessError                  a process manager's handler broke its declaration
+        └── IllegalTransition         a handler moved to a state its registration does not allow
 """
 
 from __future__ import annotations
@@ -149,6 +152,14 @@ class NoHandler(RoutingError):
 
 class UnknownSaga(RoutingError):
     """A reply or timer for a saga id that the store does not know."""
+
+
+class NoProcessInstance(RoutingError):
+    """A message for a process-manager instance that never appeared.
+
+    Its per-message policy held it for a while (``Hold``); it is dead-lettered
+    with the process manager's name and the key it looked for.
+    """
 
 
 class BusinessError(SagakitError):
@@ -337,6 +348,16 @@ class WaitTimeout(SagaError, TimeoutError):
 
     It is also a :class:`TimeoutError`, so ``except TimeoutError`` keeps working.
     """
+
+
+class ProcessError(SagakitError):
+    """A process manager's handler returned a decision its registration forbids."""
+
+
+class IllegalTransition(ProcessError):
+    """A handler moved its instance to a state not in its ``to=``; a bug, not retried."""
+
+    retryable = False
 
 
 def is_outage(exc: BaseException) -> bool:

@@ -14,12 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConfigurationError
+from ..process import check as process_check
 from . import check
 
 Checker = Callable[[Any], list[str]]
 
 #: every checker ``sagakit check`` runs, in order
-CHECKERS: list[Checker] = [check.problems]
+CHECKERS: list[Checker] = [check.problems, process_check.problems]
 
 
 def add_parser(sub: Any) -> None:

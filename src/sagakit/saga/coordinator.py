@@ -30,7 +30,17 @@ from ..errors import (
     SagaNotFound,
     UnknownSaga,
 )
-from ..messages import Done, Envelope, Failure, Headers, caused_by, command, encode_json, new_id
+from ..messages import (
+    Done,
+    Envelope,
+    Failure,
+    Headers,
+    caused_by,
+    command,
+    encode_json,
+    event,
+    new_id,
+)
 from ..observe.hooks import BASE, Hooks
 from ..outbox import Outbox
 from ..store.core import LogEntry, SagaRecord
@@ -96,6 +106,19 @@ class StartSaga(msgspec.Struct, frozen=True):
     correlation_id: str
 
 
+@event("sagakit.SagaEnded")
+class SagaEnded(msgspec.Struct, frozen=True):
+    """Published when a saga reaches a final state (completed, compensated,
+    failed or aborted), if the App asked for it (``Coordinator.announce_ends``,
+    set when a process manager reacts to it)."""
+
+    saga_id: str
+    saga_type: str
+    state: str
+    correlation_id: str | None = None
+    error: str | None = None
+
+
 @command("sagakit.RunLocal")
 class RunLocal(msgspec.Struct, frozen=True):
     """Asks a coordinator process to run a local step."""
@@ -114,6 +137,8 @@ class Coordinator:
         self.retry = retry
         #: the App's two-phase coordinator, for atomic steps (set by the App)
         self.twophase: TwoPhase | None = None
+        #: publish SagaEnded when a saga finishes (a process manager listens)
+        self.announce_ends = False
 
     # -- entry points ---------------------------------------------------------
 
@@ -200,6 +225,25 @@ class Coordinator:
             scope.tx, scope.out, machine.defn, data, req.saga_id, req.correlation_id, env
         )
         await scope.inbox.record(scope.tx, env, "success", None)
+
+    async def start_in(
+        self,
+        tx: Tx,
+        out: Outbox,
+        defn: SagaDefinition[Any],
+        data: Any,
+        *,
+        saga_id: str,
+        correlation_id: str | None = None,
+        cause: Envelope | None = None,
+    ) -> bool:
+        """Insert an instance and queue its first commands in ``tx`` (False: id taken).
+
+        For callers that start a saga as part of their own transaction (a
+        process manager's decision); :meth:`start` is this in a transaction of its own.
+        """
+        defn = self.registry.registered(defn)
+        return await self.start_within(tx, out, defn, data, saga_id, correlation_id, cause)
 
     async def on_reply(self, scope: Scope) -> None:
         """Route: a reply (or a local step's result) for a saga step."""
@@ -305,6 +349,8 @@ class Coordinator:
             name, final = finished(rec.id), replace(rec)
             tx.on_commit(lambda: self.store.queue.waker.offer(name, final))  # before the wake
             tx.notify(name)
+            if self.announce_ends:
+                self._announce_end(out, inst, cause)
 
     def _announce(
         self, out: Outbox, rec: SagaRecord, inst: Instance, cause: Envelope | None
@@ -324,6 +370,13 @@ class Coordinator:
         }
         headers = caused_by(cause, **fields) if cause is not None else Headers(**fields)
         out.publish(self.codec.make(announcement[1](inst.data), headers))
+
+    def _announce_end(self, out: Outbox, inst: Instance, cause: Envelope | None) -> None:
+        """Publish :class:`SagaEnded` (only when a process manager listens for it)."""
+        corr = inst.progress.correlation_id
+        ended = SagaEnded(inst.id, inst.type, inst.state.value, corr, inst.error)
+        headers = caused_by(cause, saga_id=inst.id, saga_type=inst.type, correlation_id=corr)
+        out.publish(self.codec.make(ended, headers))
 
     async def _effect(
         self, tx: Tx, out: Outbox, inst: Instance, effect: Any, cause: Envelope | None

@@ -145,6 +145,23 @@ MIGRATIONS: list[list[str]] = [
         "CREATE UNIQUE INDEX IF NOT EXISTS {p}audit_command ON {p}audit (command_id, target)",
         "CREATE INDEX IF NOT EXISTS {p}audit_target ON {p}audit (target, seq)",
     ],
+    [
+        # Process managers (sagakit.process): one row per instance (state, armed
+        # timers, a revision), and the decision history: what came in, what the
+        # state became, what went out.
+        """CREATE TABLE IF NOT EXISTS {p}processes (
+            process TEXT NOT NULL, key TEXT NOT NULL, version INTEGER NOT NULL, status TEXT,
+            state {blob} NOT NULL, meta {blob} NOT NULL, done INTEGER NOT NULL,
+            rev INTEGER NOT NULL, correlation_id TEXT, created_at {real} NOT NULL,
+            updated_at {real} NOT NULL, PRIMARY KEY (process, key))""",
+        "CREATE INDEX IF NOT EXISTS {p}processes_status ON {p}processes (process, done, status)",
+        """CREATE TABLE IF NOT EXISTS {p}process_log (
+            seq {serial}, process TEXT NOT NULL, key TEXT NOT NULL, at {real} NOT NULL,
+            message_id TEXT, message_type TEXT NOT NULL, verdict TEXT NOT NULL,
+            status_before TEXT, status_after TEXT, detail TEXT, correlation_id TEXT)""",
+        "CREATE INDEX IF NOT EXISTS {p}process_log_key ON {p}process_log (process, key, seq)",
+        "CREATE INDEX IF NOT EXISTS {p}process_log_corr ON {p}process_log (correlation_id)",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

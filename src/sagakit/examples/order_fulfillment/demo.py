@@ -86,7 +86,7 @@ JSON_KEYS = {
     NOT_FINISHED: "not_finished",
 }
 
-STYLES = ["orchestration", "choreography", "mixed"]
+STYLES = ["orchestration", "choreography", "mixed", "process-manager"]
 
 #: the share of each planned outcome; the rest complete first time
 MIX = {CREDIT: 0.08, CARD: 0.08, STOCK: 0.08, SHIPPING_RETRIED: 0.12}
@@ -433,6 +433,10 @@ def expired_orders(orders: Any, mine: set[str]) -> int:
 
 
 async def run(args: argparse.Namespace) -> Result:
+    if args.style == "process-manager":
+        from .process_manager import run as run_process_manager
+
+        return await run_process_manager(args)  # type: ignore[no-any-return]
     if args.style != "orchestration":
         return await run_style(args)
     if args.processes:
@@ -713,7 +717,7 @@ def parser() -> argparse.ArgumentParser:
         "--style",
         choices=STYLES,
         default="orchestration",
-        help="how the services cooperate (default orchestration)",
+        help="how the services cooperate: a saga (default), events, both, or a process manager",
     )
     return p
 
@@ -741,6 +745,8 @@ def misuse(args: argparse.Namespace) -> str | None:
         return "--serve runs in one process; drop --processes"
     if args.lock_ttl is not None and not args.lock_ttl > 0:
         return "--lock-ttl must be positive"
+    if args.style == "process-manager" and (args.processes or args.serve):
+        return "--style process-manager runs in one process, without --serve"
     if args.chaos and (not args.processes or args.coordinators < 2):
         return "--chaos needs --processes and two coordinators"
     if args.style != "orchestration" and (args.processes or args.serve):
