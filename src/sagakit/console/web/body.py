@@ -48,6 +48,32 @@ class BulkBody(msgspec.Struct, forbid_unknown_fields=True):
     patch: list[dict[str, Any]] | None = None
 
 
+class DeadLetterActionBody(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /api/dead-letters/{seq}/{action}``."""
+
+    reason: str
+    #: seconds to wait for the command to run (0: return once queued)
+    wait: float = 0.0
+
+
+class DeadLetterFilterBody(msgspec.Struct, forbid_unknown_fields=True):
+    """Which dead letters a bulk action takes (see :class:`~sagakit.ops.DeadLetterFilter`)."""
+
+    queue: str | None = None
+    error_type: str | None = None
+    saga_id: str | None = None
+    older_than: float | None = None
+    limit: int = 100
+
+
+class DeadLetterBulkBody(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /api/dead-letters/bulk/{action}``."""
+
+    reason: str
+    filter: DeadLetterFilterBody = msgspec.field(default_factory=DeadLetterFilterBody)
+    dry_run: bool = True
+
+
 class TokenBody(msgspec.Struct, forbid_unknown_fields=True):
     """``POST /api/tokens``."""
 
