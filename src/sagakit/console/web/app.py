@@ -121,6 +121,9 @@ async def _deny_anonymous(c: Console, request: Request, why: str) -> None:
     params = request.path_params
     action = params.get("action", request.url.path)
     target = params.get("saga_id", params.get("token_id", request.url.path))
+    if request.url.path.startswith("/api/dead-letters/"):
+        action = f"dead-letters.{action}"
+        target = f"dead-letter:{params['seq']}" if "seq" in params else "dead-letters"
     line = c.ops.entry(ANONYMOUS, action, target, "", "denied", source_of(request), why)
     await c.ops.audit.append(line)
 
