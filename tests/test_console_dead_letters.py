@@ -4,7 +4,9 @@ the pages, executed by a running App's coordinator, audited, idempotent per comm
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
+from urllib.parse import unquote
 
 import httpx
 import pytest
@@ -269,3 +271,36 @@ async def _true_async(app: sk.App, left: int) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_the_page_acts_with_its_csrf_token_and_refuses_without(
+    bench: tuple[sk.App, Ledger],
+) -> None:
+    app, ledger = bench
+    await happened(app, "k1")
+    [letter] = await dead(app, 1)
+    await fake_letters(app, "noise", 4)
+    ledger.broken = False
+    async with client(app) as http:
+        http.cookies.set("sagakit_session", await token(app, "operator"))
+        page = await http.get("/dead-letters")
+        assert page.status_code == 200 and 'id="dl-one"' in page.text
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert csrf is not None
+        url = f"/api/dead-letters/{letter.seq}/replay"
+        r = await http.post(url, json={"reason": "no csrf"})
+        assert r.status_code == 403 and "CSRF" in r.json()["error"]
+        form = {"seq": str(letter.seq), "action": "replay", "reason": "ledger is back"}
+        assert (await http.post("/dead-letters/act", data=form)).status_code == 403
+        r = await http.post("/dead-letters/act", data={**form, "csrf": csrf[1]})
+        assert r.status_code == 303 and "done" in unquote(r.headers["location"])
+        await eventually(lambda: _true(ledger.seen == ["k1"]))
+        bulk = {"csrf": csrf[1], "queue": "noise", "action": "purge", "reason": "noise"}
+        r = await http.post("/dead-letters/bulk", data={**bulk, "dry_run": "1"})
+        assert r.status_code == 200 and "<strong>4</strong> dead letters" in r.text
+        assert len(await app.dead_letters.list()) == 4, "a preview changes nothing"
+        r = await http.post("/dead-letters/bulk", data={**bulk, "dry_run": "0"})
+        assert r.status_code == 200 and "Queued" in r.text
+    await eventually(lambda: _true_async(app, 0))
+    denied = await Operations(app.store).audit.list(AuditFilter(outcome="denied"))
+    assert len(denied) == 2 and all("CSRF" in (d.detail or "") for d in denied)
