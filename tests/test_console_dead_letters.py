@@ -184,6 +184,13 @@ async def test_roles_reason_and_letters_that_cannot_be_replayed(
         )
         assert r.status_code == 404
         r = await http.post(
+            f"/api/dead-letters/{2**64}/purge", headers=bearer(operator), json={"reason": "x"}
+        )
+        assert r.status_code == 422  # past a 64-bit row id: refused, not a 500
+        bulk = {"reason": "x", "filter": {"limit": 0}}
+        r = await http.post("/api/dead-letters/bulk/purge", headers=bearer(operator), json=bulk)
+        assert r.status_code == 422
+        r = await http.post(
             f"/api/dead-letters/{good.seq}/explode", headers=bearer(operator), json={"reason": "x"}
         )
         assert r.status_code == 404

@@ -37,6 +37,17 @@ if TYPE_CHECKING:
 REPLAY, PURGE = DEAD_LETTER_ACTIONS
 
 
+MAX_SEQ = 2**63 - 1  #: a dead letter's number is a 64-bit row id
+
+
+def seq_of(value: int | str) -> int:
+    """A dead letter's number from a path or a form; ValueError unless 1 to 2**63 - 1."""
+    text = str(value).strip()
+    if not text.isdigit() or not 1 <= int(text) <= MAX_SEQ:
+        raise ValueError("a dead letter's number is a whole number from 1 to 2**63 - 1")
+    return int(text)
+
+
 def target_of(seq: int) -> str:
     """The audit's target for one dead letter."""
     return f"dead-letter:{seq}"

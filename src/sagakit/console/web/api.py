@@ -18,7 +18,7 @@ from ...errors import InvalidOperatorAction, SagaNotFound
 from ...ops.dead_letters import DeadLetterFilter
 from ..actions import ActionRequest
 from ..audit import AuditFilter
-from ..dead_letters import action_name, letter_json, target_of
+from ..dead_letters import action_name, letter_json, seq_of, target_of
 from ..query import SagaQuery, detail, select, summary
 from .body import (
     ActionBody,
@@ -153,7 +153,7 @@ async def dead_letters(c: Console, request: Request) -> Response:
 
 async def dead_letter_act(c: Console, request: Request) -> Response:
     caller = await c.auth.caller(request)
-    seq, verb = request.path_params["seq"], request.path_params["action"]
+    seq, verb = seq_of(request.path_params["seq"]), request.path_params["action"]
     action, target = action_name(verb), target_of(seq)
     await c.acting(request, caller, action, target, request.headers.get("x-csrf-token"))
     await c.may_act(request, caller.actor, action, target)

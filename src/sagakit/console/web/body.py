@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 from urllib.parse import parse_qs
 
 import msgspec
@@ -62,8 +62,8 @@ class DeadLetterFilterBody(msgspec.Struct, forbid_unknown_fields=True):
     queue: str | None = None
     error_type: str | None = None
     saga_id: str | None = None
-    older_than: float | None = None
-    limit: int = 100
+    older_than: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
 
 
 class DeadLetterBulkBody(msgspec.Struct, forbid_unknown_fields=True):

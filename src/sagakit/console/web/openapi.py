@@ -83,7 +83,7 @@ _ACTING = {"400": _ERR, "413": _ERR, "415": _ERR, "422": _ERR}
 
 def _dead_letter_paths() -> dict[str, Any]:
     action = _param("action", _DL_ACTION, "path")
-    seq = _param("seq", {"type": "integer", "minimum": 1}, "path")
+    seq = _param("seq", {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}, "path")
     return {
         "/api/dead-letters/{seq}/{action}": {
             "post": {

@@ -18,7 +18,7 @@ from ...saga.state import SagaState, progress_decoder
 from ..actions import ActionRequest
 from ..admissible import SAGA_ACTIONS, refusal
 from ..audit import AuditFilter
-from ..dead_letters import action_name, letter_json, target_of
+from ..dead_letters import action_name, letter_json, seq_of, target_of
 from ..query import STATES, detail, select, summary
 from .api import limit_of, query_of
 from .auth import COOKIE, LOGIN_COOKIE, Caller, csrf_ok
@@ -234,7 +234,7 @@ async def dead_letter_action(c: Console, request: Request) -> Response:
     caller = await c.auth.caller(request)
     form = await form_body(request, c.options.max_body)
     action = action_name(form.get("action", ""))
-    seq = _seq(form.get("seq", ""))
+    seq = seq_of(form.get("seq", ""))
     target = target_of(seq)
     await c.acting(request, caller, action, target, form.get("csrf"))
     await c.may_act(request, caller.actor, action, target)
@@ -246,12 +246,6 @@ async def dead_letter_action(c: Console, request: Request) -> Response:
     if line is not None and line.detail and line.outcome == "failed":
         msg += f" — {line.detail}"
     return RedirectResponse(f"/dead-letters?msg={quote(msg)}", status_code=303)
-
-
-def _seq(text: str) -> int:
-    if not text.strip().isdigit():
-        raise ValueError("a dead letter's number is a whole number")
-    return int(text)
 
 
 async def dead_letter_bulk(c: Console, request: Request) -> Response:
