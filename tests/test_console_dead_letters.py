@@ -266,6 +266,21 @@ async def test_a_command_delivered_twice_runs_once(bench: tuple[sk.App, Ledger])
     await eventually(lambda: _drained(app))
     lines = await Operations(app.store).audit.list(AuditFilter(target=f"dead-letter:{letter.seq}"))
     assert [(x.outcome, x.command_id) for x in lines] == [("done", cmd)]
+    # a command whose letter another operator took in between: failed, with why
+    late = OperatorCommand(
+        "late",
+        "dead-letters.replay",
+        "dead-letter:999999",
+        "x",
+        "y",
+        "operator",
+        "http",
+        seq=999999,
+    )
+    async with app.store.transaction() as tx:
+        await app.store.queue.put(tx, OPERATOR_QUEUE, "late", encode(late))
+    line = await Operations(app.store).outcome("late", "dead-letter:999999", timeout=10)
+    assert line is not None and line.outcome == "failed" and "no dead letter" in (line.detail or "")
 
 
 async def _drained(app: sk.App) -> bool:
