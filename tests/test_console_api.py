@@ -21,6 +21,8 @@ ENDPOINTS = [
     ("POST", "/api/bulk/retry"),
     ("GET", "/api/audit"),
     ("GET", "/api/dead-letters"),
+    ("POST", "/api/dead-letters/1/replay"),
+    ("POST", "/api/dead-letters/bulk/purge"),
     ("GET", "/api/health"),
     ("GET", "/api/tokens"),
     ("POST", "/api/tokens"),
@@ -28,7 +30,12 @@ ENDPOINTS = [
     ("GET", "/api/openapi.json"),
 ]
 ADMIN_ONLY = {"/api/tokens", "/api/tokens/abc"}
-ACTING = {"/api/sagas/k/retry", "/api/bulk/retry"}
+ACTING = {
+    "/api/sagas/k/retry",
+    "/api/bulk/retry",
+    "/api/dead-letters/1/replay",
+    "/api/dead-letters/bulk/purge",
+}
 
 
 @pytest.fixture
@@ -75,6 +82,8 @@ async def test_every_endpoint_is_401_without_a_token_and_403_for_a_role_that_may
         ("token", "retry"),
         ("token", "bulk-retry"),
         ("token", "token-create"),
+        ("token", "dead-letters.replay"),
+        ("token", "bulk-dead-letters.purge"),
     }
 
 
@@ -170,13 +179,17 @@ async def test_admin_creates_and_revokes_tokens(app: sk.App) -> None:
         ).status_code == 200
         assert (await http.get("/api/sagas", headers=bearer(new["token"]))).status_code == 401
     rows = await app.store.driver.read(f"SELECT hash FROM {app.store.prefix}console_tokens")
-    assert all(new["token"].split("_")[2] not in r[0] for r in rows)  # only hashes stored
+    assert all(new["token"].split("_", 2)[2] not in r[0] for r in rows)  # only hashes stored
 
 
 def test_the_openapi_document_names_every_endpoint() -> None:
     doc = document()
     paths = {
-        p.replace("{saga_id}", "k").replace("{action}", "retry").replace("{token_id}", "abc")
+        p.replace("{seq}/{action}", "1/replay")
+        .replace("bulk/{action}", "bulk/purge" if "dead-letters" in p else "bulk/{action}")
+        .replace("{saga_id}", "k")
+        .replace("{action}", "retry")
+        .replace("{token_id}", "abc")
         for p in doc["paths"]
     }
     assert {p for _, p in ENDPOINTS} - {"/api/openapi.json"} == paths

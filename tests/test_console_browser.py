@@ -2,7 +2,8 @@
 
 Log in with a token, find a failed saga by filter, open it, see its timeline,
 retry it with a reason, see it complete and its audit line; a viewer's
-attempt is refused and audited; a request without the CSRF token is refused.
+attempt is refused and audited; a request without the CSRF token is refused;
+a dead letter is replayed by number and the rest purged in bulk after a preview.
 Screenshots go to the test's tmp directory (and to docs/console/ with
 ``SAGAKIT_SCREENSHOTS=docs/console``).
 """
@@ -23,8 +24,9 @@ import uvicorn
 import sagakit as sk
 from sagakit.console import AuditFilter, Operations
 from sagakit.console.web import create_app
+from sagakit.messages import Headers
 from tests.console_bench import failed_saga, make_app, token
-from tests.helpers import Data, eventually
+from tests.helpers import Data, Happened, eventually
 from tests.saga_harness import Plan
 
 CHROMIUM = shutil.which("chromium")
@@ -197,3 +199,50 @@ async def test_bulk_retry_from_the_list_previews_then_acts(
 
 async def _state_is(app: sk.App, key: str, state: str) -> bool:
     return (await app.sagas.get(key, history=False)).state == state
+
+
+async def test_an_operator_replays_and_purges_dead_letters_from_the_page(
+    app: sk.App, console: str, browser: Any, tmp_path: Path
+) -> None:
+    app.registry.add(Happened)
+    async with app.store.transaction() as tx:
+        for key in ("late-1", "late-2"):
+            env = app.codec.make(Happened(key), Headers())
+            data = app.codec.encode(env)
+            await app.store.dead_letter(
+                tx, "noise", data, "boom", "RuntimeError", message_id=env.id
+            )
+    first, second = await app.dead_letters.list()
+    page = await log_in(browser, console, await token(app, "operator"))
+    await page.goto(f"{console}/dead-letters")
+    await playwright_api.expect(page.locator("#dead-letters tbody tr")).to_have_count(2)
+    await page.screenshot(path=shot(tmp_path, "dead-letters"), full_page=True)
+    await page.fill("#dl-one input[name=seq]", str(first.seq))
+    await page.fill("#dl-one input[name=reason]", "the consumer is fixed")
+    await page.click("#dl-replay")
+    await playwright_api.expect(page.locator("#flash")).to_contain_text(
+        f"dead-letters.replay #{first.seq}: done"
+    )
+    await playwright_api.expect(page.locator("#dead-letters tbody tr")).to_have_count(1)
+    await page.fill("#dl-bulk input[name=queue]", "noise")
+    await page.fill("#dl-bulk input[name=reason]", "test traffic")
+    await page.select_option("#dl-bulk select[name=action]", "purge")
+    await page.click("#dl-preview")
+    await playwright_api.expect(page.locator("#bulk-count")).to_contain_text("Would purge 1")
+    await page.click("#confirm")
+    await playwright_api.expect(page.locator("#bulk-count")).to_contain_text("Queued purge for 1")
+    await eventually(lambda: _no_dead_letters(app))
+    lines = await Operations(app.store).audit.list()
+    assert sorted((x.action, x.outcome) for x in lines) == [
+        ("bulk-dead-letters.purge", "done"),
+        ("dead-letters.purge", "done"),
+        ("dead-letters.replay", "done"),
+    ]
+    assert {x.target for x in lines if x.action == "dead-letters.purge"} == {
+        f"dead-letter:{second.seq}"
+    }
+    publish(tmp_path)
+
+
+async def _no_dead_letters(app: sk.App) -> bool:
+    return await app.dead_letters.list() == []

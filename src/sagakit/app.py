@@ -475,7 +475,8 @@ class App:
         self._subs.append(self._store_consumer(TIMER_QUEUE, timers.handle))
         local = self._endpoint(LOCAL_QUEUE, self.store, _route_replies(coord), trusted=True)
         self._subs.append(self._store_consumer(LOCAL_QUEUE, lambda d: coord.run_local(d, local)))
-        self._subs.append(self._store_consumer(OPERATOR_QUEUE, CommandExecutor(coord).handle))
+        executor = CommandExecutor(coord, self.dead_letters)
+        self._subs.append(self._store_consumer(OPERATOR_QUEUE, executor.handle))
         if self.awaits.keys:
             await self._consume(AWAITS, self._endpoint(AWAITS, self.store, self.awaits.route))
 

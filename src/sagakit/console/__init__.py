@@ -2,6 +2,8 @@
 
 - :mod:`.actions`: :class:`Operations` — check, queue and audit operator actions
   (single and bulk); extension points for 2PC and process-manager actions
+- :mod:`.dead_letters`: :class:`DeadLetterOperations` — replay or purge dead
+  letters (single and bulk) through the same checks, queue and audit
 - :mod:`.commands`: the durable operator command and its executor (coordinator side)
 - :mod:`.admissible`: whether an action fits an instance (pure)
 - :mod:`.query`: :class:`SagaQuery`, the filter of the list, the CLI and bulk actions
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from .actions import ActionRequest, BulkPlan, Operations, Submitted
 from .audit import Audit, AuditEntry, AuditFilter
+from .dead_letters import DeadLetterOperations, DeadLetterPlan
 from .query import SagaQuery
 from .tokens import TokenInfo, Tokens
 
@@ -24,6 +27,8 @@ __all__ = [
     "AuditEntry",
     "AuditFilter",
     "BulkPlan",
+    "DeadLetterOperations",
+    "DeadLetterPlan",
     "Operations",
     "SagaQuery",
     "Submitted",

@@ -12,7 +12,9 @@ changes and records nothing.
 Extension points, for the features other packages bring (not implemented
 here): :meth:`Operations.extend` registers a handler for a named action on
 another kind of target, and :meth:`Operations.perform` runs it with the same
-checks and audit. The names reserved for them:
+checks and audit. Dead letters are not an extension: ``dead-letters.replay`` and
+``dead-letters.purge`` are queued commands like the saga actions
+(:mod:`.dead_letters`). The names reserved for the extensions:
 
 - ``2pc.resolve`` — resolve an in-doubt two-phase-commit branch (commit or
   roll back), target ``<gid>/<branch>``, params ``{"outcome": "commit"}``;
@@ -41,7 +43,7 @@ from ..messages import new_id
 from ..saga.state import SagaState, progress_decoder
 from .admissible import SAGA_ACTIONS, refusal
 from .audit import Audit, AuditEntry
-from .commands import OPERATOR_QUEUE, OperatorCommand, encode
+from .commands import DEAD_LETTER_ACTIONS, OPERATOR_QUEUE, OperatorCommand, encode
 from .query import SagaQuery, select
 
 if TYPE_CHECKING:
@@ -103,13 +105,13 @@ class Operations:
         self, saga_id: str, req: ActionRequest, *, actor: Actor, source: str | None = None
     ) -> Submitted:
         """Check and queue one action on one saga."""
-        await self._allowed(actor, req, saga_id, source)
+        await self.allowed(actor, req, saga_id, source)
         rec = await self.store.saga_get(saga_id)
         if rec is None:
-            await self._failed(actor, req, saga_id, source, "no such saga")
+            await self.failed(actor, req, saga_id, source, "no such saga")
             raise SagaNotFound(f"no saga {saga_id!r}", saga_id=saga_id)
         if why := refusal_of(req, rec):
-            await self._failed(actor, req, saga_id, source, why)
+            await self.failed(actor, req, saga_id, source, why)
             raise InvalidOperatorAction(why, saga_id=saga_id)
         cmd = _command(new_id(), saga_id, req, actor, source)
         async with self.store.transaction() as tx:
@@ -132,7 +134,7 @@ class Operations:
         command its own line when it executes.
         """
         target = "query:" + msgspec.json.encode(query.as_dict()).decode()
-        await self._allowed(actor, req, target, source, action=f"bulk-{req.action}")
+        await self.allowed(actor, req, target, source, action=f"bulk-{req.action}")
         matching = await select(self.store, query)
         fit = [r.id for r in matching if not refusal_of(req, r)]
         plan = BulkPlan(req.action, dry_run, len(fit), fit[:SAMPLE], len(matching) - len(fit))
@@ -164,7 +166,7 @@ class Operations:
 
     def extend(self, name: str, handler: Extension) -> None:
         """Register the handler of an action on another kind of target (see module doc)."""
-        if name in self.extensions or name in SAGA_ACTIONS:
+        if name in self.extensions or name in SAGA_ACTIONS or name in DEAD_LETTER_ACTIONS:
             raise DuplicateRegistration(f"operator action {name!r} is already registered")
         self.extensions[name] = handler
 
@@ -184,18 +186,18 @@ class Operations:
             hint = " (reserved; its feature has not registered it)" if name in RESERVED else ""
             raise UnknownAction(f"no operator action {name!r}{hint}")
         req = ActionRequest(name, reason)
-        await self._allowed(actor, req, target, source)
+        await self.allowed(actor, req, target, source)
         try:
             detail = await handler(actor, target, reason, params)
         except Exception as exc:
-            await self._failed(actor, req, target, source, f"{type(exc).__name__}: {exc}")
+            await self.failed(actor, req, target, source, f"{type(exc).__name__}: {exc}")
             raise
         await self.audit.append(self.entry(actor, name, target, reason, "done", source, detail))
         return detail
 
     # -- checks and audit ----------------------------------------------------------
 
-    async def _allowed(
+    async def allowed(
         self,
         actor: Actor,
         req: ActionRequest,
@@ -204,8 +206,10 @@ class Operations:
         *,
         action: str | None = None,
     ) -> None:
+        """Refuse (and audit) an actor that may not act, a read-only console, no reason."""
         name = action or req.action
-        if req.action not in SAGA_ACTIONS and req.action not in self.extensions:
+        known = (*SAGA_ACTIONS, *DEAD_LETTER_ACTIONS)
+        if req.action not in known and req.action not in self.extensions:
             raise UnknownAction(f"no operator action {req.action!r}")
         why = None
         if not actor.may_act():
@@ -215,7 +219,7 @@ class Operations:
         if why is not None:
             await self.deny(actor, name, target, req.reason, why, source)
         if not req.reason.strip() or len(req.reason) > MAX_REASON:
-            await self._failed(actor, req, target, source, "a reason is required")
+            await self.failed(actor, req, target, source, "a reason is required")
             raise InvalidOperatorAction(f"operator actions need a reason (1-{MAX_REASON} chars)")
 
     async def deny(
@@ -225,7 +229,7 @@ class Operations:
         await self.audit.append(self.entry(actor, action, target, reason, "denied", source, why))
         raise Forbidden(f"{actor}: {why}")
 
-    async def _failed(
+    async def failed(
         self, actor: Actor, req: ActionRequest, target: str, source: str | None, why: str
     ) -> None:
         line = self.entry(actor, req.action, target, req.reason, "failed", source, why)

@@ -4,18 +4,31 @@ The console, the API and the CLI never change a saga themselves: they write
 an :class:`OperatorCommand` to the store's own queue ``sagakit.operator``,
 and a coordinator process (which knows the saga definitions) executes it
 through the coordinator shell in one transaction with its audit line and the
-queue row's deletion. A command survives the crash of whoever queued it and
-of whoever runs it; run twice, it finds its audit line and does nothing.
+queue row's deletion. A command on a dead letter (``dead-letters.replay``,
+``dead-letters.purge``; its target ``dead-letter:<seq>``) runs through the
+coordinator's :class:`~sagakit.ops.DeadLetters`, which has the transport to
+replay onto, in one transaction with its audit line and the row's deletion
+(a broker queue is published to just before the commit). A command survives
+the crash of whoever queued it and of whoever runs it; run twice, it finds
+its audit line and does nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ..errors import InvalidOperatorAction, SagakitError, SagaNotFound
+from ..errors import (
+    DeadLetterError,
+    DeadLetterNotFound,
+    InvalidOperatorAction,
+    SagakitError,
+    SagaNotFound,
+)
 from ..messages import new_id
 from ..ops import Actor
 from ..outbox import Outbox
@@ -23,6 +36,7 @@ from ..saga.machine import OperatorAction
 from .audit import Audit, AuditEntry, digest
 
 if TYPE_CHECKING:
+    from ..ops.dead_letters import Action, DeadLetters
     from ..saga.coordinator import Coordinator
     from ..store import Tx
     from ..store.consumer import QueueDelivery
@@ -30,13 +44,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("sagakit.console.commands")
 
 OPERATOR_QUEUE = "sagakit.operator"
+#: the actions on a dead letter, by the name the action model and the audit use
+DEAD_LETTER_ACTIONS = ("dead-letters.replay", "dead-letters.purge")
 
 
 class OperatorCommand(msgspec.Struct, frozen=True):
-    """One action on one saga, as queued."""
+    """One action on one saga (or one dead letter), as queued."""
 
     id: str
     action: str
+    #: the saga, or ``dead-letter:<seq>`` for an action on a dead letter (the audit's target)
     saga_id: str
     reason: str
     actor: str
@@ -45,6 +62,8 @@ class OperatorCommand(msgspec.Struct, frozen=True):
     step: str | None = None
     patch: list[dict[str, Any]] | None = None
     source: str | None = None
+    #: the dead letter's number, for the ``dead-letters.*`` actions
+    seq: int | None = None
 
     def actor_of(self) -> Actor:
         return Actor(self.actor, role=self.role, via=self.via)  # type: ignore[arg-type]
@@ -56,8 +75,9 @@ _decoder = msgspec.json.Decoder(OperatorCommand)
 class CommandExecutor:
     """Runs queued operator commands in a coordinator process."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, dead_letters: DeadLetters | None = None) -> None:
         self.coordinator = coordinator
+        self.dead_letters = dead_letters
         self.store = coordinator.store
         self.audit = Audit(self.store)
 
@@ -70,7 +90,7 @@ class CommandExecutor:
             return await delivery.ack()
         try:
             await self._execute(cmd, delivery)
-        except (InvalidOperatorAction, SagaNotFound) as exc:
+        except (InvalidOperatorAction, SagaNotFound, DeadLetterError) as exc:
             await self._failed(cmd, delivery, str(exc))
         except SagakitError as exc:
             if exc.retryable:
@@ -78,12 +98,31 @@ class CommandExecutor:
             await self._failed(cmd, delivery, f"{type(exc).__name__}: {exc}")
 
     async def _execute(self, cmd: OperatorCommand, delivery: QueueDelivery) -> None:
+        if cmd.action in DEAD_LETTER_ACTIONS:
+            return await self._dead_letter(cmd, delivery)
         store = self.store
         async with store.transaction() as tx:
             if not await self.audit.seen(tx, cmd.id, cmd.saga_id):
                 await apply_audited(self.coordinator, tx, cmd)
             await delivery.ack_in(store, tx)
         await delivery.ack()  # a no-op once the transaction has settled it
+
+    async def _dead_letter(self, cmd: OperatorCommand, delivery: QueueDelivery) -> None:
+        """Replay or purge through the coordinator's dead letters, audited, in one transaction."""
+        if self.dead_letters is None or cmd.seq is None:
+            raise InvalidOperatorAction(f"this coordinator cannot run {cmd.action}")
+        dead, store = self.dead_letters, self.store
+        letter = await store.dead_letter_get(cmd.seq)
+        async with store.transaction() as tx:
+            if not await self.audit.seen(tx, cmd.id, cmd.saga_id):
+                if letter is None:
+                    raise DeadLetterNotFound(f"no dead letter {cmd.seq} (replayed or purged?)")
+                verb: Action = "replay" if cmd.action == "dead-letters.replay" else "purge"
+                await dead.act_in(tx, verb, letter, cmd.actor_of(), cmd.reason)
+                line = _line(cmd, store.clock.now(), "done", before=_fingerprint(letter.data))
+                await self.audit.record(tx, _with_detail(line, f"{verb} {letter.queue}"))
+            await delivery.ack_in(store, tx)
+        await delivery.ack()
 
     async def _failed(self, cmd: OperatorCommand, delivery: QueueDelivery, why: str) -> None:
         log.info("operator command %s on %s failed: %s", cmd.action, cmd.saga_id, why)
@@ -158,6 +197,14 @@ def _line(
         detail=detail,
         command_id=cmd.id,
     )
+
+
+def _fingerprint(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _with_detail(line: AuditEntry, detail: str) -> AuditEntry:
+    return dataclasses.replace(line, detail=detail)
 
 
 def encode(cmd: OperatorCommand) -> bytes:

@@ -174,6 +174,27 @@ class DeadLetters:
         )
         return True
 
+    async def act_in(
+        self, tx: Tx, action: Action, letter: DeadLetter, actor: Actor, reason: str
+    ) -> None:
+        """Replay or purge ``letter`` inside ``tx``, which commits it with the caller's
+        own rows (the console's queued commands: their audit line and queue row).
+
+        :class:`DeadLetterNotFound` if another operator took it first (roll back);
+        a replay of a letter that cannot be replayed raises :class:`NotReplayable`.
+        A replay onto a broker queue publishes before the commit, as :meth:`replay`
+        does: a rollback after it leaves one copy the inbox answers as a duplicate.
+        """
+        _check(actor, reason, dry_run=False)
+        env = replayable(letter) if action == "replay" else None
+        if env is not None and not self.in_store(letter):
+            await self._publish(letter, env)
+        if not await self.store.dead_letter_delete(tx, letter.seq):
+            raise DeadLetterNotFound(f"dead letter {letter.seq} was replayed or purged already")
+        if env is not None and self.in_store(letter):
+            await self._put_back(letter, env, tx)
+        await self.store.dead_letter_log(tx, _action(action, letter, actor, reason, self.store))
+
     async def _put_back(self, letter: DeadLetter, env: Envelope, tx: Tx) -> None:
         """A row on the store's queue, as the hop or the relay would have found it."""
         queue = self.store.queue

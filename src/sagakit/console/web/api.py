@@ -1,22 +1,33 @@
 """The JSON API under ``/api/``: the same reads and the same action model as the pages.
 
-Every endpoint needs a caller (401 without); acting needs the operator or
+Every endpoint needs a caller (401 without); acting (on sagas or on dead
+letters) needs the operator or
 admin role, tokens the admin role (403 otherwise, audited). Bodies are JSON
 of a declared schema, at most ``ConsoleOptions.max_body`` bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 from starlette.responses import JSONResponse, Response
 
 from ...errors import InvalidOperatorAction, SagaNotFound
+from ...ops.dead_letters import DeadLetterFilter
 from ..actions import ActionRequest
 from ..audit import AuditFilter
+from ..dead_letters import action_name, letter_json, seq_of, target_of
 from ..query import SagaQuery, detail, select, summary
-from .body import ActionBody, BulkBody, TokenBody, json_body
+from .body import (
+    ActionBody,
+    BulkBody,
+    DeadLetterActionBody,
+    DeadLetterBulkBody,
+    TokenBody,
+    json_body,
+)
 from .console import Console, source_of
 from .health import health
 from .openapi import document
@@ -137,19 +148,45 @@ async def audit_list(c: Console, request: Request) -> Response:
 async def dead_letters(c: Console, request: Request) -> Response:
     await c.auth.caller(request)
     letters = await c.store.dead_letters(limit_of(request.query_params))
-    return JSONResponse([dead_letter_json(d) for d in letters])
+    return JSONResponse([letter_json(d) for d in letters])
 
 
-def dead_letter_json(d: Any) -> dict[str, Any]:
-    return {
-        "seq": d.seq,
-        "id": d.id,
-        "queue": d.queue,
-        "error_type": d.error_type,
-        "reason": d.reason,
-        "saga_id": d.saga_id,
-        "created_at": d.created_at,
-    }
+async def dead_letter_act(c: Console, request: Request) -> Response:
+    caller = await c.auth.caller(request)
+    seq, verb = seq_of(request.path_params["seq"]), request.path_params["action"]
+    action, target = action_name(verb), target_of(seq)
+    await c.acting(request, caller, action, target, request.headers.get("x-csrf-token"))
+    await c.may_act(request, caller.actor, action, target)
+    body = await json_body(request, DeadLetterActionBody, c.options.max_body)
+    sub = await c.dead_letters.submit(
+        seq, action, body.reason, actor=caller.actor, source=source_of(request)
+    )
+    wait = max(0.0, min(body.wait, MAX_WAIT))
+    line = await c.ops.outcome(sub.command_id, target, timeout=wait) if wait else None
+    result: dict[str, Any] = {"command_id": sub.command_id, "seq": seq, "action": action}
+    result["outcome"] = line.outcome if line else "queued"
+    if line is not None and line.outcome == "failed":
+        result["error"] = line.detail
+    return JSONResponse(result, status_code=202 if line is None else 200)
+
+
+async def dead_letter_bulk(c: Console, request: Request) -> Response:
+    caller = await c.auth.caller(request)
+    action = action_name(request.path_params["action"])
+    name = f"bulk-{action}"
+    await c.acting(request, caller, name, "dead-letters", request.headers.get("x-csrf-token"))
+    await c.may_act(request, caller.actor, name, "dead-letters")
+    body = await json_body(request, DeadLetterBulkBody, c.options.max_body)
+    which = DeadLetterFilter(**msgspec.structs.asdict(body.filter))
+    plan = await c.dead_letters.bulk(
+        which,
+        action,
+        body.reason,
+        actor=caller.actor,
+        source=source_of(request),
+        dry_run=body.dry_run,
+    )
+    return JSONResponse(dataclasses.asdict(plan))
 
 
 async def get_health(c: Console, request: Request) -> Response:

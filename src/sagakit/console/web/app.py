@@ -15,7 +15,9 @@ from starlette.routing import Route
 from ...errors import (
     ConfigurationError,
     ConsoleError,
+    DeadLetterNotFound,
     InvalidOperatorAction,
+    NotReplayable,
     SagakitError,
     SagaNotFound,
     StoreError,
@@ -75,6 +77,8 @@ def _routes(c: Console) -> list[Route]:
         r("/api/bulk/{action}", api.bulk, ("POST",)),
         r("/api/audit", api.audit_list),
         r("/api/dead-letters", api.dead_letters),
+        r("/api/dead-letters/bulk/{action}", api.dead_letter_bulk, ("POST",)),
+        r("/api/dead-letters/{seq:int}/{action}", api.dead_letter_act, ("POST",)),
         r("/api/health", api.get_health),
         r("/api/tokens", api.tokens_list),
         r("/api/tokens", api.token_create, ("POST",)),
@@ -89,6 +93,8 @@ def _routes(c: Console) -> list[Route]:
         r("/sagas/{saga_id}/{action}", pages.saga_action, ("POST",), html=True),
         r("/bulk", pages.bulk, ("POST",), html=True),
         r("/dead-letters", pages.dead_letter_page, html=True),
+        r("/dead-letters/act", pages.dead_letter_action, ("POST",), html=True),
+        r("/dead-letters/bulk", pages.dead_letter_bulk, ("POST",), html=True),
         r("/audit", pages.audit_page, html=True),
         r("/health", pages.health_page, html=True),
         r("/static/console.js", pages.script),
@@ -115,6 +121,9 @@ async def _deny_anonymous(c: Console, request: Request, why: str) -> None:
     params = request.path_params
     action = params.get("action", request.url.path)
     target = params.get("saga_id", params.get("token_id", request.url.path))
+    if request.url.path.startswith("/api/dead-letters/"):
+        action = f"dead-letters.{action}"
+        target = f"dead-letter:{params['seq']}" if "seq" in params else "dead-letters"
     line = c.ops.entry(ANONYMOUS, action, target, "", "denied", source_of(request), why)
     await c.ops.audit.append(line)
 
@@ -135,8 +144,10 @@ def status_of(exc: Exception) -> int:
     """The HTTP status of an exception a handler raised."""
     if isinstance(exc, ConsoleError):
         return exc.status
-    if isinstance(exc, SagaNotFound):
+    if isinstance(exc, SagaNotFound | DeadLetterNotFound):
         return 404
+    if isinstance(exc, NotReplayable):
+        return 409
     if isinstance(exc, InvalidOperatorAction):
         return 409
     if isinstance(exc, StoreError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 from urllib.parse import parse_qs
 
 import msgspec
@@ -46,6 +46,32 @@ class BulkBody(msgspec.Struct, forbid_unknown_fields=True):
     dry_run: bool = True
     step: str | None = None
     patch: list[dict[str, Any]] | None = None
+
+
+class DeadLetterActionBody(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /api/dead-letters/{seq}/{action}``."""
+
+    reason: str
+    #: seconds to wait for the command to run (0: return once queued)
+    wait: float = 0.0
+
+
+class DeadLetterFilterBody(msgspec.Struct, forbid_unknown_fields=True):
+    """Which dead letters a bulk action takes (see :class:`~sagakit.ops.DeadLetterFilter`)."""
+
+    queue: str | None = None
+    error_type: str | None = None
+    saga_id: str | None = None
+    older_than: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
+
+
+class DeadLetterBulkBody(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /api/dead-letters/bulk/{action}``."""
+
+    reason: str
+    filter: DeadLetterFilterBody = msgspec.field(default_factory=DeadLetterFilterBody)
+    dry_run: bool = True
 
 
 class TokenBody(msgspec.Struct, forbid_unknown_fields=True):

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...ops import Actor
 from ..actions import Operations
+from ..dead_letters import DeadLetterOperations
 from ..tokens import Tokens
 from .auth import Authenticator, Caller, csrf_ok
 from .options import ConsoleOptions
@@ -32,6 +33,7 @@ class Console:
 
     def __post_init__(self) -> None:
         self.ops = Operations(self.store, read_only=self.options.read_only)
+        self.dead_letters = DeadLetterOperations(self.ops)
         self.tokens = Tokens(self.store)
         self.auth = Authenticator(self.tokens, self.options, secrets.token_bytes(32))
 

@@ -48,6 +48,67 @@ _ACTION_BODY = {
 }
 
 
+_DL_ACTION = {"type": "string", "enum": ["replay", "purge"]}
+_DL_BODY = {
+    "type": "object",
+    "required": ["reason"],
+    "additionalProperties": False,
+    "properties": {
+        "reason": {"type": "string", "minLength": 1, "maxLength": 2000},
+        "wait": {"type": "number", "minimum": 0, "maximum": 30},
+    },
+}
+_DL_BULK_BODY = {
+    "type": "object",
+    "required": ["reason"],
+    "additionalProperties": False,
+    "properties": {
+        "reason": {"type": "string", "minLength": 1, "maxLength": 2000},
+        "dry_run": {"type": "boolean"},
+        "filter": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "queue": _STR,
+                "error_type": _STR,
+                "saga_id": _STR,
+                "older_than": {"type": "number", "minimum": 0},
+                "limit": {"type": "integer", "minimum": 1, "maximum": 10000},
+            },
+        },
+    },
+}
+_ACTING = {"400": _ERR, "413": _ERR, "415": _ERR, "422": _ERR}
+
+
+def _dead_letter_paths() -> dict[str, Any]:
+    action = _param("action", _DL_ACTION, "path")
+    seq = _param("seq", {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}, "path")
+    return {
+        "/api/dead-letters/{seq}/{action}": {
+            "post": {
+                "parameters": [seq, action],
+                "requestBody": _body(_DL_BODY),
+                "responses": {
+                    **_ok({"type": "object"}),
+                    **_ok({"type": "object"}, "202"),
+                    **_DENIED,
+                    **_ACTING,
+                    "404": _ERR,
+                    "409": _ERR,
+                },
+            }
+        },
+        "/api/dead-letters/bulk/{action}": {
+            "post": {
+                "parameters": [action],
+                "requestBody": _body(_DL_BULK_BODY),
+                "responses": {**_ok({"type": "object"}), **_DENIED, **_ACTING},
+            }
+        },
+    }
+
+
 def _body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": schema}}}
 
@@ -140,6 +201,7 @@ def document() -> dict[str, Any]:
                     "responses": {**_ok({"type": "array"}), **_DENIED, "422": _ERR},
                 }
             },
+            **_dead_letter_paths(),
             "/api/health": {"get": {"responses": {**_ok({"type": "object"}), **_DENIED}}},
             "/api/tokens": {
                 "get": {"responses": {**_ok({"type": "array"}), **_DENIED}},

@@ -13,12 +13,14 @@ import msgspec
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from ...errors import SagaNotFound, Unauthenticated
+from ...ops.dead_letters import DeadLetterFilter
 from ...saga.state import SagaState, progress_decoder
 from ..actions import ActionRequest
 from ..admissible import SAGA_ACTIONS, refusal
 from ..audit import AuditFilter
+from ..dead_letters import action_name, letter_json, seq_of, target_of
 from ..query import STATES, detail, select, summary
-from .api import dead_letter_json, limit_of, query_of
+from .api import limit_of, query_of
 from .auth import COOKIE, LOGIN_COOKIE, Caller, csrf_ok
 from .body import form_body
 from .console import ANONYMOUS, Console, source_of
@@ -219,7 +221,61 @@ async def dead_letter_page(c: Console, request: Request) -> Response:
     caller = await c.auth.caller(request)
     letters = await c.store.dead_letters(limit_of(request.query_params))
     return render(
-        c, request, "dead_letters.html", caller, letters=[dead_letter_json(d) for d in letters]
+        c,
+        request,
+        "dead_letters.html",
+        caller,
+        letters=[letter_json(d) for d in letters],
+        message=request.query_params.get("msg", ""),
+    )
+
+
+async def dead_letter_action(c: Console, request: Request) -> Response:
+    caller = await c.auth.caller(request)
+    form = await form_body(request, c.options.max_body)
+    action = action_name(form.get("action", ""))
+    seq = seq_of(form.get("seq", ""))
+    target = target_of(seq)
+    await c.acting(request, caller, action, target, form.get("csrf"))
+    await c.may_act(request, caller.actor, action, target)
+    sub = await c.dead_letters.submit(
+        seq, action, form.get("reason", ""), actor=caller.actor, source=source_of(request)
+    )
+    line = await c.ops.outcome(sub.command_id, target, timeout=ACTION_WAIT)
+    msg = f"{action} #{seq}: " + (line.outcome if line else "queued (no coordinator ran it yet)")
+    if line is not None and line.detail and line.outcome == "failed":
+        msg += f" — {line.detail}"
+    return RedirectResponse(f"/dead-letters?msg={quote(msg)}", status_code=303)
+
+
+async def dead_letter_bulk(c: Console, request: Request) -> Response:
+    caller = await c.auth.caller(request)
+    form = await form_body(request, c.options.max_body)
+    verb = form.get("action", "")
+    action = action_name(verb)
+    await c.acting(request, caller, f"bulk-{action}", "dead-letters", form.get("csrf"))
+    await c.may_act(request, caller.actor, f"bulk-{action}", "dead-letters")
+    which = DeadLetterFilter(
+        queue=form.get("queue") or None,
+        error_type=form.get("error_type") or None,
+        saga_id=form.get("saga_id") or None,
+        limit=1000,
+    )
+    reason, dry_run = form.get("reason", ""), form.get("dry_run", "1") == "1"
+    plan = await c.dead_letters.bulk(
+        which, action, reason, actor=caller.actor, source=source_of(request), dry_run=dry_run
+    )
+    given = {"queue": which.queue, "error_type": which.error_type, "saga_id": which.saga_id}
+    filt = {k: v for k, v in given.items() if v}
+    return render(
+        c,
+        request,
+        "dead_letters_bulk.html",
+        caller,
+        plan=plan,
+        verb=verb,
+        reason=reason,
+        filter=filt,
     )
 
 

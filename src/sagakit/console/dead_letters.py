@@ -1,0 +1,186 @@
+"""Dead letters in the action model: replay or purge, single or bulk, queued and audited.
+
+The console has no transport to replay onto, so it acts the way it acts on
+sagas: :class:`DeadLetterOperations` checks who acts and why (the checks of
+:class:`~.actions.Operations`, refusals audited), checks the letter (gone:
+:class:`~sagakit.errors.DeadLetterNotFound`; a replay of bytes that are not
+the whole envelope: :class:`~sagakit.errors.NotReplayable`), then queues an
+:class:`~.commands.OperatorCommand` (``dead-letters.replay`` or
+``dead-letters.purge``, target ``dead-letter:<seq>``) on ``sagakit.operator``.
+A coordinator process executes it through its ``app.dead_letters`` in one
+transaction with its audit line; run twice, it finds the line and does
+nothing. A bulk action takes a :class:`~sagakit.ops.DeadLetterFilter`; its dry
+run returns the exact count and a sample, and changes and records nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ..errors import DeadLetterError, NotReplayable, UnknownAction
+from ..messages import new_id
+from ..ops.dead_letters import DeadLetters, replayable
+from .actions import SAMPLE, ActionRequest, Submitted
+from .commands import DEAD_LETTER_ACTIONS, OPERATOR_QUEUE, OperatorCommand, encode
+
+if TYPE_CHECKING:
+    from ..ops import Actor
+    from ..ops.dead_letters import DeadLetterFilter
+    from ..store.core import DeadLetter
+    from .actions import Operations
+    from .audit import AuditEntry
+
+REPLAY, PURGE = DEAD_LETTER_ACTIONS
+
+
+MAX_SEQ = 2**63 - 1  #: a dead letter's number is a 64-bit row id
+
+
+def seq_of(value: int | str) -> int:
+    """A dead letter's number from a path or a form; ValueError unless 1 to 2**63 - 1."""
+    text = str(value).strip()
+    if not text.isdigit() or not 1 <= int(text) <= MAX_SEQ:
+        raise ValueError("a dead letter's number is a whole number from 1 to 2**63 - 1")
+    return int(text)
+
+
+def target_of(seq: int) -> str:
+    """The audit's target for one dead letter."""
+    return f"dead-letter:{seq}"
+
+
+def action_name(verb: str) -> str:
+    """``replay`` -> ``dead-letters.replay``; a verb that is neither is refused."""
+    name = f"dead-letters.{verb}"
+    if name not in DEAD_LETTER_ACTIONS:
+        raise UnknownAction(f"no dead-letter action {verb!r} (replay or purge)")
+    return name
+
+
+@dataclass(slots=True)
+class DeadLetterPlan:
+    """What a bulk dead-letter action takes (dry run) or took."""
+
+    action: str
+    dry_run: bool
+    count: int
+    #: up to ten of the letters it takes, as the API lists them
+    sample: list[dict[str, Any]] = field(default_factory=list)
+    #: matching letters the action does not fit (a replay of a truncated letter)
+    refused: int = 0
+    command_id: str | None = None
+
+
+class DeadLetterOperations:
+    """Acting on one store's dead letters through the action model of ``ops``."""
+
+    def __init__(self, ops: Operations) -> None:
+        self.ops = ops
+        self.store = ops.store
+        self.letters = DeadLetters(ops.store)
+
+    async def submit(
+        self, seq: int, action: str, reason: str, *, actor: Actor, source: str | None = None
+    ) -> Submitted:
+        """Check and queue ``action`` (a name of :data:`DEAD_LETTER_ACTIONS`) on letter ``seq``."""
+        req, target = ActionRequest(action, reason), target_of(seq)
+        await self.ops.allowed(actor, req, target, source)
+        try:
+            letter = await self.letters.get(seq)
+            if action == REPLAY:
+                replayable(letter)
+        except DeadLetterError as exc:
+            await self.ops.failed(actor, req, target, source, str(exc))
+            raise
+        cmd = _command(new_id(), letter.seq, req, actor, source)
+        async with self.store.transaction() as tx:
+            await self.store.queue.put(tx, OPERATOR_QUEUE, f"{cmd.id}/{target}", encode(cmd))
+        return Submitted(cmd.id, target, action)
+
+    async def bulk(
+        self,
+        which: DeadLetterFilter,
+        action: str,
+        reason: str,
+        *,
+        actor: Actor,
+        source: str | None = None,
+        dry_run: bool = False,
+    ) -> DeadLetterPlan:
+        """Act on every letter ``which`` selects that the action fits.
+
+        The dry run counts exactly what the run would queue, given no change in
+        between; the run audits one line for the bulk command, and each queued
+        command its own line when it executes.
+        """
+        req = ActionRequest(action, reason)
+        target = "dead-letters:" + msgspec.json.encode(which).decode()
+        await self.ops.allowed(actor, req, target, source, action=f"bulk-{action}")
+        matching = await self.letters.list(
+            queue=which.queue,
+            error_type=which.error_type,
+            saga_id=which.saga_id,
+            older_than=which.older_than,
+            limit=which.limit,
+        )
+        fit = [d for d in matching if action == PURGE or _replayable(d)]
+        sample = [letter_json(d) for d in fit[:SAMPLE]]
+        plan = DeadLetterPlan(action, dry_run, len(fit), sample, len(matching) - len(fit))
+        if dry_run or not fit:
+            return plan
+        plan.command_id = cmd_id = new_id()
+        line = self.ops.entry(actor, f"bulk-{action}", target, reason, "done", source)
+        detail = msgspec.json.encode({"count": len(fit), "sample": [d.seq for d in fit[:SAMPLE]]})
+        async with self.store.transaction() as tx:
+            await self.ops.audit.record(tx, _with(line, detail.decode(), cmd_id))
+            for letter in fit:
+                cmd = _command(cmd_id, letter.seq, req, actor, source)
+                key = f"{cmd_id}/{target_of(letter.seq)}"
+                await self.store.queue.put(tx, OPERATOR_QUEUE, key, encode(cmd))
+        return plan
+
+
+def letter_json(d: DeadLetter) -> dict[str, Any]:
+    """One dead letter as the API and the pages show it (not its bytes)."""
+    return {
+        "seq": d.seq,
+        "id": d.id,
+        "queue": d.queue,
+        "error_type": d.error_type,
+        "reason": d.reason,
+        "saga_id": d.saga_id,
+        "created_at": d.created_at,
+        "replayable": _replayable(d),
+    }
+
+
+def _replayable(d: DeadLetter) -> bool:
+    try:
+        replayable(d)
+    except NotReplayable:
+        return False
+    return True
+
+
+def _command(
+    cmd_id: str, seq: int, req: ActionRequest, actor: Actor, source: str | None
+) -> OperatorCommand:
+    return OperatorCommand(
+        cmd_id,
+        req.action,
+        target_of(seq),
+        req.reason,
+        actor.id,
+        actor.role,
+        actor.via,
+        source=source,
+        seq=seq,
+    )
+
+
+def _with(line: AuditEntry, detail: str, command_id: str) -> AuditEntry:
+    return dataclasses.replace(line, detail=detail, command_id=command_id)
