@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import random
 import shutil
@@ -328,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if DUPLICATE not in args.faults:
         args.dup = 0.0
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    for noisy in ("aio_pika", "aiormq", "nats", "redis"):  # cuts are on purpose here
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
     summary = asyncio.run(main_async(args))
     for r in summary["runs"]:
         bad = [k for k, v in r["invariants"].items() if not v]
