@@ -294,16 +294,8 @@ async def account(of: OrderFulfillment, saga_ids: list[str], plan: demo.Plan) ->
             views[sid] = await of.app.sagas.get(sid, history=False)
         except sk.SagaNotFound:
             lost_detail.append(f"saga {sid} vanished")
-    ledger: Counter[tuple[str, str, str]] = Counter()  # (saga, step, phase) -> rows
-    for service in of.services:
-        table = chaos_app.effects_table(of, service)
-        for saga_id, step, phase, n in await _rows(
-            of,
-            service,
-            f"SELECT saga_id, step, phase, count(*) FROM {table} "
-            "WHERE saga_id IS NOT NULL GROUP BY saga_id, step, phase",
-        ):
-            ledger[(saga_id, step, phase)] += int(n)
+    # (saga, step, phase) -> rows
+    ledger = await chaos_app.ledger_counts(of, "saga_id, step, phase", "saga_id IS NOT NULL")
     double = 0
     for key, n in ledger.items():
         if n > 1:
@@ -810,6 +802,12 @@ def _line(r: dict[str, Any]) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="chaos", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--style",
+        choices=STYLES,
+        default="orchestration",
+        help="choreography and mixed run benchmarks/chaos_choreography.py (its own options)",
+    )
     p.add_argument("--store", default="sqlite", help="sqlite (fresh files) or a PostgreSQL URL")
     p.add_argument("--transport", default="database", help="database, amqp://, nats://, redis://")
     p.add_argument("--runs", type=int, default=1)
@@ -853,14 +851,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", default=None, help="keep worker logs here")
     p.add_argument("--keep", action="store_true", help="keep databases and queues afterwards")
     p.add_argument("--json", action="store_true", help="one JSON object as the last line")
-    p.add_argument(
-        "--self-test-double",
-        type=float,
-        default=0.0,
-        metavar="F",
-        help="negative control: workers write F of their ledger rows twice, so the run "
-        "must report double_applied > 0 (checks the harness, not sagakit)",
-    )
+    self_test_double_option(p)
     p.add_argument(
         "--self-test-mismatch",
         type=int,
@@ -872,7 +863,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+STYLES = ("orchestration", "choreography", "mixed")
+
+
+def self_test_double_option(p: argparse.ArgumentParser) -> None:
+    """``--self-test-double F``, shared with chaos_choreography."""
+    p.add_argument(
+        "--self-test-double",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="negative control: workers write F of their ledger rows twice, so the run "
+        "must report double_applied > 0 (checks the harness, not sagakit)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    style = argparse.ArgumentParser(add_help=False)
+    style.add_argument("--style", choices=STYLES, default="orchestration")
+    if style.parse_known_args(argv)[0].style != "orchestration":
+        import chaos_choreography  # its own faults, books and tracker checks
+
+        return chaos_choreography.main(argv)
     args = parser().parse_args(argv)
     args.faults = [f.strip() for f in args.faults.split(",") if f.strip()]
     unknown = set(args.faults) - set(FAULTS)

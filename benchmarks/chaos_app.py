@@ -11,12 +11,16 @@ variables so the same factory serves every process of a run:
   commits if and only if the business change commits). The table has no
   unique key: a handler whose effects were committed twice for the same saga
   step leaves two rows. That measures sagakit's effectively-once guarantee
-  (inbox + barrier), independently of the demo's own idempotent SQL.
+  (inbox + barrier), independently of the demo's own idempotent SQL. The
+  factories :func:`choreography` and :func:`mixed` also wrap the event
+  handlers (:func:`record_event_effects`), keyed by correlation id and the
+  contract step the handler performs.
 
 * **Duplicated deliveries** (``SAGAKIT_CHAOS_DUP=0.2``): that fraction of
   the messages this process sends is sent twice, through the real transport.
   On the database transport the queue row is written twice (same message id,
-  two rows: two independent deliveries, possibly to two consumers); on a
+  two rows: two independent deliveries, possibly to two consumers; an event
+  is fanned out twice, two rows per subscriber); on a
   broker the message is published twice under two broker message ids (so
   JetStream's publish de-duplication does not swallow the copy). Each copy is
   counted, on commit, in ``$SAGAKIT_CHAOS_DIR/dup-<pid>``.
@@ -50,7 +54,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
+import importlib
 import logging
 import os
 import random
@@ -65,6 +71,7 @@ from typing import Any
 import msgspec
 
 import sagakit as sk
+from sagakit.choreography.contract import ChoreographyDefinition
 from sagakit.examples.order_fulfillment import worker
 from sagakit.examples.order_fulfillment.app import OrderFulfillment
 from sagakit.examples.order_fulfillment.saga import define
@@ -93,6 +100,8 @@ FLAKY_SUCCESS_S = (0.2, 0.5)
 DUP, SLOW, DIVERGE = "dup", "slow", "diverge"
 #: negative control of the harness: this fraction of ledger rows is written twice
 FAKE_DOUBLE_ENV = "SAGAKIT_CHAOS_FAKE_DOUBLE"
+#: the ledger's step for an event handler that completes a flow (approve or reject)
+FINISH = "finish"
 EFFECTS = "chaos_effects"
 EFFECTS_COLUMNS = (
     "service TEXT NOT NULL, command TEXT NOT NULL, order_id TEXT, saga_id TEXT, "
@@ -131,6 +140,57 @@ def record_effects(of: OrderFulfillment) -> None:
         p.wrap(partial(_recording, service.name, table=table, pid=pid, fake_double=fake))
 
 
+def record_event_effects(of: OrderFulfillment, contract: ChoreographyDefinition) -> None:
+    """Wrap every event handler so a committed effect leaves a ledger row.
+
+    The row is keyed like a command's, by what the choreography says the
+    handler does: ``order_id`` is the correlation id, ``step`` and ``phase``
+    the contract step whose done (or failed) event it publishes (forward), whose
+    undo it confirms (compensate), or ``finish`` for a completion event; a
+    handler outside the contract's steps is keyed by the event type it handles.
+    """
+    pid = os.getpid()
+    fake = float(os.environ.get(FAKE_DOUBLE_ENV, "0") or 0)
+    roles = event_roles(contract)
+    for service in of.services:
+        p = service.participant
+        assert p is not None
+        table = effects_table(of, service)
+        for kind, name, publishes in p.handlers():
+            if kind != "event":
+                continue
+            step, phase = next(
+                (roles[e] for e in sorted(publishes or ()) if e in roles), (name, "forward")
+            )
+            reg = p.events[name]
+            wrapped = _recording(
+                service.name, name, reg.handler, table, pid, fake, key=_event_key(step, phase)
+            )
+            p.events[name] = dataclasses.replace(reg, handler=wrapped)
+
+
+def event_roles(contract: ChoreographyDefinition) -> dict[str, tuple[str, str]]:
+    """Event type -> (step, phase) of the handler that publishes it."""
+    roles = dict.fromkeys(contract.completions, (FINISH, "forward"))
+    for u in contract.undos:
+        roles[u.done] = (u.step, "compensate")
+    for s in contract.steps:
+        roles |= {e: (s.name, "forward") for e in (s.done, s.failed) if e}
+    return roles
+
+
+Key = Callable[[Any, sk.Context], tuple[str | None, str | None, str | None, str]]
+
+
+def _command_key(cmd: Any, ctx: sk.Context) -> tuple[str | None, str | None, str | None, str]:
+    h = ctx.envelope.headers
+    return getattr(cmd, "order_id", None), h.saga_id, h.step, h.phase or "forward"
+
+
+def _event_key(step: str, phase: str) -> Key:
+    return lambda _event, ctx: (ctx.envelope.headers.correlation_id, None, step, phase)
+
+
 def _recording(
     service: str,
     command: str,
@@ -138,6 +198,7 @@ def _recording(
     table: str,
     pid: int,
     fake_double: float = 0.0,
+    key: Key = _command_key,
 ) -> Callable[[Any, sk.Context], Awaitable[Any]]:
     sql = (
         f"INSERT INTO {table} (service, command, order_id, saga_id, step, phase, message_id, "
@@ -146,14 +207,25 @@ def _recording(
 
     async def handler(cmd: Any, ctx: sk.Context) -> Any:
         result = await fn(cmd, ctx)
-        h = ctx.envelope.headers
-        row = (service, command, getattr(cmd, "order_id", None), h.saga_id, h.step)
+        row = (service, command, *key(cmd, ctx), ctx.envelope.id, pid, ctx.now)
         times = 2 if fake_double and random.random() < fake_double else 1
         for _ in range(times):
-            await ctx.db.execute(sql, *row, h.phase or "forward", ctx.envelope.id, pid, ctx.now)
+            await ctx.db.execute(sql, *row)
         return result
 
     return handler
+
+
+async def ledger_counts(of: OrderFulfillment, columns: str, where: str) -> Counter[tuple[Any, ...]]:
+    """Ledger rows of every service, counted per ``columns`` (no unique key: n > 1 is a
+    double)."""
+    counts: Counter[tuple[Any, ...]] = Counter()
+    for service in of.services:
+        table = effects_table(of, service)
+        sql = f"SELECT {columns}, count(*) FROM {table} WHERE {where} GROUP BY {columns}"
+        for *key, n in await service.query(sql):
+            counts[tuple(key)] += int(n)
+    return counts
 
 
 class FaultCounter:
@@ -193,7 +265,7 @@ def _send_twice(
     transport = of.app.transport
     if transport.direct_writer(of.app.store) is not None:
         queue = of.app.store.queue
-        original = queue.put
+        original, fan_out = queue.put, queue.fan_out
 
         async def put(tx: Any, queue_name: str, message_id: str, data: bytes, **kw: Any) -> None:
             await original(tx, queue_name, message_id, data, **kw)
@@ -201,7 +273,14 @@ def _send_twice(
                 await original(tx, queue_name, message_id, data, **kw)
                 tx.on_commit(counter.add)
 
+        async def fan_out_twice(tx: Any, topic: str, message_id: str, data: bytes) -> None:
+            await fan_out(tx, topic, message_id, data)  # events: a row per subscriber
+            if chosen(data):
+                await fan_out(tx, topic, message_id, data)
+                tx.on_commit(counter.add)
+
         queue.put = put  # type: ignore[method-assign]
+        queue.fan_out = fan_out_twice  # type: ignore[method-assign]
         return
     publish = transport.publish
 
@@ -362,7 +441,12 @@ def cut_own_connection(of: OrderFulfillment) -> None:
         sock.close()
 
 
-def instrument(of: OrderFulfillment, *, fraction: float | None = None) -> FaultCounter:
+def instrument(
+    of: OrderFulfillment,
+    *,
+    fraction: float | None = None,
+    contract: ChoreographyDefinition | None = None,
+) -> FaultCounter:
     """All the harness's instrumentation on ``of``, configured from the environment.
 
     The flaky external call wraps the business handler, the ledger row comes
@@ -372,6 +456,8 @@ def instrument(of: OrderFulfillment, *, fraction: float | None = None) -> FaultC
     folder = os.environ.get(DIR_ENV)
     flaky_calls(of, _env_fraction(DIVERGE_ENV))
     record_effects(of)
+    if contract is not None:
+        record_event_effects(of, contract)
     slow_down(of, _env_fraction(SLOW_ENV), FaultCounter(folder, SLOW))
     frac = _env_fraction(DUP_ENV) if fraction is None else fraction
     counter = FaultCounter(folder, DUP)
@@ -403,4 +489,40 @@ def create(
     if os.environ.get(SAGA_V2_ENV) == "1":
         of.app.saga(define(2))
     instrument(of)
+    return of
+
+
+def choreography(
+    store: str | None = None,
+    transport: str | None = None,
+    run: Iterable[str] | None = None,
+    settings: sk.Settings | None = None,
+) -> OrderFulfillment:
+    """The choreographed demo (``...order_fulfillment.choreography:application``),
+    instrumented like :func:`create`, event handlers included."""
+    return _styled("choreography", store, transport, run, settings)
+
+
+def mixed(
+    store: str | None = None,
+    transport: str | None = None,
+    run: Iterable[str] | None = None,
+    settings: sk.Settings | None = None,
+) -> OrderFulfillment:
+    """The mixed demo, instrumented like :func:`choreography`."""
+    return _styled("mixed", store, transport, run, settings)
+
+
+def _styled(
+    style: str,
+    store: str | None,
+    transport: str | None,
+    run: Iterable[str] | None,
+    settings: sk.Settings | None,
+) -> OrderFulfillment:
+    if not store:
+        raise sk.ConfigurationError(f"chaos_app:{style} needs a store: --store URL")
+    module = importlib.import_module(f"sagakit.examples.order_fulfillment.{style}")
+    of: OrderFulfillment = module.application(store, transport or "database", run, settings)
+    instrument(of, contract=module.place_order)
     return of
