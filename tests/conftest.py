@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 
 from sagakit.errors import ConfigurationError
+from sagakit.store import Store, open_store
+from sagakit.testing import drop_tables
 from sagakit.testing.pgcluster import PgCluster, pg_bin
 from sagakit.transport._url import fresh_namespace
 
@@ -94,3 +97,22 @@ def namespace() -> str:
 def prefix() -> str:
     """A unique table prefix so tests sharing one database never collide."""
     return f"t{uuid.uuid4().hex[:10]}_"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, prefix: str
+) -> AsyncIterator[Store]:
+    """An open store on each backend, under a fresh prefix; its tables dropped after
+    (a test module may define its own ``store``, e.g. with a fake clock)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store.db'}"
+    else:
+        url = str(request.getfixturevalue("postgres_url"))
+    st = open_store(url, prefix=prefix)
+    await st.open()
+    try:
+        yield st
+    finally:
+        await drop_tables(st)
+        await st.close()

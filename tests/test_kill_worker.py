@@ -16,15 +16,13 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from sagakit.messages import Envelope, Headers, new_id
-from sagakit.store import Store, open_store
-from sagakit.testing import drop_tables
+from sagakit.store import Store
 from tests.helpers import die_with_parent
 
 pytestmark = pytest.mark.timeout(180)
@@ -32,23 +30,6 @@ pytestmark = pytest.mark.timeout(180)
 N = 300
 WORKER = Path(__file__).parent / "workers" / "ledger_worker.py"
 KILL_AT = (N // 10, N // 2)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def store(
-    request: pytest.FixtureRequest, tmp_path: Path, prefix: str
-) -> AsyncIterator[Store]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'kill.db'}"
-    else:
-        url = str(request.getfixturevalue("postgres_url"))
-    st = open_store(url, prefix=prefix)
-    await st.open()
-    try:
-        yield st
-    finally:
-        await drop_tables(st)
-        await st.close()
 
 
 async def _prepare(store: Store) -> dict[str, int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,25 +10,7 @@ import msgspec
 import pytest
 
 import sagakit as sk
-from sagakit.store import Store, open_store
-from sagakit.testing import drop_tables
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def store(
-    request: pytest.FixtureRequest, tmp_path: Path, prefix: str
-) -> AsyncIterator[Store]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'p.db'}"
-    else:
-        url = str(request.getfixturevalue("postgres_url"))
-    st = open_store(url, prefix=prefix)
-    await st.open()
-    try:
-        yield st
-    finally:
-        await drop_tables(st)
-        await st.close()
+from sagakit.store import Store
 
 
 async def test_one_saga_at_a_time_holds_an_aggregate(store: Store) -> None:

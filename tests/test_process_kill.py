@@ -18,15 +18,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from sagakit.messages import Codec, Headers, TypeRegistry
-from sagakit.store import Store, open_store
-from sagakit.testing import drop_tables
+from sagakit.store import Store
 from tests.helpers import die_with_parent
 from tests.test_kill_worker import _scalar
 from tests.workers.process_worker import STEPS, Open, Relay
@@ -37,23 +35,6 @@ N = 120
 WORKER = Path(__file__).parent / "workers" / "process_worker.py"
 KILL_AT = (N * STEPS // 10, N * STEPS // 2)
 QUEUE = "sagakit.process.relay"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def store(
-    request: pytest.FixtureRequest, tmp_path: Path, prefix: str
-) -> AsyncIterator[Store]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'kill.db'}"
-    else:
-        url = str(request.getfixturevalue("postgres_url"))
-    st = open_store(url, prefix=prefix)
-    await st.open()
-    try:
-        yield st
-    finally:
-        await drop_tables(st)
-        await st.close()
 
 
 async def _prepare(store: Store) -> None:
