@@ -325,3 +325,142 @@ async def test_the_app_prunes_in_the_background(tmp_path: Path) -> None:
 
 
 _INBOX = "SELECT key FROM {p}inbox"
+
+
+# --- the other kinds of instance (sagakit.ops.families) ---------------------
+
+FLOW = (
+    "INSERT INTO {p}chor_flows (flow, correlation_id, status, state, updated_at) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
+TIMELINE = (
+    "INSERT INTO {p}chor_timeline (flow, correlation_id, at, kind) VALUES (?, ?, ?, 'applied')"
+)
+PROCESS = (
+    "INSERT INTO {p}processes (process, key, version, state, meta, done, rev, created_at, "
+    "updated_at) VALUES (?, ?, 1, ?, ?, ?, 1, ?, ?)"
+)
+PROCESS_LOG = (
+    "INSERT INTO {p}process_log (process, key, at, message_type, verdict) "
+    "VALUES (?, ?, ?, 't', 'applied')"
+)
+AWAIT = (
+    "INSERT INTO {p}awaits (event_type, key, waiting, arrived, updated_at) VALUES (?, ?, ?, ?, ?)"
+)
+RESERVATION = (
+    "INSERT INTO {p}reservations (space, holder, step, resource, amount, state, expires_at, "
+    "created_at, updated_at) VALUES ('s', ?, 'st', 'r', 1, ?, ?, ?, ?)"
+)
+TWOPHASE_KEY = "INSERT INTO {p}twophase_keys (key, group_id, decided_at) VALUES (?, 'g', ?)"
+AUDIT = (
+    "INSERT INTO {p}audit (at, actor, role, via, action, target, reason, outcome) "
+    "VALUES (?, 'ann', 'operator', 'cli', 'retry', ?, 'why', 'done')"
+)
+DL_ACTION = (
+    "INSERT INTO {p}dead_letter_actions (at, action, dead_letter, queue, actor, role, via, "
+    "reason) VALUES (?, 'replay', 1, ?, 'ann', 'operator', 'cli', 'why')"
+)
+TP_AUDIT = (
+    "INSERT INTO {p}twophase_audit (at, node, group_id, action, outcome, actor, via, reason) "
+    "VALUES (?, 'n', ?, 'commit', 'done', 'ann', 'cli', 'why')"
+)
+
+
+async def put(store: Store, sql: str, *args: Any) -> None:
+    async with store.transaction() as tx:
+        await tx.execute(sql.format(p=store.prefix), *args)
+
+
+async def seed_families(store: Store) -> None:
+    """Per table: an ended old row (goes), an ended recent one and an unended old one (stay)."""
+    clock = store.clock
+    assert isinstance(clock, FakeClock)
+    clock.advance(T0 - clock.now())
+    for key, status, at in [
+        ("a", "completed", OLD),
+        ("b", "orphaned", OLD),
+        ("c", "completed", RECENT),
+        ("d", "running", OLD),
+        ("e", "failed", OLD),
+    ]:
+        await put(store, FLOW, "f", key, status, b"{}", at)
+        for _ in range(2):
+            await put(store, TIMELINE, "f", key, at)
+    for key, done, at in [("a", 1, OLD), ("c", 1, RECENT), ("d", 0, OLD)]:
+        await put(store, PROCESS, "pm", key, b"{}", b"{}", done, at, at)
+        await put(store, PROCESS_LOG, "pm", key, at)
+    await put(store, AWAIT, "E", "answered", None, b"e", OLD)
+    await put(store, AWAIT, "E", "still-waiting", b"cmd", None, OLD)  # a saga waits: kept
+    await put(store, AWAIT, "E", "recent", None, b"e", RECENT)
+    for holder, state, at in [
+        ("a", "released", OLD),
+        ("b", "expired", OLD),
+        ("c", "released", RECENT),
+        ("d", "reserved", OLD),
+    ]:
+        await put(store, RESERVATION, holder, state, at, at, at)
+    for key, at in [("old", OLD), ("recent", T0 - 1.0)]:  # the inbox horizon is 7 days
+        await put(store, TWOPHASE_KEY, key, at)
+    for target, at in [("old", OLD), ("recent", RECENT)]:
+        for sql in (AUDIT, DL_ACTION, TP_AUDIT):
+            await put(store, sql, at, target)
+
+
+FAMILY_HORIZONS = Retention(
+    sagas=30 * DAY, inbox=7 * DAY, dead_letters=30 * DAY, audit=30 * DAY, batch=2
+)
+FAMILIES_PRUNED = Pruned(
+    flows=2,
+    flow_timeline=4,
+    processes=1,
+    process_log=1,
+    awaits=1,
+    reservations=2,
+    twophase_keys=1,
+    audit=1,
+    dead_letter_actions=1,
+    twophase_audit=1,
+)
+
+
+async def family_rows(store: Store) -> dict[str, list[Any]]:
+    q = {
+        "flows": "SELECT correlation_id FROM {p}chor_flows",
+        "timeline": "SELECT DISTINCT correlation_id FROM {p}chor_timeline",
+        "processes": "SELECT key FROM {p}processes",
+        "process_log": "SELECT key FROM {p}process_log",
+        "awaits": "SELECT key FROM {p}awaits",
+        "reservations": "SELECT holder FROM {p}reservations",
+        "twophase_keys": "SELECT key FROM {p}twophase_keys",
+        "audit": "SELECT target FROM {p}audit",
+        "dead_letter_actions": "SELECT queue FROM {p}dead_letter_actions",
+        "twophase_audit": "SELECT group_id FROM {p}twophase_audit",
+    }
+    return {name: sorted(r[0] for r in await rows(store, sql)) for name, sql in q.items()}
+
+
+async def test_ended_flows_processes_locks_keys_and_audit_are_pruned(store: Store) -> None:
+    await seed_families(store)
+    assert await Pruner(store, FAMILY_HORIZONS).prune(dry_run=True) == FAMILIES_PRUNED
+    assert await Pruner(store, FAMILY_HORIZONS).prune() == FAMILIES_PRUNED
+    assert await family_rows(store) == {
+        "flows": ["c", "d", "e"],
+        "timeline": ["c", "d", "e"],
+        "processes": ["c", "d"],
+        "process_log": ["c", "d"],
+        "awaits": ["recent", "still-waiting"],
+        "reservations": ["c", "d"],
+        "twophase_keys": ["recent"],
+        "audit": ["recent"],
+        "dead_letter_actions": ["recent"],
+        "twophase_audit": ["recent"],
+    }
+    assert await Pruner(store, FAMILY_HORIZONS).prune() == Pruned()
+
+
+async def test_audit_is_kept_unless_its_horizon_is_set(store: Store) -> None:
+    await seed_families(store)
+    pruned = await Pruner(store, HORIZONS).prune()
+    assert (pruned.audit, pruned.dead_letter_actions, pruned.twophase_audit) == (0, 0, 0)
+    assert Retention.recommended().audit is None
+    assert len((await family_rows(store))["audit"]) == 2

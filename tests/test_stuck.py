@@ -13,6 +13,7 @@ import pytest
 
 import sagakit as sk
 from sagakit.clock import FakeClock
+from sagakit.ops.retention import Pruned
 from sagakit.ops.stuck import StuckWatcher
 from sagakit.saga.queries import SagaQueries
 from sagakit.saga.registry import SagaRegistry
@@ -141,7 +142,7 @@ def test_prune_dry_run_changes_nothing(db_file: str) -> None:
     report = json.loads(done.stdout)
     assert report == {
         "dry_run": True,
-        "rows": {"sagas": 1, "saga_log": 3, "inbox": 1, "dead_letters": 0},
+        "rows": {**Pruned().as_dict(), "sagas": 1, "saga_log": 3, "inbox": 1},
     }
     assert (_count(db_file, "sagas"), _count(db_file, "inbox")) == (2, 1)
     done = sagakit("db", "prune", "--store", db_file, "--older-than", "1d")

@@ -403,7 +403,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     age = args.older_than
     base = Retention.recommended() if age is None else Retention(age, age, age)
-    retention = dataclasses.replace(base, batch=args.batch)
+    retention = dataclasses.replace(base, audit=args.audit_older_than, batch=args.batch)
     retention.check(Settings().redelivery_window)  # this command cannot know the app's
 
     async def job(store: Store) -> dict[str, int]:
@@ -506,11 +506,16 @@ def _prune_parser(db: Any) -> None:
         help="delete finished sagas, inbox rows and dead letters past their horizon",
         description="Delete, in bounded batches, finished sagas with their history, inbox rows "
         "no saga needs and dead letters older than the horizon (default: 30 days for sagas and "
-        "dead letters, 7 for inbox rows). A horizon shorter than the default settings' "
-        "redelivery window is refused. Running and failed sagas are never deleted.",
+        "dead letters, 7 for inbox rows), and the flows, process instances, reservations and "
+        "2PC keys that ended before it. A horizon shorter than the default settings' "
+        "redelivery window is refused. Running and failed sagas are never deleted; audit logs "
+        "only with --audit-older-than.",
     )
     _store_options(pr)
     pr.add_argument("--older-than", type=duration, help="one horizon for every table: 90, 12h, 30d")
+    pr.add_argument(
+        "--audit-older-than", type=duration, help="also delete audit lines older than this"
+    )
     pr.add_argument("--batch", type=int, default=500, help="rows per transaction (default 500)")
     pr.add_argument("--dry-run", action="store_true", help="count what would go; delete nothing")
     pr.set_defaults(func=cmd_prune)

@@ -21,6 +21,10 @@ What is pruned, and when:
   why ``sagas`` may not be shorter than ``inbox`` (the finish must still be
   known when the rows are judged).
 - **Dead letters** older than ``dead_letters``.
+- **The other kinds of instance** that end — choreographed flows, process
+  managers, lock reservations, answered waits — by the ``sagas`` horizon, the
+  2PC step keys by the ``inbox`` horizon, and the audit logs by ``audit``
+  (kept for ever unless set): :mod:`sagakit.ops.families` lists them.
 
 The rule that keeps dedupe whole: a copy of a message may still arrive as
 long as it can be redelivered — up to ``max_deliveries`` deliveries, each
@@ -49,6 +53,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigurationError
+from .families import FAMILIES, Family, delete_history
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -59,6 +64,7 @@ DAY = 86_400.0
 #: saga states whose instances never change again (``failed`` waits for an operator)
 FINISHED = ("completed", "compensated", "aborted")
 MAX_BATCH = 5_000
+HORIZONS = ("sagas", "inbox", "dead_letters", "audit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +74,8 @@ class Retention:
     ``sagas``: finished instances and their history, counted from their finish.
     ``inbox``: handled-message records (see the module docstring for the rule).
     ``dead_letters``: counted from when the message was dead-lettered.
+    ``audit``: the console's audit, dead-letter actions and 2PC audit lines
+    (None, the default even in :meth:`recommended`: kept for ever).
     ``batch``: rows per table deleted in one transaction. ``every``: seconds
     between two runs of the background pruner.
     """
@@ -75,11 +83,12 @@ class Retention:
     sagas: float | None = None
     inbox: float | None = None
     dead_letters: float | None = None
+    audit: float | None = None
     batch: int = 500
     every: float = 60.0
 
     def __post_init__(self) -> None:
-        for name in ("sagas", "inbox", "dead_letters"):
+        for name in HORIZONS:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigurationError(f"Retention.{name} must not be negative, got {value}")
@@ -118,6 +127,16 @@ class Pruned:
     saga_log: int = 0
     inbox: int = 0
     dead_letters: int = 0
+    flows: int = 0
+    flow_timeline: int = 0
+    processes: int = 0
+    process_log: int = 0
+    awaits: int = 0
+    reservations: int = 0
+    twophase_keys: int = 0
+    audit: int = 0
+    dead_letter_actions: int = 0
+    twophase_audit: int = 0
 
     def add(self, other: Pruned) -> None:
         for name, n in asdict(other).items():
@@ -149,8 +168,8 @@ class Pruner:
         """Delete everything past its horizon (or count it); returns rows per table."""
         cutoffs = self._cutoffs()
         if dry_run:
-            return await self._count(*cutoffs)
-        sagas, inbox, dead = cutoffs
+            return await self._count(cutoffs)
+        sagas, inbox, dead = cutoffs["sagas"], cutoffs["inbox"], cutoffs["dead_letters"]
         passes: list[tuple[Callable[[], Awaitable[Pruned]], str]] = []
         if sagas is not None:
             passes += [(partial(self.sagas_batch, st, sagas), "sagas") for st in FINISHED]
@@ -158,19 +177,19 @@ class Pruner:
             passes.append((partial(self.inbox_batch, inbox), "inbox"))
         if dead is not None:
             passes.append((partial(self.dead_letters_batch, dead), "dead_letters"))
+        for fam in FAMILIES:
+            if (cut := cutoffs[fam.horizon]) is not None:
+                passes.append((partial(self.family_batch, fam, cut), fam.field))
         done = Pruned()
         for batch, table in passes:
             done.add(await self._drain(batch, table))
         return done
 
-    def _cutoffs(self) -> tuple[float | None, float | None, float | None]:
-        """One "now" for the whole run, so the three passes agree with each other."""
-        now, r = self.store.clock.now(), self.retention
-
-        def cut(horizon: float | None) -> float | None:
-            return None if horizon is None else now - horizon
-
-        return cut(r.sagas), cut(r.inbox), cut(r.dead_letters)
+    def _cutoffs(self) -> dict[str, float | None]:
+        """One "now" for the whole run, so all passes agree with each other."""
+        now = self.store.clock.now()
+        horizons = {name: getattr(self.retention, name) for name in HORIZONS}
+        return {name: None if h is None else now - h for name, h in horizons.items()}
 
     async def _drain(self, batch: Callable[[], Awaitable[Pruned]], table: str) -> Pruned:
         """Run ``batch`` until one comes back short; other tasks run in between."""
@@ -232,18 +251,31 @@ class Pruner:
             )
         return Pruned(dead_letters=n)
 
-    async def _count(self, sagas: float | None, inbox: float | None, dead: float | None) -> Pruned:
+    async def family_batch(self, fam: Family, cutoff: float) -> Pruned:
+        """Up to ``batch`` ended instances of one family, with their history."""
+        p, got = self.store.prefix, Pruned()
+        async with self.store.transaction() as tx:
+            sql = fam.delete_batch(p, self._skip)
+            keys = [tuple(r) for r in await tx.fetchall(sql, cutoff, self.retention.batch)]
+            setattr(got, fam.field, len(keys))
+            for h in fam.history if keys else ():
+                bound = [v for k in keys for v in k]
+                setattr(got, h.field, await tx.execute(delete_history(p, h, len(keys)), *bound))
+        return got
+
+    async def _count(self, cutoffs: dict[str, float | None]) -> Pruned:
         """What :meth:`prune` would delete now, by the same predicates."""
         counts = Pruned()
         async with self.store.transaction() as tx:
-            for table, sql, args in self._count_queries(sagas, inbox, dead):
+            for table, sql, args in self._count_queries(cutoffs):
                 row = await tx.fetchone(sql, *args)
                 setattr(counts, table, int(row[0]))
         return counts
 
     def _count_queries(
-        self, sagas: float | None, inbox: float | None, dead: float | None
+        self, cutoffs: dict[str, float | None]
     ) -> list[tuple[str, str, tuple[float, ...]]]:
+        sagas, inbox, dead = cutoffs["sagas"], cutoffs["inbox"], cutoffs["dead_letters"]
         p, done = self.store.prefix, f"state IN {_sql_list(FINISHED)} AND updated_at < ?"
         queries: list[tuple[str, str, tuple[float, ...]]] = []
         if sagas is not None:
@@ -257,6 +289,10 @@ class Pruner:
         if dead is not None:
             dead_sql = f"SELECT count(*) FROM {p}dead_letters WHERE created_at < ?"
             queries.append(("dead_letters", dead_sql, (dead,)))
+        for fam in FAMILIES:
+            if (cut := cutoffs[fam.horizon]) is not None:
+                queries.append((fam.field, fam.count(p), (cut,)))
+                queries += [(h.field, fam.count_history(p, h), (cut,)) for h in fam.history]
         return queries
 
 
