@@ -23,42 +23,37 @@ import signal
 from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, TypeVar
 
-from .choreography import TRACKER, ChoreographyDefinition, Flows
-from .choreography.shell import TIMER_QUEUE as TRACK_TIMERS
+from .choreography import ChoreographyDefinition, Flows
 from .clock import Clock
-from .console.commands import OPERATOR_QUEUE, CommandExecutor
-from .endpoint import Endpoint, HopPolicy, Route, Router
+from .endpoint import HopPolicy
 from .errors import ConfigurationError, DuplicateRegistration, MissingCorrelation
 from .locks import Reservations
-from .messages import DEFAULT_MAX_SIZE, Codec, Envelope, TypeRegistry, new_id, spec_of
+from .messages import DEFAULT_MAX_SIZE, Codec, TypeRegistry, new_id, spec_of
 from .observe.hooks import BASE, Hooks
-from .ops.background import Periodic
 from .ops.dead_letters import DeadLetters
-from .ops.retention import Pruner, Retention
-from .ops.stuck import StuckWatcher
-from .outbox import OutboxWriter, Relay
+from .ops.retention import Retention
+from .outbox import OutboxWriter
 from .participant import Context, Participant, conversation
 from .policies import RetryPolicy
 from .process import Processes, ProcessManager
-from .process.runtime import ProcessTimer, timer_queue
+from .process.runtime import ProcessTimer
 from .saga import Sagas
 from .saga.awaits import AWAITS, Awaits
-from .saga.coordinator import COORDINATOR_QUEUE, LOCAL_QUEUE, TIMER_QUEUE, Coordinator
+from .saga.coordinator import Coordinator
 from .saga.definition import SagaDefinition
 from .saga.registry import SagaRegistry
 from .signing import SigningKeys
 from .store import Store, open_store
-from .store.consumer import QueueConsumer
-from .transport import BROKER_SCHEMES, Subscription, Transport, open_transport
+from .transport import BROKER_SCHEMES, Transport, open_transport
 from .transport._url import has_option
 from .twophase import Atomic, Resource, TwoPhase, TwoPhaseOptions
+from .workers import COORDINATOR as COORDINATOR  # the coordinator's service name
+from .workers import Workers
 
 log = logging.getLogger("sagakit.app")
 
-COORDINATOR = "coordinator"
 D = TypeVar("D")
 
 
@@ -171,9 +166,8 @@ class App:
         self.flows = Flows(self.store)
         self._pstores: dict[str, Store] = {}
         self._run = set(run) if run is not None else None
-        self._subs: list[Subscription] = []
-        self._relays: list[Relay] = []
-        self._sweepers: list[tuple[str, Reservations, float]] = []
+        #: the consumers, relays and jobs this process runs (set going by start())
+        self.workers = Workers(self)
         self._started = False
 
     # -- wiring --------------------------------------------------------------
@@ -246,7 +240,7 @@ class App:
             raise ConfigurationError(f"sweep_every must be positive, got {sweep_every}")
         locks = Reservations(self.store_of(participant), space or participant, ttl=ttl)
         if sweep_every is not None:
-            self._sweepers.append((participant, locks, sweep_every))
+            self.workers.sweepers.append((participant, locks, sweep_every))
         return locks
 
     def await_key(self, event: type[Any], field: str) -> None:
@@ -351,7 +345,7 @@ class App:
 
     def stopped_consumers(self) -> list[str]:
         """Consumers of this process whose consuming task has ended (readiness)."""
-        return [_name(sub) for sub in self._subs if _ended(sub)]
+        return self.workers.stopped()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -368,27 +362,14 @@ class App:
         for p in self.participants.values():
             for cls in p.types:
                 self.registry.add(cls)
-        await self._declare()
-        await self._start_participants()
-        await self._start_processes()
-        coordinating = self.runs(COORDINATOR) and bool(self.sagas.definitions)
-        if coordinating:
-            await self._start_coordinator()
-        if self.runs(TRACKER) and self.flows.trackers:
-            await self._start_trackers()
-        self._start_housekeeping(coordinating)
-        self._start_relays()
+        await self.workers.start()
 
     async def stop(self) -> None:
         """Stop taking messages, finish in-flight ones, then close everything."""
         if not self._started:
             return
         self._started = False
-        grace = self.settings.shutdown_grace
-        await asyncio.gather(*(_stop(s, grace) for s in self._subs), return_exceptions=True)
-        await asyncio.gather(*(r.stop() for r in self._relays), return_exceptions=True)
-        self._subs.clear()
-        self._relays.clear()
+        await self.workers.stop(self.settings.shutdown_grace)
         await self.twophase.stop()
         await self.transport.close()
         for store in self._stores():
@@ -439,146 +420,6 @@ class App:
         outbox, and its own commits wake its relay.
         """
         return store is self.store or self.transport.direct_writer(store) is not None
-
-    def _endpoint(
-        self, name: str, store: Store, router: Router, *, trusted: bool = False
-    ) -> Endpoint:
-        writer = self.writer_for(store)
-        ep = Endpoint(name, writer, router, policy=self.settings.hop, trusted=trusted)
-        ep.hooks = self.hooks
-        return ep
-
-    async def _declare(self) -> None:
-        for name, p in self.participants.items():
-            await self.transport.declare(name, list(p.events))
-        await self.transport.declare(COORDINATOR_QUEUE, [])
-        if self.awaits.keys:
-            await self.transport.declare(AWAITS, sorted(self.awaits.keys))
-        for tracker in self.flows.trackers.values():
-            await self.transport.declare(tracker.queue, sorted(tracker.defn.watched()))
-        for pm in self.processes.managers.values():
-            await self.transport.declare(pm.queue, pm.subscribed())
-
-    async def _start_participants(self) -> None:
-        for name, p in self.participants.items():
-            if self.runs(name):
-                ep = self._endpoint(name, self.store_of(name), p.route)
-                await self._consume(name, ep)
-
-    async def _start_coordinator(self) -> None:
-        coord = self.sagas.coordinator
-        replies = self._endpoint(COORDINATOR_QUEUE, self.store, _route_replies(coord))
-        await self._consume(COORDINATOR_QUEUE, replies)
-        timers = self._endpoint(
-            TIMER_QUEUE, self.store, lambda env: Route(coord.on_timer), trusted=True
-        )
-        self._subs.append(self._store_consumer(TIMER_QUEUE, timers.handle))
-        local = self._endpoint(LOCAL_QUEUE, self.store, _route_replies(coord), trusted=True)
-        self._subs.append(self._store_consumer(LOCAL_QUEUE, lambda d: coord.run_local(d, local)))
-        executor = CommandExecutor(coord, self.dead_letters)
-        self._subs.append(self._store_consumer(OPERATOR_QUEUE, executor.handle))
-        if self.awaits.keys:
-            await self._consume(AWAITS, self._endpoint(AWAITS, self.store, self.awaits.route))
-
-    async def _start_trackers(self) -> None:
-        for tracker in self.flows.trackers.values():
-            await self._consume(
-                tracker.queue, self._endpoint(tracker.queue, self.store, tracker.route)
-            )
-        timers = self._endpoint(TRACK_TIMERS, self.store, self.flows.timer_route, trusted=True)
-        self._subs.append(self._store_consumer(TRACK_TIMERS, timers.handle))
-
-    async def _start_processes(self) -> None:
-        """Each process manager: its queue through the broker, its timers (and
-        held messages) from the store's own queue, one inbox for both."""
-        for name, rt in self.processes.runtimes.items():
-            if not self.runs(name):
-                continue
-            writer, hop, queue = self.writer_for(self.store), self.settings.hop, rt.pm.queue
-            ep = Endpoint(queue, writer, rt.route, policy=hop, consumer=queue)
-            await self._consume(queue, ep)
-            timers = Endpoint(queue, writer, rt.route, policy=hop, consumer=queue, trusted=True)
-            self._subs.append(self._store_consumer(timer_queue(rt.pm), timers.handle))
-
-    def _start_housekeeping(self, coordinating: bool) -> None:
-        """Retention runs in every process over the stores it uses (several pruners at
-        once are safe); the stuck-saga watcher runs where the coordinator runs."""
-        s, jobs = self.settings, []
-        if s.retention is not None:
-            pruners = [Pruner(store, s.retention) for store in self._stores()]
-            prune = partial(_prune_all, pruners)
-            jobs.append(Periodic("sagakit retention", s.retention.every, prune))
-        if s.stuck_after is not None and coordinating:
-            watcher = StuckWatcher(self.sagas.queries, s.stuck_after)
-            every = min(60.0, max(0.05, s.stuck_after / 2))
-            jobs.append(Periodic("sagakit stuck-saga watcher", every, watcher.check))
-        for name, locks, every in self._sweepers:
-            if self.runs(name):
-                jobs.append(Periodic(f"sagakit lock sweeper {locks.space}", every, locks.sweep))
-        for job in jobs:
-            job.start()
-            self._subs.append(job)
-
-    def _store_consumer(self, queue: str, handler: Any) -> QueueConsumer:
-        s = self.settings
-        return QueueConsumer(
-            self.store, queue, handler, prefetch=s.prefetch, lease=s.lease, max_poll=s.max_poll
-        )
-
-    async def _consume(self, queue: str, ep: Endpoint) -> None:
-        sub = await self.transport.consume(queue, ep.handle, prefetch=self.settings.prefetch)
-        self._subs.append(sub)
-
-    def _start_relays(self) -> None:
-        for store in self._stores():
-            if self.writer_for(store).relayed:
-                s = self.settings
-                relay = Relay(
-                    store,
-                    self.transport,
-                    lease=s.lease,
-                    max_poll=s.max_poll,
-                    max_failures=s.relay_max_failures,
-                )
-                relay.hooks = self.hooks
-                relay.start()
-                self._relays.append(relay)
-
-
-def _route_replies(coord: Coordinator) -> Router:
-    route, start = Route(coord.on_reply), Route(coord.on_start)
-
-    def router(env: Envelope) -> Route | None:
-        if env.kind == "command" and env.type == "sagakit.StartSaga":
-            return start
-        return route if env.kind == "reply" else None
-
-    return router
-
-
-def _ended(sub: Subscription) -> bool:
-    task = getattr(sub, "_task", None)
-    return isinstance(task, asyncio.Task) and task.done()
-
-
-def _name(sub: Subscription) -> str:
-    task = getattr(sub, "_task", None)
-    return task.get_name() if isinstance(task, asyncio.Task) else type(sub).__name__
-
-
-async def _prune_all(pruners: list[Pruner]) -> None:
-    for pruner in pruners:
-        pruned = await pruner.prune()
-        if pruned.total:
-            log.info("retention pruned %s from %s", pruned.as_dict(), pruner.store.prefix)
-
-
-async def _stop(sub: Subscription, grace: float) -> None:
-    """Stop a consumer; one that hangs past its grace period is abandoned."""
-    try:
-        await asyncio.wait_for(sub.stop(grace), grace + 5.0)
-    except TimeoutError:
-        log.warning("a consumer did not stop within %.1fs; abandoning it", grace)
 
 
 def _transport_options(url: str, s: Settings) -> dict[str, Any]:
