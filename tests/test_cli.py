@@ -180,3 +180,24 @@ def test_extras_are_what_the_code_imports() -> None:
     assert "dashboard" not in extras  # no dashboard code yet
     demo = {req.split(">")[0].split("=")[0] for req in extras["demo"]}
     assert demo == set(cli.DEMO_EXTRA)
+
+
+def test_the_installed_script_imports_an_app_beside_the_user(tmp_path: Path) -> None:
+    """`sagakit check shop:app` in the directory holding shop.py, as a user types it
+    (the console script, not `python -m`, which would add the directory itself)."""
+    (tmp_path / "shop.py").write_text("import sagakit as sk\napp = sk.App('sqlite:///s.db')\n")
+    script = Path(sys.executable).parent / "sagakit"
+    env = {k: v for k, v in os.environ.items() if k not in ("SAGAKIT_STORE", "PYTHONPATH")}
+    done = subprocess.run(
+        [str(script), "check", "shop:app"], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert "shop:app: no problems" in done.stdout
+
+
+def test_python_dash_m_sagakit_is_the_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sagakit", "--help"], capture_output=True, text=True, timeout=50
+    )
+    assert done.returncode == 0, done.stderr
+    assert "worker" in done.stdout

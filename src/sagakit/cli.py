@@ -94,6 +94,7 @@ def _import(spec: str) -> Any:
     module, _, attr = spec.partition(":")
     if not module or not attr:
         raise ConfigurationError(f"--app wants MODULE:APP, got {spec!r}")
+    _working_directory_importable()
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
@@ -102,6 +103,17 @@ def _import(spec: str) -> Any:
         return getattr(mod, attr)
     except AttributeError:
         raise ConfigurationError(f"module {module!r} has no attribute {attr!r}") from None
+
+
+def _working_directory_importable() -> None:
+    """Let ``--app shop:app`` find ``./shop.py``, as ``python -m`` and uvicorn do.
+
+    The installed ``sagakit`` script's path starts at its own directory, not
+    the working directory, so a module beside the user would not import.
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def _ready_made(obj: Any, spec: str, given: dict[str, Any]) -> Any:
