@@ -116,3 +116,35 @@ async def test_a_migration_under_running_older_processes_loses_nothing(
             assert "needs sagakit code of schema version" in err, err[-2000:]
     finally:
         stop(*old)
+
+
+async def test_a_worker_role_without_create_starts_on_a_current_schema(
+    postgres_url: str, prefix: str
+) -> None:
+    """auto_migrate on a database already at this version only reads: a role with
+    data privileges alone (no CREATE on the schema) starts and runs."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    role = f"{prefix}worker"
+    admin = await asyncpg.connect(postgres_url)
+    owner = sk.open_store(postgres_url, prefix=prefix)
+    await owner.open()  # the owner migrates
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN")
+        await admin.execute(f"REVOKE CREATE ON SCHEMA public FROM {role}")
+        tables = "SELECT tablename FROM pg_tables WHERE tablename LIKE $1"
+        for (table,) in await admin.fetch(tables, prefix + "%"):
+            await admin.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {role}")
+        as_worker = postgres_url.replace("postgres@", f"{role}@", 1)
+        worker = sk.open_store(as_worker, prefix=prefix)
+        await worker.open()  # migrate=True, the App's default
+        try:
+            assert await worker.schema_version() == SCHEMA_VERSION
+        finally:
+            await worker.close()
+    finally:
+        await drop_tables(owner)
+        await owner.close()
+        await admin.execute(f"DROP OWNED BY {role}")
+        await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()

@@ -160,7 +160,14 @@ class Store:
         await self.close()
 
     async def migrate(self) -> int:
-        """Apply every migration newer than the database's; return the version."""
+        """Apply every migration newer than the database's; return the version.
+
+        A database already at this release's version is only read: a worker
+        whose role may not create tables starts with ``auto_migrate`` on.
+        """
+        current = await self._current_or_none()
+        if current is not None and current >= SCHEMA_VERSION:
+            return current
         p = self.prefix
         async with self.transaction() as tx:
             if self.dialect == "postgresql":  # one migrator at a time, before any DDL
@@ -189,12 +196,18 @@ class Store:
         return current, int(floor[0] or current)
 
     async def _check_schema(self) -> None:
+        await self._current_or_none()  # not migrated yet: the first statement will say so
+
+    async def _current_or_none(self) -> int | None:
+        """The schema version, after refusing one this code is too old for;
+        None before the schema tables exist."""
         try:
             async with self.transaction() as tx:
                 current, floor = await self._versions(tx)
         except StoreError:
-            return  # not migrated yet: the first statement will say so
+            return None
         _refuse_newer(current, floor, self.prefix)
+        return current
 
     async def schema_version(self) -> int:
         """The schema version of the database (0 before the first migration)."""
