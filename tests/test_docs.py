@@ -1,37 +1,179 @@
-"""Every ```python block in the README and docs runs, as written, in a fresh process.
+"""The documentation is tested like code.
 
-Illustrative fragments that are not meant to run use another info string
-(```text, ```sh).
+- Every ```python block in the README and under docs/ runs, as written, in a
+  fresh process. Fragments that are not meant to run use another info string
+  (```text, ```sh).
+- A block with a title (```python title="shop.py") is a file of its page's
+  folder: it is written into the working directory of every block run from a
+  page of that folder, so a tutorial can build one module and use it on its
+  later pages. A titled block runs as ``python shop.py``.
+- A block preceded by ``<!-- docs: typed -->``, and every block under
+  docs/tutorial/, must pass ``mypy --strict``; all of them are checked in one
+  mypy run.
+- ``<!-- docs: not-run -->`` before a block leaves it to a dedicated test
+  (it needs several processes, say); tests/test_tutorial.py runs those.
+- The site builds with ``mkdocs build --strict``, and the generated reference
+  pages agree with the code.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).parents[1]
-FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+DOCS = ROOT / "docs"
+FENCE = re.compile(
+    r"(?:^<!-- docs: (?P<flags>[\w ,-]+) -->\n)?^```python(?P<info>[^\n]*)\n(?P<code>.*?)^```",
+    re.S | re.M,
+)
+TITLE = re.compile(r'title="([^"]+)"')
+TYPED_FOLDERS = ("tutorial",)
 
 
-def snippets() -> list[tuple[str, str]]:
+@dataclass(frozen=True)
+class Block:
+    """One ```python block of a page."""
+
+    page: Path
+    index: int
+    code: str
+    title: str | None
+    flags: frozenset[str]
+
+    @property
+    def name(self) -> str:
+        return f"{self.page.relative_to(ROOT)}#{self.index}"
+
+    @property
+    def folder(self) -> Path:
+        return self.page.parent
+
+    @property
+    def typed(self) -> bool:
+        return "typed" in self.flags or self.folder.name in TYPED_FOLDERS
+
+    @property
+    def runs(self) -> bool:
+        return "not-run" not in self.flags
+
+
+def pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+
+
+def blocks_of(page: Path) -> list[Block]:
     found = []
-    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        for i, code in enumerate(FENCE.findall(path.read_text())):
-            found.append((f"{path.relative_to(ROOT)}#{i + 1}", code))
+    for i, m in enumerate(FENCE.finditer(page.read_text())):
+        title = TITLE.search(m["info"])
+        flags = frozenset(f.strip() for f in (m["flags"] or "").split(","))
+        found.append(Block(page, i + 1, m["code"], title[1] if title else None, flags))
     return found
 
 
-def test_the_readme_has_runnable_examples() -> None:
-    assert sum(1 for name, _ in snippets() if name.startswith("README")) >= 2
+def blocks() -> list[Block]:
+    return [b for page in pages() for b in blocks_of(page)]
 
 
-@pytest.mark.parametrize(("name", "code"), snippets(), ids=[n for n, _ in snippets()])
-def test_snippet_runs(name: str, code: str, tmp_path: Path) -> None:
+def files_for(block: Block) -> dict[str, str]:
+    """The titled blocks of ``block``'s folder: the files its project has."""
+    return {b.title: b.code for b in blocks() if b.title and b.folder == block.folder}
+
+
+def run_block(block: Block, cwd: Path, env: dict[str, str] | None = None) -> str:
+    for name, code in files_for(block).items():
+        (cwd / name).write_text(code)
+    argv = [sys.executable, block.title] if block.title else [sys.executable, "-c", block.code]
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        argv, cwd=cwd, capture_output=True, text=True, timeout=120, env=env or os.environ.copy()
     )
-    assert done.returncode == 0, f"{name} failed:\n{done.stdout}\n{done.stderr}"
+    assert done.returncode == 0, f"{block.name} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+RUN = [b for b in blocks() if b.runs]
+
+
+def test_the_readme_has_runnable_examples() -> None:
+    assert sum(1 for b in RUN if b.page.name == "README.md") >= 2
+
+
+def test_pages_below_docs_are_collected() -> None:
+    assert any(b.folder.name == "tutorial" for b in RUN)
+
+
+@pytest.mark.parametrize("block", RUN, ids=[b.name for b in RUN])
+def test_snippet_runs(block: Block, tmp_path: Path) -> None:
+    run_block(block, tmp_path)
+
+
+def test_typed_examples_pass_mypy_strict(tmp_path: Path) -> None:
+    """One mypy run over every typed block: a directory per docs folder holds its
+    blocks and its titled files (on MYPYPATH, so ``import shop`` resolves)."""
+    typed = [b for b in blocks() if b.typed]
+    assert len(typed) >= 5
+    dirs: dict[Path, Path] = {}
+    names: dict[str, Block] = {}
+    for b in typed:
+        if b.folder not in dirs:
+            dirs[b.folder] = d = tmp_path / f"d{len(dirs)}"
+            d.mkdir()
+            for title, code in files_for(b).items():
+                (d / title).write_text(code)
+        path = dirs[b.folder] / (b.title or f"block_{len(names)}.py")
+        path.write_text(b.code)
+        names[str(path)] = b
+    cache = ROOT / ".mypy_cache" / "docs-examples"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "mypy", "--strict", "--python-version", "3.11"),
+            *("--cache-dir", str(cache), *names),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "MYPYPATH": os.pathsep.join(map(str, dirs.values()))},
+    )
+    report = done.stdout
+    for path, b in names.items():
+        report = report.replace(path, b.name).replace(Path(path).name, b.name)
+    assert done.returncode == 0, report
+
+
+def test_the_site_builds_strictly(tmp_path: Path) -> None:
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "reference" / "cli" / "index.html").exists()
+
+
+def test_every_export_is_in_the_api_reference() -> None:
+    import sagakit
+
+    page = (DOCS / "reference" / "api.md").read_text()
+    documented = set(re.findall(r"^::: sagakit\.(\w+)$", page, re.M))
+    assert set(sagakit.__all__) - {"__version__", "errors", "observe", "testing"} <= documented | {
+        n for n in sagakit.__all__ if n in vars(sagakit.errors)
+    }
+
+
+def test_every_setting_is_on_the_settings_page() -> None:
+    import sagakit
+
+    page = (DOCS / "reference" / "settings.md").read_text()
+    for f in fields(sagakit.Settings):
+        assert f"`{f.name}`" in page, f"Settings.{f.name} is not documented"
