@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 CLI_MARKER = "<!-- sagakit-cli -->"
+METRICS_MARKER = "<!-- sagakit-metrics -->"
 # the docstrings are written with reST roles (:class:`~sagakit.x.Y`) and ``::``
 # before a literal block; in the rendered Markdown these become plain code
 _ROLE = re.compile(r":(?:class|mod|func|meth|attr|data|exc|obj):<code>(?:~[\w.]*\.)?")
@@ -24,6 +25,8 @@ _LITERAL_INTRO = re.compile(r"<p>::</p>\s*|::(?=</p>)")
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     if CLI_MARKER in markdown:
         markdown = markdown.replace(CLI_MARKER, render_cli())
+    if METRICS_MARKER in markdown:
+        markdown = markdown.replace(METRICS_MARKER, render_metrics())
     return markdown
 
 
@@ -46,6 +49,29 @@ def render_cli() -> str:
             sub = _demo_parser() or sub
         parts.append(_section(" ".join(words), sub, help_, min(len(words), 4)))
     return "\n".join(parts)
+
+
+def render_metrics() -> str:
+    """Every Prometheus metric sagakit registers, read from a fully wired registry."""
+    from sagakit import App
+    from sagakit.observe.telemetry import Telemetry, register_twophase
+
+    telemetry = Telemetry(tracing=False, metrics=True)
+    app = App("memory://")
+    app.instrument(telemetry)  # the store-wide gauges
+    assert telemetry.metrics is not None
+    register_twophase(telemetry.metrics, app)  # registered when an App has 2PC resources
+    collectors = {id(c): c for c in telemetry.metrics.registry._names_to_collectors.values()}
+    rows = [_metric_row(c) for c in collectors.values()]
+    head = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
+    return "\n".join(head + sorted(rows)) + "\n"
+
+
+def _metric_row(collector: Any) -> str:
+    kind = collector._type
+    name = collector._name + ("_total" if kind == "counter" else "")
+    labels = ", ".join(f"`{label}`" for label in collector._labelnames)
+    return f"| `{name}` | {kind} | {labels} | {_cell(collector._documentation)} |"
 
 
 def _demo_parser() -> argparse.ArgumentParser | None:
