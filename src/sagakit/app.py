@@ -64,8 +64,16 @@ D = TypeVar("D")
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Tuning for an App; the defaults suit most deployments.
+    """Tuning for an App; the defaults suit most deployments (every field is
+    described in the settings reference).
 
+    ``prefetch``: messages a consumer holds at once, per queue. ``max_poll``:
+    the longest a database-queue consumer or a relay sleeps when nothing woke
+    it. ``max_message_size``: the largest encoded message accepted (bytes).
+    ``retry``: how a handler's technical failure is retried.
+    ``auto_migrate``: create or upgrade sagakit's tables at start.
+    ``prefix``: the start of every table name (apps sharing a database).
+    ``shutdown_grace``: how long in-flight handlers may finish at stop.
     ``lease``: how long a claimed database-queue message stays hidden from
     other consumers; a running handler's lease is extended every third of it.
     ``handler_timeout``: one run of a handler longer than this is cancelled
@@ -132,7 +140,23 @@ class Settings:
 
 
 class App:
-    """Wires a store and a transport to participants and sagas; runs the workers."""
+    """Wires a store and a transport to participants and sagas; runs the workers.
+
+    ``store`` and ``transport`` are URLs (see the URL options reference) or
+    ready instances; ``settings`` tunes it (:class:`Settings`); ``clock`` is
+    for tests (:class:`~sagakit.FakeClock`); ``run`` names the services this
+    process runs (None: all of them; the coordinator is ``coordinator``).
+
+    What an application uses after wiring:
+
+    - ``app.sagas`` (:class:`~sagakit.Sagas`): start sagas, wait for them,
+      ``get``/``list``/``counts`` them, and the operator actions;
+    - ``app.flows``: tracked choreographies and their flows;
+    - ``app.processes``: process managers and stateless sagas;
+    - ``app.dead_letters``: list, replay and purge the store's dead letters;
+    - ``app.twophase``: atomic groups (see :meth:`atomic`);
+    - ``app.store``, ``app.transport``, ``app.settings``: what it was given.
+    """
 
     def __init__(
         self,
