@@ -140,23 +140,7 @@ class Settings:
 
 
 class App:
-    """Wires a store and a transport to participants and sagas; runs the workers.
-
-    ``store`` and ``transport`` are URLs (see the URL options reference) or
-    ready instances; ``settings`` tunes it (:class:`Settings`); ``clock`` is
-    for tests (:class:`~sagakit.FakeClock`); ``run`` names the services this
-    process runs (None: all of them; the coordinator is ``coordinator``).
-
-    What an application uses after wiring:
-
-    - ``app.sagas`` (:class:`~sagakit.Sagas`): start sagas, wait for them,
-      ``get``/``list``/``counts`` them, and the operator actions;
-    - ``app.flows``: tracked choreographies and their flows;
-    - ``app.processes``: process managers and stateless sagas;
-    - ``app.dead_letters``: list, replay and purge the store's dead letters;
-    - ``app.twophase``: atomic groups (see :meth:`atomic`);
-    - ``app.store``, ``app.transport``, ``app.settings``: what it was given.
-    """
+    """Wires a store and a transport to participants and sagas; runs the workers."""
 
     def __init__(
         self,
