@@ -24,8 +24,8 @@ demo: $(DEMO_STAMP)
 	$(BIN)/sagakit demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff format --check src tests benchmarks tools
 	$(BIN)/mypy
 
 # the documentation site, strictly: any warning (a broken link, a docstring griffe
@@ -42,8 +42,8 @@ test: $(STAMP) lint docs
 	$(BIN)/pytest -q
 
 fmt: $(STAMP)
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks tools
+	$(BIN)/ruff check --fix src tests benchmarks tools
 
 BENCH_STAMP := $(VENV)/.installed-bench
 

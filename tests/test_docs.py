@@ -18,12 +18,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -222,12 +224,38 @@ def test_every_console_endpoint_is_on_the_http_api_page() -> None:
                 assert f"`{p['name']}`" in row or f"{{{p['name']}}}" in row, (path, p["name"])
 
 
+def _hooks() -> Any:
+    """tools/mkdocs_hooks.py, which generates parts of pages at build time."""
+    path = ROOT / "tools" / "mkdocs_hooks.py"
+    spec = importlib.util.spec_from_file_location("mkdocs_hooks", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_cli_reference_lists_every_subcommand() -> None:
+    from sagakit.cli import parser
+
+    hooks = _hooks()
+    page = (DOCS / "reference" / "cli.md").read_text()
+    assert hooks.CLI_MARKER in page
+    built = hooks.on_page_markdown(page, None, None, None)
+    for words, _, _ in hooks._walk(parser(), ["sagakit"]):
+        assert f"`{' '.join(words)}`" in built
+    for flag in ("--service", "--metrics-port", "--reason", "--older-than", "--role"):
+        assert f"`{flag}" in built
+
+
+def test_the_readme_links_to_files_that_exist() -> None:
+    links = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text())
+    assert len(links) >= 20
+    missing = [link for link in links if not (ROOT / link).exists()]
+    assert not missing, missing
+
+
 def test_every_metric_and_span_attribute_is_on_the_telemetry_page() -> None:
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import mkdocs_hooks
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+    mkdocs_hooks = _hooks()
     from sagakit import App
     from sagakit.observe.telemetry import Telemetry, register_twophase
 
