@@ -110,6 +110,14 @@ def test_pages_below_docs_are_collected() -> None:
     assert any(b.folder.name == "tutorial" for b in RUN)
 
 
+def test_blocks_not_run_here_are_run_by_a_test_of_their_own() -> None:
+    others = [f.read_text() for f in (ROOT / "tests").glob("test_*.py") if f.name != "test_docs.py"]
+    for b in blocks():
+        if not b.runs:
+            assert b.title, f"{b.name}: a not-run block needs a title its test can find it by"
+            assert any(f'"{b.title}"' in text for text in others), f"no test runs {b.name}"
+
+
 @pytest.mark.parametrize("block", RUN, ids=[b.name for b in RUN])
 def test_snippet_runs(block: Block, tmp_path: Path) -> None:
     run_block(block, tmp_path)
