@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint fmt bench clean
+.PHONY: demo test lint fmt bench clean docs docs-serve
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,16 +24,26 @@ demo: $(DEMO_STAMP)
 	$(BIN)/sagakit demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff format --check src tests benchmarks tools
 	$(BIN)/mypy
 
-test: $(STAMP) lint
+# the documentation site, strictly: any warning (a broken link, a docstring griffe
+# cannot read, a page missing from the nav) fails the build; no network needed
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs
+
+docs: $(STAMP)
+	$(MKDOCS) build --strict --site-dir site
+
+docs-serve: $(STAMP)
+	$(MKDOCS) serve --strict
+
+test: $(STAMP) lint docs
 	$(BIN)/pytest -q
 
 fmt: $(STAMP)
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks tools
+	$(BIN)/ruff check --fix src tests benchmarks tools
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
@@ -46,4 +56,4 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/compare.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .sagakit
+	rm -rf $(VENV) .sagakit site

@@ -59,8 +59,16 @@ D = TypeVar("D")
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Tuning for an App; the defaults suit most deployments.
+    """Tuning for an App; the defaults suit most deployments (every field is
+    described in the settings reference).
 
+    ``prefetch``: messages a consumer holds at once, per queue. ``max_poll``:
+    the longest a database-queue consumer or a relay sleeps when nothing woke
+    it. ``max_message_size``: the largest encoded message accepted (bytes).
+    ``retry``: how a handler's technical failure is retried.
+    ``auto_migrate``: create or upgrade sagakit's tables at start.
+    ``prefix``: the start of every table name (apps sharing a database).
+    ``shutdown_grace``: how long in-flight handlers may finish at stop.
     ``lease``: how long a claimed database-queue message stays hidden from
     other consumers; a running handler's lease is extended every third of it.
     ``handler_timeout``: one run of a handler longer than this is cancelled

@@ -28,7 +28,32 @@ if TYPE_CHECKING:
 
 @dataclass
 class SagaView:
-    """A saga instance as the query API returns it."""
+    """A saga instance as the query API returns it.
+
+    ``state``: ``running``, ``compensating``, ``completed``, ``compensated``,
+    ``failed`` or ``aborted``. ``data``: the saga's data, as its steps left it.
+    ``done``, ``compensated``, ``pending``: step names. ``history``: the log
+    of every command, reply, timer and operator action (empty when asked
+    for without history). ``created_at``, ``updated_at``: Unix times.
+
+    ``error`` is None for a saga that went well, else one line saying why it
+    did not:
+
+    - ``step 'NAME' failed: CODE: MESSAGE``: a step's failure started the
+      compensation. CODE is the ``BusinessError.code``, or for a technical
+      failure that exhausted its retries the exception's class name
+      (``step 'charge' failed: RuntimeError: boom``); a missing reply reads
+      ``step 'NAME' failed: timeout after Ns``;
+    - ``step 'NAME' (forward|compensate) gave up after N attempts: REASON``:
+      a step after the pivot or a compensation ran out of retries, and the
+      saga stopped in ``failed``;
+    - ``step 'NAME' succeeded but its reply could not be applied: REASON``
+      (``failed``);
+    - ``deadline passed``, ``forced by operator``, ``aborted by operator``.
+
+    A compensation that gives up replaces the reason that started the
+    compensation with its own ``gave up`` line.
+    """
 
     id: str
     type: str
