@@ -19,7 +19,8 @@ FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 def snippets() -> list[tuple[str, str]]:
     found = []
-    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+    docs = [*sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "docs").glob("how-to/*.md"))]
+    for path in [ROOT / "README.md", *docs]:
         for i, code in enumerate(FENCE.findall(path.read_text())):
             found.append((f"{path.relative_to(ROOT)}#{i + 1}", code))
     return found
