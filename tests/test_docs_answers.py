@@ -596,3 +596,24 @@ def test_q12_every_settings_field_is_on_the_configure_page_with_its_default() ->
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
         assert rows.get(f.name) == shown(default), f.name
     assert set(rows) == {f.name for f in dataclasses.fields(sk.Settings)}
+
+
+async def test_q10_wait_is_woken_by_another_apps_commit_on_postgresql(
+    postgres_url: str, prefix: str
+) -> None:
+    """The App that waits runs nothing; another one (its own pool and LISTEN
+    connection, as another process would have) ends the saga. The waiter's
+    ten-minute poll never comes into it: the commit's NOTIFY wakes it."""
+    url = f"{postgres_url}?max_size=2"
+    waiter = sk.App(url, settings=settings(prefix=prefix), run=[])
+    worker = sk.App(url, settings=settings(prefix=prefix))
+    for app in (waiter, worker):
+        stock_bench(app, [])
+    sagas = [app.saga(reserve_then("q10-pg").build()) for app in (waiter, worker)]
+    try:
+        async with worker, waiter:
+            saga_id = await waiter.sagas.start(sagas[0], Order("a"))
+            view = await waiter.sagas.wait(saga_id, timeout=20, poll=600)
+            assert view.state == "completed"
+    finally:
+        await dropped(worker.store)
