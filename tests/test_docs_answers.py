@@ -26,7 +26,7 @@ import msgspec
 import pytest
 
 import sagakit as sk
-from sagakit.errors import ConfigurationError, TransportError
+from sagakit.errors import ConfigurationError, InvalidOperatorAction, TransportError
 from sagakit.testing import drop_tables
 from tests.helpers import eventually
 
@@ -163,6 +163,10 @@ async def test_q01_a_step_without_compensation_that_keeps_timing_out(tmp_path: P
         assert view.done == ["reserve"] and view.compensated == []
         assert entries(view, "notify").count("timeout") == 3
         assert "compensation-sent" not in entries(view) and log == ["reserve a"]
+        with pytest.raises(InvalidOperatorAction):
+            await app.sagas.compensate(view.id, actor=sk.Actor("ops"), reason="undo it all")
+        await app.sagas.skip(view.id, actor=sk.Actor("ops"), reason="mail sent by hand")
+        await eventually(lambda: pending(app, view.id, "charge"))  # it carries on
         view = await run(app, undone, Order("b"))
         assert view.state == "compensated"
         assert view.error == "step 'notify' failed: timeout after 0.2s"
