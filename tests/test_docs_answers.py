@@ -180,7 +180,7 @@ async def test_q02_timeout_applies_to_compensation_commands(tmp_path: Path) -> N
     log: list[str] = []
     app = sk.App(f"sqlite:///{tmp_path}/a.db", settings=settings())
     app.participant("stock", store=f"sqlite:///{tmp_path}/stock.db")
-    stock_bench(app, log, slow={"release": 0.8})
+    stock_bench(app, log, slow={"release": 1.5})
     payments_bench(app, limit=10)
     build = lambda name, **kw: (  # noqa: E731
         reserve_then(name, **kw).timeout(0.3).step("charge").invoke("payments", charge).pivot()
@@ -213,7 +213,7 @@ async def test_q03_a_late_reply_is_ignored_and_the_stored_reply_is_sent_again(
     log: list[str] = []
     app = sk.App(f"sqlite:///{tmp_path}/a.db", settings=settings())
     app.participant("stock", store=f"sqlite:///{tmp_path}/stock.db")
-    stock_bench(app, log, slow={"reserve": 0.8})
+    stock_bench(app, log, slow={"reserve": 1.5})
     payments_bench(app)
     saga = app.saga(
         sk.Saga("q3", Order)
@@ -410,7 +410,7 @@ async def test_q07_a_slow_sqlite_handler_holds_its_participants_file(tmp_path: P
     @stock.command(Reserve)
     async def reserve(cmd: Reserve, ctx: sk.Context) -> None:
         runs.append(("begin", cmd.key, time.time()))
-        await asyncio.sleep(0.6 if cmd.key != "quick" else 0)  # inside the transaction
+        await asyncio.sleep(1.2 if cmd.key != "quick" else 0)  # inside the transaction
         runs.append(("end", cmd.key, time.time()))
 
     @stock.command(Release)
