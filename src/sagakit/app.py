@@ -135,7 +135,31 @@ class Settings:
 
 
 class App:
-    """Wires a store and a transport to participants and sagas; runs the workers."""
+    """Wires a store and a transport to participants and sagas; runs the workers.
+
+    ``App(store="sqlite:///.sagakit/sagakit.db", transport="database", *,
+    settings=None, clock=None, run=None)``: ``store`` and ``transport`` are
+    URLs (or objects), ``settings`` a :class:`Settings`, ``clock`` a
+    :class:`~sagakit.FakeClock` in tests, ``run`` the services this process
+    runs (None: all; the coordinator is ``"coordinator"``).
+
+    Attributes:
+        sagas: :class:`~sagakit.Sagas` — start, wait for, get, list and count
+            saga instances; the operator actions (retry, skip, compensate,
+            abort, resume, edit).
+        dead_letters: list, replay and purge the main store's dead letters.
+        flows: tracked choreographies and the queries on their flows.
+        processes: process managers and stateless sagas.
+        twophase: atomic groups over registered resources (two-phase commit).
+        awaits: the endpoint behind the sagas' ``wait_for`` steps.
+        participants: the participants by name.
+        settings: the :class:`Settings` in force.
+        store: the App's own :class:`~sagakit.Store` (sagas, queues, timers).
+        transport: the :class:`~sagakit.Transport` messages travel on.
+        registry: the message types this App knows, by name.
+        codec: encodes and decodes envelopes (size limit, signatures).
+        hooks: what the engine tells observers (see :meth:`instrument`).
+    """
 
     def __init__(
         self,

@@ -565,10 +565,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def missing_extra(exc: ModuleNotFoundError) -> ConfigurationError | None:
     """The install hint for an optional module that is not installed, if it is one."""
-    extra = EXTRA_OF.get((exc.name or "").partition(".")[0])
+    package = (exc.name or "").partition(".")[0]
+    extra = EXTRA_OF.get(package)
     if extra is None:
         return None
-    hint = ConfigurationError(f"{exc.name!r} is not installed: pip install 'sagakit[{extra}]'")
+    hint = ConfigurationError(f"{package!r} is not installed: pip install 'sagakit[{extra}]'")
     hint.__cause__ = exc  # -v shows where it was imported from
     return hint
 

@@ -68,10 +68,20 @@ class Sagas:
         older_than: float | None = None,
         stuck_for: float | None = None,
         limit: int = 100,
+        after: str | None = None,
     ) -> list[SagaView]:
-        """Instances by type, state, age or (``stuck_for`` seconds) lack of progress."""
+        """Instances by type, state, age or (``stuck_for`` seconds) lack of progress.
+
+        Oldest first (longest unchanged first with ``stuck_for``), at most
+        ``limit``; the next page starts ``after`` the last id of this one.
+        """
         return await self.queries.list(
-            type=type, state=state, older_than=older_than, stuck_for=stuck_for, limit=limit
+            type=type,
+            state=state,
+            older_than=older_than,
+            stuck_for=stuck_for,
+            limit=limit,
+            after=after,
         )
 
     async def counts(self, *, type: str | None = None) -> dict[str, int]:

@@ -94,11 +94,14 @@ class SagaQueries:
         older_than: float | None = None,
         stuck_for: float | None = None,
         limit: int = 100,
+        after: str | None = None,
     ) -> list[SagaView]:
         """Instances by type, state and age (seconds since creation), oldest first.
 
         ``stuck_for``: only running or compensating instances that have not
-        changed for that many seconds, longest unchanged first.
+        changed for that many seconds, longest unchanged first. At most
+        ``limit`` come back; for the next page pass the last one's id as
+        ``after``.
         """
         now = self.store.clock.now()
         recs = await self.store.saga_list(
@@ -107,6 +110,7 @@ class SagaQueries:
             created_before=_ago(now, older_than),
             stuck_before=_ago(now, stuck_for),
             limit=limit,
+            after=after,
         )
         return [await self.view(r, history=False) for r in recs]
 

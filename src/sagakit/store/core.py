@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..clock import Clock
-from ..errors import ConcurrencyConflict, ConfigurationError, SagaIdInUse, StoreError
+from ..errors import (
+    ConcurrencyConflict,
+    ConfigurationError,
+    SagaIdInUse,
+    SagaNotFound,
+    StoreError,
+)
 from .queue import WorkQueue
 from .schema import SCHEMA_VERSION, check_prefix, oldest_compatible, statements
 
@@ -483,23 +489,40 @@ class Store:
         created_before: float | None = None,
         stuck_before: float | None = None,
         limit: int = 100,
+        after: str | None = None,
     ) -> list[SagaRecord]:
         """Instances filtered by type, state and age, oldest first.
 
         ``stuck_before``: only unfinished instances (running or compensating)
-        not changed since then, longest unchanged first.
+        not changed since then, longest unchanged first. ``after``: the id of
+        the last instance of the previous page; the page starts after it in
+        the same order (ties broken by id), so paging skips and repeats nothing.
         """
         where, args = _filters(
             type=type, state=state, created_before=created_before, stuck_before=stuck_before
         )
         order = "updated_at" if stuck_before is not None else "created_at"
+        if after is not None:
+            where, args = await self._after(where, args, order, after)
         rows = await self.driver.read(
             f"SELECT id, type, version, state, data, progress, rev, created_at, updated_at, "
-            f"deadline, error FROM {self.prefix}sagas{where} ORDER BY {order} LIMIT ?",
+            f"deadline, error FROM {self.prefix}sagas{where} ORDER BY {order}, id LIMIT ?",
             *args,
             limit,
         )
         return [_saga_record(r) for r in rows]
+
+    async def _after(
+        self, where: str, args: list[Any], order: str, after: str
+    ) -> tuple[str, list[Any]]:
+        """``where`` narrowed to the instances that follow ``after`` in ``order``."""
+        mark = await self.saga_get(after)
+        if mark is None:
+            raise SagaNotFound(f"no saga {after!r} to page after", saga_id=after)
+        at = mark.updated_at if order == "updated_at" else mark.created_at
+        cond = f"({order} > ? OR ({order} = ? AND id > ?))"
+        where = f"{where} AND {cond}" if where else f" WHERE {cond}"
+        return where, [*args, at, at, after]
 
     async def saga_count_stuck(self, stuck_before: float, *, type: str | None = None) -> int:
         """How many unfinished instances have not changed since ``stuck_before``."""

@@ -351,6 +351,19 @@ class StoreContract:
         assert await store.saga_counts() == {"running": 3, "completed": 1}
         assert await store.saga_counts(type="refund") == {"running": 1}
 
+    async def test_saga_list_pages_after_an_id(self, store: Store) -> None:
+        """Pages follow each other without a gap or a repeat, ties broken by id."""
+        at = {"p1": 1.0, "p3": 2.0, "p2": 2.0, "p4": 2.0, "p5": 3.0}
+        async with store.transaction() as tx:
+            for sid, t in at.items():
+                await store.saga_insert(tx, _saga(sid, state="running", at=t))
+        pages, after = [], None
+        while page := await store.saga_list(limit=2, after=after):
+            pages.append([r.id for r in page])
+            after = page[-1].id
+        assert pages == [["p1", "p2"], ["p3", "p4"], ["p5"]]
+        assert [r.id for r in await store.saga_list(state="running", after="p4")] == ["p5"]
+
     # -- transactions ----------------------------------------------------
 
     async def test_savepoint_rolls_back_alone(self, store: Store) -> None:

@@ -50,6 +50,7 @@ import math
 import uuid
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigurationError, TransportError
 from ._consumer import BrokerDelivery, Consumer
@@ -256,6 +257,26 @@ class RabbitSubscription(Consumer[RabbitDelivery]):
         self._t.forget(self)
 
 
+def connect_error(url: str, exc: BaseException) -> str:
+    """Why connecting failed, with the fix when the broker refused the virtual host.
+
+    RabbitMQ answers the opening of a vhost that does not exist, or that the
+    user has no permissions on, by closing the connection; aiormq reports it
+    only as an unexpected ``Connection.Close`` frame.
+    """
+    text = f"cannot connect to RabbitMQ at {redact(url)}: {exc!r}"
+    if "Connection.OpenOk" not in str(exc) or "Connection.Close" not in str(exc):
+        return text
+    u = urlsplit(url)
+    vhost, user = unquote(u.path[1:]) or "/", unquote(u.username or "guest")
+    return (
+        f"RabbitMQ at {redact(url)} refused the virtual host {vhost!r} for user {user!r}: "
+        "it does not exist or the user has no permissions on it; create and grant it with "
+        f"rabbitmqctl add_vhost {vhost} && "
+        f"rabbitmqctl set_permissions -p {vhost} {user} '.*' '.*' '.*' (docs/how-to/brokers.md)"
+    )
+
+
 class RabbitMQTransport:
     """Queues, a topic exchange for events and delay queues on one RabbitMQ broker.
 
@@ -328,9 +349,7 @@ class RabbitMQTransport:
             )
         except BROKER_ERRORS as exc:
             await self.close()
-            raise TransportError(
-                f"cannot connect to RabbitMQ at {redact(self.url)}: {exc!r}"
-            ) from exc
+            raise TransportError(connect_error(self.broker_url, exc)) from exc
 
     async def close(self) -> None:
         """Stop the remaining consumers and close the connection."""
