@@ -159,6 +159,8 @@ class App:
         registry: the message types this App knows, by name.
         codec: encodes and decodes envelopes (size limit, signatures).
         hooks: what the engine tells observers (see :meth:`instrument`).
+        workers: the consumers, relays and housekeeping jobs this process
+            runs, set going by :meth:`start` and wound down by :meth:`stop`.
     """
 
     def __init__(
