@@ -13,9 +13,12 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from ...errors import (
+    AmbiguousOutcome,
+    BranchNotFound,
     ConfigurationError,
     ConsoleError,
     DeadLetterNotFound,
+    FlowNotFound,
     InvalidOperatorAction,
     NotReplayable,
     SagakitError,
@@ -23,13 +26,14 @@ from ...errors import (
     StoreError,
     Unauthenticated,
 )
-from . import api, pages
+from . import api, api_flows, pages
 from .console import ANONYMOUS, Console, source_of
 from .options import ConsoleOptions
 
 if TYPE_CHECKING:
     from ...saga.definition import SagaDefinition
     from ...store import Store
+    from ...twophase import TwoPhase
 
 log = logging.getLogger("sagakit.console")
 
@@ -49,18 +53,24 @@ def create_app(
     *,
     definitions: dict[tuple[str, int], SagaDefinition[Any]] | None = None,
     manage_store: bool = False,
+    twophase: TwoPhase | None = None,
 ) -> Starlette:
-    """The console over ``store``; with ``manage_store`` it opens and closes the store."""
-    c = Console(store, options or ConsoleOptions(), definitions or {})
+    """The console over ``store``; with ``manage_store`` it opens and closes the store
+    (and starts and stops ``twophase``, the databases of two-phase commit)."""
+    c = Console(store, options or ConsoleOptions(), definitions or {}, twophase)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if manage_store:
             await store.open(migrate=False)
+            if twophase is not None:
+                await twophase.start(recover=False)
         try:
             yield
         finally:
             if manage_store:
+                if twophase is not None:
+                    await twophase.stop()
                 await store.close()
 
     return Starlette(routes=_routes(c), lifespan=lifespan)
@@ -79,6 +89,14 @@ def _routes(c: Console) -> list[Route]:
         r("/api/dead-letters", api.dead_letters),
         r("/api/dead-letters/bulk/{action}", api.dead_letter_bulk, ("POST",)),
         r("/api/dead-letters/{seq:int}/{action}", api.dead_letter_act, ("POST",)),
+        r("/api/flows", api_flows.list_flows),
+        r("/api/flows/{correlation_id}", api_flows.get_flow),
+        r("/api/processes", api_flows.list_processes),
+        r("/api/processes/{process}/{key}", api_flows.get_process),
+        r("/api/processes/{process}/{key}/timers/{timer}/{action}", api_flows.timer_act, ("POST",)),
+        r("/api/timers/bulk/{action}", api_flows.timer_bulk, ("POST",)),
+        r("/api/2pc", api_flows.list_in_doubt),
+        r("/api/2pc/{gid}/resolve", api_flows.resolve, ("POST",)),
         r("/api/health", api.get_health),
         r("/api/tokens", api.tokens_list),
         r("/api/tokens", api.token_create, ("POST",)),
@@ -144,8 +162,10 @@ def status_of(exc: Exception) -> int:
     """The HTTP status of an exception a handler raised."""
     if isinstance(exc, ConsoleError):
         return exc.status
-    if isinstance(exc, SagaNotFound | DeadLetterNotFound):
+    if isinstance(exc, SagaNotFound | DeadLetterNotFound | BranchNotFound | FlowNotFound):
         return 404
+    if isinstance(exc, AmbiguousOutcome):
+        return 409
     if isinstance(exc, NotReplayable):
         return 409
     if isinstance(exc, InvalidOperatorAction):
