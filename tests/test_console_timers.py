@@ -10,6 +10,10 @@ its audit line, a viewer is refused and the refusal audited.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -177,3 +181,31 @@ async def test_bulk_cancel_previews_the_exact_count_then_cancels_each(app: sk.Ap
     assert await app.store.queue.depth(timer_queue(checkout)) == 0
     lines = await ops.audit.list(AuditFilter(actor="ana"))
     assert sorted(a.action for a in lines) == ["bulk-timer.cancel", *["timer.cancel"] * 3]
+
+
+def sagakit(url: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SAGAKIT_STORE": url, "SAGAKIT_ACTOR": "ops"}
+    return subprocess.run(
+        [sys.executable, "-m", "sagakit.cli", "processes", *args, "--prefix", prefix, "--json"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+async def test_the_cli_lists_previews_and_fires(app: sk.App, url: str, prefix: str) -> None:
+    if not url.startswith("sqlite"):
+        pytest.skip("the CLI is the same on both stores; once is enough")
+    for key in ("c-1", "c-2"):
+        await waiting(app, key)
+    listed = sagakit(url, prefix, "list", "--pending-timers")
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(r["key"] for r in json.loads(listed.stdout)) == ["c-1", "c-2"]
+    preview = sagakit(url, prefix, "fire", "checkout", "--timer", "payment-timeout",
+                      "--reason", "end of sale", "--dry-run")  # fmt: skip
+    assert json.loads(preview.stdout)["count"] == 2, preview.stderr
+    fired = sagakit(url, prefix, "fire", "checkout", "c-1", "--timer", "payment-timeout",
+                    "--reason", "the customer called")  # fmt: skip
+    assert fired.returncode == 0, fired.stderr
+    assert (await app.processes.wait(checkout, "c-1", timeout=20)).status == "cancelled"
+    assert "payment-timeout" in (await app.processes.get(checkout, "c-2")).timers
+    (line,) = await Operations(app.store).audit.list(AuditFilter(actor="ops"))
+    assert (line.action, line.via, line.outcome) == ("timer.fire", "cli", "done")
