@@ -16,12 +16,14 @@ from ..errors import InvalidOperatorAction, SagaNotFound, UnknownAction
 from ..process.records import _COLS, ProcessRecord, ProcessTable
 from ..process.records import _record as record_of
 from .actions import SAMPLE, ActionRequest
+from .audit import AuditFilter
 from .timers import TIMER_ACTIONS, TimerRef, armed_timers
 
 if TYPE_CHECKING:
     from ..ops import Actor
     from ..store import Store
     from .actions import Operations
+    from .audit import Audit, AuditEntry
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,16 @@ async def instance(store: Store, process: str, key: str) -> dict[str, Any]:
     out["state"] = msgspec.json.decode(rec.state)
     out["history"] = [asdict(e) for e in await table.history(process, key)]
     return out
+
+
+async def timer_audit(audit: Audit, process: str, key: str) -> list[AuditEntry]:
+    """The latest timer actions on one instance, newest first."""
+    prefix = TimerRef(process, key, "-").target[:-1]
+    lines = []
+    for action in TIMER_ACTIONS:
+        lines += await audit.list(AuditFilter(action=action, limit=500))
+    mine = [a for a in lines if a.target.startswith(prefix)]
+    return sorted(mine, key=lambda a: -a.seq)[:50]
 
 
 async def process_names(store: Store) -> list[str]:

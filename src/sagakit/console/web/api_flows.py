@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.responses import JSONResponse, Response
 
-from ..audit import AuditFilter
-from ..processes import ProcessQuery, bulk_timers, instance, list_instances
+from ..processes import ProcessQuery, bulk_timers, instance, list_instances, timer_audit
 from ..timers import TIMER_ACTIONS, TimerRef
 from ..twophase import RESOLVE, params_of, target_of
 from .api import limit_of
@@ -84,9 +83,7 @@ async def get_process(c: Console, request: Request) -> Response:
     await c.auth.caller(request)
     process, key = request.path_params["process"], request.path_params["key"]
     out = await instance(c.store, process, key)
-    prefix = f"timer:{process}/{key}/"
-    lines = await c.ops.audit.list(AuditFilter(limit=200))
-    out["audit"] = [a.as_dict() for a in lines if a.target.startswith(prefix)][:50]
+    out["audit"] = [a.as_dict() for a in await timer_audit(c.ops.audit, process, key)]
     return JSONResponse(out)
 
 

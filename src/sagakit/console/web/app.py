@@ -26,7 +26,7 @@ from ...errors import (
     StoreError,
     Unauthenticated,
 )
-from . import api, api_flows, pages
+from . import api, api_flows, pages, pages_flows
 from .console import ANONYMOUS, Console, source_of
 from .options import ConsoleOptions
 
@@ -113,6 +113,18 @@ def _routes(c: Console) -> list[Route]:
         r("/dead-letters", pages.dead_letter_page, html=True),
         r("/dead-letters/act", pages.dead_letter_action, ("POST",), html=True),
         r("/dead-letters/bulk", pages.dead_letter_bulk, ("POST",), html=True),
+        r("/flows", pages_flows.flow_list, html=True),
+        r("/flows/{correlation_id}", pages_flows.flow_page, html=True),
+        r("/processes", pages_flows.process_list, html=True),
+        r("/processes/{process}/{key}", pages_flows.process_page, html=True),
+        r(
+            "/processes/{process}/{key}/timers/{timer}",
+            pages_flows.timer_action,
+            ("POST",),
+            html=True,
+        ),
+        r("/2pc", pages_flows.in_doubt_page, html=True),
+        r("/2pc/resolve", pages_flows.resolve_action, ("POST",), html=True),
         r("/audit", pages.audit_page, html=True),
         r("/health", pages.health_page, html=True),
         r("/static/console.js", pages.script),
