@@ -133,6 +133,7 @@ async def test_an_operator_fires_a_process_managers_timer_from_the_page(
     await expect(audit).to_contain_text("the customer gave up on the phone")
     await expect(audit).to_contain_text("done")
     await expect(page.locator("#history")).to_contain_text("timer:payment-timeout")
+    await expect(page.locator("#pending")).to_have_text("Pending timers: none")
     await page.screenshot(path=shot(tmp_path, "process-timer-fired"), full_page=True)
     assert (await app.processes.get(checkout, "order-6")).status == "awaiting_payment"
     publish(tmp_path)

@@ -13,8 +13,11 @@ through the same action model.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
+from typing import Any
 
 import httpx
 import pytest
@@ -27,6 +30,27 @@ from tests.console_bench import token
 from tests.test_twophase import app_for, dbs, stop_at, store_url  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(120)
+
+
+def served_in_doubt(env: dict[str, str], res: list[str], tok: str) -> Any:
+    """``GET /api/2pc`` of ``sagakit console --resource ...`` run as a subprocess."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "sagakit.cli", "console", "--port", str(port), *res]
+    server = subprocess.Popen(cmd, env=env)
+    try:
+        for _ in range(200):
+            try:
+                got = httpx.get(f"http://127.0.0.1:{port}/api/2pc",
+                                headers={"Authorization": f"Bearer {tok}"}, timeout=5)  # fmt: skip
+                return got.json()
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise AssertionError("the console did not start")
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
 
 
 def client(app: sk.App) -> httpx.AsyncClient:
@@ -106,8 +130,11 @@ async def test_the_cli_resolves_through_the_action_model(
         await ob.add_customers(app, ["lou"])
         await stop_at(app, "prepared", "lou")
         gids = [d.gid for d in await app.twophase.in_doubt()]
+        tok = await token(app, "viewer")
     env = {**os.environ, "SAGAKIT_STORE": store_url, "SAGAKIT_ACTOR": "ops"}
     res = [f"--resource=customers={dbs[0]}", f"--resource=enrollments={dbs[1]}"]
+    listed = served_in_doubt(env, res, tok)
+    assert sorted(b["gid"] for b in listed["branches"]) == sorted(gids)
     for gid in gids:
         done = subprocess.run(
             [sys.executable, "-m", "sagakit.cli", "2pc", "resolve", gid, "--rollback",

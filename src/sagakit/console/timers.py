@@ -120,7 +120,8 @@ class TimerActions:
         if n != 1 and not await self._queued(tx, message_id):
             raise InvalidOperatorAction(f"{ref.target}: its message is gone (it has fired)")
         tx.notify(ref.queue)
-        return f"fired {now - due_at:+.0f}s from its due time (token {meta.timers[ref.timer][0]})"
+        early = f"{due_at - now:.0f}s early" if due_at > now else f"{now - due_at:.0f}s late"
+        return f"fired {early} (token {meta.timers[ref.timer][0]})"
 
     async def cancel(
         self, tx: Tx | None, actor: Actor, target: str, reason: str, params: dict[str, Any]
