@@ -46,6 +46,8 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--read-only", action="store_true", help="refuse every action")
     c.add_argument("--proxy-header", help="trust this user header from --trusted-proxy")
     c.add_argument("--trusted-proxy", action="append", default=[], help="a proxy address")
+    c.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics without a token (loopback --host only)")  # fmt: skip
     c.add_argument("--resource", action="append", default=[], metavar="NAME=URL",
                    help="a 2PC database to list and resolve branches in doubt "
                         "(repeatable; default $SAGAKIT_2PC_RESOURCES)")  # fmt: skip
@@ -303,6 +305,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         read_only=args.read_only,
         proxy_header=args.proxy_header,
         trusted_proxies=tuple(args.trusted_proxy),
+        public_metrics=args.public_metrics,
     )
     definitions = {}
     if args.app:  # an App, or a factory of one: only its saga definitions are used

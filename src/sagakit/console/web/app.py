@@ -26,7 +26,7 @@ from ...errors import (
     StoreError,
     Unauthenticated,
 )
-from . import api, api_flows, pages, pages_flows
+from . import api, api_flows, metrics, pages, pages_flows
 from .console import ANONYMOUS, Console, source_of
 from .options import ConsoleOptions
 
@@ -102,6 +102,7 @@ def _routes(c: Console) -> list[Route]:
         r("/api/tokens", api.token_create, ("POST",)),
         r("/api/tokens/{token_id}", api.token_revoke, ("DELETE",)),
         r("/api/openapi.json", api.openapi),
+        r("/metrics", metrics.metrics),
         r("/", pages.home, html=True),
         r("/login", pages.login_form, html=True),
         r("/login", pages.login, ("POST",), html=True),

@@ -41,6 +41,8 @@ class Console:
         self.ops = Operations(self.store, read_only=self.options.read_only)
         self.dead_letters = DeadLetterOperations(self.ops)
         self.flows = Flows(self.store)
+        #: the ``/metrics`` registry, built on the first scrape
+        self.metrics: Any = None
         TimerActions(self.store).register(self.ops)
         self.in_doubt = TwoPhaseActions(self.twophase) if self.twophase else None
         if self.in_doubt is not None:
