@@ -209,3 +209,25 @@ async def test_the_cli_lists_previews_and_fires(app: sk.App, url: str, prefix: s
     assert "payment-timeout" in (await app.processes.get(checkout, "c-2")).timers
     (line,) = await Operations(app.store).audit.list(AuditFilter(actor="ops"))
     assert (line.action, line.via, line.outcome) == ("timer.fire", "cli", "done")
+
+
+async def test_the_api_lists_instances_by_filter_and_shows_one_with_its_audit(
+    app: sk.App,
+) -> None:
+    await waiting(app, "l-1")
+    await waiting(app, "l-2")
+    tok = await token(app, "operator")
+    h = {"Authorization": f"Bearer {tok}"}
+    async with client(app) as http:
+        await http.post(CANCEL.format(key="l-2"), json={"reason": "by phone"}, headers=h)
+        pending = (await http.get("/api/processes?timers=pending", headers=h)).json()
+        assert [p["key"] for p in pending["processes"]] == ["l-1"]
+        running = (await http.get("/api/processes?process=checkout&done=false", headers=h)).json()
+        assert sorted(p["key"] for p in running["processes"]) == ["l-1", "l-2"]
+        one = (await http.get("/api/processes/checkout/l-2", headers=h)).json()
+        assert one["status"] == "awaiting_payment" and one["timers"] == []
+        assert one["state"]["order_id"] == "l-2"
+        assert [h["verdict"] for h in one["history"]] == ["started", "operator"]
+        assert [(a["action"], a["outcome"]) for a in one["audit"]] == [("timer.cancel", "done")]
+        assert (await http.get("/api/processes/checkout/nobody", headers=h)).status_code == 404
+        assert (await http.get("/api/processes?done=maybe", headers=h)).status_code == 422

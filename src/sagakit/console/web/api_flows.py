@@ -22,6 +22,8 @@ from .console import Console, source_of
 if TYPE_CHECKING:
     from starlette.requests import Request
 
+    from ...choreography.queries import FlowView
+
 
 def flow_json(v: Any, timeline: bool) -> dict[str, Any]:
     out = dataclasses.asdict(v)
@@ -31,22 +33,24 @@ def flow_json(v: Any, timeline: bool) -> dict[str, Any]:
     return out
 
 
+async def find_flows(
+    c: Console, flow: str | None, status: str | None, correlation_id: str | None, limit: int
+) -> list[FlowView]:
+    """Flows by choreography and status, or those of one correlation id."""
+    if not correlation_id:
+        return await c.flows.list(flow=flow, status=status, limit=limit)
+    rows = await c.flows.rows.get(correlation_id, flow)
+    views = [await c.flows.get(correlation_id, flow=r.flow, timeline=False) for r in rows]
+    return [v for v in views if status in (None, v.status)]
+
+
 async def list_flows(c: Console, request: Request) -> Response:
     await c.auth.caller(request)
     p = request.query_params
     flow, status = p.get("flow") or None, p.get("status") or None
-    if corr := p.get("correlation_id"):
-        views = [v for v in await _flows_of(c, corr) if status in (None, v.status)]
-    else:
-        views = await c.flows.list(flow=flow, status=status, limit=limit_of(p))
-    views = [v for v in views if flow in (None, v.flow)]
+    views = await find_flows(c, flow, status, p.get("correlation_id") or None, limit_of(p))
     counts = await c.flows.counts(flow=flow)
     return JSONResponse({"flows": [flow_json(v, False) for v in views], "counts": counts})
-
-
-async def _flows_of(c: Console, correlation_id: str) -> list[Any]:
-    rows = await c.flows.rows.get(correlation_id)
-    return [await c.flows.get(correlation_id, flow=r.flow, timeline=False) for r in rows]
 
 
 async def get_flow(c: Console, request: Request) -> Response:

@@ -13,7 +13,7 @@ from ..audit import AuditFilter
 from ..processes import instance, list_instances, process_names, timer_audit
 from ..twophase import RESOLVE, params_of, target_of
 from .api import limit_of
-from .api_flows import process_query, timer_ref
+from .api_flows import find_flows, process_query, timer_ref
 from .body import form_body
 from .console import Console, source_of
 from .pages import render
@@ -33,12 +33,7 @@ async def flow_list(c: Console, request: Request) -> Response:
     caller = await c.auth.caller(request)
     p = request.query_params
     f = FlowFilter(p.get("flow") or None, p.get("status") or None, p.get("correlation_id") or None)
-    if f.correlation_id:
-        rows = await c.flows.rows.get(f.correlation_id, f.flow)
-        views = [await c.flows.get(r.correlation_id, flow=r.flow, timeline=False) for r in rows]
-        views = [v for v in views if f.status in (None, v.status)]
-    else:
-        views = await c.flows.list(flow=f.flow, status=f.status, limit=limit_of(p))
+    views = await find_flows(c, f.flow, f.status, f.correlation_id, limit_of(p))
     counts = await c.flows.counts(flow=f.flow)
     return render(c, request, "flows.html", caller, flows=views, counts=counts, f=f)
 
