@@ -135,7 +135,18 @@ async def test_an_operator_fires_a_process_managers_timer_from_the_page(
     await expect(page.locator("#history")).to_contain_text("timer:payment-timeout")
     await expect(page.locator("#pending")).to_have_text("Pending timers: none")
     await page.screenshot(path=shot(tmp_path, "process-timer-fired"), full_page=True)
-    assert (await app.processes.get(checkout, "order-6")).status == "awaiting_payment"
+    await page.goto(f"{console}/processes?process=checkout")
+    bulk = page.locator("#timer-bulk")
+    await bulk.locator("select[name=action]").select_option("cancel")
+    await bulk.locator("input[name=timer]").fill("payment-timeout")
+    await bulk.locator("input[name=reason]").fill("sale extended by phone")
+    await bulk.locator("#timer-preview").click()
+    await expect(page.locator("#bulk-count")).to_contain_text("Would cancel payment-timeout on 1")
+    await expect(page.locator("text=checkout/order-6")).to_have_count(1)
+    await page.click("#confirm")
+    await expect(page.locator("#bulk-count")).to_contain_text("Did cancel payment-timeout on 1")
+    six = await app.processes.get(checkout, "order-6")
+    assert six.status == "awaiting_payment" and six.timers == {}
     publish(tmp_path)
 
 

@@ -17,7 +17,9 @@ from ..process.records import _COLS, ProcessRecord, ProcessTable
 from ..process.records import _record as record_of
 from .actions import SAMPLE, ActionRequest
 from .audit import AuditFilter
-from .timers import TIMER_ACTIONS, TimerRef, armed_timers
+from .timers import MAX_PART, TIMER_ACTIONS, TimerRef, armed_timers
+
+SCAN = 10_000  #: instances one query reads at most
 
 if TYPE_CHECKING:
     from ..ops import Actor
@@ -53,9 +55,9 @@ async def list_instances(store: Store, q: ProcessQuery) -> list[dict[str, Any]]:
     where = " AND ".join(f"{k} = ?" for k in given)
     sql = f"SELECT {_COLS} FROM {store.prefix}processes"
     sql += (f" WHERE {where}" if where else "") + " ORDER BY updated_at DESC LIMIT ?"
-    rows = await store.driver.read(sql, *given.values(), q.limit)
+    rows = await store.driver.read(sql, *given.values(), SCAN if q.with_timers else q.limit)
     found = [summary(record_of(r)) for r in rows]
-    return [f for f in found if f["timers"]] if q.with_timers else found
+    return [f for f in found if f["timers"]][: q.limit] if q.with_timers else found
 
 
 async def instance(store: Store, process: str, key: str) -> dict[str, Any]:
@@ -132,6 +134,8 @@ async def bulk_timers(
     """
     if action not in TIMER_ACTIONS:
         raise UnknownAction(f"no timer action {action!r} (timer.fire or timer.cancel)")
+    if not timer or len(timer) > MAX_PART:
+        raise ValueError(f"a timer's name is 1 to {MAX_PART} characters")
     target = "timers:" + msgspec.json.encode({**asdict(q), "timer": timer}).decode()
     await ops.allowed(actor, ActionRequest(action, reason), target, source, action=f"bulk-{action}")
     found = await list_instances(store=ops.store, q=q)

@@ -117,6 +117,7 @@ def _routes(c: Console) -> list[Route]:
         r("/flows", pages_flows.flow_list, html=True),
         r("/flows/{correlation_id}", pages_flows.flow_page, html=True),
         r("/processes", pages_flows.process_list, html=True),
+        r("/processes/bulk", pages_flows.timer_bulk, ("POST",), html=True),
         r("/processes/{process}/{key}", pages_flows.process_page, html=True),
         r(
             "/processes/{process}/{key}/timers/{timer}",

@@ -10,7 +10,14 @@ from starlette.responses import RedirectResponse, Response
 
 from ...choreography.queries import FlowView
 from ..audit import AuditFilter
-from ..processes import instance, list_instances, process_names, timer_audit
+from ..processes import (
+    ProcessQuery,
+    bulk_timers,
+    instance,
+    list_instances,
+    process_names,
+    timer_audit,
+)
 from ..twophase import RESOLVE, params_of, target_of
 from .api import limit_of
 from .api_flows import find_flows, process_query, timer_ref
@@ -74,6 +81,25 @@ async def timer_action(c: Console, request: Request) -> Response:
     msg = f"{action} {ref.timer}: done — {detail}"
     page = f"/processes/{quote(ref.process, safe='')}/{quote(ref.key, safe='')}"
     return RedirectResponse(f"{page}?msg={quote(msg)}", status_code=303)
+
+
+async def timer_bulk(c: Console, request: Request) -> Response:
+    caller = await c.auth.caller(request)
+    form = await form_body(request, c.options.max_body)
+    verb = form.get("action", "")
+    action = f"timer.{verb}"
+    await c.acting(request, caller, f"bulk-{action}", "timers", form.get("csrf"))
+    await c.may_act(request, caller.actor, f"bulk-{action}", "timers")
+    given = {k: form.get(k) or None for k in ("process", "status", "correlation_id")}
+    q = ProcessQuery(given["process"], given["status"], given["correlation_id"], limit=1000)
+    reason, dry_run = form.get("reason", ""), form.get("dry_run", "1") == "1"
+    timer, source = form.get("timer", ""), source_of(request)
+    plan = await bulk_timers(
+        c.ops, q, timer, action, reason, actor=caller.actor, source=source, dry_run=dry_run
+    )
+    filt = {k: v for k, v in given.items() if v}
+    return render(c, request, "processes_bulk.html", caller, plan=plan, verb=verb,
+                  reason=reason, filter=filt)  # fmt: skip
 
 
 async def in_doubt_page(c: Console, request: Request) -> Response:
