@@ -231,3 +231,18 @@ async def test_the_api_lists_instances_by_filter_and_shows_one_with_its_audit(
         assert [(a["action"], a["outcome"]) for a in one["audit"]] == [("timer.cancel", "done")]
         assert (await http.get("/api/processes/checkout/nobody", headers=h)).status_code == 404
         assert (await http.get("/api/processes?done=maybe", headers=h)).status_code == 422
+
+
+async def test_firing_a_timer_whose_message_is_gone_is_refused_and_audited(app: sk.App) -> None:
+    """The instance still lists the timer, but its queue row was deleted by hand."""
+    view = await waiting(app, "o-gone")
+    async with app.store.transaction() as tx:
+        await app.store.queue.cancel(tx, view.timers["payment-timeout"].message_id)
+    ops = Operations(app.store)
+    TimerActions(app.store).register(ops)
+    ref = TimerRef("checkout", "o-gone", "payment-timeout")
+    with pytest.raises(sk.InvalidOperatorAction, match="message is gone"):
+        await ops.perform("timer.fire", ref.target, "now", ref.params(), actor=sk.Actor("ana"))
+    (line,) = await ops.audit.list(AuditFilter(target=ref.target))
+    assert line.outcome == "failed" and "message is gone" in (line.detail or "")
+    assert (await app.processes.get(checkout, "o-gone")).status == "awaiting_payment"
