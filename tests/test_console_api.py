@@ -28,6 +28,14 @@ ENDPOINTS = [
     ("POST", "/api/tokens"),
     ("DELETE", "/api/tokens/abc"),
     ("GET", "/api/openapi.json"),
+    ("GET", "/api/flows"),
+    ("GET", "/api/flows/c"),
+    ("GET", "/api/processes"),
+    ("GET", "/api/processes/p/k"),
+    ("POST", "/api/processes/p/k/timers/t/fire"),
+    ("POST", "/api/timers/bulk/cancel"),
+    ("GET", "/api/2pc"),
+    ("POST", "/api/2pc/sk_main_g_r/resolve"),
 ]
 ADMIN_ONLY = {"/api/tokens", "/api/tokens/abc"}
 ACTING = {
@@ -35,6 +43,9 @@ ACTING = {
     "/api/bulk/retry",
     "/api/dead-letters/1/replay",
     "/api/dead-letters/bulk/purge",
+    "/api/processes/p/k/timers/t/fire",
+    "/api/timers/bulk/cancel",
+    "/api/2pc/sk_main_g_r/resolve",
 }
 
 
@@ -84,6 +95,9 @@ async def test_every_endpoint_is_401_without_a_token_and_403_for_a_role_that_may
         ("token", "token-create"),
         ("token", "dead-letters.replay"),
         ("token", "bulk-dead-letters.purge"),
+        ("token", "timer.fire"),
+        ("token", "bulk-timer.cancel"),
+        ("token", "2pc.resolve"),
     }
 
 
@@ -184,14 +198,23 @@ async def test_admin_creates_and_revokes_tokens(app: sk.App) -> None:
 
 def test_the_openapi_document_names_every_endpoint() -> None:
     doc = document()
-    paths = {
-        p.replace("{seq}/{action}", "1/replay")
-        .replace("bulk/{action}", "bulk/purge" if "dead-letters" in p else "bulk/{action}")
-        .replace("{saga_id}", "k")
-        .replace("{action}", "retry")
-        .replace("{token_id}", "abc")
-        for p in doc["paths"]
+    named = {
+        "{seq}/{action}": "1/replay",
+        "dead-letters/bulk/{action}": "dead-letters/bulk/purge",
+        "timers/bulk/{action}": "timers/bulk/cancel",
+        "{timer}/{action}": "t/fire",
+        "{process}/{key}": "p/k",
+        "{correlation_id}": "c",
+        "{gid}": "sk_main_g_r",
+        "{saga_id}": "k",
+        "{action}": "retry",
+        "{token_id}": "abc",
     }
+    paths = set()
+    for p in doc["paths"]:
+        for template, value in named.items():
+            p = p.replace(template, value)
+        paths.add(p)
     assert {p for _, p in ENDPOINTS} - {"/api/openapi.json"} == paths
 
 

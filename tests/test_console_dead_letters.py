@@ -15,7 +15,9 @@ import sagakit as sk
 from sagakit.console import AuditFilter, Operations
 from sagakit.console.commands import OPERATOR_QUEUE, OperatorCommand, encode
 from sagakit.console.web import create_app
+from sagakit.errors import NotReplayable
 from sagakit.messages import Headers
+from sagakit.ops.dead_letters import DeadLetterFilter
 from sagakit.store import DeadLetter
 from sagakit.testing import drop_tables
 from sagakit.transport import Outgoing
@@ -326,3 +328,38 @@ async def test_the_page_acts_with_its_csrf_token_and_refuses_without(
     await eventually(lambda: _true_async(app, 0))
     denied = await Operations(app.store).audit.list(AuditFilter(outcome="denied"))
     assert len(denied) == 2 and all("CSRF" in (d.detail or "") for d in denied)
+
+
+async def test_the_python_api_acts_at_once_and_writes_the_operator_audit(
+    bench: tuple[sk.App, Ledger],
+) -> None:
+    """``app.dead_letters`` replays or purges itself, audited like the console's commands."""
+    app, _ = bench
+    await fake_letters(app, "q1", 3, truncated=1)
+    letters = await app.dead_letters.list(queue="q1")
+    whole, cut = letters[0], letters[-1]
+    ana, viewer = sk.Actor("ana"), sk.Actor("vic", role="viewer")
+    with pytest.raises(sk.InvalidOperatorAction):
+        await app.dead_letters.purge(whole.seq, actor=viewer, reason="tidy")
+    with pytest.raises(sk.InvalidOperatorAction):
+        await app.dead_letters.purge(whole.seq, actor=ana, reason=" ")
+    with pytest.raises(NotReplayable):
+        await app.dead_letters.replay(cut.seq, actor=ana, reason="again")
+    await app.dead_letters.purge(whole.seq, actor=ana, reason="tidy", dry_run=True)
+    await app.dead_letters.replay(whole.seq, actor=ana, reason="fixed")
+    out = await app.dead_letters.purge(DeadLetterFilter(queue="q1"), actor=ana, reason="gone")
+    assert len(out.done) == 3
+    lines = await Operations(app.store).audit.list(AuditFilter(limit=20))
+    got = [(a.actor, a.action, a.target, a.outcome) for a in reversed(lines)]
+    one, two = f"dead-letter:{whole.seq}", f"dead-letter:{cut.seq}"
+    assert got[:4] == [
+        ("vic", "dead-letters.purge", one, "denied"),
+        ("ana", "dead-letters.purge", one, "failed"),
+        ("ana", "dead-letters.replay", two, "failed"),
+        ("ana", "dead-letters.replay", one, "done"),
+    ]  # the dry run recorded nothing
+    assert [(a.action, a.outcome) for a in lines[:4]] == [
+        ("bulk-dead-letters.purge", "done"),
+        *[("dead-letters.purge", "done")] * 3,
+    ]
+    assert lines[0].target.startswith("dead-letters:") and '"count":3' in (lines[0].detail or "")

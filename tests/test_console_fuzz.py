@@ -23,7 +23,7 @@ from sagakit.console.web.openapi import document
 
 schemathesis = pytest.importorskip("schemathesis")
 SCHEMA = schemathesis.openapi.from_dict(document())
-EXAMPLES = 30  #: per operation; 12 operations
+EXAMPLES = 30  #: per operation; 20 operations
 
 
 def _cli(*args: str) -> str:

@@ -165,3 +165,36 @@ def _actions(url: str) -> list[tuple[Any, ...]]:
         return [(a.action, a.dead_letter, a.actor, a.via, a.reason) for a in reversed(got)]
 
     return asyncio.run(read())
+
+
+def audit_lines(url: str) -> list[tuple[str, str, str, str, str, str | None]]:
+    async def read() -> list[tuple[str, str, str, str, str, str | None]]:
+        from sagakit.console import Audit
+
+        async with open_store(url) as store:
+            lines = await Audit(store).list()
+        return [(a.actor, a.via, a.action, a.target, a.outcome, a.source) for a in reversed(lines)]
+
+    return asyncio.run(read())
+
+
+def test_replay_and_purge_write_the_operator_audit(store_url: str) -> None:
+    env = {"SAGAKIT_STORE": store_url}
+    cut = sagakit("dead-letters", "replay", "3", "--reason", "again", "--actor", "bob", **env)
+    error_line(cut, 1)
+    dry = sagakit("dead-letters", "purge", "--all", "--reason", "x", "--dry-run", **env)
+    assert dry.returncode == 0, dry.stderr
+    ok_json(sagakit("dead-letters", "replay", "1", "--reason", "fixed", "--actor", "bob",
+                    "--json", **env))  # fmt: skip
+    ok_json(sagakit("dead-letters", "purge", "--queue", "bank", "--reason", "tidy",
+                    "--json", **env, SAGAKIT_ACTOR="eve"))  # fmt: skip
+    bulk = 'dead-letters:{"queue":"bank","error_type":null,"saga_id":null,' + (
+        '"older_than":null,"limit":100}'
+    )
+    assert audit_lines(store_url) == [
+        ("bob", "cli", "dead-letters.replay", "dead-letter:3", "failed", "cli"),
+        ("bob", "cli", "dead-letters.replay", "dead-letter:1", "done", "cli"),
+        ("eve", "cli", "dead-letters.purge", "dead-letter:2", "done", "cli"),
+        ("eve", "cli", "dead-letters.purge", "dead-letter:3", "done", "cli"),
+        ("eve", "cli", "bulk-dead-letters.purge", bulk, "done", "cli"),
+    ]

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from .choreography import ChoreographyDefinition, Flows
 from .clock import Clock
+from .console.dead_letters import DeadLetterAuditLog
 from .endpoint import HopPolicy
 from .errors import ConfigurationError, DuplicateRegistration, MissingCorrelation
 from .locks import Reservations
@@ -191,7 +192,9 @@ class App:
         #: process managers and stateless sagas (sagakit.process)
         self.processes = Processes(self.writer_for(self.store), coordinator)
         #: list, replay and purge the main store's dead letters
-        self.dead_letters = DeadLetters(self.store, self.transport)
+        self.dead_letters = DeadLetters(
+            self.store, self.transport, audit=DeadLetterAuditLog(self.store)
+        )
         #: atomic groups over registered resources (two-phase commit)
         self.twophase = TwoPhase(self.store, s.twophase)
         coordinator.twophase = self.twophase
@@ -334,7 +337,8 @@ class App:
 
     def dead_letters_of(self, participant: str) -> DeadLetters:
         """The dead letters of a participant with a database of its own."""
-        return DeadLetters(self.store_of(participant), self.transport)
+        store = self.store_of(participant)
+        return DeadLetters(store, self.transport, audit=DeadLetterAuditLog(store))
 
     def writer_for(self, store: Store) -> OutboxWriter:
         """The outbox writer of ``store``, chosen once for this App's transport."""

@@ -27,6 +27,7 @@ from . import __version__
 from .app import COORDINATOR, App, Settings
 from .choreography import TRACKER, check_cli
 from .console import cli as console_cli
+from .console import processes_cli
 from .errors import CommandFailed, ConfigurationError, SagakitError, is_outage
 from .observe.logging import configure as configure_logging
 from .ops import dead_letters_cli
@@ -503,6 +504,7 @@ def parser() -> argparse.ArgumentParser:
     twophase_cli.add_parser(sub)
     check_cli.add_parser(sub)
     console_cli.add_parser(sub)
+    processes_cli.add_parser(sub)
     return p
 
 

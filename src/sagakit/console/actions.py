@@ -9,17 +9,21 @@ not fit as ``failed``. A bulk action takes a :class:`~.query.SagaQuery`; its
 dry run returns the exact count and a sample of what it would take, and
 changes and records nothing.
 
-Extension points, for the features other packages bring (not implemented
-here): :meth:`Operations.extend` registers a handler for a named action on
-another kind of target, and :meth:`Operations.perform` runs it with the same
-checks and audit. Dead letters are not an extension: ``dead-letters.replay`` and
-``dead-letters.purge`` are queued commands like the saga actions
-(:mod:`.dead_letters`). The names reserved for the extensions:
+Extension points, for actions on other kinds of target: :meth:`Operations.extend`
+registers a handler for a named action, and :meth:`Operations.perform` runs
+it with the same checks and audit. A transactional handler gets a store
+transaction and its ``done`` line is written in it (the change and its audit
+commit together); one that acts outside the store (a database's prepared
+branch) gets none and its line follows it. Dead letters are not an
+extension: ``dead-letters.replay`` and ``dead-letters.purge`` are queued
+commands like the saga actions (:mod:`.dead_letters`). The extensions:
 
-- ``2pc.resolve`` — resolve an in-doubt two-phase-commit branch (commit or
-  roll back), target ``<gid>/<branch>``, params ``{"outcome": "commit"}``;
 - ``timer.fire`` / ``timer.cancel`` — fire a process manager's timer now, or
-  cancel it, target ``<process id>/<timer name>``.
+  cancel it, target ``timer:<process>/<key>/<timer>`` (:mod:`.timers`,
+  registered by every console);
+- ``2pc.resolve`` — commit or roll back an in-doubt two-phase-commit branch,
+  target ``2pc:<gid>``, params ``{"outcome": "commit"}`` (:mod:`.twophase`,
+  registered when the console is given the databases).
 """
 
 from __future__ import annotations
@@ -48,14 +52,16 @@ from .query import SagaQuery, select
 
 if TYPE_CHECKING:
     from ..ops import Actor
-    from ..store import SagaRecord, Store
+    from ..store import SagaRecord, Store, Tx
 
 #: action names reserved for the extension points (see the module docstring)
 RESERVED = ("2pc.resolve", "timer.fire", "timer.cancel")
 SAMPLE = 10
 MAX_REASON = 2000
 
-Extension = Callable[["Actor", str, str, dict[str, Any]], Awaitable[str | None]]
+#: ``handler(tx, actor, target, reason, params)`` -> a detail for the audit line;
+#: ``tx`` is None for a handler registered with ``transactional=False``
+Extension = Callable[["Tx | None", "Actor", str, str, dict[str, Any]], Awaitable[str | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +105,7 @@ class Operations:
         self.store = store
         self.audit = Audit(store)
         self.read_only = read_only
-        self.extensions: dict[str, Extension] = {}
+        self.extensions: dict[str, tuple[Extension, bool]] = {}
 
     async def submit(
         self, saga_id: str, req: ActionRequest, *, actor: Actor, source: str | None = None
@@ -164,11 +170,11 @@ class Operations:
 
     # -- extension points ------------------------------------------------------
 
-    def extend(self, name: str, handler: Extension) -> None:
+    def extend(self, name: str, handler: Extension, *, transactional: bool = True) -> None:
         """Register the handler of an action on another kind of target (see module doc)."""
         if name in self.extensions or name in SAGA_ACTIONS or name in DEAD_LETTER_ACTIONS:
             raise DuplicateRegistration(f"operator action {name!r} is already registered")
-        self.extensions[name] = handler
+        self.extensions[name] = (handler, transactional)
 
     async def perform(
         self,
@@ -180,19 +186,31 @@ class Operations:
         actor: Actor,
         source: str | None = None,
     ) -> str | None:
-        """Run a registered extension action with the checks and audit of the rest."""
-        handler = self.extensions.get(name)
-        if handler is None:
+        """Run a registered extension action with the checks and audit of the rest.
+
+        Refused (role, read-only, no reason): audited ``denied``/``failed``, raised.
+        The handler raising: its changes rolled back, audited ``failed``, raised.
+        """
+        found = self.extensions.get(name)
+        if found is None:
             hint = " (reserved; its feature has not registered it)" if name in RESERVED else ""
             raise UnknownAction(f"no operator action {name!r}{hint}")
+        handler, transactional = found
         req = ActionRequest(name, reason)
         await self.allowed(actor, req, target, source)
         try:
-            detail = await handler(actor, target, reason, params)
+            if not transactional:
+                detail = await handler(None, actor, target, reason, params)
+                line = self.entry(actor, name, target, reason, "done", source, detail)
+                await self.audit.append(line)
+                return detail
+            async with self.store.transaction() as tx:
+                detail = await handler(tx, actor, target, reason, params)
+                line = self.entry(actor, name, target, reason, "done", source, detail)
+                await self.audit.record(tx, line)
         except Exception as exc:
             await self.failed(actor, req, target, source, f"{type(exc).__name__}: {exc}")
             raise
-        await self.audit.append(self.entry(actor, name, target, reason, "done", source, detail))
         return detail
 
     # -- checks and audit ----------------------------------------------------------

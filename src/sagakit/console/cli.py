@@ -46,6 +46,11 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--read-only", action="store_true", help="refuse every action")
     c.add_argument("--proxy-header", help="trust this user header from --trusted-proxy")
     c.add_argument("--trusted-proxy", action="append", default=[], help="a proxy address")
+    c.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics without a token (loopback --host only)")  # fmt: skip
+    c.add_argument("--resource", action="append", default=[], metavar="NAME=URL",
+                   help="a 2PC database to list and resolve branches in doubt "
+                        "(repeatable; default $SAGAKIT_2PC_RESOURCES)")  # fmt: skip
     c.set_defaults(func=cmd_serve)
     tok = c.add_subparsers(dest="console_cmd").add_parser("token", help="API tokens")
     cmds = tok.add_subparsers(dest="token_cmd", required=True)
@@ -300,6 +305,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         read_only=args.read_only,
         proxy_header=args.proxy_header,
         trusted_proxies=tuple(args.trusted_proxy),
+        public_metrics=args.public_metrics,
     )
     definitions = {}
     if args.app:  # an App, or a factory of one: only its saga definitions are used
@@ -307,8 +313,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if built is None:
             raise ConfigurationError(f"{args.app} is not an App (nor has one as .app)")
         definitions = dict(built.sagas.definitions)
+    store = open_store(url, prefix=args.prefix)
     app = create_app(
-        open_store(url, prefix=args.prefix), options, definitions=definitions, manage_store=True
+        store, options, definitions=definitions, manage_store=True, twophase=_twophase(args, store)
     )
     print(
         f"sagakit console on http://{args.host}:{args.port}/ (store {url.split('@')[-1]})",
@@ -317,6 +324,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _twophase(args: argparse.Namespace, store: Store) -> Any:
+    """The 2PC databases given (``--resource``, ``$SAGAKIT_2PC_RESOURCES``), else None."""
+    from ..twophase import TwoPhase, TwoPhaseOptions
+    from ..twophase.cli import resources
+
+    if not args.resource and not os.environ.get("SAGAKIT_2PC_RESOURCES"):
+        return None
+    tp = TwoPhase(store, TwoPhaseOptions(recover_every=None, preflight=False))
+    for name, url in resources(args.resource).items():
+        tp.add(name, url)
+    return tp
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:

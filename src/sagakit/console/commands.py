@@ -119,7 +119,7 @@ class CommandExecutor:
                     raise DeadLetterNotFound(f"no dead letter {cmd.seq} (replayed or purged?)")
                 verb: Action = "replay" if cmd.action == "dead-letters.replay" else "purge"
                 await dead.act_in(tx, verb, letter, cmd.actor_of(), cmd.reason)
-                line = _line(cmd, store.clock.now(), "done", before=_fingerprint(letter.data))
+                line = _line(cmd, store.clock.now(), "done", before=fingerprint(letter.data))
                 await self.audit.record(tx, _with_detail(line, f"{verb} {letter.queue}"))
             await delivery.ack_in(store, tx)
         await delivery.ack()
@@ -199,7 +199,7 @@ def _line(
     )
 
 
-def _fingerprint(data: bytes) -> str:
+def fingerprint(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 

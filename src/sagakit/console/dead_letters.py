@@ -25,14 +25,15 @@ from ..errors import DeadLetterError, NotReplayable, UnknownAction
 from ..messages import new_id
 from ..ops.dead_letters import DeadLetters, replayable
 from .actions import SAMPLE, ActionRequest, Submitted
-from .commands import DEAD_LETTER_ACTIONS, OPERATOR_QUEUE, OperatorCommand, encode
+from .audit import Audit, AuditEntry
+from .commands import DEAD_LETTER_ACTIONS, OPERATOR_QUEUE, OperatorCommand, encode, fingerprint
 
 if TYPE_CHECKING:
     from ..ops import Actor
-    from ..ops.dead_letters import DeadLetterFilter
+    from ..ops.dead_letters import Action, DeadLetterFilter, DeadLetterOutcome
+    from ..store import Store, Tx
     from ..store.core import DeadLetter
     from .actions import Operations
-    from .audit import AuditEntry
 
 REPLAY, PURGE = DEAD_LETTER_ACTIONS
 
@@ -142,6 +143,59 @@ class DeadLetterOperations:
                 key = f"{cmd_id}/{target_of(letter.seq)}"
                 await self.store.queue.put(tx, OPERATOR_QUEUE, key, encode(cmd))
         return plan
+
+
+class DeadLetterAuditLog:
+    """The operator audit of ``app.dead_letters`` and ``sagakit dead-letters``.
+
+    :class:`~sagakit.ops.DeadLetters` acts at once (it has the transport);
+    this writes the lines the console's queued commands write: ``done`` in
+    the transaction of each replay or purge, a line for a bulk action, and
+    refusals — ``denied`` for a role that may not act, ``failed`` otherwise.
+    """
+
+    def __init__(self, store: Store, *, source: str | None = None) -> None:
+        self.audit = Audit(store)
+        self.clock = store.clock
+        self.source = source
+
+    async def done(
+        self, tx: Tx, action: Action, letter: DeadLetter, actor: Actor, reason: str
+    ) -> None:
+        line = self._line(actor, f"dead-letters.{action}", target_of(letter.seq), reason, "done")
+        detail = f"{action} {letter.queue}"
+        line = dataclasses.replace(line, before=fingerprint(letter.data), detail=detail)
+        await self.audit.record(tx, line)
+
+    async def refused(
+        self, action: Action, which: int | DeadLetterFilter, actor: Actor, reason: str, why: str
+    ) -> None:
+        name, target = self._named(action, which)
+        outcome = "failed" if actor.may_act() else "denied"
+        line = self._line(actor, name, target, reason, outcome)
+        await self.audit.append(dataclasses.replace(line, detail=why))
+
+    async def bulk(
+        self, out: DeadLetterOutcome, which: DeadLetterFilter, actor: Actor, reason: str
+    ) -> None:
+        name, target = self._named(out.action, which)
+        seqs = [d.seq for d in out.done]
+        detail = {"count": len(seqs), "refused": len(out.refused), "sample": seqs[:SAMPLE]}
+        line = self._line(actor, name, target, reason, "done")
+        await self.audit.append(
+            dataclasses.replace(line, detail=msgspec.json.encode(detail).decode())
+        )
+
+    def _named(self, action: str, which: int | DeadLetterFilter) -> tuple[str, str]:
+        if isinstance(which, int):
+            return f"dead-letters.{action}", target_of(which)
+        return f"bulk-dead-letters.{action}", "dead-letters:" + msgspec.json.encode(which).decode()
+
+    def _line(
+        self, actor: Actor, action: str, target: str, reason: str, outcome: str
+    ) -> AuditEntry:
+        return AuditEntry(self.clock.now(), actor.id, actor.role, actor.via, action,
+                          target[:500], reason[:2000], outcome, self.source)  # type: ignore[arg-type]  # fmt: skip
 
 
 def letter_json(d: DeadLetter) -> dict[str, Any]:

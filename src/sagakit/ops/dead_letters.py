@@ -22,17 +22,20 @@ Where the bytes go:
 A truncated letter (an oversize message keeps only a prefix) or bytes that
 are not an envelope cannot be replayed: :class:`~sagakit.errors.NotReplayable`
 says why. Replays and purges take an :class:`~sagakit.ops.Actor` and a
-reason, recorded in the ``dead_letter_actions`` table; a dry run changes
-nothing and records nothing.
+reason, recorded in the ``dead_letter_actions`` table and — given a
+:class:`DeadLetterAudit` (``app.dead_letters`` and the CLI have the
+console's) — in the operator audit too: each replay or purge in its own
+transaction, a bulk action's line, and refusals (``denied``, ``failed``). A
+dry run changes nothing and records nothing.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from ..errors import DeadLetterNotFound, InvalidOperatorAction, NotReplayable
+from ..errors import DeadLetterError, DeadLetterNotFound, InvalidOperatorAction, NotReplayable
 from ..messages import Envelope, Kind, peek
 from ..outbox import OUTBOX_QUEUE
 from ..saga.coordinator import LOCAL_QUEUE, TIMER_QUEUE
@@ -75,6 +78,25 @@ class DeadLetterOutcome:
     refused: list[tuple[DeadLetter, str]] = field(default_factory=list)
 
 
+class DeadLetterAudit(Protocol):
+    """Where replays and purges are also recorded (:class:`sagakit.console.DeadLetterAuditLog`)."""
+
+    async def done(
+        self, tx: Tx, action: Action, letter: DeadLetter, actor: Actor, reason: str
+    ) -> None:
+        """One letter replayed or purged, in the transaction that did it."""
+
+    async def refused(
+        self, action: Action, which: int | DeadLetterFilter, actor: Actor, reason: str, why: str
+    ) -> None:
+        """An action refused before it ran (who may not act, no reason, no letter)."""
+
+    async def bulk(
+        self, out: DeadLetterOutcome, which: DeadLetterFilter, actor: Actor, reason: str
+    ) -> None:
+        """A bulk action that ran: its own line, besides each letter's."""
+
+
 class DeadLetters:
     """``app.dead_letters``: one store's dead letters, and the transport to replay onto.
 
@@ -82,9 +104,16 @@ class DeadLetters:
     to live in the store, as on the database transport.
     """
 
-    def __init__(self, store: Store, transport: Transport | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        transport: Transport | None = None,
+        *,
+        audit: DeadLetterAudit | None = None,
+    ) -> None:
         self.store = store
         self.transport = transport
+        self.audit = audit
 
     async def get(self, seq: int) -> DeadLetter:
         """One dead letter by its number; :class:`DeadLetterNotFound` if it is gone."""
@@ -105,32 +134,60 @@ class DeadLetters:
         A single letter that cannot be replayed raises :class:`NotReplayable`;
         in a bulk replay it is reported in ``refused`` and the rest go on.
         """
-        _check(actor, reason, dry_run)
+        targets = await self._checked("replay", which, actor, reason, dry_run)
         out = DeadLetterOutcome("replay", dry_run)
-        for letter in await self._targets(which):
+        for letter in targets:
             try:
                 env = replayable(letter)
             except NotReplayable as exc:
                 if isinstance(which, int):
+                    if not dry_run:
+                        await self._refused("replay", which, actor, reason, str(exc))
                     raise
                 out.refused.append((letter, str(exc)))
                 continue
             if dry_run or await self._replay(letter, env, actor, reason):
                 out.done.append(letter)
-        return out
+        return await self._bulk_line(out, which, actor, reason)
 
     async def purge(
         self, which: int | DeadLetterFilter, *, actor: Actor, reason: str, dry_run: bool = False
     ) -> DeadLetterOutcome:
         """Delete one letter (or every matching one) for good, recording who and why."""
-        _check(actor, reason, dry_run)
+        targets = await self._checked("purge", which, actor, reason, dry_run)
         out = DeadLetterOutcome("purge", dry_run)
-        for letter in await self._targets(which):
+        for letter in targets:
             if dry_run or await self._purge(letter, actor, reason):
                 out.done.append(letter)
-        return out
+        return await self._bulk_line(out, which, actor, reason)
 
     # -- internals -----------------------------------------------------------
+
+    async def _checked(
+        self, action: Action, which: int | DeadLetterFilter, actor: Actor, reason: str,
+        dry_run: bool,
+    ) -> list[DeadLetter]:  # fmt: skip
+        """The letters to act on, once the actor and the reason pass (refusals audited)."""
+        try:
+            _check(actor, reason, dry_run)
+            return await self._targets(which)
+        except (InvalidOperatorAction, DeadLetterError) as exc:
+            if not dry_run:
+                await self._refused(action, which, actor, reason, str(exc))
+            raise
+
+    async def _refused(
+        self, action: Action, which: int | DeadLetterFilter, actor: Actor, reason: str, why: str
+    ) -> None:
+        if self.audit is not None:
+            await self.audit.refused(action, which, actor, reason, why)
+
+    async def _bulk_line(
+        self, out: DeadLetterOutcome, which: int | DeadLetterFilter, actor: Actor, reason: str
+    ) -> DeadLetterOutcome:
+        if self.audit is not None and not out.dry_run and isinstance(which, DeadLetterFilter):
+            await self.audit.bulk(out, which, actor, reason)
+        return out
 
     async def _matching(self, f: DeadLetterFilter) -> list[DeadLetter]:
         now = self.store.clock.now()
@@ -169,6 +226,8 @@ class DeadLetters:
             await self.store.dead_letter_log(
                 tx, _action("replay", letter, actor, reason, self.store)
             )
+            if self.audit is not None:
+                await self.audit.done(tx, "replay", letter, actor, reason)
         log.info(
             "dead letter %d replayed onto %s by %s: %s", letter.seq, letter.queue, actor, reason
         )
@@ -223,6 +282,8 @@ class DeadLetters:
             await self.store.dead_letter_log(
                 tx, _action("purge", letter, actor, reason, self.store)
             )
+            if self.audit is not None:
+                await self.audit.done(tx, "purge", letter, actor, reason)
         log.info("dead letter %d purged by %s: %s", letter.seq, actor, reason)
         return True
 

@@ -5,7 +5,8 @@ every queue is taken to be the store's own (the database transport);
 ``--transport URL`` publishes to a broker instead, for every queue but the
 store's own (timers, local steps, the outbox). Replay and purge want a
 ``--reason`` and record the ``--actor`` (default ``$SAGAKIT_ACTOR``, else the
-OS user) with it; ``--dry-run`` shows what would happen and changes nothing.
+OS user) with it — in the dead-letter log and in the operator audit
+(``sagakit audit list``); ``--dry-run`` shows what would happen and changes nothing.
 """
 
 from __future__ import annotations
@@ -155,7 +156,11 @@ async def _with(args: argparse.Namespace, body: Any, transport_url: str | None =
         if transport is not None:
             await transport.open()
             stack.push_async_callback(transport.close)
-        return await body(DeadLetters(store, transport))
+        from ..console.dead_letters import DeadLetterAuditLog  # the console's operator audit
+
+        return await body(
+            DeadLetters(store, transport, audit=DeadLetterAuditLog(store, source="cli"))
+        )
 
 
 def _filter_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -5,7 +5,8 @@ and the audit log; the databases to look in are given as ``--resource
 NAME=URL`` (repeatable; default ``$SAGAKIT_2PC_RESOURCES``, the same pairs
 separated by spaces). ``resolve`` wants ``--commit`` or ``--rollback`` and a
 ``--reason``, and records the ``--actor`` (default ``$SAGAKIT_ACTOR``, else
-the OS user) with it.
+the OS user) with it — in the 2PC log and in the operator audit
+(``sagakit audit list``), through the console's action model.
 """
 
 from __future__ import annotations
@@ -78,8 +79,18 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_resolve(args: argparse.Namespace) -> int:
     actor = _actor(args.actor)
 
-    def job(tp: TwoPhase) -> Awaitable[str]:
-        return tp.resolve(args.gid, args.action, actor=actor, reason=args.reason, force=args.force)
+    async def job(tp: TwoPhase) -> str:
+        """Through the console's action model: checked, and audited in its table too."""
+        from ..console.actions import Operations
+        from ..console.twophase import RESOLVE, TwoPhaseActions, params_of, target_of
+
+        ops = Operations(tp.store)
+        TwoPhaseActions(tp).register(ops)
+        params = params_of(args.gid, args.action, args.force)
+        detail = await ops.perform(
+            RESOLVE, target_of(args.gid), args.reason, params, actor=actor, source="cli"
+        )
+        return (detail or "").partition(": ")[2]
 
     outcome = _run(args, job)
     if args.json:

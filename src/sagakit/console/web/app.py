@@ -13,9 +13,12 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from ...errors import (
+    AmbiguousOutcome,
+    BranchNotFound,
     ConfigurationError,
     ConsoleError,
     DeadLetterNotFound,
+    FlowNotFound,
     InvalidOperatorAction,
     NotReplayable,
     SagakitError,
@@ -23,13 +26,14 @@ from ...errors import (
     StoreError,
     Unauthenticated,
 )
-from . import api, pages
+from . import api, api_flows, metrics, pages, pages_flows
 from .console import ANONYMOUS, Console, source_of
 from .options import ConsoleOptions
 
 if TYPE_CHECKING:
     from ...saga.definition import SagaDefinition
     from ...store import Store
+    from ...twophase import TwoPhase
 
 log = logging.getLogger("sagakit.console")
 
@@ -49,18 +53,24 @@ def create_app(
     *,
     definitions: dict[tuple[str, int], SagaDefinition[Any]] | None = None,
     manage_store: bool = False,
+    twophase: TwoPhase | None = None,
 ) -> Starlette:
-    """The console over ``store``; with ``manage_store`` it opens and closes the store."""
-    c = Console(store, options or ConsoleOptions(), definitions or {})
+    """The console over ``store``; with ``manage_store`` it opens and closes the store
+    (and starts and stops ``twophase``, the databases of two-phase commit)."""
+    c = Console(store, options or ConsoleOptions(), definitions or {}, twophase)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if manage_store:
             await store.open(migrate=False)
+            if twophase is not None:
+                await twophase.start(recover=False)
         try:
             yield
         finally:
             if manage_store:
+                if twophase is not None:
+                    await twophase.stop()
                 await store.close()
 
     return Starlette(routes=_routes(c), lifespan=lifespan)
@@ -79,11 +89,20 @@ def _routes(c: Console) -> list[Route]:
         r("/api/dead-letters", api.dead_letters),
         r("/api/dead-letters/bulk/{action}", api.dead_letter_bulk, ("POST",)),
         r("/api/dead-letters/{seq:int}/{action}", api.dead_letter_act, ("POST",)),
+        r("/api/flows", api_flows.list_flows),
+        r("/api/flows/{correlation_id}", api_flows.get_flow),
+        r("/api/processes", api_flows.list_processes),
+        r("/api/processes/{process}/{key}", api_flows.get_process),
+        r("/api/processes/{process}/{key}/timers/{timer}/{action}", api_flows.timer_act, ("POST",)),
+        r("/api/timers/bulk/{action}", api_flows.timer_bulk, ("POST",)),
+        r("/api/2pc", api_flows.list_in_doubt),
+        r("/api/2pc/{gid}/resolve", api_flows.resolve, ("POST",)),
         r("/api/health", api.get_health),
         r("/api/tokens", api.tokens_list),
         r("/api/tokens", api.token_create, ("POST",)),
         r("/api/tokens/{token_id}", api.token_revoke, ("DELETE",)),
         r("/api/openapi.json", api.openapi),
+        r("/metrics", metrics.metrics),
         r("/", pages.home, html=True),
         r("/login", pages.login_form, html=True),
         r("/login", pages.login, ("POST",), html=True),
@@ -95,6 +114,19 @@ def _routes(c: Console) -> list[Route]:
         r("/dead-letters", pages.dead_letter_page, html=True),
         r("/dead-letters/act", pages.dead_letter_action, ("POST",), html=True),
         r("/dead-letters/bulk", pages.dead_letter_bulk, ("POST",), html=True),
+        r("/flows", pages_flows.flow_list, html=True),
+        r("/flows/{correlation_id}", pages_flows.flow_page, html=True),
+        r("/processes", pages_flows.process_list, html=True),
+        r("/processes/bulk", pages_flows.timer_bulk, ("POST",), html=True),
+        r("/processes/{process}/{key}", pages_flows.process_page, html=True),
+        r(
+            "/processes/{process}/{key}/timers/{timer}",
+            pages_flows.timer_action,
+            ("POST",),
+            html=True,
+        ),
+        r("/2pc", pages_flows.in_doubt_page, html=True),
+        r("/2pc/resolve", pages_flows.resolve_action, ("POST",), html=True),
         r("/audit", pages.audit_page, html=True),
         r("/health", pages.health_page, html=True),
         r("/static/console.js", pages.script),
@@ -144,8 +176,10 @@ def status_of(exc: Exception) -> int:
     """The HTTP status of an exception a handler raised."""
     if isinstance(exc, ConsoleError):
         return exc.status
-    if isinstance(exc, SagaNotFound | DeadLetterNotFound):
+    if isinstance(exc, SagaNotFound | DeadLetterNotFound | BranchNotFound | FlowNotFound):
         return 404
+    if isinstance(exc, AmbiguousOutcome):
+        return 409
     if isinstance(exc, NotReplayable):
         return 409
     if isinstance(exc, InvalidOperatorAction):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 from urllib.parse import parse_qs
 
 import msgspec
@@ -74,6 +74,33 @@ class DeadLetterBulkBody(msgspec.Struct, forbid_unknown_fields=True):
     dry_run: bool = True
 
 
+class ReasonBody(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /api/processes/{process}/{key}/timers/{timer}/{fire|cancel}``."""
+
+    reason: str
+
+
+class ResolveBody(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /api/2pc/{gid}/resolve``."""
+
+    reason: str
+    outcome: Literal["commit", "rollback"]
+    #: roll back even a branch whose group has a commit record (splits the group)
+    force: bool = False
+
+
+class TimerBulkBody(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /api/timers/bulk/{fire|cancel}``: this timer of every matching instance."""
+
+    reason: str
+    timer: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    process: str | None = None
+    status: str | None = None
+    correlation_id: str | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
+    dry_run: bool = True
+
+
 class TokenBody(msgspec.Struct, forbid_unknown_fields=True):
     """``POST /api/tokens``."""
 
@@ -85,12 +112,12 @@ async def raw(request: Request, limit: int) -> bytes:
     """The body, refused with 413 past ``limit`` bytes (read no further than that)."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise _error(413, f"the body is larger than {limit} bytes")
+        raise http_error(413, f"the body is larger than {limit} bytes")
     data = bytearray()
     async for chunk in request.stream():
         data += chunk
         if len(data) > limit:
-            raise _error(413, f"the body is larger than {limit} bytes")
+            raise http_error(413, f"the body is larger than {limit} bytes")
     return bytes(data)
 
 
@@ -98,30 +125,31 @@ async def json_body(request: Request, cls: type[T], limit: int) -> T:
     """A JSON body of type ``cls``: 415 if not JSON, 400 if malformed, 422 if off-schema."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip()
     if ctype != "application/json":
-        raise _error(415, "send the body as application/json")
+        raise http_error(415, "send the body as application/json")
     data = await raw(request, limit)
     try:
         return msgspec.json.decode(data, type=cls)
     except msgspec.ValidationError as exc:
-        raise _error(422, f"invalid body: {exc}") from None
+        raise http_error(422, f"invalid body: {exc}") from None
     except msgspec.DecodeError as exc:
-        raise _error(400, f"malformed JSON: {exc}") from None
+        raise http_error(400, f"malformed JSON: {exc}") from None
 
 
 async def form_body(request: Request, limit: int) -> dict[str, str]:
     """A urlencoded form (the dashboard's), first value of each field."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip()
     if ctype != "application/x-www-form-urlencoded":
-        raise _error(415, "send the form as application/x-www-form-urlencoded")
+        raise http_error(415, "send the form as application/x-www-form-urlencoded")
     data = await raw(request, limit)
     try:
         fields = parse_qs(data.decode(), keep_blank_values=True, strict_parsing=False)
     except UnicodeDecodeError:
-        raise _error(400, "the form is not UTF-8") from None
+        raise http_error(400, "the form is not UTF-8") from None
     return {k: v[0] for k, v in fields.items()}
 
 
-def _error(status: int, message: str) -> ConsoleError:
+def http_error(status: int, message: str) -> ConsoleError:
+    """A :class:`ConsoleError` answered with ``status``."""
     exc = ConsoleError(message)
     exc.status = status
     return exc

@@ -6,10 +6,13 @@ import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ...choreography.queries import Flows
 from ...ops import Actor
 from ..actions import Operations
 from ..dead_letters import DeadLetterOperations
+from ..timers import TimerActions
 from ..tokens import Tokens
+from ..twophase import TwoPhaseActions
 from .auth import Authenticator, Caller, csrf_ok
 from .options import ConsoleOptions
 
@@ -18,6 +21,7 @@ if TYPE_CHECKING:
 
     from ...saga.definition import SagaDefinition
     from ...store import Store
+    from ...twophase import TwoPhase
 
 ANONYMOUS = Actor("anonymous", role="viewer", via="http")
 
@@ -30,10 +34,19 @@ class Console:
     options: ConsoleOptions = field(default_factory=ConsoleOptions)
     #: the saga definitions, when known (``--app``): the diagram and the pivot
     definitions: dict[tuple[str, int], SagaDefinition[Any]] = field(default_factory=dict)
+    #: the databases of two-phase commit (started), to list and resolve branches in doubt
+    twophase: TwoPhase | None = None
 
     def __post_init__(self) -> None:
         self.ops = Operations(self.store, read_only=self.options.read_only)
         self.dead_letters = DeadLetterOperations(self.ops)
+        self.flows = Flows(self.store)
+        #: the ``/metrics`` registry, built on the first scrape
+        self.metrics: Any = None
+        TimerActions(self.store).register(self.ops)
+        self.in_doubt = TwoPhaseActions(self.twophase) if self.twophase else None
+        if self.in_doubt is not None:
+            self.in_doubt.register(self.ops)
         self.tokens = Tokens(self.store)
         self.auth = Authenticator(self.tokens, self.options, secrets.token_bytes(32))
 

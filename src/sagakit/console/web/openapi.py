@@ -109,6 +109,59 @@ def _dead_letter_paths() -> dict[str, Any]:
     }
 
 
+_REASON = {"type": "string", "minLength": 1, "maxLength": 2000}
+_NAME = {"type": "string", "minLength": 1, "maxLength": 200}
+_LIMIT = _param("limit", {"type": "integer", "minimum": 1, "maximum": 10000})
+
+
+def _get(params: list[dict[str, Any]], *codes: str) -> dict[str, Any]:
+    extra = {code: _ERR for code in codes}
+    return {
+        "get": {"parameters": params, "responses": {**_ok({"type": "object"}), **_DENIED, **extra}}
+    }
+
+
+def _post(params: list[dict[str, Any]], body: dict[str, Any]) -> dict[str, Any]:
+    responses = {**_ok({"type": "object"}), **_DENIED, **_ACTING, "404": _ERR, "409": _ERR}
+    return {"post": {"parameters": params, "requestBody": _body(body), "responses": responses}}
+
+
+def _object(required: list[str], **props: Any) -> dict[str, Any]:
+    return {"type": "object", "required": required, "additionalProperties": False,
+            "properties": props}  # fmt: skip
+
+
+def _flow_paths() -> dict[str, Any]:
+    """Choreography flows, process managers and their timers, 2PC branches in doubt."""
+    path = [_param(n, _NAME, "path") for n in ("process", "key", "timer")]
+    timer_action = _param("action", {"type": "string", "enum": ["fire", "cancel"]}, "path")
+    done = _param("done", {"type": "string", "enum": ["true", "false"]})
+    timers = _param("timers", {"type": "string", "enum": ["pending"]})
+    by = [_param(n, _STR) for n in ("process", "status", "correlation_id")]
+    bulk = _object(["reason", "timer"], reason=_REASON, timer=_NAME, process=_STR, status=_STR,
+                   correlation_id=_STR, dry_run={"type": "boolean"},
+                   limit={"type": "integer", "minimum": 1, "maximum": 10000})  # fmt: skip
+    outcome = {"type": "string", "enum": ["commit", "rollback"]}
+    resolve = _object(
+        ["reason", "outcome"], reason=_REASON, outcome=outcome, force={"type": "boolean"}
+    )
+    flow_by = [_param(n, _STR) for n in ("flow", "status", "correlation_id")]
+    return {
+        "/api/flows": _get([*flow_by, _LIMIT], "422"),
+        "/api/flows/{correlation_id}": _get(
+            [_param("correlation_id", _STR, "path"), _param("flow", _STR)], "404"
+        ),
+        "/api/processes": _get([*by, done, timers, _LIMIT], "422"),
+        "/api/processes/{process}/{key}": _get(path[:2], "404", "422"),
+        "/api/processes/{process}/{key}/timers/{timer}/{action}": _post(
+            [*path, timer_action], _object(["reason"], reason=_REASON)
+        ),
+        "/api/timers/bulk/{action}": _post([timer_action], bulk),
+        "/api/2pc": _get([], "503"),
+        "/api/2pc/{gid}/resolve": _post([_param("gid", _NAME, "path")], resolve),
+    }
+
+
 def _body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": schema}}}
 
@@ -202,6 +255,7 @@ def document() -> dict[str, Any]:
                 }
             },
             **_dead_letter_paths(),
+            **_flow_paths(),
             "/api/health": {"get": {"responses": {**_ok({"type": "object"}), **_DENIED}}},
             "/api/tokens": {
                 "get": {"responses": {**_ok({"type": "array"}), **_DENIED}},

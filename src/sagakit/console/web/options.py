@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from ...errors import ConfigurationError
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
 
 @dataclass(frozen=True, slots=True)
 class ConsoleOptions:
@@ -30,9 +32,15 @@ class ConsoleOptions:
     refresh: float = 5.0
     #: send the session cookie only over HTTPS (set when served behind TLS)
     secure_cookie: bool = False
+    #: serve ``/metrics`` without a token (only on a loopback ``host``)
+    public_metrics: bool = False
+    #: seconds without progress after which ``/metrics`` counts a saga as stuck
+    stuck_after: float = 300.0
 
     def __post_init__(self) -> None:
         if self.proxy_header and not self.trusted_proxies:
             raise ConfigurationError("proxy_header needs trusted_proxies (an allow-list)")
+        if self.public_metrics and self.host not in LOOPBACK:
+            raise ConfigurationError("public_metrics only on a loopback host (127.0.0.1, ::1)")
         if not 1 <= self.max_body <= 16 * 1024 * 1024:
             raise ConfigurationError("max_body must be between 1 byte and 16 MiB")

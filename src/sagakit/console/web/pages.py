@@ -40,7 +40,12 @@ ENV = jinja2.Environment(
 ENV.filters["ago"] = lambda t: _ago(time.time() - t) if t else "-"
 ENV.filters["short"] = lambda s: (s or "")[:12]
 ENV.filters["q"] = lambda s: quote(str(s), safe="")
+ENV.filters["due"] = lambda t: _due(t - time.time())
 ACTION_WAIT = 5.0  #: seconds a form waits for its command's outcome before redirecting
+
+
+def _due(seconds: float) -> str:
+    return "in " + _ago(seconds).removesuffix(" ago") if seconds > 0 else _ago(-seconds)
 
 
 def _ago(seconds: float) -> str:
