@@ -27,6 +27,7 @@ from ..saga.machine import Started
 from .attempts import Attempt, decided_at, ended
 from .hooks import Hooks
 from .logging import MessageContext
+from .traceparent import sampled, trace_id
 
 if TYPE_CHECKING:
     from ..app import App
@@ -47,13 +48,17 @@ class TelemetryOptions:
     """What to observe and how.
 
     ``events_parent``: a handled event's span is a child of the publisher's
-    (default: a new trace linked to it). ``stuck_after``: the age without
+    (default: a new trace linked to it). ``send_spans``: a ``send`` span for
+    every message, also for the commands and replies written while a message
+    is processed (default: those carry the ``process`` span's context, one
+    span less per hop). ``stuck_after``: the age without
     progress at which ``sagakit_sagas_stuck`` counts a saga (None: the App's
     ``Settings.stuck_after``, else 300 s). ``long_retry``: the attempt from
     which ``sagakit_steps_long_retrying`` counts a step.
     """
 
     events_parent: bool = False
+    send_spans: bool = False
     stuck_after: float | None = None
     long_retry: int = 5
 
@@ -77,7 +82,11 @@ class Telemetry(Hooks):
         if tracing:
             from .tracing import Tracing
 
-            self.tracing = Tracing(tracer_provider, events_parent=self.options.events_parent)
+            self.tracing = Tracing(
+                tracer_provider,
+                events_parent=self.options.events_parent,
+                send_spans=self.options.send_spans,
+            )
         if metrics:
             from .metrics import Metrics
 
@@ -144,6 +153,8 @@ class Telemetry(Hooks):
         event: Event,
     ) -> None:
         super().decided(tx, rec, defn, before, decision, event)
+        if self.metrics is None and not sampled(before.progress.trace):
+            return  # an unsampled saga and no metrics: nothing to record
         now = decided_at(before, decision, time.time())
         attempts = ended(defn, before, decision, event, now)
         after = decision.instance
@@ -213,8 +224,9 @@ class _Both:
 
 
 def _count_attempt(m: Metrics, inst: Instance, a: Attempt, now: float) -> None:
-    tp = inst.progress.trace  # 00-TRACEID-SPANID-FLAGS
-    ex = {"trace_id": tp[3:35]} if tp and len(tp) == 55 else None
+    tp = inst.progress.trace  # an exemplar points at a trace only if it was recorded
+    tid = trace_id(tp) if sampled(tp) else None
+    ex = {"trace_id": tid} if tid is not None else None
     m.child(m.step_duration, inst.type, a.step, a.phase).observe(now - a.started, ex)
     m.child(m.attempts, inst.type, a.step, a.phase, a.outcome).inc()
     if a.failed and a.outcome != "cancelled":

@@ -6,11 +6,16 @@ OTLP exporter, configured by the standard ``OTEL_*`` variables). With no SDK
 installed every span is a no-op.
 
 Messaging spans follow the OpenTelemetry messaging conventions:
-``send <destination>`` (PRODUCER) when a message is written to the outbox, its
-context injected as the envelope's ``traceparent``; ``process <queue>``
-(CONSUMER) around the hop. A command or reply continues the sender's trace;
-an event starts a trace of its own linked to the sender (``events_parent``
-makes it a child instead).
+``process <queue>`` (CONSUMER) around the hop; ``send <destination>``
+(PRODUCER) when a message is written to the outbox outside a hop (a saga's
+first command is created in ``saga.start``, so it has none either) and for
+every event, its context injected as the envelope's ``traceparent``. A command
+or reply written while a message is processed carries the ``process`` span's
+context instead: that span covers the transaction that creates the message,
+and the conventions make "create" spans optional (``send_spans`` makes a
+``send`` span for every message). A command or reply continues the sender's
+trace; an event starts a trace of its own linked to the sender
+(``events_parent`` makes it a child instead).
 
 Saga spans have saga meaning. ``saga.start TYPE`` is a short span whose
 context is stored in the instance's progress record; every step attempt is
@@ -26,6 +31,7 @@ from __future__ import annotations
 import math
 import re
 from contextlib import AbstractContextManager
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError
@@ -57,6 +63,9 @@ if TYPE_CHECKING:
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 NS = 1_000_000_000
 
+#: the recording span sagakit made current in this task (a hop's, a saga start's)
+_OWN: ContextVar[Any] = ContextVar("sagakit_span", default=None)
+
 
 def parse(traceparent: str | None) -> SpanContext | None:
     """A remote span context from a W3C ``traceparent`` (None if absent or invalid)."""
@@ -83,13 +92,20 @@ class Tracing:
     """Makes sagakit's spans with one OpenTelemetry tracer."""
 
     def __init__(
-        self, provider: Any = None, *, system: str = "sagakit", events_parent: bool = False
+        self,
+        provider: Any = None,
+        *,
+        system: str = "sagakit",
+        events_parent: bool = False,
+        send_spans: bool = False,
     ) -> None:
         from .. import __version__
 
         self.tracer = trace.get_tracer("sagakit", __version__, tracer_provider=provider)
         self.system = system
         self.events_parent = events_parent
+        self.send_spans = send_spans
+        self._fixed: dict[tuple[str, str], dict[str, Any]] = {}
 
     # -- messaging --------------------------------------------------------------
 
@@ -110,9 +126,13 @@ class Tracing:
         return Current(span, end=True)
 
     def send(self, env: Envelope, destination: str) -> None:
-        """A PRODUCER span for one outgoing message; its context goes in the envelope."""
-        current = trace.get_current_span().get_span_context()
-        if current.is_valid and not current.trace_flags.sampled:
+        """The outgoing message's trace context: the hop's, or a PRODUCER span's."""
+        span = trace.get_current_span()
+        current = span.get_span_context()
+        if current.is_valid and (
+            not current.trace_flags.sampled
+            or (span is _OWN.get() and env.kind != "event" and not self.send_spans)
+        ):
             env.headers.traceparent = format_traceparent(current)
             return
         span = self.tracer.start_span(
@@ -132,12 +152,17 @@ class Tracing:
             env.headers.traceparent = format_traceparent(current)
 
     def _messaging(self, env: Envelope, destination: str, op: str) -> dict[str, Any]:
+        fixed = self._fixed.get((destination, op))
+        if fixed is None:
+            fixed = self._fixed[destination, op] = {
+                "messaging.system": self.system,
+                "messaging.operation.name": op,
+                "messaging.operation.type": op,
+                "messaging.destination.name": destination,
+            }
         h = env.headers
-        attrs: dict[str, Any] = {
-            "messaging.system": self.system,
-            "messaging.operation.name": op,
-            "messaging.operation.type": op,
-            "messaging.destination.name": destination,
+        attrs = {
+            **fixed,
             "messaging.message.id": env.id,
             "sagakit.message.type": env.type,
             "sagakit.message.kind": env.kind,
@@ -156,12 +181,13 @@ class Tracing:
         self, defn: SagaDefinition[Any], saga_id: str, progress: Progress
     ) -> AbstractContextManager[Any]:
         """The short span of a saga's start; its context is stored in ``progress``."""
-        cm = self.tracer.start_as_current_span(
+        span = self.tracer.start_span(
             f"saga.start {defn.name}",
             kind=SpanKind.INTERNAL,
             attributes=_saga_attrs(saga_id, defn.name, defn.version, progress.correlation_id),
         )
-        return _Storing(cm, progress)
+        progress.trace = format_traceparent(span.get_span_context())
+        return Current(span, end=True)
 
     def attempt(self, inst: Instance, a: Attempt, end: float) -> None:
         """Emit the span of one finished step attempt, under the saga's start span."""
@@ -220,39 +246,28 @@ class Current:
     """Makes a span current for a ``with`` block, and ends it if ``end``
     (what ``use_span`` does, for less)."""
 
-    __slots__ = ("end", "span", "token")
+    __slots__ = ("end", "own", "span", "token")
 
     def __init__(self, span: Any, *, end: bool = False) -> None:
         self.span, self.end = span, end
         self.token: object = None
+        self.own: Token[Any] | None = None
 
     def __enter__(self) -> Any:
         self.token = context.attach(trace.set_span_in_context(self.span))
+        if self.end:
+            self.own = _OWN.set(self.span)
         return self.span
 
     def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
         context.detach(self.token)  # type: ignore[arg-type]
-        if not self.end:
+        if self.own is None:
             return
+        _OWN.reset(self.own)
         if exc is not None and isinstance(exc, Exception):
             self.span.record_exception(exc)
             self.span.set_status(Status(StatusCode.ERROR, f"{kind.__name__}: {exc}"))
         self.span.end()
-
-
-class _Storing:
-    """Enters a span and writes its traceparent into a progress record."""
-
-    def __init__(self, cm: AbstractContextManager[Any], progress: Progress) -> None:
-        self.cm, self.progress = cm, progress
-
-    def __enter__(self) -> Any:
-        span = self.cm.__enter__()
-        self.progress.trace = format_traceparent(span.get_span_context())
-        return span
-
-    def __exit__(self, *exc: Any) -> Any:
-        return self.cm.__exit__(*exc)
 
 
 def _saga_attrs(saga_id: str, type_: str, version: int, correlation_id: str) -> dict[str, Any]:
