@@ -21,13 +21,13 @@ STEPS = ["reserve", "stock", "charge", "ship"]
 
 
 def traced(
-    tmp_path: Path, transport: str = "database", **options: Any
+    tmp_path: Path, transport: str = "database", settings: sk.Settings | None = None, **options: Any
 ) -> tuple[sk.App, InMemorySpanExporter]:
     """An App on SQLite whose spans go to an in-memory exporter (``options``: TelemetryOptions)."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    app = sk.App(f"sqlite:///{tmp_path}/t.db", transport)
+    app = sk.App(f"sqlite:///{tmp_path}/t.db", transport, settings=settings)
     telemetry = Telemetry(
         tracer_provider=provider, metrics=False, options=TelemetryOptions(**options)
     )
@@ -162,7 +162,7 @@ async def test_events_link_to_their_publisher_by_default(tmp_path: Path, parent:
     defn = app.saga(linear("pub", ["source"]))
     async with app:
         await app.sagas.start(defn, Data("x"))
-        await _until(lambda: bool(seen))
+        await until(lambda: bool(seen))
     spans = exporter.get_finished_spans()
     send = next(s for s in spans if s.name == "send test.Happened")
     process = next(s for s in spans if s.name == "process listener")
@@ -173,7 +173,7 @@ async def test_events_link_to_their_publisher_by_default(tmp_path: Path, parent:
         assert [link.context.span_id for link in process.links] == [send.context.span_id]
 
 
-async def _until(check: Any, timeout: float = 10.0) -> None:
+async def until(check: Any, timeout: float = 10.0) -> None:
     import asyncio
 
     for _ in range(int(timeout / 0.01)):

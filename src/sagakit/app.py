@@ -496,8 +496,9 @@ class App:
                 continue
             writer, hop, queue = self.writer_for(self.store), self.settings.hop, rt.pm.queue
             ep = Endpoint(queue, writer, rt.route, policy=hop, consumer=queue)
-            await self._consume(queue, ep)
             timers = Endpoint(queue, writer, rt.route, policy=hop, consumer=queue, trusted=True)
+            ep.hooks = timers.hooks = self.hooks  # spans and log context, as every hop
+            await self._consume(queue, ep)
             self._subs.append(self._store_consumer(timer_queue(rt.pm), timers.handle))
 
     def _start_housekeeping(self, coordinating: bool) -> None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..saga.machine import Started
 from .attempts import Attempt, decided_at, ended
-from .hooks import Hooks
+from .hooks import Finished, Hooks
 from .logging import MessageContext
 from .traceparent import sampled, trace_id
 
@@ -92,6 +92,7 @@ class Telemetry(Hooks):
 
             self.metrics = Metrics(registry)
         self.app: App | None = None
+        self._joined: frozenset[str] | None = None
 
     # -- wiring -------------------------------------------------------------------
 
@@ -127,6 +128,8 @@ class Telemetry(Hooks):
     def processing(self, env: Envelope, endpoint: str) -> AbstractContextManager[Any]:
         if self.tracing is None:
             return MessageContext(env)
+        if self._joined is None and self.app is not None:  # every registration is done
+            self._joined = self.tracing.joined = joined_types(self.app)
         return _Both(MessageContext(env), self.tracing.process(env, endpoint, endpoint))
 
     def sending(self, out: Outbox) -> None:
@@ -186,6 +189,11 @@ class Telemetry(Hooks):
                 self.metrics.child(self.metrics.started, inst.type).inc()
             if finished:
                 _count_finished(self.metrics, inst, now - created)
+
+    def finished(self, tx: Tx, what: Finished) -> None:
+        tracing = self.tracing
+        if tracing is not None and sampled(what.trace):
+            tx.on_commit(lambda: tracing.finished(what))
 
     def duplicate(self, consumer: str) -> None:
         if self.metrics is not None:
@@ -253,6 +261,15 @@ def register_twophase(m: Metrics, app: App) -> None:
 
     m.gauge("twophase_in_doubt", "Prepared branches of this node in doubt", [], in_doubt)
     m.gauge("twophase_oldest_prepared_age_seconds", "Age of the oldest branch in doubt", [], oldest)
+
+
+def joined_types(app: App) -> frozenset[str]:
+    """The event types that continue their publisher's trace: those of a tracked
+    choreography and those a process manager handles (one business transaction)."""
+    types = {t for d in app.flows.definitions.values() for t in d.watched()}
+    for pm in app.processes.managers.values():
+        types |= {trigger for kind, trigger in pm.handlers if kind in ("start", "message")}
+    return frozenset(types)
 
 
 def messaging_system(app: App) -> str:

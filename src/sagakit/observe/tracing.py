@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError
 from .attempts import Attempt
+from .hooks import Finished
 
 try:
     from opentelemetry import context, trace
@@ -105,6 +106,8 @@ class Tracing:
         self.system = system
         self.events_parent = events_parent
         self.send_spans = send_spans
+        #: event types that continue their publisher's trace (a flow's, a process manager's)
+        self.joined: frozenset[str] = frozenset()
         self._fixed: dict[tuple[str, str], dict[str, Any]] = {}
 
     # -- messaging --------------------------------------------------------------
@@ -114,7 +117,7 @@ class Tracing:
         sender = parse(env.headers.traceparent)
         links: list[Link] = []
         parent: Context | None = None
-        if sender is not None and env.kind == "event" and not self.events_parent:
+        if sender is not None and env.kind == "event" and not self._parents(env.type):
             links, parent = [Link(sender)], Context()
         elif sender is not None:
             if not sender.trace_flags.sampled:  # an unsampled trace stays so, at no cost
@@ -124,6 +127,9 @@ class Tracing:
         attrs["messaging.consumer.group.name"] = group
         span = self.tracer.start_span(f"process {queue}", parent, SpanKind.CONSUMER, attrs, links)
         return Current(span, end=True)
+
+    def _parents(self, event_type: str) -> bool:
+        return self.events_parent or event_type in self.joined
 
     def send(self, env: Envelope, destination: str) -> None:
         """The outgoing message's trace context: the hop's, or a PRODUCER span's."""
@@ -208,7 +214,8 @@ class Tracing:
         status = (
             Status(StatusCode.ERROR, a.error) if a.failed and a.outcome != "cancelled" else None
         )
-        self._emit(f"{verb} {inst.type}/{a.step}", inst.progress, attrs, a.started, end, status)
+        name = f"{verb} {inst.type}/{a.step}"
+        self._emit(name, inst.progress.trace, attrs, a.started, end, status)
 
     def saga_end(self, inst: Instance, created: float, end: float) -> None:
         """Emit the span of a whole saga, from its creation to its final state."""
@@ -219,18 +226,33 @@ class Tracing:
             attrs["error.type"] = inst.state.value
             status = Status(StatusCode.ERROR, inst.error or inst.state.value)
         start = math.floor(created * 1000) / 1000  # the resolution of the steps' times
-        self._emit(f"saga {inst.type}", inst.progress, attrs, start, end, status)
+        self._emit(f"saga {inst.type}", inst.progress.trace, attrs, start, end, status)
+
+    def finished(self, f: Finished) -> None:
+        """Emit the span of a flow or a process-manager instance, under its stored context."""
+        prefix = f"sagakit.{f.kind}."
+        attrs: dict[str, Any] = {prefix + "name": f.name, prefix + "outcome": f.outcome or ""}
+        if f.kind == "process":
+            attrs[prefix + "key"] = f.key
+        if f.correlation_id:
+            attrs["messaging.message.conversation_id"] = f.correlation_id
+        status = None
+        if f.error:
+            attrs["error.type"] = f.outcome or "error"
+            status = Status(StatusCode.ERROR, f.outcome)
+        name = f"flow {f.name}" if f.kind == "flow" else f"process-manager {f.name}"
+        self._emit(name, f.trace, attrs, f.started, f.ended, status)
 
     def _emit(
         self,
         name: str,
-        progress: Progress,
+        traceparent: str | None,
         attrs: dict[str, Any],
         start: float,
         end: float,
         status: Status | None,
     ) -> None:
-        stored = parse(progress.trace)
+        stored = parse(traceparent)
         if stored is not None and not stored.trace_flags.sampled:
             return  # the saga's trace was not sampled: neither are its steps
         parent = trace.set_span_in_context(NonRecordingSpan(stored)) if stored else Context()
