@@ -231,10 +231,15 @@ class _Both:
             self.outer.__exit__(*exc)
 
 
-def _count_attempt(m: Metrics, inst: Instance, a: Attempt, now: float) -> None:
-    tp = inst.progress.trace  # an exemplar points at a trace only if it was recorded
+def exemplar(inst: Instance) -> dict[str, str] | None:
+    """The saga's trace id for a histogram's exemplar, if its trace was recorded."""
+    tp = inst.progress.trace
     tid = trace_id(tp) if sampled(tp) else None
-    ex = {"trace_id": tid} if tid is not None else None
+    return {"trace_id": tid} if tid is not None else None
+
+
+def _count_attempt(m: Metrics, inst: Instance, a: Attempt, now: float) -> None:
+    ex = exemplar(inst)
     m.child(m.step_duration, inst.type, a.step, a.phase).observe(now - a.started, ex)
     m.child(m.attempts, inst.type, a.step, a.phase, a.outcome).inc()
     if a.failed and a.outcome != "cancelled":
@@ -247,7 +252,7 @@ def _count_attempt(m: Metrics, inst: Instance, a: Attempt, now: float) -> None:
 def _count_finished(m: Metrics, inst: Instance, duration: float) -> None:
     outcome = inst.state.value
     m.child(m.finished, inst.type, outcome).inc()
-    m.child(m.saga_duration, inst.type, outcome).observe(max(0.0, duration))
+    m.child(m.saga_duration, inst.type, outcome).observe(max(0.0, duration), exemplar(inst))
 
 
 def register_twophase(m: Metrics, app: App) -> None:
