@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,40 @@ async def test_the_trace_crosses_a_broker_through_the_relay(tmp_path: Path, redi
     assert sender.name == "process sagakit.coordinator"
     saga_traces = {s.context.trace_id for s in spans if s.name.startswith("saga")}
     assert saga_traces == {process.context.trace_id}
+
+
+async def test_an_unsampled_saga_makes_no_span_and_its_hops_keep_its_context(
+    tmp_path: Path,
+) -> None:
+    """With a parent-based sampler that says no, every hop runs in the saga's
+    unsampled context (a user's span in a handler joins it) and nothing is exported."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+
+    from tests.helpers import DidIt, Do
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = sk.App(f"sqlite:///{tmp_path}/t.db")
+    app.instrument(Telemetry(tracer_provider=provider, metrics=False))
+    seen: list[Any] = []
+    for name in ("first", "second"):
+
+        @app.participant(name).command(Do)
+        async def do(cmd: Do, ctx: sk.Context) -> DidIt:
+            with provider.get_tracer("user").start_as_current_span("user work"):
+                seen.append(trace.get_current_span().get_span_context())
+            return DidIt(1)
+
+    defn = app.saga(linear("quiet", ["first", "second"]))
+    async with app:
+        saga_id = await app.sagas.start(defn, Data("k"))
+        view = await app.sagas.wait(saga_id, timeout=10)
+        rec = await app.store.saga_get(saga_id)
+    assert view.state == sk.SagaState.COMPLETED and rec is not None
+    stored = json.loads(rec.progress)["trace"]
+    assert not int(stored[-2:], 16) & 1  # the start's "not sampled", kept with the saga
+    assert [f"{sc.trace_id:032x}" for sc in seen] == [stored.split("-")[1]] * 2
+    assert not any(sc.trace_flags.sampled for sc in seen)
+    assert exporter.get_finished_spans() == ()

@@ -177,13 +177,14 @@ class Telemetry(Hooks):
         created: float,
         now: float,
     ) -> None:
+        tracing = self.tracing if sampled(inst.progress.trace) else None
         for a in attempts:
-            if self.tracing is not None:
-                self.tracing.attempt(inst, a, now)
+            if tracing is not None:
+                tracing.attempt(inst, a, now)
             if self.metrics is not None:
                 _count_attempt(self.metrics, inst, a, now)
-        if finished and self.tracing is not None:
-            self.tracing.saga_end(inst, created, now)
+        if finished and tracing is not None:
+            tracing.saga_end(inst, created, now)
         if self.metrics is not None:
             if isinstance(event, Started):
                 self.metrics.child(self.metrics.started, inst.type).inc()

@@ -37,11 +37,13 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigurationError
 from .attempts import Attempt
 from .hooks import Finished
+from .traceparent import sampled
 
 try:
     from opentelemetry import context, trace
     from opentelemetry.context import Context
     from opentelemetry.trace import (
+        INVALID_SPAN,
         Link,
         NonRecordingSpan,
         SpanContext,
@@ -109,24 +111,37 @@ class Tracing:
         #: event types that continue their publisher's trace (a flow's, a process manager's)
         self.joined: frozenset[str] = frozenset()
         self._fixed: dict[tuple[str, str], dict[str, Any]] = {}
+        self._remote: dict[str, Any] = {}
 
     # -- messaging --------------------------------------------------------------
 
     def process(self, env: Envelope, queue: str, group: str) -> AbstractContextManager[Any]:
         """The CONSUMER span around one message's hop, made current."""
-        sender = parse(env.headers.traceparent)
+        tp = env.headers.traceparent
+        linked = env.kind == "event" and not self._parents(env.type)
+        if tp is not None and not linked and not sampled(tp):
+            return Current(self._unsampled(tp))  # an unsampled trace stays so, at no cost
+        sender = parse(tp)
         links: list[Link] = []
         parent: Context | None = None
-        if sender is not None and env.kind == "event" and not self._parents(env.type):
+        if sender is not None and linked:
             links, parent = [Link(sender)], Context()
         elif sender is not None:
-            if not sender.trace_flags.sampled:  # an unsampled trace stays so, at no cost
-                return Current(NonRecordingSpan(sender))
             parent = trace.set_span_in_context(NonRecordingSpan(sender), Context())
         attrs = self._messaging(env, queue, "process")
         attrs["messaging.consumer.group.name"] = group
         span = self.tracer.start_span(f"process {queue}", parent, SpanKind.CONSUMER, attrs, links)
         return Current(span, end=True)
+
+    def _unsampled(self, traceparent: str) -> Any:
+        """The current span of a hop in an unsampled trace (one per trace, reused)."""
+        span = self._remote.get(traceparent)
+        if span is None:
+            if len(self._remote) >= 1024:
+                self._remote.clear()
+            sc = parse(traceparent)
+            span = self._remote[traceparent] = Remote(sc, traceparent) if sc else INVALID_SPAN
+        return span
 
     def _parents(self, event_type: str) -> bool:
         return self.events_parent or event_type in self.joined
@@ -134,6 +149,9 @@ class Tracing:
     def send(self, env: Envelope, destination: str) -> None:
         """The outgoing message's trace context: the hop's, or a PRODUCER span's."""
         span = trace.get_current_span()
+        if type(span) is Remote:  # an unsampled hop: its context, as it came
+            env.headers.traceparent = span.traceparent
+            return
         current = span.get_span_context()
         if current.is_valid and (
             not current.trace_flags.sampled
@@ -262,6 +280,14 @@ class Tracing:
         if status is not None:
             span.set_status(status)
         span.end(end_time=int(max(end, start) * NS))
+
+
+class Remote(NonRecordingSpan):
+    """A sender's unsampled context, with the ``traceparent`` it came in."""
+
+    def __init__(self, context: SpanContext, traceparent: str) -> None:
+        super().__init__(context)
+        self.traceparent = traceparent
 
 
 class Current:
