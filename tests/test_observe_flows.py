@@ -94,7 +94,7 @@ async def test_a_process_manager_instance_is_one_trace_with_its_commands(tmp_pat
     assert "messaging.message.conversation_id" in a
     # its commands (two charges: one declined, one accepted) are in that trace
     commands = [
-        s for s in named(spans, "process ") if attrs(s)["sagakit.message.kind"] == "command"
+        s for s in named(spans, "process ") if attrs(s)["sagakit.message.type"] == "payments.Charge"
     ]
     assert len(commands) >= 2
     root = next(s for s in spans if s.parent is None)

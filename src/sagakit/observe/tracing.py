@@ -189,15 +189,12 @@ class Tracing:
             **fixed,
             "messaging.message.id": env.id,
             "sagakit.message.type": env.type,
-            "sagakit.message.kind": env.kind,
         }
         if h.correlation_id:
             attrs["messaging.message.conversation_id"] = h.correlation_id
         if h.saga_id:
             attrs["sagakit.saga.id"] = h.saga_id
-        if h.causation_id:
-            attrs["sagakit.causation_id"] = h.causation_id
-        return attrs
+        return attrs  # the kind is in the type, the causation in the span's parent
 
     # -- sagas ------------------------------------------------------------------
 
