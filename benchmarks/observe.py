@@ -6,11 +6,18 @@ no telemetry; Prometheus metrics only; OpenTelemetry tracing only (the SDK
 recording every span, batched to an exporter that counts and drops them, so
 the cost is sagakit's and the SDK's, not a network's); both; tracing, and
 both, with one trace in ten sampled (``parentbased_traceidratio`` 0.1). The
-modes run interleaved, ``--rounds`` times each, and the table gives the
-median. Spans per saga count the warm-up's sagas too (their spans are
+modes run interleaved, ``--rounds`` times each (after one dropped warm-up
+run; each round starts one mode later than the previous), and the table gives
+the median. Spans per saga count the warm-up's sagas too (their spans are
 exported with the rest).
 
     python benchmarks/observe.py [--duration 3] [--rounds 3] [--quick] [--json]
+    python benchmarks/observe.py --span-cost   # the SDK alone: CPU per span
+
+``--span-cost`` times the OpenTelemetry SDK by itself (no sagakit): start and
+end spans with 0, 5 and 10 attributes through the same batch processor and
+counting exporter, and prints the CPU time per span (the export thread's
+included), which bounds what any number of spans per saga can cost.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,11 +87,14 @@ async def one(mode: str, store: str, prefix: str, args: argparse.Namespace) -> d
 async def run(args: argparse.Namespace) -> list[list[Any]]:
     tmp = tempfile.mkdtemp(prefix="sagakit-observe-")
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+    prefix = f"sko{os.getpid()}_"
     try:
+        await one("off", f"sqlite:///{tmp}/warm.db", prefix, args)  # warms the process; dropped
         for r in range(args.rounds):
-            for i, mode in enumerate(MODES):
+            for k in range(len(MODES)):  # each round starts one mode later: no mode always first
+                i = (r + k) % len(MODES)
                 store = f"sqlite:///{tmp}/r{r}m{i}.db"
-                results[mode].append(await one(mode, store, f"sko{os.getpid()}_", args))
+                results[MODES[i]].append(await one(MODES[i], store, prefix, args))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     base = statistics.median(o["sagas_per_s"] for o in results["off"])
@@ -103,6 +114,23 @@ async def run(args: argparse.Namespace) -> list[list[Any]]:
                 round(statistics.median(o["spans"] / max(o["total_sagas"], 1) for o in outs), 1),
             ]
         )
+    return rows
+
+
+def span_cost(n: int = 20000) -> list[list[Any]]:
+    """CPU microseconds per SDK span with 0, 5 and 10 attributes (no sagakit)."""
+    rows = []
+    for count in (0, 5, 10):
+        exporter = Counting()
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        tracer = provider.get_tracer("span-cost")
+        attrs = {f"messaging.attribute_{i}": f"value-{i}" for i in range(count)}
+        t0 = time.process_time()
+        for _ in range(n):
+            tracer.start_span("process queue", attributes=attrs).end()
+        provider.shutdown()  # the export thread's work is counted too
+        rows.append([count, n, round((time.process_time() - t0) / n * 1e6, 1), exporter.spans])
     return rows
 
 
@@ -127,7 +155,13 @@ def main() -> None:
     ap.add_argument("--variant", choices=("happy", "compensate"), default="happy")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    ap.add_argument("--span-cost", action="store_true", help="time the SDK alone per span")
     args = ap.parse_args()
+    if args.span_cost:
+        hw = bl.hardware()
+        title = f"OpenTelemetry SDK alone, CPU per span; {hw['cpus']} CPUs, load {hw['load']}"
+        bl.print_table(title, ("attributes", "spans", "CPU µs/span", "exported"), span_cost())
+        return
     if args.quick:
         args.duration, args.warmup, args.rounds = 0.8, 0.2, 1
     logging.basicConfig(level=logging.WARNING)
