@@ -4,8 +4,10 @@ The saga of ``sagas.py`` (three participants and the coordinator in this
 process, database transport on SQLite), 32 sagas in flight, in four modes:
 no telemetry; Prometheus metrics only; OpenTelemetry tracing only (the SDK
 recording every span, batched to an exporter that counts and drops them, so
-the cost is sagakit's and the SDK's, not a network's); both; tracing, and
-both, with one trace in ten sampled (``parentbased_traceidratio`` 0.1). The
+the cost is sagakit's and the SDK's, not a network's); both; tracing with no
+trace sampled, and tracing and both with one trace in ten
+(``parentbased_traceidratio`` 0 and 0.1); and "hooks": a ``Telemetry`` with
+neither, which makes no span and no metric (what instrumenting alone costs). The
 modes run interleaved, ``--rounds`` times each (after one dropped warm-up
 run; each round starts one mode later than the previous), and the table gives
 the median. Spans per saga count the warm-up's sagas too (their spans are
@@ -42,7 +44,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 import sagakit as sk
 
-MODES = ("off", "metrics", "tracing", "both", "tracing 10%", "both 10%")
+MODES = ("off", "hooks", "metrics", "tracing", "both", "tracing 0%", "tracing 10%", "both 10%")
 
 
 class Counting(SpanExporter):
@@ -60,13 +62,13 @@ async def one(mode: str, store: str, prefix: str, args: argparse.Namespace) -> d
     c = Sagakit(store, prefix)
     exporter, provider = Counting(), None
     if mode != "off":
-        if mode != "metrics":
-            ratio = 0.1 if mode.endswith("10%") else 1.0
+        if mode not in ("metrics", "hooks"):
+            ratio = {"0%": 0.0, "10%": 0.1}.get(mode.rsplit(" ", 1)[-1], 1.0)
             provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
             provider.add_span_processor(BatchSpanProcessor(exporter))
         telemetry = sk.Telemetry(
             tracing=provider is not None,
-            metrics=not mode.startswith("tracing"),
+            metrics=not mode.startswith(("tracing", "hooks")),
             tracer_provider=provider,
         )
         c.app.instrument(telemetry)
