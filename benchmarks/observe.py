@@ -88,20 +88,21 @@ async def one(mode: str, store: str, prefix: str, args: argparse.Namespace) -> d
 
 async def run(args: argparse.Namespace) -> list[list[Any]]:
     tmp = tempfile.mkdtemp(prefix="sagakit-observe-")
-    results: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+    modes = tuple(args.modes)
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     prefix = f"sko{os.getpid()}_"
     try:
         await one("off", f"sqlite:///{tmp}/warm.db", prefix, args)  # warms the process; dropped
         for r in range(args.rounds):
-            for k in range(len(MODES)):  # each round starts one mode later: no mode always first
-                i = (r + k) % len(MODES)
+            for k in range(len(modes)):  # each round starts one mode later: no mode always first
+                i = (r + k) % len(modes)
                 store = f"sqlite:///{tmp}/r{r}m{i}.db"
-                results[MODES[i]].append(await one(MODES[i], store, prefix, args))
+                results[modes[i]].append(await one(modes[i], store, prefix, args))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     base = statistics.median(o["sagas_per_s"] for o in results["off"])
     rows = []
-    for mode in MODES:
+    for mode in modes:
         outs = results[mode]
         rate = statistics.median(o["sagas_per_s"] for o in outs)
         rows.append(
@@ -158,7 +159,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ap.add_argument("--span-cost", action="store_true", help="time the SDK alone per span")
+    ap.add_argument(
+        "--modes",
+        type=lambda v: [m.strip() for m in v.split(",")],
+        default=list(MODES),
+        help=f"comma-separated, 'off' first (default: {','.join(MODES)})",
+    )
     args = ap.parse_args()
+    if args.modes[0] != "off" or not set(args.modes) <= set(MODES):
+        ap.error(f"--modes: 'off' first, then any of {', '.join(MODES[1:])}")
     if args.span_cost:
         hw = bl.hardware()
         title = f"OpenTelemetry SDK alone, CPU per span; {hw['cpus']} CPUs, load {hw['load']}"
