@@ -4,11 +4,22 @@ The saga of ``sagas.py`` (three participants and the coordinator in this
 process, database transport on SQLite), 32 sagas in flight, in four modes:
 no telemetry; Prometheus metrics only; OpenTelemetry tracing only (the SDK
 recording every span, batched to an exporter that counts and drops them, so
-the cost is sagakit's and the SDK's, not a network's); both; both with one
-trace in ten sampled (``parentbased_traceidratio`` 0.1). The modes run
-interleaved, ``--rounds`` times each, and the table gives the median.
+the cost is sagakit's and the SDK's, not a network's); both; tracing with no
+trace sampled, and tracing and both with one trace in ten
+(``parentbased_traceidratio`` 0 and 0.1); and "hooks": a ``Telemetry`` with
+neither, which makes no span and no metric (what instrumenting alone costs). The
+modes run interleaved, ``--rounds`` times each (after one dropped warm-up
+run; each round starts one mode later than the previous), and the table gives
+the median. Spans per saga count the warm-up's sagas too (their spans are
+exported with the rest).
 
     python benchmarks/observe.py [--duration 3] [--rounds 3] [--quick] [--json]
+    python benchmarks/observe.py --span-cost   # the SDK alone: CPU per span
+
+``--span-cost`` times the OpenTelemetry SDK by itself (no sagakit): start and
+end spans with 0, 5 and 10 attributes through the same batch processor and
+counting exporter, and prints the CPU time per span (the export thread's
+included), which bounds what any number of spans per saga can cost.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +44,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 import sagakit as sk
 
-MODES = ("off", "metrics", "tracing", "both", "both 10%")
+MODES = ("off", "hooks", "metrics", "tracing", "both", "tracing 0%", "tracing 10%", "both 10%")
 
 
 class Counting(SpanExporter):
@@ -50,13 +62,13 @@ async def one(mode: str, store: str, prefix: str, args: argparse.Namespace) -> d
     c = Sagakit(store, prefix)
     exporter, provider = Counting(), None
     if mode != "off":
-        if mode != "metrics":
-            ratio = 0.1 if mode.endswith("10%") else 1.0
+        if mode not in ("metrics", "hooks"):
+            ratio = {"0%": 0.0, "10%": 0.1}.get(mode.rsplit(" ", 1)[-1], 1.0)
             provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
             provider.add_span_processor(BatchSpanProcessor(exporter))
         telemetry = sk.Telemetry(
             tracing=provider is not None,
-            metrics=mode != "tracing",
+            metrics=not mode.startswith(("tracing", "hooks")),
             tracer_provider=provider,
         )
         c.app.instrument(telemetry)
@@ -76,17 +88,21 @@ async def one(mode: str, store: str, prefix: str, args: argparse.Namespace) -> d
 
 async def run(args: argparse.Namespace) -> list[list[Any]]:
     tmp = tempfile.mkdtemp(prefix="sagakit-observe-")
-    results: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+    modes = tuple(args.modes)
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    prefix = f"sko{os.getpid()}_"
     try:
+        await one("off", f"sqlite:///{tmp}/warm.db", prefix, args)  # warms the process; dropped
         for r in range(args.rounds):
-            for i, mode in enumerate(MODES):
+            for k in range(len(modes)):  # each round starts one mode later: no mode always first
+                i = (r + k) % len(modes)
                 store = f"sqlite:///{tmp}/r{r}m{i}.db"
-                results[mode].append(await one(mode, store, f"sko{os.getpid()}_", args))
+                results[modes[i]].append(await one(modes[i], store, prefix, args))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     base = statistics.median(o["sagas_per_s"] for o in results["off"])
     rows = []
-    for mode in MODES:
+    for mode in modes:
         outs = results[mode]
         rate = statistics.median(o["sagas_per_s"] for o in outs)
         rows.append(
@@ -98,9 +114,26 @@ async def run(args: argparse.Namespace) -> list[list[Any]]:
                 statistics.median(o["p50_ms"] for o in outs),
                 statistics.median(o["p99_ms"] for o in outs),
                 statistics.median(o["cpu_ms_per_saga"] for o in outs),
-                round(statistics.median(o["spans"] / max(o["sagas"], 1) for o in outs), 1),
+                round(statistics.median(o["spans"] / max(o["total_sagas"], 1) for o in outs), 1),
             ]
         )
+    return rows
+
+
+def span_cost(n: int = 20000) -> list[list[Any]]:
+    """CPU microseconds per SDK span with 0, 5 and 10 attributes (no sagakit)."""
+    rows = []
+    for count in (0, 5, 10):
+        exporter = Counting()
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        tracer = provider.get_tracer("span-cost")
+        attrs = {f"messaging.attribute_{i}": f"value-{i}" for i in range(count)}
+        t0 = time.process_time()
+        for _ in range(n):
+            tracer.start_span("process queue", attributes=attrs).end()
+        provider.shutdown()  # the export thread's work is counted too
+        rows.append([count, n, round((time.process_time() - t0) / n * 1e6, 1), exporter.spans])
     return rows
 
 
@@ -125,7 +158,21 @@ def main() -> None:
     ap.add_argument("--variant", choices=("happy", "compensate"), default="happy")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    ap.add_argument("--span-cost", action="store_true", help="time the SDK alone per span")
+    ap.add_argument(
+        "--modes",
+        type=lambda v: [m.strip() for m in v.split(",")],
+        default=list(MODES),
+        help=f"comma-separated, 'off' first (default: {','.join(MODES)})",
+    )
     args = ap.parse_args()
+    if args.modes[0] != "off" or not set(args.modes) <= set(MODES):
+        ap.error(f"--modes: 'off' first, then any of {', '.join(MODES[1:])}")
+    if args.span_cost:
+        hw = bl.hardware()
+        title = f"OpenTelemetry SDK alone, CPU per span; {hw['cpus']} CPUs, load {hw['load']}"
+        bl.print_table(title, ("attributes", "spans", "CPU µs/span", "exported"), span_cost())
+        return
     if args.quick:
         args.duration, args.warmup, args.rounds = 0.8, 0.2, 1
     logging.basicConfig(level=logging.WARNING)

@@ -148,13 +148,19 @@ def test_a_gauge_name_is_registered_once() -> None:
         m.gauge("tracker_unmatched_events", "again", ["flow"], read)
 
 
-async def test_step_latencies_carry_the_trace_id_as_an_exemplar(tmp_path: Path) -> None:
+@pytest.mark.parametrize("recorded", [True, False])
+async def test_step_latencies_carry_the_trace_id_as_an_exemplar(
+    tmp_path: Path, recorded: bool
+) -> None:
+    """Step and saga durations point at the saga's trace, unless it was not sampled."""
     import httpx
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 
     from sagakit.observe.health import HealthServer
 
-    telemetry = Telemetry(tracer_provider=TracerProvider(), metrics=True)
+    sampler = ALWAYS_ON if recorded else ALWAYS_OFF
+    telemetry = Telemetry(tracer_provider=TracerProvider(sampler=sampler), metrics=True)
     app = sk.App(f"sqlite:///{tmp_path}/t.db")
     app.instrument(telemetry)
     bench(app, ["a"], Plan())
@@ -176,8 +182,13 @@ async def test_step_latencies_carry_the_trace_id_as_an_exemplar(tmp_path: Path) 
     trace = json.loads(rec.progress)["trace"]
     trace_id = trace.split("-")[1]
     assert om.headers["content-type"].startswith("application/openmetrics-text")
-    bucket = [line for line in om.text.splitlines() if "step_duration_seconds_bucket" in line]
-    assert any(f'# {{trace_id="{trace_id}"}}' in line for line in bucket)
+    for histogram in ("step_duration_seconds_bucket", "saga_duration_seconds_bucket"):
+        bucket = [line for line in om.text.splitlines() if histogram in line]
+        assert bucket
+        marked = any(f'# {{trace_id="{trace_id}"}}' in line for line in bucket)
+        assert marked is recorded
+    if not recorded:  # an unsampled trace id would point at nothing
+        assert "trace_id" not in om.text
     assert plain.headers["content-type"].startswith("text/plain")
     assert "trace_id" not in plain.text
 

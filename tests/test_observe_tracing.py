@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +14,25 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 import sagakit as sk
-from sagakit.observe import Telemetry
+from sagakit.observe import Telemetry, TelemetryOptions
 from tests.helpers import Data
 from tests.saga_harness import Plan, bench, linear
 
 STEPS = ["reserve", "stock", "charge", "ship"]
 
 
-def traced(tmp_path: Path, transport: str = "database") -> tuple[sk.App, InMemorySpanExporter]:
+def traced(
+    tmp_path: Path, transport: str = "database", settings: sk.Settings | None = None, **options: Any
+) -> tuple[sk.App, InMemorySpanExporter]:
+    """An App on SQLite whose spans go to an in-memory exporter (``options``: TelemetryOptions)."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    app = sk.App(f"sqlite:///{tmp_path}/t.db", transport)
-    app.instrument(Telemetry(tracer_provider=provider, metrics=False))
+    app = sk.App(f"sqlite:///{tmp_path}/t.db", transport, settings=settings)
+    telemetry = Telemetry(
+        tracer_provider=provider, metrics=False, options=TelemetryOptions(**options)
+    )
+    app.instrument(telemetry)
     return app, exporter
 
 
@@ -84,7 +91,7 @@ async def test_a_compensated_saga_is_one_trace_in_execution_order(tmp_path: Path
 
 
 async def test_messaging_spans_follow_the_conventions(tmp_path: Path) -> None:
-    app, exporter = traced(tmp_path)
+    app, exporter = traced(tmp_path, send_spans=True)
     bench(app, ["reserve"], Plan())
     defn = app.saga(linear("one", ["reserve"]))
     async with app:
@@ -101,23 +108,46 @@ async def test_messaging_spans_follow_the_conventions(tmp_path: Path) -> None:
     assert a["messaging.consumer.group.name"] == "reserve"
     assert a["messaging.message.conversation_id"] == "order-7"
     assert a["messaging.message.id"] == attrs(send)["messaging.message.id"]
+    assert attrs(send)["messaging.operation.type"] == "send"
     # a command continues its sender's trace: the consumer span is the producer's child
     assert process.parent is not None and process.parent.span_id == send.context.span_id
+    # with send_spans the reply written in the hop has its own PRODUCER span too
+    reply_send = next(s for s in spans if s.name == "send sagakit.coordinator")
+    assert reply_send.parent is not None and reply_send.parent.span_id == process.context.span_id
     reply = next(s for s in spans if s.name == "process sagakit.coordinator")
-    assert reply.context.trace_id == send.context.trace_id
+    assert reply.parent is not None and reply.parent.span_id == reply_send.context.span_id
+
+
+async def test_a_hop_is_the_creation_context_of_the_messages_it_writes(tmp_path: Path) -> None:
+    """By default a command or reply written during a hop gets no span of its own:
+    it carries the ``process`` span's context, and the start's command ``saga.start``'s."""
+    app, exporter = traced(tmp_path)
+    bench(app, ["reserve", "stock"], Plan())
+    defn = app.saga(linear("two", ["reserve", "stock"]))
+    async with app:
+        saga_id = await app.sagas.start(defn, Data("k"))
+        await app.sagas.wait(saga_id, timeout=10)
+    spans = exporter.get_finished_spans()
+    assert not [s for s in spans if s.kind is SpanKind.PRODUCER]
+    by_id = {s.context.span_id: s for s in spans}
+    chain = [s for s in spans if s.kind is SpanKind.CONSUMER]
+    parents = sorted((by_id[s.parent.span_id].name, s.name) for s in chain if s.parent is not None)
+    assert parents == [
+        ("process reserve", "process sagakit.coordinator"),
+        ("process sagakit.coordinator", "process stock"),
+        ("process stock", "process sagakit.coordinator"),
+        ("saga.start two", "process reserve"),
+    ]
+    assert len({s.context.trace_id for s in spans}) == 1
+    # start, two hops per step, a span per step attempt, the whole saga
+    assert len(spans) == 1 + 4 + 2 + 1
 
 
 @pytest.mark.parametrize("parent", [False, True])
 async def test_events_link_to_their_publisher_by_default(tmp_path: Path, parent: bool) -> None:
-    from sagakit.observe import TelemetryOptions
     from tests.helpers import DidIt, Do, Happened
 
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    app = sk.App(f"sqlite:///{tmp_path}/t.db")
-    options = TelemetryOptions(events_parent=parent)
-    app.instrument(Telemetry(tracer_provider=provider, metrics=False, options=options))
+    app, exporter = traced(tmp_path, events_parent=parent)
     source, listener = app.participant("source"), app.participant("listener")
     seen: list[str] = []
 
@@ -133,7 +163,7 @@ async def test_events_link_to_their_publisher_by_default(tmp_path: Path, parent:
     defn = app.saga(linear("pub", ["source"]))
     async with app:
         await app.sagas.start(defn, Data("x"))
-        await _until(lambda: bool(seen))
+        await until(lambda: bool(seen))
     spans = exporter.get_finished_spans()
     send = next(s for s in spans if s.name == "send test.Happened")
     process = next(s for s in spans if s.name == "process listener")
@@ -144,7 +174,7 @@ async def test_events_link_to_their_publisher_by_default(tmp_path: Path, parent:
         assert [link.context.span_id for link in process.links] == [send.context.span_id]
 
 
-async def _until(check: Any, timeout: float = 10.0) -> None:
+async def until(check: Any, timeout: float = 10.0) -> None:
     import asyncio
 
     for _ in range(int(timeout / 0.01)):
@@ -176,10 +206,48 @@ async def test_the_trace_crosses_a_broker_through_the_relay(tmp_path: Path, redi
         await raw.aclose()
     assert view.state == sk.SagaState.COMPLETED
     spans = exporter.get_finished_spans()
-    sends = {s.name: s for s in spans if s.kind is SpanKind.PRODUCER}
     process = next(s for s in spans if s.name == "process stock")
     assert attrs(process)["messaging.system"] == "redis"
+    # the command was written by the coordinator's hop, relayed, and consumed
     assert process.parent is not None
-    assert process.parent.span_id == sends["send stock"].context.span_id
+    sender = next(s for s in spans if s.context.span_id == process.parent.span_id)
+    assert sender.name == "process sagakit.coordinator"
     saga_traces = {s.context.trace_id for s in spans if s.name.startswith("saga")}
     assert saga_traces == {process.context.trace_id}
+
+
+async def test_an_unsampled_saga_makes_no_span_and_its_hops_keep_its_context(
+    tmp_path: Path,
+) -> None:
+    """With a parent-based sampler that says no, every hop runs in the saga's
+    unsampled context (a user's span in a handler joins it) and nothing is exported."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+
+    from tests.helpers import DidIt, Do
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = sk.App(f"sqlite:///{tmp_path}/t.db")
+    app.instrument(Telemetry(tracer_provider=provider, metrics=False))
+    seen: list[Any] = []
+    for name in ("first", "second"):
+
+        @app.participant(name).command(Do)
+        async def do(cmd: Do, ctx: sk.Context) -> DidIt:
+            with provider.get_tracer("user").start_as_current_span("user work"):
+                seen.append(trace.get_current_span().get_span_context())
+            return DidIt(1)
+
+    defn = app.saga(linear("quiet", ["first", "second"]))
+    async with app:
+        saga_id = await app.sagas.start(defn, Data("k"))
+        view = await app.sagas.wait(saga_id, timeout=10)
+        rec = await app.store.saga_get(saga_id)
+    assert view.state == sk.SagaState.COMPLETED and rec is not None
+    stored = json.loads(rec.progress)["trace"]
+    assert not int(stored[-2:], 16) & 1  # the start's "not sampled", kept with the saga
+    assert [f"{sc.trace_id:032x}" for sc in seen] == [stored.split("-")[1]] * 2
+    assert not any(sc.trace_flags.sampled for sc in seen)
+    assert exporter.get_finished_spans() == ()

@@ -139,8 +139,9 @@ class Workers:
                 continue
             writer, hop, queue = app.writer_for(app.store), app.settings.hop, rt.pm.queue
             ep = Endpoint(queue, writer, rt.route, policy=hop, consumer=queue)
-            await self._consume(queue, ep)
             timers = Endpoint(queue, writer, rt.route, policy=hop, consumer=queue, trusted=True)
+            ep.hooks = timers.hooks = app.hooks  # spans and log context, as every hop
+            await self._consume(queue, ep)
             self.subs.append(self._store_consumer(timer_queue(rt.pm), timers.handle))
 
     def _start_housekeeping(self, coordinating: bool) -> None:

@@ -21,9 +21,21 @@ from ..endpoint import Route, Scope
 from ..errors import MessageError
 from ..inbox import SUCCESS
 from ..messages import Envelope, caused_by, command
+from ..observe.hooks import Finished
 from .contract import ChoreographyDefinition
 from .rows import FlowRows
-from .tracker import Arrived, Decision, FlowState, Input, TimerDue, new_state, observe, status
+from .tracker import (
+    COMPLETED,
+    FINAL,
+    Arrived,
+    Decision,
+    FlowState,
+    Input,
+    TimerDue,
+    new_state,
+    observe,
+    status,
+)
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -65,7 +77,7 @@ class Tracker:
             return
         key, problem = self._key(scope)
         now = self.store.clock.now()
-        arrived = Arrived(env.type, env.id, now, problem)
+        arrived = Arrived(env.type, env.id, now, problem, trace=env.headers.traceparent)
         await self._run(scope, key, arrived, env)
         await scope.inbox.record(scope.tx, env, SUCCESS, None)
 
@@ -93,11 +105,24 @@ class Tracker:
     async def _run(self, scope: Scope, key: str, what: Input, env: Envelope | None) -> None:
         tx, now, name = scope.tx, self.store.clock.now(), self.defn.name
         state = await self.rows.lock(tx, name, key, now) or new_state(self.defn, key)
+        before = status(self.defn, state)
         decision = observe(self.defn, state, what)
         held = scope.codec.encode(env) if decision.hold and env is not None else None
         await self._persist(scope, decision, now, held)
+        after = decision.state
         if decision.release_held:
-            await self._release(scope, decision.state, now)
+            after = await self._release(scope, decision.state, now)
+        if before not in FINAL:
+            self._ended(scope, after, now)
+
+    def _ended(self, scope: Scope, st: FlowState, now: float) -> None:
+        """Tell the hooks if ``st`` is final (it was not before this input)."""
+        outcome = status(self.defn, st)
+        if outcome in FINAL:
+            started = st.started_at if st.started_at is not None else now
+            ended = Finished("flow", self.defn.name, st.correlation_id, st.correlation_id,
+                             outcome, outcome != COMPLETED, st.trace, started, now)  # fmt: skip
+            scope.hooks.finished(scope.tx, ended)
 
     async def _persist(
         self, scope: Scope, d: Decision, now: float, held: bytes | None = None
@@ -113,10 +138,11 @@ class Tracker:
             headers = caused_by(scope.env, correlation_id=st.correlation_id)
             scope.out.publish(scope.codec.make(d.stalled, headers))
 
-    async def _release(self, scope: Scope, state: FlowState, now: float) -> None:
+    async def _release(self, scope: Scope, state: FlowState, now: float) -> FlowState:
         """Apply the events held for this flow, in the order they arrived."""
         for data in await self.rows.take_held(scope.tx, state.flow, state.correlation_id):
             env = scope.codec.decode(data, trusted=True)
             decision = observe(self.defn, state, Arrived(env.type, env.id, now, released=True))
             await self._persist(scope, decision, now)
             state = decision.state
+        return state

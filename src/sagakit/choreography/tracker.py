@@ -61,6 +61,8 @@ class FlowState(msgspec.Struct, kw_only=True):
     held_until: float | None = None
     orphaned: bool = False
     events: int = 0
+    #: the start event's ``traceparent``: the flow's span joins that trace
+    trace: str | None = None
 
 
 @event("sagakit.ChoreographyStalled")
@@ -84,6 +86,7 @@ class Arrived:
     at: float
     problem: str | None = None
     released: bool = False
+    trace: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +192,7 @@ def _start(defn: ChoreographyDefinition, st: FlowState, a: Arrived) -> Decision:
     if st.started_at is not None:
         return _outside(st, a, OUTSIDE, "the flow has already started")
     st.started_at, st.held_until, st.events = a.at, None, st.events + 1
+    st.trace = a.trace
     d = Decision(st, [Entry(APPLIED, a.type, None, a.message_id)], release_held=True)
     if defn.deadline is not None:
         st.deadline_at = a.at + defn.deadline

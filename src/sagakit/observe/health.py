@@ -3,9 +3,10 @@
 A small HTTP/1.1 server on the App's own event loop, with no dependency:
 
 - ``/healthz``: 200 while the process's event loop answers (liveness);
-- ``/readyz``: 200 when every store this process uses answers a query within
-  ``READY_TIMEOUT`` and the App is started with its consumers running, else
-  503 with the reason in the body (readiness: take no traffic meanwhile);
+- ``/readyz``: 200 when every store this process uses answers a query and the
+  transport's broker a ping (:meth:`~sagakit.transport.Transport.ping`), each
+  within ``READY_TIMEOUT``, and the App is started with its consumers running,
+  else 503 with the reasons in the body (readiness: take no traffic meanwhile);
 - ``/metrics``: the Prometheus text format, or OpenMetrics (with exemplars
   carrying trace ids) when the scraper asks for it; store-wide gauges are
   read first. 404 when the process has no metrics.
@@ -18,6 +19,8 @@ import contextlib
 import json
 import logging
 from typing import TYPE_CHECKING
+
+from ..transport._url import redact
 
 if TYPE_CHECKING:
     from ..app import App
@@ -115,6 +118,10 @@ async def readiness(app: App) -> list[str]:
             await asyncio.wait_for(store.driver.read("SELECT 1"), READY_TIMEOUT)
         except Exception as exc:
             problems.append(f"store {store.prefix} on {store.dialect} unreachable: {exc!r}")
+    try:
+        await asyncio.wait_for(app.transport.ping(), READY_TIMEOUT)
+    except Exception as exc:
+        problems.append(f"transport {redact(app.transport.url)} unreachable: {exc!r}")
     return problems
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .logging import MessageContext
@@ -28,6 +29,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("sagakit.saga")
 
 FAILED = "failed"  #: SagaState.FAILED (a StrEnum), without importing the saga package
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A tracked choreography's flow or a process manager's instance that ended.
+
+    ``kind``: ``flow`` or ``process``; ``key``: the flow's correlation id or the
+    instance key; ``trace``: the ``traceparent`` stored when it began;
+    ``started``/``ended``: seconds since the epoch, from the stored rows.
+    """
+
+    kind: str
+    name: str
+    key: str
+    correlation_id: str | None
+    outcome: str | None
+    error: bool
+    trace: str | None
+    started: float
+    ended: float
 
 
 class Hooks:
@@ -59,6 +80,9 @@ class Hooks:
         after = decision.instance
         if after.state == FAILED and before.state != FAILED:
             tx.on_commit(lambda: warn_failed(after))
+
+    def finished(self, tx: Tx, what: Finished) -> None:
+        """A flow or a process-manager instance ended in ``tx`` (not yet committed)."""
 
     def duplicate(self, consumer: str) -> None:
         """A copy of a message already handled by ``consumer`` arrived."""

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..saga.machine import Started
 from .attempts import Attempt, decided_at, ended
-from .hooks import Hooks
+from .hooks import Finished, Hooks
 from .logging import MessageContext
+from .traceparent import sampled, trace_id
 
 if TYPE_CHECKING:
     from ..app import App
@@ -47,13 +48,17 @@ class TelemetryOptions:
     """What to observe and how.
 
     ``events_parent``: a handled event's span is a child of the publisher's
-    (default: a new trace linked to it). ``stuck_after``: the age without
+    (default: a new trace linked to it). ``send_spans``: a ``send`` span for
+    every message, also for the commands and replies written while a message
+    is processed (default: those carry the ``process`` span's context, one
+    span less per hop). ``stuck_after``: the age without
     progress at which ``sagakit_sagas_stuck`` counts a saga (None: the App's
     ``Settings.stuck_after``, else 300 s). ``long_retry``: the attempt from
     which ``sagakit_steps_long_retrying`` counts a step.
     """
 
     events_parent: bool = False
+    send_spans: bool = False
     stuck_after: float | None = None
     long_retry: int = 5
 
@@ -77,12 +82,17 @@ class Telemetry(Hooks):
         if tracing:
             from .tracing import Tracing
 
-            self.tracing = Tracing(tracer_provider, events_parent=self.options.events_parent)
+            self.tracing = Tracing(
+                tracer_provider,
+                events_parent=self.options.events_parent,
+                send_spans=self.options.send_spans,
+            )
         if metrics:
             from .metrics import Metrics
 
             self.metrics = Metrics(registry)
         self.app: App | None = None
+        self._joined: frozenset[str] | None = None
 
     # -- wiring -------------------------------------------------------------------
 
@@ -118,6 +128,8 @@ class Telemetry(Hooks):
     def processing(self, env: Envelope, endpoint: str) -> AbstractContextManager[Any]:
         if self.tracing is None:
             return MessageContext(env)
+        if self._joined is None and self.app is not None:  # every registration is done
+            self._joined = self.tracing.joined = joined_types(self.app)
         return _Both(MessageContext(env), self.tracing.process(env, endpoint, endpoint))
 
     def sending(self, out: Outbox) -> None:
@@ -144,6 +156,8 @@ class Telemetry(Hooks):
         event: Event,
     ) -> None:
         super().decided(tx, rec, defn, before, decision, event)
+        if self.metrics is None and not sampled(before.progress.trace):
+            return  # an unsampled saga and no metrics: nothing to record
         now = decided_at(before, decision, time.time())
         attempts = ended(defn, before, decision, event, now)
         after = decision.instance
@@ -163,18 +177,24 @@ class Telemetry(Hooks):
         created: float,
         now: float,
     ) -> None:
+        tracing = self.tracing if sampled(inst.progress.trace) else None
         for a in attempts:
-            if self.tracing is not None:
-                self.tracing.attempt(inst, a, now)
+            if tracing is not None:
+                tracing.attempt(inst, a, now)
             if self.metrics is not None:
                 _count_attempt(self.metrics, inst, a, now)
-        if finished and self.tracing is not None:
-            self.tracing.saga_end(inst, created, now)
+        if finished and tracing is not None:
+            tracing.saga_end(inst, created, now)
         if self.metrics is not None:
             if isinstance(event, Started):
                 self.metrics.child(self.metrics.started, inst.type).inc()
             if finished:
                 _count_finished(self.metrics, inst, now - created)
+
+    def finished(self, tx: Tx, what: Finished) -> None:
+        tracing = self.tracing
+        if tracing is not None and sampled(what.trace):
+            tx.on_commit(lambda: tracing.finished(what))
 
     def duplicate(self, consumer: str) -> None:
         if self.metrics is not None:
@@ -212,9 +232,15 @@ class _Both:
             self.outer.__exit__(*exc)
 
 
+def exemplar(inst: Instance) -> dict[str, str] | None:
+    """The saga's trace id for a histogram's exemplar, if its trace was recorded."""
+    tp = inst.progress.trace
+    tid = trace_id(tp) if sampled(tp) else None
+    return {"trace_id": tid} if tid is not None else None
+
+
 def _count_attempt(m: Metrics, inst: Instance, a: Attempt, now: float) -> None:
-    tp = inst.progress.trace  # 00-TRACEID-SPANID-FLAGS
-    ex = {"trace_id": tp[3:35]} if tp and len(tp) == 55 else None
+    ex = exemplar(inst)
     m.child(m.step_duration, inst.type, a.step, a.phase).observe(now - a.started, ex)
     m.child(m.attempts, inst.type, a.step, a.phase, a.outcome).inc()
     if a.failed and a.outcome != "cancelled":
@@ -227,7 +253,7 @@ def _count_attempt(m: Metrics, inst: Instance, a: Attempt, now: float) -> None:
 def _count_finished(m: Metrics, inst: Instance, duration: float) -> None:
     outcome = inst.state.value
     m.child(m.finished, inst.type, outcome).inc()
-    m.child(m.saga_duration, inst.type, outcome).observe(max(0.0, duration))
+    m.child(m.saga_duration, inst.type, outcome).observe(max(0.0, duration), exemplar(inst))
 
 
 def register_twophase(m: Metrics, app: App) -> None:
@@ -241,6 +267,15 @@ def register_twophase(m: Metrics, app: App) -> None:
 
     m.gauge("twophase_in_doubt", "Prepared branches of this node in doubt", [], in_doubt)
     m.gauge("twophase_oldest_prepared_age_seconds", "Age of the oldest branch in doubt", [], oldest)
+
+
+def joined_types(app: App) -> frozenset[str]:
+    """The event types that continue their publisher's trace: those of a tracked
+    choreography and those a process manager handles (one business transaction)."""
+    types = {t for d in app.flows.definitions.values() for t in d.watched()}
+    for pm in app.processes.managers.values():
+        types |= {trigger for kind, trigger in pm.handlers if kind in ("start", "message")}
+    return frozenset(types)
 
 
 def messaging_system(app: App) -> str:

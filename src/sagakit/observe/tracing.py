@@ -6,11 +6,16 @@ OTLP exporter, configured by the standard ``OTEL_*`` variables). With no SDK
 installed every span is a no-op.
 
 Messaging spans follow the OpenTelemetry messaging conventions:
-``send <destination>`` (PRODUCER) when a message is written to the outbox, its
-context injected as the envelope's ``traceparent``; ``process <queue>``
-(CONSUMER) around the hop. A command or reply continues the sender's trace;
-an event starts a trace of its own linked to the sender (``events_parent``
-makes it a child instead).
+``process <queue>`` (CONSUMER) around the hop; ``send <destination>``
+(PRODUCER) when a message is written to the outbox outside a hop (a saga's
+first command is created in ``saga.start``, so it has none either) and for
+every event, its context injected as the envelope's ``traceparent``. A command
+or reply written while a message is processed carries the ``process`` span's
+context instead: that span covers the transaction that creates the message,
+and the conventions make "create" spans optional (``send_spans`` makes a
+``send`` span for every message). A command or reply continues the sender's
+trace; an event starts a trace of its own linked to the sender
+(``events_parent`` makes it a child instead).
 
 Saga spans have saga meaning. ``saga.start TYPE`` is a short span whose
 context is stored in the instance's progress record; every step attempt is
@@ -26,15 +31,19 @@ from __future__ import annotations
 import math
 import re
 from contextlib import AbstractContextManager
+from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError
 from .attempts import Attempt
+from .hooks import Finished
+from .traceparent import sampled
 
 try:
     from opentelemetry import context, trace
     from opentelemetry.context import Context
     from opentelemetry.trace import (
+        INVALID_SPAN,
         Link,
         NonRecordingSpan,
         SpanContext,
@@ -56,6 +65,9 @@ if TYPE_CHECKING:
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 NS = 1_000_000_000
+
+#: the recording span sagakit made current in this task (a hop's, a saga start's)
+_OWN: ContextVar[Any] = ContextVar("sagakit_span", default=None)
 
 
 def parse(traceparent: str | None) -> SpanContext | None:
@@ -83,36 +95,68 @@ class Tracing:
     """Makes sagakit's spans with one OpenTelemetry tracer."""
 
     def __init__(
-        self, provider: Any = None, *, system: str = "sagakit", events_parent: bool = False
+        self,
+        provider: Any = None,
+        *,
+        system: str = "sagakit",
+        events_parent: bool = False,
+        send_spans: bool = False,
     ) -> None:
         from .. import __version__
 
         self.tracer = trace.get_tracer("sagakit", __version__, tracer_provider=provider)
         self.system = system
         self.events_parent = events_parent
+        self.send_spans = send_spans
+        #: event types that continue their publisher's trace (a flow's, a process manager's)
+        self.joined: frozenset[str] = frozenset()
+        self._fixed: dict[tuple[str, str], dict[str, Any]] = {}
+        self._remote: dict[str, Any] = {}
 
     # -- messaging --------------------------------------------------------------
 
     def process(self, env: Envelope, queue: str, group: str) -> AbstractContextManager[Any]:
         """The CONSUMER span around one message's hop, made current."""
-        sender = parse(env.headers.traceparent)
+        tp = env.headers.traceparent
+        linked = env.kind == "event" and not self._parents(env.type)
+        if tp is not None and not linked and not sampled(tp):
+            return Current(self._unsampled(tp))  # an unsampled trace stays so, at no cost
+        sender = parse(tp)
         links: list[Link] = []
         parent: Context | None = None
-        if sender is not None and env.kind == "event" and not self.events_parent:
+        if sender is not None and linked:
             links, parent = [Link(sender)], Context()
         elif sender is not None:
-            if not sender.trace_flags.sampled:  # an unsampled trace stays so, at no cost
-                return Current(NonRecordingSpan(sender))
             parent = trace.set_span_in_context(NonRecordingSpan(sender), Context())
         attrs = self._messaging(env, queue, "process")
         attrs["messaging.consumer.group.name"] = group
         span = self.tracer.start_span(f"process {queue}", parent, SpanKind.CONSUMER, attrs, links)
         return Current(span, end=True)
 
+    def _unsampled(self, traceparent: str) -> Any:
+        """The current span of a hop in an unsampled trace (one per trace, reused)."""
+        span = self._remote.get(traceparent)
+        if span is None:
+            if len(self._remote) >= 1024:
+                self._remote.clear()
+            sc = parse(traceparent)
+            span = self._remote[traceparent] = Remote(sc, traceparent) if sc else INVALID_SPAN
+        return span
+
+    def _parents(self, event_type: str) -> bool:
+        return self.events_parent or event_type in self.joined
+
     def send(self, env: Envelope, destination: str) -> None:
-        """A PRODUCER span for one outgoing message; its context goes in the envelope."""
-        current = trace.get_current_span().get_span_context()
-        if current.is_valid and not current.trace_flags.sampled:
+        """The outgoing message's trace context: the hop's, or a PRODUCER span's."""
+        span = trace.get_current_span()
+        if type(span) is Remote:  # an unsampled hop: its context, as it came
+            env.headers.traceparent = span.traceparent
+            return
+        current = span.get_span_context()
+        if current.is_valid and (
+            not current.trace_flags.sampled
+            or (span is _OWN.get() and env.kind != "event" and not self.send_spans)
+        ):
             env.headers.traceparent = format_traceparent(current)
             return
         span = self.tracer.start_span(
@@ -132,23 +176,25 @@ class Tracing:
             env.headers.traceparent = format_traceparent(current)
 
     def _messaging(self, env: Envelope, destination: str, op: str) -> dict[str, Any]:
+        fixed = self._fixed.get((destination, op))
+        if fixed is None:
+            fixed = self._fixed[destination, op] = {
+                "messaging.system": self.system,
+                "messaging.operation.name": op,
+                "messaging.operation.type": op,
+                "messaging.destination.name": destination,
+            }
         h = env.headers
-        attrs: dict[str, Any] = {
-            "messaging.system": self.system,
-            "messaging.operation.name": op,
-            "messaging.operation.type": op,
-            "messaging.destination.name": destination,
+        attrs = {
+            **fixed,
             "messaging.message.id": env.id,
             "sagakit.message.type": env.type,
-            "sagakit.message.kind": env.kind,
         }
         if h.correlation_id:
             attrs["messaging.message.conversation_id"] = h.correlation_id
         if h.saga_id:
             attrs["sagakit.saga.id"] = h.saga_id
-        if h.causation_id:
-            attrs["sagakit.causation_id"] = h.causation_id
-        return attrs
+        return attrs  # the kind is in the type, the causation in the span's parent
 
     # -- sagas ------------------------------------------------------------------
 
@@ -156,12 +202,13 @@ class Tracing:
         self, defn: SagaDefinition[Any], saga_id: str, progress: Progress
     ) -> AbstractContextManager[Any]:
         """The short span of a saga's start; its context is stored in ``progress``."""
-        cm = self.tracer.start_as_current_span(
+        span = self.tracer.start_span(
             f"saga.start {defn.name}",
             kind=SpanKind.INTERNAL,
             attributes=_saga_attrs(saga_id, defn.name, defn.version, progress.correlation_id),
         )
-        return _Storing(cm, progress)
+        progress.trace = format_traceparent(span.get_span_context())
+        return Current(span, end=True)
 
     def attempt(self, inst: Instance, a: Attempt, end: float) -> None:
         """Emit the span of one finished step attempt, under the saga's start span."""
@@ -182,7 +229,8 @@ class Tracing:
         status = (
             Status(StatusCode.ERROR, a.error) if a.failed and a.outcome != "cancelled" else None
         )
-        self._emit(f"{verb} {inst.type}/{a.step}", inst.progress, attrs, a.started, end, status)
+        name = f"{verb} {inst.type}/{a.step}"
+        self._emit(name, inst.progress.trace, attrs, a.started, end, status)
 
     def saga_end(self, inst: Instance, created: float, end: float) -> None:
         """Emit the span of a whole saga, from its creation to its final state."""
@@ -193,18 +241,33 @@ class Tracing:
             attrs["error.type"] = inst.state.value
             status = Status(StatusCode.ERROR, inst.error or inst.state.value)
         start = math.floor(created * 1000) / 1000  # the resolution of the steps' times
-        self._emit(f"saga {inst.type}", inst.progress, attrs, start, end, status)
+        self._emit(f"saga {inst.type}", inst.progress.trace, attrs, start, end, status)
+
+    def finished(self, f: Finished) -> None:
+        """Emit the span of a flow or a process-manager instance, under its stored context."""
+        prefix = f"sagakit.{f.kind}."
+        attrs: dict[str, Any] = {prefix + "name": f.name, prefix + "outcome": f.outcome or ""}
+        if f.kind == "process":
+            attrs[prefix + "key"] = f.key
+        if f.correlation_id:
+            attrs["messaging.message.conversation_id"] = f.correlation_id
+        status = None
+        if f.error:
+            attrs["error.type"] = f.outcome or "error"
+            status = Status(StatusCode.ERROR, f.outcome)
+        name = f"flow {f.name}" if f.kind == "flow" else f"process-manager {f.name}"
+        self._emit(name, f.trace, attrs, f.started, f.ended, status)
 
     def _emit(
         self,
         name: str,
-        progress: Progress,
+        traceparent: str | None,
         attrs: dict[str, Any],
         start: float,
         end: float,
         status: Status | None,
     ) -> None:
-        stored = parse(progress.trace)
+        stored = parse(traceparent)
         if stored is not None and not stored.trace_flags.sampled:
             return  # the saga's trace was not sampled: neither are its steps
         parent = trace.set_span_in_context(NonRecordingSpan(stored)) if stored else Context()
@@ -216,43 +279,40 @@ class Tracing:
         span.end(end_time=int(max(end, start) * NS))
 
 
+class Remote(NonRecordingSpan):
+    """A sender's unsampled context, with the ``traceparent`` it came in."""
+
+    def __init__(self, context: SpanContext, traceparent: str) -> None:
+        super().__init__(context)
+        self.traceparent = traceparent
+
+
 class Current:
     """Makes a span current for a ``with`` block, and ends it if ``end``
     (what ``use_span`` does, for less)."""
 
-    __slots__ = ("end", "span", "token")
+    __slots__ = ("end", "own", "span", "token")
 
     def __init__(self, span: Any, *, end: bool = False) -> None:
         self.span, self.end = span, end
         self.token: object = None
+        self.own: Token[Any] | None = None
 
     def __enter__(self) -> Any:
         self.token = context.attach(trace.set_span_in_context(self.span))
+        if self.end:
+            self.own = _OWN.set(self.span)
         return self.span
 
     def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
         context.detach(self.token)  # type: ignore[arg-type]
-        if not self.end:
+        if self.own is None:
             return
+        _OWN.reset(self.own)
         if exc is not None and isinstance(exc, Exception):
             self.span.record_exception(exc)
             self.span.set_status(Status(StatusCode.ERROR, f"{kind.__name__}: {exc}"))
         self.span.end()
-
-
-class _Storing:
-    """Enters a span and writes its traceparent into a progress record."""
-
-    def __init__(self, cm: AbstractContextManager[Any], progress: Progress) -> None:
-        self.cm, self.progress = cm, progress
-
-    def __enter__(self) -> Any:
-        span = self.cm.__enter__()
-        self.progress.trace = format_traceparent(span.get_span_context())
-        return span
-
-    def __exit__(self, *exc: Any) -> Any:
-        return self.cm.__exit__(*exc)
 
 
 def _saga_attrs(saga_id: str, type_: str, version: int, correlation_id: str) -> dict[str, Any]:

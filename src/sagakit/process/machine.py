@@ -62,6 +62,8 @@ class Instance:
     correlation_id: str | None = None
     #: the step headers of commands sent and not answered yet
     awaiting: frozenset[str] = frozenset()
+    #: the ``traceparent`` of the message that created it (its span joins that trace)
+    trace: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ class Meta(msgspec.Struct, array_like=True):
     seq: int = 0
     timers: dict[str, tuple[int, str, float, float]] = {}
     awaiting: list[str] = []
+    trace: str | None = None
 
 
 _meta = msgspec.json.Decoder(Meta)
@@ -71,13 +72,13 @@ def to_instance(rec: ProcessRecord, state: Any) -> Instance:
     timers = {n: Armed(*t) for n, t in meta.timers.items()}
     return Instance(
         rec.key, state, rec.status, rec.done, timers, meta.seq, rec.correlation_id,
-        frozenset(meta.awaiting),
+        frozenset(meta.awaiting), meta.trace,
     )  # fmt: skip
 
 
 def meta_of(inst: Instance) -> bytes:
     timers = {n: (a.token, a.message_id, a.started_at, a.due_at) for n, a in inst.timers.items()}
-    return encode_json(Meta(inst.seq, timers, sorted(inst.awaiting)))
+    return encode_json(Meta(inst.seq, timers, sorted(inst.awaiting), inst.trace))
 
 
 _COLS = (

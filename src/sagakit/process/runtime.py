@@ -15,6 +15,7 @@ instance armed it with, so one that fires late is recorded and changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -23,6 +24,7 @@ from ..endpoint import Route
 from ..errors import NoProcessInstance
 from ..inbox import SUCCESS
 from ..messages import Envelope, Failure, caused_by, command, encode_json
+from ..observe.hooks import Finished
 from .definition import Hold, ProcessManager, Replied
 from .machine import Input, Instance, Outcome, Verdict, apply, command_of_step
 from .records import HistoryEntry, ProcessRecord, ProcessTable, meta_of, to_instance
@@ -152,9 +154,14 @@ class ProcessRuntime:
         """Write the outcome: instance row, messages, timers, cancellations, sagas."""
         tx = scope.tx
         if o.after is not None and o.changed:
-            await self._save(tx, o.after, rec)
-            if o.after.done:
-                tx.notify(done_name(self.pm.name, o.after.key))
+            after = o.after
+            if rec is None and after.trace is None:  # the trace it began in, kept
+                after = dataclasses.replace(after, trace=scope.env.headers.traceparent)
+            await self._save(tx, after, rec)
+            if after.done:
+                tx.notify(done_name(self.pm.name, after.key))
+                if o.before is None or not o.before.done:
+                    self._ended(scope, after, rec)
         inst = o.after or o.before
         corr = (inst.correlation_id if inst else None) or inp.correlation_id
         self._messages(scope, inp, o, corr)
@@ -163,6 +170,13 @@ class ProcessRuntime:
         for s in o.sagas:
             await self.sagas.start_in(tx, scope.out, s.saga, s.data, saga_id=s.saga_id,
                                       correlation_id=corr, cause=scope.env)  # fmt: skip
+
+    def _ended(self, scope: Scope, inst: Instance, rec: ProcessRecord | None) -> None:
+        now = self.clock.now()
+        started = rec.created_at if rec is not None else now
+        ended = Finished("process", self.pm.name, inst.key, inst.correlation_id, inst.status,
+                         False, inst.trace, started, now)  # fmt: skip
+        scope.hooks.finished(scope.tx, ended)
 
     async def _save(self, tx: Tx, inst: Instance, rec: ProcessRecord | None) -> None:
         now = self.clock.now()

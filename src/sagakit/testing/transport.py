@@ -125,6 +125,12 @@ class TransportContract:
         """Give stray (wrong) deliveries time to show up."""
         await asyncio.sleep(self.quiet)
 
+    # -- health ------------------------------------------------------------
+
+    async def test_ping_answers_while_the_broker_is_reachable(self, transport: Transport) -> None:
+        for _ in range(3):  # cheap enough to ask at every readiness probe
+            await asyncio.wait_for(transport.ping(), self.timeout)
+
     # -- at-least-once -----------------------------------------------------
 
     async def test_delivers_each_message(self, transport: Transport) -> None:

@@ -32,6 +32,8 @@ from ._url import redact
 if TYPE_CHECKING:
     from ..store import Store, Tx
 
+PING_TIMEOUT = 1.5  #: seconds a broker may take to answer :meth:`Transport.ping`
+
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
@@ -103,6 +105,10 @@ class Transport(Protocol):
 
     def direct_writer(self, store: Store) -> Writer | None:
         """A writer onto this transport's queues inside ``store``'s transactions, if any."""
+
+    async def ping(self) -> None:
+        """One cheap round trip to the broker; :class:`~sagakit.errors.TransportError`
+        if it cannot be reached now (``/readyz`` asks this)."""
 
 
 # Broker URL schemes (TLS ones included) and the module of each.

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ..errors import TransportError
 from ..store.consumer import MAX_POLL_S, QueueConsumer
 
 if TYPE_CHECKING:
@@ -62,6 +63,13 @@ class DatabaseTransport:
         return QueueConsumer(
             self.store, queue, handler, prefetch=prefetch, lease=self.lease, max_poll=self.max_poll
         )
+
+    async def ping(self) -> None:
+        """The queues are the store's tables: the store answering is the broker answering."""
+        try:
+            await self.store.driver.read("SELECT 1")
+        except Exception as exc:
+            raise TransportError(f"the database queues are unreachable: {exc!r}") from exc
 
     def direct_writer(self, store: Store) -> QueueWriter | None:
         return self._writer if store is self.store else None

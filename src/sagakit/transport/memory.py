@@ -97,6 +97,9 @@ class MemoryTransport:
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> MemorySubscription:
         return MemorySubscription(self, queue, handler, prefetch)
 
+    async def ping(self) -> None:
+        """In-process: always reachable."""
+
     def direct_writer(self, store: Store) -> None:
         """None: messages go through the store's outbox and a relay."""
         return None

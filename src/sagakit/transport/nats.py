@@ -58,6 +58,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import ConfigurationError, TransportError
+from . import PING_TIMEOUT
 from ._consumer import BrokerDelivery, Consumer
 from ._nats_names import (
     KEEP,
@@ -101,6 +102,7 @@ PUBLISH_CHUNK = 512
 
 # Errors that mean "the broker or the connection failed": translated at this boundary.
 BROKER_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, OSError)
+PING_ERRORS: tuple[type[BaseException], ...] = (*BROKER_ERRORS, TimeoutError)
 
 REFRESH_ERRORS: tuple[type[BaseException], ...] = (TransportError, *BROKER_ERRORS)
 
@@ -455,6 +457,15 @@ class NatsTransport:
     @property
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
+
+    async def ping(self) -> None:
+        """The connection is up and the server answers a PING (``flush``)."""
+        if not self.connected:
+            raise TransportError(f"not connected to NATS at {redact(self.url)}")
+        try:
+            await asyncio.wait_for(self.client.flush(), PING_TIMEOUT)
+        except PING_ERRORS as exc:
+            raise TransportError(f"NATS did not answer a ping: {exc!r}") from exc
 
     async def open(self) -> None:
         if self._nc is not None and not self._nc.is_closed:

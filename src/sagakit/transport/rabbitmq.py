@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigurationError, TransportError
+from . import PING_TIMEOUT
 from ._consumer import BrokerDelivery, Consumer
 from ._url import Option, parse_url, pick_namespace, redact, seconds, text
 from ._url import namespace as valid_namespace
@@ -364,6 +365,18 @@ class RabbitMQTransport:
                 await conn.close()
             except BROKER_ERRORS as exc:
                 log.info("closing the RabbitMQ connection failed: %r", exc)
+
+    async def ping(self) -> None:
+        """The connection and channel are open and the broker answers a passive declare."""
+        channel = self._channel
+        if self._connection is None or self._connection.is_closed or channel is None:
+            raise TransportError(f"not connected to RabbitMQ at {redact(self.url)}")
+        try:
+            await asyncio.wait_for(
+                channel.get_exchange(self.events_exchange, ensure=True), PING_TIMEOUT
+            )
+        except BROKER_ERRORS as exc:  # TimeoutError among them
+            raise TransportError(f"RabbitMQ did not answer: {exc!r}") from exc
 
     def forget(self, sub: RabbitSubscription) -> None:
         """``sub`` has stopped: :meth:`close` need not stop it."""

@@ -60,6 +60,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError, TransportError
+from . import PING_TIMEOUT
 from ._consumer import BrokerDelivery, Consumer
 from ._url import Option, parse_url, pick_namespace, redact, seconds
 from ._url import namespace as valid_namespace
@@ -506,6 +507,17 @@ class RedisTransport:
         self._client = client
         self._touch = client.register_script(_TOUCH)
         self._requeue = client.register_script(_REQUEUE)
+
+    async def ping(self) -> None:
+        """``PING`` on a fresh connection, with no retry: the answer is about now."""
+        probe = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=PING_TIMEOUT,
+                                        socket_timeout=PING_TIMEOUT)  # fmt: skip
+        try:
+            async with _translated("ping"):
+                await probe.ping()
+        finally:
+            with contextlib.suppress(RedisError):
+                await probe.aclose()
 
     async def close(self) -> None:
         for sub in list(self.subscriptions):
