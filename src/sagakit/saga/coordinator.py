@@ -1,8 +1,8 @@
 """The Saga Execution Coordinator: a thin shell around the pure machine.
 
 For every event — a start, a reply, a timer, a local step's result, an
-operator's action — the shell loads the instance (row-locked on PostgreSQL,
-revision-checked everywhere), asks :class:`~sagakit.saga.machine.SagaMachine`
+operator's action — the shell loads the instance (without a lock; every
+write is guarded by its revision), asks :class:`~sagakit.saga.machine.SagaMachine`
 for a decision, and in the same transaction persists the new instance and its
 history, writes the commands to the outbox, and starts or cancels durable
 timers. A saga that reaches a final state wakes its waiters at commit, in this
@@ -301,8 +301,15 @@ class Coordinator:
         *,
         missing: type[Exception] = UnknownSaga,
     ) -> Decision:
-        """Load, decide, persist and send: the whole step of the coordinator."""
-        rec = await self.store.saga_load(tx, saga_id or "")
+        """Load, decide, persist and send: the whole step of the coordinator.
+
+        The load takes no lock (on PostgreSQL it is a statement of its own
+        before the transaction begins): what the hop writes is guarded by the
+        instance's revision, so a hop that decided on a state another hop has
+        changed since fails with :class:`ConcurrencyConflict`, writing
+        nothing, and the endpoint runs it again on the new state.
+        """
+        rec = await self.store.saga_peek(tx, saga_id or "")
         if rec is None:
             raise missing(f"no saga instance {saga_id!r}", saga_id=saga_id)  # type: ignore[call-arg]
         machine = self.registry.machine(rec.type, rec.version, rec.id)
@@ -339,6 +346,8 @@ class Coordinator:
         if d.changed and not insert:
             _record(rec, inst)
             await self.store.saga_update(tx, rec)
+        elif not insert:
+            await self.store.saga_unchanged(tx, rec)  # decided on this revision: still it?
         now = self.store.clock.now()
         lines = [
             LogEntry(rec.id, now, e.entry, e.step, e.message_id, e.detail)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -406,15 +406,18 @@ class Store:
         )
         return _saga_record(row) if row is not None else None
 
+    async def saga_peek(self, tx: Tx, saga_id: str) -> SagaRecord | None:
+        """Load an instance without a lock (:meth:`Tx.peek`); :meth:`saga_update` re-checks it."""
+        row = await tx.peek(
+            f"SELECT id, type, version, state, data, progress, rev, created_at, updated_at, "
+            f"deadline, error FROM {self.prefix}sagas WHERE id = ?",
+            saga_id,
+        )
+        return _saga_record(row) if row is not None else None
+
     async def saga_update(self, tx: Tx, rec: SagaRecord) -> None:
         """Write an instance back; optimistic check on ``rev`` (then bumped)."""
         rec.updated_at = self.clock.now()
-        saga_id = rec.id
-
-        def check(n: int) -> None:
-            if n != 1:
-                raise ConcurrencyConflict("saga changed concurrently", saga_id=saga_id)
-
         await tx.later(
             f"UPDATE {self.prefix}sagas SET state = ?, data = ?, progress = ?, rev = ?, "
             "updated_at = ?, deadline = ?, error = ? WHERE id = ? AND rev = ?",
@@ -427,9 +430,24 @@ class Store:
             rec.error,
             rec.id,
             rec.rev,
-            check=check,
+            check=_current(rec.id),
         )
         rec.rev += 1
+
+    async def saga_unchanged(self, tx: Tx, rec: SagaRecord) -> None:
+        """Fail ``tx`` with :class:`ConcurrencyConflict` unless ``rec``'s revision is current.
+
+        For a decision that changed nothing but was taken on a read without a
+        lock (:meth:`saga_peek`); a no-op where transactions are serialised (SQLite).
+        """
+        if self.dialect != "postgresql":
+            return
+        await tx.later(
+            f"UPDATE {self.prefix}sagas SET rev = rev WHERE id = ? AND rev = ?",
+            rec.id,
+            rec.rev,
+            check=_current(rec.id),
+        )
 
     async def saga_get(self, saga_id: str) -> SagaRecord | None:
         """Read an instance outside any transaction (one round trip, no locks)."""
@@ -501,6 +519,16 @@ class Store:
             f"SELECT state, count(*) FROM {self.prefix}sagas{where} GROUP BY state", *args
         )
         return {r[0]: int(r[1]) for r in rows}
+
+
+def _current(saga_id: str) -> Callable[[int], None]:
+    """The check of a write guarded by the saga's revision."""
+
+    def check(n: int) -> None:
+        if n != 1:
+            raise ConcurrencyConflict("saga changed concurrently", saga_id=saga_id)
+
+    return check
 
 
 def _filters(**conds: Any) -> tuple[str, list[Any]]:
