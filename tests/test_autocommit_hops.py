@@ -11,6 +11,7 @@ exactly once per event.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import msgspec
@@ -18,6 +19,7 @@ import pytest
 
 import sagakit as sk
 from sagakit.errors import ConcurrencyConflict, SagaIdInUse
+from sagakit.saga.known import KnownSagas
 from sagakit.store import Store, Tx
 from sagakit.store.core import LogEntry, SagaRecord
 from sagakit.testing import drop_tables
@@ -86,44 +88,101 @@ class Order(msgspec.Struct):
     amount: int
 
 
-async def test_a_coordinator_hop_overtaken_by_another_decides_again_once(
-    postgres_url: str, prefix: str
-) -> None:
-    defn = sk.Saga("ac-book", Order).step("book").invoke("ledger", lambda o: Book(o.amount)).build()
+BOOK = sk.Saga("ac-book", Order).step("book").invoke("ledger", lambda o: Book(o.amount)).build()
+
+
+def _app(postgres_url: str, prefix: str, booked: list[int], during: Any = None) -> sk.App:
+    """The one-step saga; ``during(saga_id)`` runs inside the participant's handler."""
     app = sk.App(f"{postgres_url}?max_size=4", settings=sk.Settings(prefix=prefix, max_poll=0.05))
-    app.saga(defn)
-    booked: list[int] = []
+    app.saga(BOOK)
 
     @app.participant("ledger").command(Book)
     async def book(cmd: Book, ctx: sk.Context) -> None:
         booked.append(cmd.amount)
+        if during is not None:
+            await during(ctx.saga_id)
 
-    overtaken = asyncio.Event()
-    peeks = 0
-    async with app:
-        store = app.store
-        real = store.saga_peek
+    return app
 
-        async def overtake_once(tx: Tx, saga_id: str) -> Any:
-            """The reply's hop reads; another hop commits on another connection first."""
-            nonlocal peeks
-            peeks += 1
-            rec = await real(tx, saga_id)
-            if not overtaken.is_set():
-                async with store.transaction() as other:
-                    current = await store.saga_load(other, saga_id)
-                    assert current is not None
-                    await store.saga_update(other, current)
-                overtaken.set()
-            return rec  # now stale: its revision has moved on
 
-        store.saga_peek = overtake_once  # type: ignore[method-assign]
-        try:
-            done = await app.sagas.wait(await app.sagas.start(defn, Order(7)), 20)
-            view = await app.sagas.get(done.id)
-        finally:
-            await drop_tables(store)
-    assert overtaken.is_set() and peeks == 2  # lost the race once, decided again
+async def _bump(store: Store, saga_id: str) -> None:
+    """Another hop moves the instance on (its revision), on another connection."""
+    async with store.transaction() as other:
+        current = await store.saga_load(other, saga_id)
+        assert current is not None
+        await store.saga_update(other, current)
+
+
+def _counted_peeks(store: Store, after: Any = None) -> list[str]:
+    """Count the coordinator's reads of the instance (``after`` runs after each read)."""
+    peeks: list[str] = []
+    real = store.saga_peek
+
+    async def peek(tx: Tx, saga_id: str) -> Any:
+        peeks.append(saga_id)
+        rec = await real(tx, saga_id)
+        if after is not None:
+            await after(saga_id)
+        return rec
+
+    store.saga_peek = peek  # type: ignore[method-assign]
+    return peeks
+
+
+async def _run_once(app: sk.App) -> sk.SagaView:
+    try:
+        done = await app.sagas.wait(await app.sagas.start(BOOK, Order(7)), 20)
+        return await app.sagas.get(done.id)
+    finally:
+        await drop_tables(app.store)
+
+
+def _applied_once(view: sk.SagaView, booked: list[int], caplog: pytest.LogCaptureFixture) -> None:
+    assert "deciding again" in caplog.text  # the hop lost the race, wrote nothing
     assert view.state == "completed" and booked == [7]
     entries = [e.entry for e in view.history]
     assert len(entries) == len(set(entries)), entries  # every line once: applied once
+
+
+async def test_a_hop_overtaken_between_its_read_and_its_commit_decides_again(
+    postgres_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, "sagakit.endpoint")
+    booked: list[int] = []
+    app = _app(postgres_url, prefix, booked)
+    overtaken = asyncio.Event()
+    async with app:
+        app.sagas.coordinator.known = None  # every hop reads the row
+
+        async def overtake_once(saga_id: str) -> None:
+            if not overtaken.is_set():
+                await _bump(app.store, saga_id)
+                overtaken.set()
+
+        peeks = _counted_peeks(app.store, overtake_once)
+        view = await _run_once(app)
+    assert overtaken.is_set() and len(peeks) == 2  # read, overtaken, read again
+    _applied_once(view, booked, caplog)
+
+
+async def test_a_hop_deciding_on_a_kept_record_gone_stale_reads_the_row(
+    postgres_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, "sagakit.endpoint")
+    booked: list[int] = []
+    app = _app(postgres_url, prefix, booked, during=lambda saga_id: _bump(app.store, saga_id))
+    async with app:
+        assert app.sagas.coordinator.known is not None  # the start keeps what it wrote
+        peeks = _counted_peeks(app.store)
+        view = await _run_once(app)
+    assert len(peeks) == 1  # the kept record, stale: conflict, then one read
+    _applied_once(view, booked, caplog)
+
+
+def test_kept_records_are_taken_once_and_bounded() -> None:
+    known = KnownSagas(capacity=2)
+    for i in range(3):
+        known.keep(SagaRecord(f"s{i}", "t", 1, "running", b"{}", b"{}", i, 0.0, 0.0))
+    assert len(known) == 2 and known.take("s0") is None  # the oldest was forgotten
+    kept = known.take("s2")
+    assert kept is not None and kept.rev == 2 and known.take("s2") is None

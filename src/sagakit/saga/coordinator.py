@@ -45,6 +45,7 @@ from ..observe.hooks import BASE, Hooks
 from ..outbox import Outbox
 from ..store.core import LogEntry, SagaRecord
 from ..twophase.step import AtomicStep
+from .known import KnownSagas
 from .machine import (
     LOCAL_RESULT,
     LOCAL_SENDER,
@@ -139,6 +140,8 @@ class Coordinator:
         self.twophase: TwoPhase | None = None
         #: publish SagaEnded when a saga finishes (a process manager listens)
         self.announce_ends = False
+        #: records this process committed last (PostgreSQL: saves each hop's read)
+        self.known = KnownSagas() if self.store.dialect == "postgresql" else None
 
     # -- entry points ---------------------------------------------------------
 
@@ -309,7 +312,9 @@ class Coordinator:
         changed since fails with :class:`ConcurrencyConflict`, writing
         nothing, and the endpoint runs it again on the new state.
         """
-        rec = await self.store.saga_peek(tx, saga_id or "")
+        rec = self.known.take(saga_id or "") if self.known is not None else None
+        if rec is None:
+            rec = await self.store.saga_peek(tx, saga_id or "")
         if rec is None:
             raise missing(f"no saga instance {saga_id!r}", saga_id=saga_id)  # type: ignore[call-arg]
         machine = self.registry.machine(rec.type, rec.version, rec.id)
@@ -354,7 +359,10 @@ class Coordinator:
             for e in d.of(HistoryLine)
         ]
         await self.store.log(tx, lines)
-        if d.changed and inst.state.terminal:
+        if not inst.state.terminal:
+            if self.known is not None:
+                tx.on_commit(partial(self.known.keep, rec))
+        elif d.changed:
             name, final = finished(rec.id), replace(rec)
             tx.on_commit(lambda: self.store.queue.waker.offer(name, final))  # before the wake
             tx.notify(name)
