@@ -19,8 +19,9 @@ import pytest
 
 import sagakit as sk
 from sagakit.errors import ConcurrencyConflict, SagaIdInUse
+from sagakit.saga.coordinator import finished
 from sagakit.saga.known import KnownSagas
-from sagakit.store import Store, Tx
+from sagakit.store import Store, Tx, Waker
 from sagakit.store.core import LogEntry, SagaRecord
 from sagakit.testing import drop_tables
 
@@ -186,3 +187,64 @@ def test_kept_records_are_taken_once_and_bounded() -> None:
     assert len(known) == 2 and known.take("s0") is None  # the oldest was forgotten
     kept = known.take("s2")
     assert kept is not None and kept.rev == 2 and known.take("s2") is None
+
+
+def _counted_gets(store: Store) -> list[str]:
+    reads: list[str] = []
+    real = store.saga_get
+
+    async def get(saga_id: str) -> SagaRecord | None:
+        reads.append(saga_id)
+        return await real(saga_id)
+
+    store.saga_get = get  # type: ignore[method-assign]
+    return reads
+
+
+async def test_a_waiter_for_a_saga_started_here_reads_nothing(
+    postgres_url: str, prefix: str
+) -> None:
+    booked: list[int] = []
+    app = _app(postgres_url, prefix, booked)
+    async with app:
+        reads = _counted_gets(app.store)
+        view = await _run_once(app)
+    assert view.state == "completed" and booked == [7]
+    assert reads == [view.id]  # only get() read it: wait() knew it had not ended yet
+
+
+async def test_a_saga_started_here_that_ended_elsewhere_before_the_wait_is_read(
+    postgres_url: str, prefix: str
+) -> None:
+    """The end came from another process (NOTIFY) before wait(): the waiter must read it."""
+    booked: list[int] = []
+    worker = _app(postgres_url, prefix, booked)
+    client = sk.App(f"{postgres_url}?max_size=2", settings=sk.Settings(prefix=prefix), run=[])
+    client.saga(BOOK)
+    async with worker, client:
+        try:
+            saga_id = await client.sagas.start(BOOK, Order(7))
+            ended = client.store.queue.waker
+            async with asyncio.timeout(20):
+                while ended.unwoken(finished(saga_id)):
+                    await asyncio.sleep(0.01)  # the worker's NOTIFY arrives
+            reads = _counted_gets(client.store)
+            async with asyncio.timeout(10):  # the fallback poll is out of reach
+                view = await client.sagas.wait(saga_id, timeout=10, poll=60.0)
+        finally:
+            await drop_tables(worker.store)
+    assert view.state == "completed" and reads == [saga_id]
+
+
+def test_expectations_are_bounded_and_only_where_every_wake_up_arrives() -> None:
+    waker = Waker(expect_at_most=2)
+    waker.expect("a")
+    assert not waker.unwoken("a")  # not complete (no LISTEN): nothing is expected
+    waker.complete = True
+    for name in ("a", "b", "c"):
+        waker.expect(name)
+    assert not waker.unwoken("a") and waker.unwoken("b") and waker.unwoken("c")
+    waker.wake("b")
+    assert not waker.unwoken("b") and waker.unwoken("c")
+    waker.forget("c")
+    assert not waker.unwoken("c")

@@ -160,15 +160,21 @@ class Coordinator:
         defn = self.registry.registered(defn)  # steps run as registered
         saga_id = saga_id or new_id()
         out = Outbox()
+        waker = self.store.queue.waker
+        waker.expect(finished(saga_id))  # a waiter here need not read it until it ends
         try:
-            async with self.store.transaction() as tx:  # on PostgreSQL: one batch and COMMIT
+            async with self.store.transaction() as tx:  # on PostgreSQL: one statement
                 flush = partial(self.writer.flush, tx, out)  # in the saga's trace context
                 await self.start_within(
                     tx, out, defn, data, saga_id, correlation_id, None, flush, held=True
                 )
             return saga_id
         except SagaIdInUse:
+            waker.forget(finished(saga_id))  # an existing saga: it may have ended already
             existing = await self.store.saga_get(saga_id)
+        except BaseException:
+            waker.forget(finished(saga_id))
+            raise
         if existing is not None and (existing.type, existing.version) != defn.key:
             raise SagaIdInUse(
                 f"saga id {saga_id!r} already names an instance of {existing.type!r} "

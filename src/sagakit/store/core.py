@@ -146,6 +146,7 @@ class Store:
         else:
             await self._check_schema()
         await self.driver.listen(self.queue.waker.wake, remote=listen)
+        self.queue.waker.complete = listen and self.dialect == "postgresql"
 
     async def close(self) -> None:
         if self._opened:
