@@ -248,3 +248,12 @@ def test_expectations_are_bounded_and_only_where_every_wake_up_arrives() -> None
     assert not waker.unwoken("b") and waker.unwoken("c")
     waker.forget("c")
     assert not waker.unwoken("c")
+    waker.expect("d")
+    waker.watch("d")  # a waiter
+    waker.offer("d", "final")
+    waker.wake("d")
+    assert not waker.unwoken("d") and waker.taken("d") == "final"  # kept for the waiter
+    waker.expect("e")  # nobody waits: once woken, nothing is kept
+    waker.offer("e", "final")
+    waker.wake("e")
+    assert waker.taken("e") is None and not waker.unwoken("e")

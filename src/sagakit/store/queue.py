@@ -103,7 +103,14 @@ class Waker:
         if ev is not None:
             ev.set()
             if name in self._expected:
-                self._expected[name] = True
+                self._woken(name)
+
+    def _woken(self, name: str) -> None:
+        """An expected name was woken: mark it, or forget it if nobody else waits on it."""
+        if self._watchers.get(name, 0) > 1:
+            self._expected[name] = True
+        else:  # a waiter that comes later reads, so nothing need be kept for it
+            self.forget(name)
 
     def wake_all(self) -> None:
         for ev in self._events.values():
