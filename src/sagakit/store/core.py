@@ -232,6 +232,35 @@ class Store:
         )
         return InboxRow(row[0], bytes(row[1]) if row[1] is not None else None, row[2], row[3])
 
+    async def inbox_admit_barring(
+        self, tx: Tx, consumer: str, key: str, bar: str, attempt: int, saga_id: str | None
+    ) -> tuple[InboxRow, str]:
+        """:meth:`inbox_admit` of ``key`` then :meth:`inbox_bar` of ``bar``, as one statement.
+
+        A compensation's admission and its barrier in one round trip on
+        PostgreSQL: the bar's insert reads the admission's row, so the two keys
+        are always locked in that order (admission first) and copies cannot
+        deadlock. Elsewhere, the two statements one after the other.
+        """
+        if self.dialect != "postgresql":
+            row = await self.inbox_admit(tx, consumer, key, attempt, saga_id)
+            return row, await self.inbox_bar(tx, consumer, bar, attempt, saga_id)
+        p, now = self.prefix, self.clock.now()
+        got = await tx.fetchone(
+            f"WITH a AS (INSERT INTO {p}inbox (consumer, key, outcome, attempt, created_at, "
+            "saga_id) VALUES (?, ?, 'running', ?, ?, ?) ON CONFLICT (consumer, key) DO UPDATE "
+            "SET consumer = excluded.consumer RETURNING outcome, reply, destination, attempt), "
+            f"b AS (INSERT INTO {p}inbox (consumer, key, outcome, attempt, created_at, saga_id) "
+            "SELECT ?, ?, 'cancelled', ?, ?, ? FROM a ON CONFLICT (consumer, key) DO UPDATE SET "
+            f"outcome = CASE WHEN {p}inbox.outcome = 'success' THEN 'success' "
+            "ELSE 'cancelled' END RETURNING outcome) "
+            "SELECT a.outcome, a.reply, a.destination, a.attempt, b.outcome FROM a, b",
+            *(consumer, key, attempt, now, saga_id),
+            *(consumer, bar, attempt, now, saga_id),
+        )
+        row = InboxRow(got[0], bytes(got[1]) if got[1] is not None else None, got[2], got[3])
+        return row, str(got[4])
+
     async def inbox_get(self, tx: Tx, consumer: str, key: str) -> InboxRow | None:
         """What is stored under ``key`` (a plain read: no lock, no waiting)."""
         row = await tx.fetchone(
