@@ -21,7 +21,7 @@ import sagakit as sk
 from sagakit.errors import ConcurrencyConflict, SagaIdInUse
 from sagakit.saga.coordinator import finished
 from sagakit.saga.known import KnownSagas
-from sagakit.store import Store, Tx, Waker
+from sagakit.store import Store, Tx, Waker, open_store
 from sagakit.store.core import LogEntry, SagaRecord
 from sagakit.testing import drop_tables
 
@@ -257,3 +257,19 @@ def test_expectations_are_bounded_and_only_where_every_wake_up_arrives() -> None
     waker.offer("e", "final")
     waker.wake("e")
     assert waker.taken("e") is None and not waker.unwoken("e")
+
+
+async def test_a_transaction_that_only_notifies_wakes_another_process(
+    pg: Store, postgres_url: str
+) -> None:
+    other = open_store(f"{postgres_url}?max_size=1", prefix=pg.prefix)
+    await other.open()
+    try:
+        woken = other.queue.waker.event("only.woken")
+        async with pg.transaction() as tx:
+            tx.notify("only.woken")  # no write at all: the NOTIFY alone
+        assert not getattr(tx, "begun", True)
+        async with asyncio.timeout(10):
+            await woken.wait()
+    finally:
+        await other.close()

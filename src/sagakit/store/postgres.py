@@ -374,7 +374,7 @@ def _batch_text(texts: tuple[str, ...], enforced: tuple[bool, ...], notify: bool
     if notify:
         # the channel and the queue names are the last two arguments
         counts.append("(SELECT count(pg_notify(?, q)) FROM unnest(?::text[]) AS q)::int")
-    return f"WITH {ctes} SELECT {', '.join(counts)}"
+    return f"WITH {ctes} SELECT {', '.join(counts)}" if texts else f"SELECT {counts[0]}"
 
 
 def batch_sql(
