@@ -6,6 +6,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -109,6 +110,19 @@ async def store(
         url = f"sqlite:///{tmp_path / 'store.db'}"
     else:
         url = str(request.getfixturevalue("postgres_url"))
+    async with _opened(url, prefix) as st:
+        yield st
+
+
+@pytest.fixture
+async def pg(postgres_url: str, prefix: str) -> AsyncIterator[Store]:
+    """An open PostgreSQL store (a small pool) under a fresh prefix; its tables dropped after."""
+    async with _opened(f"{postgres_url}?max_size=3", prefix) as st:
+        yield st
+
+
+@asynccontextmanager
+async def _opened(url: str, prefix: str) -> AsyncIterator[Store]:
     st = open_store(url, prefix=prefix)
     await st.open()
     try:

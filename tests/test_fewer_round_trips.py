@@ -25,7 +25,6 @@ from sagakit.errors import ConcurrencyConflict, LeaseLost, SagaIdInUse
 from sagakit.store import Store, open_store
 from sagakit.store.core import LogEntry, SagaRecord
 from sagakit.store.sqlite import SqliteDriver
-from sagakit.testing import drop_tables
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -123,17 +122,6 @@ async def test_commit_callbacks_run_in_the_order_the_transactions_ran(
 
 
 # -- PostgreSQL: held writes --------------------------------------------------
-
-
-@pytest.fixture
-async def pg(postgres_url: str, prefix: str) -> AsyncIterator[Store]:
-    store = open_store(postgres_url, prefix=prefix)
-    await store.open()
-    try:
-        yield store
-    finally:
-        await drop_tables(store)
-        await store.close()
 
 
 async def test_held_writes_go_out_with_the_commit_and_a_lost_lease_undoes_them(

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import msgspec
 
 from .errors import (
+    ConcurrencyConflict,
     DeliveryLimitExceeded,
     HandlerTimeout,
     LeaseLost,
@@ -72,6 +73,7 @@ class HopPolicy:
     outage_patience: float = 600.0
 
 
+RACE_RETRIES = 3  #: immediate re-runs of a hop that lost an optimistic race
 OUTAGE_MAX_BACKOFF = 5.0  #: seconds between tries while a store or broker is unavailable
 
 
@@ -212,7 +214,7 @@ class Endpoint:
         timeout = route.timeout if route.timeout is not None else self.policy.handler_timeout
         try:
             async with asyncio.timeout(timeout):
-                await self.transact(env, route.run, delivery)
+                await self._racing(env, route.run, delivery)
         except TimeoutError as exc:
             h = env.headers
             raise HandlerTimeout(
@@ -238,6 +240,22 @@ class Endpoint:
                 acked = await delivery.ack_in(self.store, tx)
         if delivery is not None and not acked:
             await self._ack_committed(delivery, env)
+
+    async def _racing(
+        self, env: Envelope, body: Callable[[Scope], Awaitable[None]], delivery: Delivery
+    ) -> None:
+        """:meth:`transact`, run again at once when it lost an optimistic race.
+
+        A coordinator decides on an instance read without a lock; a hop that
+        another hop overtook wrote nothing (:class:`ConcurrencyConflict`), so
+        it is repeated on the new state, not backed off as a failure.
+        """
+        for _ in range(RACE_RETRIES):
+            try:
+                return await self.transact(env, body, delivery)
+            except ConcurrencyConflict as exc:
+                log.debug("%s: %s; deciding again", self.name, exc)
+        await self.transact(env, body, delivery)
 
     async def _ack_committed(self, delivery: Delivery, env: Envelope) -> None:
         """Acknowledge a delivery whose work has committed.

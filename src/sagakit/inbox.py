@@ -21,7 +21,8 @@ attempt of one step shares a key; everything else dedupes by message id. A
 row also records the saga it belongs to, if any: retention
 (:mod:`sagakit.ops.retention`) keeps it as long as that saga is unfinished.
 
-The barrier for compensations: :meth:`Inbox.forward_took_effect` records a
+The barrier for compensations (:meth:`Inbox.admit_compensation` passes it
+with the admission): :meth:`Inbox.forward_took_effect` records a
 ``cancelled`` outcome for the forward step unless it succeeded, waiting for a
 forward run still in its transaction. A compensation whose forward never took
 effect does nothing (null compensation), and that forward can never run later.
@@ -77,6 +78,14 @@ def _is_retry(env: Envelope, row: InboxRow) -> bool:
     return row.outcome == FAILURE and env.headers.attempt > row.attempt and key_of(env) != env.id
 
 
+def _verdict(env: Envelope, row: InboxRow) -> Admission:
+    if row.outcome == RUNNING or _is_retry(env, row):
+        return Admission(Verdict.NEW)
+    if row.outcome == CANCELLED:
+        return Admission(Verdict.REFUSED, row)
+    return Admission(Verdict.DUPLICATE, row)
+
+
 class Inbox:
     """One consumer's inbox in one store."""
 
@@ -88,16 +97,25 @@ class Inbox:
         """Hold the message's key in ``tx`` and say whether its handler may run."""
         h = env.headers
         row = await self.store.inbox_admit(tx, self.consumer, key_of(env), h.attempt, h.saga_id)
-        if row.outcome == RUNNING or _is_retry(env, row):
-            return Admission(Verdict.NEW)
-        if row.outcome == CANCELLED:
-            return Admission(Verdict.REFUSED, row)
-        return Admission(Verdict.DUPLICATE, row)
+        return _verdict(env, row)
 
     async def record(self, tx: Tx, env: Envelope, outcome: str, reply: bytes | None) -> None:
         """Store the outcome of a run that :meth:`admit` let through."""
         row = InboxRow(outcome, reply, env.headers.reply_to, env.headers.attempt)
         await self.store.inbox_record(tx, self.consumer, key_of(env), row)
+
+    async def admit_compensation(self, tx: Tx, env: Envelope) -> tuple[Admission, bool]:
+        """:meth:`admit` a compensation and pass the barrier, in one statement where it can.
+
+        The second value is :meth:`forward_took_effect`'s. The barrier is passed
+        even for a copy that turns out a duplicate: by then the first copy has
+        barred the forward step, so barring it again changes nothing.
+        """
+        h = env.headers
+        row, forward = await self.store.inbox_admit_barring(
+            tx, self.consumer, key_of(env), _forward_key(env), h.attempt, h.saga_id
+        )
+        return _verdict(env, row), forward == SUCCESS
 
     async def forward_took_effect(self, tx: Tx, env: Envelope) -> bool:
         """For a compensation: True if its forward step succeeded; else bar the forward."""

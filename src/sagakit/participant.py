@@ -279,12 +279,15 @@ class Participant:
         await scope.inbox.record(scope.tx, env, SUCCESS, None)
 
     async def _run_command(self, scope: Scope) -> None:
-        env = scope.env
-        if await scope.settled_elsewhere(await scope.inbox.admit(scope.tx, env)):
+        env, took_effect = scope.env, True
+        if env.headers.phase == "compensate":  # admitted and past the barrier at once
+            admission, took_effect = await scope.inbox.admit_compensation(scope.tx, env)
+        else:
+            admission = await scope.inbox.admit(scope.tx, env)
+        if await scope.settled_elsewhere(admission):
             return
         payload: Any = scope.codec.payload(env)
-        compensating = env.headers.phase == "compensate"
-        if compensating and not await scope.inbox.forward_took_effect(scope.tx, env):
+        if not took_effect:
             return await scope.answer(Done(), SUCCESS)  # null compensation
         try:
             reg = self.commands[env.type]

@@ -1,8 +1,8 @@
 """The Saga Execution Coordinator: a thin shell around the pure machine.
 
 For every event — a start, a reply, a timer, a local step's result, an
-operator's action — the shell loads the instance (row-locked on PostgreSQL,
-revision-checked everywhere), asks :class:`~sagakit.saga.machine.SagaMachine`
+operator's action — the shell loads the instance (without a lock; every
+write is guarded by its revision), asks :class:`~sagakit.saga.machine.SagaMachine`
 for a decision, and in the same transaction persists the new instance and its
 history, writes the commands to the outbox, and starts or cancels durable
 timers. A saga that reaches a final state wakes its waiters at commit, in this
@@ -45,6 +45,7 @@ from ..observe.hooks import BASE, Hooks
 from ..outbox import Outbox
 from ..store.core import LogEntry, SagaRecord
 from ..twophase.step import AtomicStep
+from .known import KnownSagas
 from .machine import (
     LOCAL_RESULT,
     LOCAL_SENDER,
@@ -139,6 +140,8 @@ class Coordinator:
         self.twophase: TwoPhase | None = None
         #: publish SagaEnded when a saga finishes (a process manager listens)
         self.announce_ends = False
+        #: records this process committed last (PostgreSQL: saves each hop's read)
+        self.known = KnownSagas() if self.store.dialect == "postgresql" else None
 
     # -- entry points ---------------------------------------------------------
 
@@ -157,15 +160,21 @@ class Coordinator:
         defn = self.registry.registered(defn)  # steps run as registered
         saga_id = saga_id or new_id()
         out = Outbox()
+        waker = self.store.queue.waker
+        waker.expect(finished(saga_id))  # a waiter here need not read it until it ends
         try:
-            async with self.store.transaction() as tx:  # on PostgreSQL: one batch and COMMIT
+            async with self.store.transaction() as tx:  # on PostgreSQL: one statement
                 flush = partial(self.writer.flush, tx, out)  # in the saga's trace context
                 await self.start_within(
                     tx, out, defn, data, saga_id, correlation_id, None, flush, held=True
                 )
             return saga_id
         except SagaIdInUse:
+            waker.forget(finished(saga_id))  # an existing saga: it may have ended already
             existing = await self.store.saga_get(saga_id)
+        except BaseException:
+            waker.forget(finished(saga_id))
+            raise
         if existing is not None and (existing.type, existing.version) != defn.key:
             raise SagaIdInUse(
                 f"saga id {saga_id!r} already names an instance of {existing.type!r} "
@@ -301,8 +310,17 @@ class Coordinator:
         *,
         missing: type[Exception] = UnknownSaga,
     ) -> Decision:
-        """Load, decide, persist and send: the whole step of the coordinator."""
-        rec = await self.store.saga_load(tx, saga_id or "")
+        """Load, decide, persist and send: the whole step of the coordinator.
+
+        The load takes no lock (on PostgreSQL it is a statement of its own
+        before the transaction begins): what the hop writes is guarded by the
+        instance's revision, so a hop that decided on a state another hop has
+        changed since fails with :class:`ConcurrencyConflict`, writing
+        nothing, and the endpoint runs it again on the new state.
+        """
+        rec = self.known.take(saga_id or "") if self.known is not None else None
+        if rec is None:
+            rec = await self.store.saga_peek(tx, saga_id or "")
         if rec is None:
             raise missing(f"no saga instance {saga_id!r}", saga_id=saga_id)  # type: ignore[call-arg]
         machine = self.registry.machine(rec.type, rec.version, rec.id)
@@ -339,13 +357,18 @@ class Coordinator:
         if d.changed and not insert:
             _record(rec, inst)
             await self.store.saga_update(tx, rec)
+        elif not insert:
+            await self.store.saga_unchanged(tx, rec)  # decided on this revision: still it?
         now = self.store.clock.now()
         lines = [
             LogEntry(rec.id, now, e.entry, e.step, e.message_id, e.detail)
             for e in d.of(HistoryLine)
         ]
         await self.store.log(tx, lines)
-        if d.changed and inst.state.terminal:
+        if not inst.state.terminal:
+            if self.known is not None:
+                tx.on_commit(partial(self.known.keep, rec))
+        elif d.changed:
             name, final = finished(rec.id), replace(rec)
             tx.on_commit(lambda: self.store.queue.waker.offer(name, final))  # before the wake
             tx.notify(name)

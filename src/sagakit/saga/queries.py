@@ -141,16 +141,20 @@ class SagaQueries:
             ) from None
         finally:
             waker.unwatch(name)
+            waker.forget(name)
 
     async def _until_final(
         self, saga_id: str, woken: asyncio.Event, poll: float, history: bool
     ) -> SagaView:
         waker, name = self.store.queue.waker, finished(saga_id)
+        look = not waker.unwoken(name)  # unwoken: started here and not ended yet
         while True:
             woken.clear()  # a commit after this read sets it again
-            rec = waker.taken(name)  # the final record a commit in this process left
-            if not isinstance(rec, SagaRecord):
+            offered = waker.taken(name)  # the final record a commit in this process left
+            rec = offered if isinstance(offered, SagaRecord) else None
+            if rec is None and look:
                 rec = await self.store.saga_get(saga_id)
+            look = True  # after a wake-up or a poll: read
             if rec is not None and rec.state in TERMINAL:
                 return await self.view(rec, history)
             with suppress(TimeoutError):

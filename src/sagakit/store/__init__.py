@@ -50,7 +50,19 @@ class Tx(Protocol):
         ``check`` gets its row count then and raises to abort the transaction.
         Held writes of one batch run as one statement, so two of them must not
         change the same row; a statement (``INSERT``/``UPDATE``/``DELETE``)
-        without ``RETURNING``.
+        without ``RETURNING``. A write with a ``check`` must change exactly one
+        row when it passes: a transaction that is nothing but held writes may
+        be sent as one autocommit statement, where the server enforces that
+        (and ``check`` then raises the error).
+        """
+
+    async def peek(self, sql: str, *args: Any) -> Any:
+        """Fetch one row for an optimistic decision; the transaction's writes re-check it.
+
+        Before any other statement the driver may run it on its own, outside
+        the transaction (no BEGIN, no lock): the caller must guard what it
+        writes with what it read (a revision check), so a stale read fails
+        the commit instead of winning.
         """
 
 

@@ -119,6 +119,7 @@ class QueueConsumer:
             # Drained: sleep until a commit wakes the queue (a wake-up that came
             # while claiming is kept by the event) or the next poll is due.
             await self.work.wait(self.queue, idle)
+            await asyncio.sleep(0)  # commits ready in the same turn join this claim
             idle = first if batch else min(idle * 2, self.max_poll)
 
     async def _claim(self, free: int) -> list[Queued]:

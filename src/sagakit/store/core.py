@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -152,6 +152,7 @@ class Store:
         else:
             await self._check_schema()
         await self.driver.listen(self.queue.waker.wake, remote=listen)
+        self.queue.waker.complete = listen and self.dialect == "postgresql"
 
     async def close(self) -> None:
         if self._opened:
@@ -249,6 +250,35 @@ class Store:
             saga_id,
         )
         return InboxRow(row[0], bytes(row[1]) if row[1] is not None else None, row[2], row[3])
+
+    async def inbox_admit_barring(
+        self, tx: Tx, consumer: str, key: str, bar: str, attempt: int, saga_id: str | None
+    ) -> tuple[InboxRow, str]:
+        """:meth:`inbox_admit` of ``key`` then :meth:`inbox_bar` of ``bar``, as one statement.
+
+        A compensation's admission and its barrier in one round trip on
+        PostgreSQL: the bar's insert reads the admission's row, so the two keys
+        are always locked in that order (admission first) and copies cannot
+        deadlock. Elsewhere, the two statements one after the other.
+        """
+        if self.dialect != "postgresql":
+            row = await self.inbox_admit(tx, consumer, key, attempt, saga_id)
+            return row, await self.inbox_bar(tx, consumer, bar, attempt, saga_id)
+        p, now = self.prefix, self.clock.now()
+        got = await tx.fetchone(
+            f"WITH a AS (INSERT INTO {p}inbox (consumer, key, outcome, attempt, created_at, "
+            "saga_id) VALUES (?, ?, 'running', ?, ?, ?) ON CONFLICT (consumer, key) DO UPDATE "
+            "SET consumer = excluded.consumer RETURNING outcome, reply, destination, attempt), "
+            f"b AS (INSERT INTO {p}inbox (consumer, key, outcome, attempt, created_at, saga_id) "
+            "SELECT ?, ?, 'cancelled', ?, ?, ? FROM a ON CONFLICT (consumer, key) DO UPDATE SET "
+            f"outcome = CASE WHEN {p}inbox.outcome = 'success' THEN 'success' "
+            "ELSE 'cancelled' END RETURNING outcome) "
+            "SELECT a.outcome, a.reply, a.destination, a.attempt, b.outcome FROM a, b",
+            *(consumer, key, attempt, now, saga_id),
+            *(consumer, bar, attempt, now, saga_id),
+        )
+        row = InboxRow(got[0], bytes(got[1]) if got[1] is not None else None, got[2], got[3])
+        return row, str(got[4])
 
     async def inbox_get(self, tx: Tx, consumer: str, key: str) -> InboxRow | None:
         """What is stored under ``key`` (a plain read: no lock, no waiting)."""
@@ -425,15 +455,18 @@ class Store:
         )
         return _saga_record(row) if row is not None else None
 
+    async def saga_peek(self, tx: Tx, saga_id: str) -> SagaRecord | None:
+        """Load an instance without a lock (:meth:`Tx.peek`); :meth:`saga_update` re-checks it."""
+        row = await tx.peek(
+            f"SELECT id, type, version, state, data, progress, rev, created_at, updated_at, "
+            f"deadline, error FROM {self.prefix}sagas WHERE id = ?",
+            saga_id,
+        )
+        return _saga_record(row) if row is not None else None
+
     async def saga_update(self, tx: Tx, rec: SagaRecord) -> None:
         """Write an instance back; optimistic check on ``rev`` (then bumped)."""
         rec.updated_at = self.clock.now()
-        saga_id = rec.id
-
-        def check(n: int) -> None:
-            if n != 1:
-                raise ConcurrencyConflict("saga changed concurrently", saga_id=saga_id)
-
         await tx.later(
             f"UPDATE {self.prefix}sagas SET state = ?, data = ?, progress = ?, rev = ?, "
             "updated_at = ?, deadline = ?, error = ? WHERE id = ? AND rev = ?",
@@ -446,9 +479,24 @@ class Store:
             rec.error,
             rec.id,
             rec.rev,
-            check=check,
+            check=_current(rec.id),
         )
         rec.rev += 1
+
+    async def saga_unchanged(self, tx: Tx, rec: SagaRecord) -> None:
+        """Fail ``tx`` with :class:`ConcurrencyConflict` unless ``rec``'s revision is current.
+
+        For a decision that changed nothing but was taken on a read without a
+        lock (:meth:`saga_peek`); a no-op where transactions are serialised (SQLite).
+        """
+        if self.dialect != "postgresql":
+            return
+        await tx.later(
+            f"UPDATE {self.prefix}sagas SET rev = rev WHERE id = ? AND rev = ?",
+            rec.id,
+            rec.rev,
+            check=_current(rec.id),
+        )
 
     async def saga_get(self, saga_id: str) -> SagaRecord | None:
         """Read an instance outside any transaction (one round trip, no locks)."""
@@ -537,6 +585,16 @@ class Store:
             f"SELECT state, count(*) FROM {self.prefix}sagas{where} GROUP BY state", *args
         )
         return {r[0]: int(r[1]) for r in rows}
+
+
+def _current(saga_id: str) -> Callable[[int], None]:
+    """The check of a write guarded by the saga's revision."""
+
+    def check(n: int) -> None:
+        if n != 1:
+            raise ConcurrencyConflict("saga changed concurrently", saga_id=saga_id)
+
+    return check
 
 
 def _filters(**conds: Any) -> tuple[str, list[Any]]:

@@ -205,6 +205,12 @@ class PostgresTx:
     of data-modifying CTEs, just before the next statement or the COMMIT: a
     hop's inbox outcome, outgoing messages, acknowledgement, saga update and
     history cost one round trip instead of one each.
+
+    BEGIN is sent with the first statement that needs it. A transaction whose
+    only work is its held writes (a saga start, an acknowledgement) never
+    sends BEGIN or COMMIT: its batch goes alone as one autocommit statement,
+    atomic by itself, with its checks enforced by the server (a failed check
+    fails the statement, so nothing of it stays) and its NOTIFYs inside it.
     """
 
     def __init__(self, conn: Any) -> None:
@@ -213,38 +219,53 @@ class PostgresTx:
         self.queues: set[str] = set()
         self._savepoints = 0
         self._held: list[_Held] = []
+        #: BEGIN has been sent: statements run inside the transaction
+        self.begun = False
 
     async def execute(self, sql: str, *args: Any) -> int:
-        await self.flush()
+        await self._ready()
         try:
             return rowcount(await self.connection.execute(to_dollar(sql), *args))
         except DBError as exc:
             raise translate(exc) from exc
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        await self.flush()
+        await self._ready()
         try:
             await self.connection.executemany(to_dollar(sql), rows)
         except DBError as exc:
             raise translate(exc) from exc
 
     async def fetchone(self, sql: str, *args: Any) -> Any:
-        await self.flush()
+        await self._ready()
         try:
             return await self.connection.fetchrow(to_dollar(sql), *args)
         except DBError as exc:
             raise translate(exc) from exc
 
     async def fetchall(self, sql: str, *args: Any) -> list[Any]:
-        await self.flush()
+        await self._ready()
         try:
             return list(await self.connection.fetch(to_dollar(sql), *args))
         except DBError as exc:
             raise translate(exc) from exc
 
+    async def peek(self, sql: str, *args: Any) -> Any:
+        """An optimistic read (see :meth:`Tx.peek`): before BEGIN, a statement of its own."""
+        if self.begun or self._held:
+            return await self.fetchone(sql, *args)
+        return await self._send(self.connection.fetchrow, sql, args)
+
     async def later(self, sql: str, *args: Any, check: Callable[[int], None] | None = None) -> None:
         """Hold a write for the next batch (see :class:`PostgresTx`)."""
         self._held.append(_Held(sql, args, check))
+
+    async def _ready(self) -> None:
+        """Open the transaction if it is not yet, then send the held writes."""
+        if not self.begun:
+            self.begun = True
+            await self._simple("BEGIN")
+        await self.flush()
 
     async def flush(self) -> None:
         """Send the held writes: one alone as it is, several as one statement."""
@@ -261,6 +282,25 @@ class PostgresTx:
                 if h.check is not None:
                     h.check(n)
 
+    async def send_alone(self, channel: str) -> None:
+        """Commit a transaction that never began: its held writes as one autocommit statement."""
+        held, self._held = self._held, []
+        if not held and not self.queues:
+            return
+        sql, args = batch_sql(held, enforce=True, notify=bool(self.queues))
+        if self.queues:
+            args += [channel, sorted(self.queues)]
+        try:
+            counts = await self.connection.fetchrow(to_dollar(sql), *args)
+        except asyncpg.InvalidTextRepresentationError as exc:
+            _failed_check(held, exc)
+            raise translate(exc) from exc
+        except DBError as exc:
+            raise translate(exc) from exc
+        for h, n in zip(held, counts, strict=False):
+            if h.check is not None:
+                h.check(n)
+
     async def _send(self, method: Callable[..., Any], sql: str, args: Sequence[Any]) -> Any:
         try:
             return await method(to_dollar(sql), *args)
@@ -274,7 +314,7 @@ class PostgresTx:
         Writes held inside the block are sent before it ends, so their checks
         fail the block, and dropped unsent if it raises.
         """
-        await self.flush()
+        await self._ready()
         self._savepoints += 1
         name = f"sagakit_sp{self._savepoints}"
         await self._simple(f"SAVEPOINT {name}")
@@ -308,19 +348,61 @@ class PostgresTx:
             cb()
 
 
+_CHECK_MARK = "sagakit-check"
+_CHECK_FAILED = re.compile(_CHECK_MARK + r" (\d+) (\d+)")
+
+
 @functools.lru_cache(maxsize=256)
-def _batch_text(texts: tuple[str, ...]) -> str:
+def _batch_text(texts: tuple[str, ...], enforced: tuple[bool, ...], notify: bool) -> str:
+    """The batch statement; ``enforced`` writes fail it unless they changed one row.
+
+    A failed check casts a marked text to int, so the whole statement fails
+    (and with it every write in it) with the write's index and row count in
+    the error; the cast is not constant, so the planner cannot fold it early.
+    """
     ctes = ", ".join(f"w{i} AS ({t} RETURNING 1)" for i, t in enumerate(texts))
-    counts = ", ".join(f"(SELECT count(*) FROM w{i})::int" for i in range(len(texts)))
-    return f"WITH {ctes} SELECT {counts}"
+    counts = []
+    for i, strict in enumerate(enforced):
+        if strict:
+            fail = f"('{_CHECK_MARK} {i} ' || n)::int"
+            counts.append(
+                f"(SELECT CASE WHEN n = 1 THEN n ELSE {fail} END "
+                f"FROM (SELECT count(*)::int FROM w{i}) AS c(n))"
+            )
+        else:
+            counts.append(f"(SELECT count(*) FROM w{i})::int")
+    if notify:
+        # the channel and the queue names are the last two arguments
+        counts.append("(SELECT count(pg_notify(?, q)) FROM unnest(?::text[]) AS q)::int")
+    return f"WITH {ctes} SELECT {', '.join(counts)}" if texts else f"SELECT {counts[0]}"
 
 
-def batch_sql(held: Sequence[_Held]) -> tuple[str, list[Any]]:
-    """Several writes as one statement that returns each one's row count."""
+def batch_sql(
+    held: Sequence[_Held], *, enforce: bool = False, notify: bool = False
+) -> tuple[str, list[Any]]:
+    """Several writes as one statement that returns each one's row count.
+
+    ``enforce``: checked writes must change exactly one row, or the statement
+    fails (for a batch sent alone in autocommit mode, where a check raised
+    after the statement could no longer undo it). ``notify``: the statement
+    also sends a NOTIFY per queue given as the last two arguments (channel,
+    queue names).
+    """
     args: list[Any] = []
     for h in held:
         args.extend(h.args)
-    return _batch_text(tuple(h.sql for h in held)), args
+    enforced = tuple(enforce and h.check is not None for h in held)
+    return _batch_text(tuple(h.sql for h in held), enforced, notify), args
+
+
+def _failed_check(held: Sequence[_Held], exc: BaseException) -> None:
+    """Raise the error of the held write whose enforced check failed the statement."""
+    m = _CHECK_FAILED.search(str(exc))
+    if m is None:
+        return
+    check = held[int(m.group(1))].check
+    if check is not None:
+        check(int(m.group(2)))
 
 
 class PostgresDriver:
@@ -490,16 +572,20 @@ class PostgresDriver:
 
 @asynccontextmanager
 async def _transaction(conn: Any, channel: str, tx: PostgresTx) -> AsyncIterator[None]:
-    """BEGIN; the body; NOTIFY the touched queues and COMMIT in one round trip."""
-    try:
-        await conn.execute("BEGIN")
-    except DBError as exc:
-        raise translate(exc) from exc
+    """The body, then: NOTIFY the touched queues and COMMIT in one round trip.
+
+    BEGIN goes out with the body's first statement (:meth:`PostgresTx._ready`);
+    a body that only held writes ends as one autocommit statement.
+    """
     try:
         yield
+        if not tx.begun:
+            await tx.send_alone(channel)
+            return
         await tx.flush()
     except BaseException:
-        await _quietly(partial(conn.execute, "ROLLBACK"))
+        if tx.begun:
+            await _quietly(partial(conn.execute, "ROLLBACK"))
         raise
     try:
         await conn.execute(_commit_sql(channel, tx.queues))

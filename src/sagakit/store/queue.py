@@ -44,6 +44,9 @@ class Queued:
     kind: str | None = None
 
 
+EXPECT_AT_MOST = 4096  #: names a Waker keeps expecting (see :meth:`Waker.expect`)
+
+
 class Waker:
     """In-process wake-ups for queue consumers and saga waiters.
 
@@ -51,10 +54,16 @@ class Waker:
     nobody watches costs nothing when woken.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, expect_at_most: int = EXPECT_AT_MOST) -> None:
         self._events: dict[str, asyncio.Event] = {}
         self._watchers: dict[str, int] = {}
         self._offers: dict[str, object] = {}
+        #: expected names (oldest first) -> woken since expected
+        self._expected: dict[str, bool] = {}
+        self._expect_at_most = expect_at_most
+        #: every other process's wake-ups reach this waker (PostgreSQL, listening);
+        #: without that, :meth:`expect` does nothing
+        self.complete = False
 
     def event(self, name: str) -> asyncio.Event:
         ev = self._events.get(name)
@@ -93,10 +102,45 @@ class Waker:
         ev = self._events.get(name)
         if ev is not None:
             ev.set()
+            if name in self._expected:
+                self._woken(name)
+
+    def _woken(self, name: str) -> None:
+        """An expected name was woken: mark it, or forget it if nobody else waits on it."""
+        if self._watchers.get(name, 0) > 1:
+            self._expected[name] = True
+        else:  # a waiter that comes later reads, so nothing need be kept for it
+            self.forget(name)
 
     def wake_all(self) -> None:
         for ev in self._events.values():
             ev.set()
+        for name in self._expected:
+            self._expected[name] = True
+
+    def expect(self, name: str) -> None:
+        """Watch ``name`` before anything can wake it, so :meth:`unwoken` can tell.
+
+        A saga started in this process is expected before its first commit: until
+        its end is woken (by a commit here or another process's NOTIFY), a
+        waiter knows it has not ended without reading it. Bounded: the oldest
+        expectations are dropped (their waiters then read, as they would anyway).
+        """
+        if not self.complete or name in self._expected:
+            return
+        self._expected[name] = False
+        self.watch(name)
+        if len(self._expected) > self._expect_at_most:
+            self.forget(next(iter(self._expected)))
+
+    def forget(self, name: str) -> None:
+        """Drop the expectation of ``name`` (its waiter is done, or it may have ended unseen)."""
+        if self._expected.pop(name, None) is not None:
+            self.unwatch(name)
+
+    def unwoken(self, name: str) -> bool:
+        """Expected, and not woken since: nothing has happened to it that this process heard of."""
+        return self._expected.get(name) is False
 
 
 class WorkQueue:

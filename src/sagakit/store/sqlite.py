@@ -85,6 +85,10 @@ class SqliteTx:
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
 
+    async def peek(self, sql: str, *args: Any) -> Any:
+        """Inside the transaction like any read: it costs no round trip here."""
+        return await self.fetchone(sql, *args)
+
     async def later(self, sql: str, *args: Any, check: Callable[[int], None] | None = None) -> None:
         """SQLite statements cost no round trip: run it now."""
         n = await self.execute(sql, *args)

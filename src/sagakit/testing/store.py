@@ -214,6 +214,25 @@ class StoreContract:
             assert await store.inbox_bar(tx, "svc", "ok", 1) == "success"
             assert await store.inbox_bar(tx, "svc", "failed", 1) == "cancelled"
 
+    async def test_inbox_admit_barring_admits_one_key_and_bars_the_other(
+        self, store: Store
+    ) -> None:
+        done = InboxRow("success", b"undone", None, 1)
+        async with store.transaction() as tx:
+            row, fwd = await store.inbox_admit_barring(tx, "svc", "c1", "f1", 1, "s1")
+            assert (row.outcome, fwd) == ("running", "cancelled")  # the forward never ran
+            await store.inbox_record(tx, "svc", "c1", done)
+            await store.inbox_admit(tx, "svc", "f2", 1)
+            await store.inbox_record(tx, "svc", "f2", InboxRow("success", b"r", None, 1))
+        async with store.transaction() as tx:
+            assert await store.inbox_admit_barring(tx, "svc", "c1", "f1", 2, "s1") == (
+                done,
+                "cancelled",
+            )  # a copy: the stored outcome, the bar unchanged
+            row, fwd = await store.inbox_admit_barring(tx, "svc", "c2", "f2", 1, "s1")
+            assert (row.outcome, fwd) == ("running", "success")  # the forward took effect
+            assert (await store.inbox_admit(tx, "svc", "f1", 1)).outcome == "cancelled"
+
     async def test_a_second_copy_waits_for_the_first_and_sees_its_outcome(
         self, store: Store
     ) -> None:
