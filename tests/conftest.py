@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
@@ -94,10 +95,59 @@ def namespace() -> str:
     return fresh_namespace("t")
 
 
+#: every prefix handed out this session -> the test it was handed to
+ISSUED: dict[str, str] = {}
+
+
 @pytest.fixture
-def prefix() -> str:
+def prefix(request: pytest.FixtureRequest) -> str:
     """A unique table prefix so tests sharing one database never collide."""
-    return f"t{uuid.uuid4().hex[:10]}_"
+    p = f"t{uuid.uuid4().hex[:10]}_"
+    ISSUED[p] = request.node.nodeid
+    return p
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Drop PostgreSQL tables a test left under its prefix, and name the test.
+
+    Each test should drop its own; this net keeps a shared server from
+    filling up across runs and tells which test to mend.
+    """
+    env, default = DEFAULTS["postgres"]
+    url = os.environ.get(env, default)
+    if not ISSUED or not _reachable(url):
+        return
+    try:
+        left = asyncio.run(_drop_leftovers(url))
+    except Exception as exc:  # a cleanup net: never fail the run over it
+        left = {f"(cleanup failed: {exc!r})": 0}
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or not left:
+        return
+    reporter.ensure_newline()
+    for test, n in sorted(left.items()):
+        reporter.write_line(f"leftover tables: {n} from {test} (dropped)")
+
+
+async def _drop_leftovers(url: str) -> dict[str, int]:
+    import asyncpg  # type: ignore[import-untyped]
+
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT tablename FROM pg_tables "
+            "WHERE schemaname = 'public' AND tablename ~ '^t[0-9a-f]{10}_'"
+        )
+        left: dict[str, int] = {}
+        for (table,) in rows:
+            test = ISSUED.get(table[:12])
+            if test is None:
+                continue  # another run's, or not a test prefix
+            await conn.execute(f'DROP TABLE IF EXISTS "{table}" CASCADE')
+            left[test] = left.get(test, 0) + 1
+        return left
+    finally:
+        await conn.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
