@@ -21,6 +21,7 @@ from sagakit.ops.dead_letters import DeadLetterFilter, DeadLetters
 from sagakit.outbox import OUTBOX_QUEUE, OutboxTable, Relay
 from sagakit.policies import RetryPolicy
 from sagakit.store import DeadLetter, Store, open_store
+from sagakit.testing import drop_tables
 from sagakit.transport import Outgoing
 from sagakit.transport.memory import MemoryTransport
 from tests.helpers import DidIt, Do, Happened, eventually
@@ -75,6 +76,9 @@ async def bank(store_url: str, prefix_for: str) -> AsyncIterator[Bank]:
     async with app:
         await app.transport.declare(REPLIES, [])
         yield b
+    if store_url.startswith("postgresql"):  # the shared database keeps nothing of ours
+        async with open_store(store_url, prefix=prefix_for) as store:
+            await drop_tables(store)
 
 
 async def happened(app: sk.App, key: str) -> None:
@@ -234,8 +238,12 @@ class Flaky:
 async def store(store_url: str, prefix_for: str) -> AsyncIterator[Store]:
     s = open_store(store_url, prefix=prefix_for)
     await s.open()
-    yield s
-    await s.close()
+    try:
+        yield s
+    finally:
+        if store_url.startswith("postgresql"):
+            await drop_tables(s)
+        await s.close()
 
 
 async def outbox(store: Store, ids: list[str]) -> None:
