@@ -34,7 +34,8 @@ transports), so callers never see ``sqlite3`` or ``asyncpg`` exceptions.
     │   ├── StoreUnavailable          an outage: unreachable, refusing connections, shutting down
     │   └── ConcurrencyConflict       optimistic version check lost (retryable)
     ├── TransportError                broker trouble (retryable)
-    │   └── LeaseLost                 another consumer took the message over (retryable)
+    │   ├── LeaseLost                 another consumer took the message over (retryable)
+    │   └── ForeignNamespace          removal refused: not the transport's own namespace
     ├── LockTimingWarning             a saga may confirm after its locks expire (a warning)
     ├── CommandFailed                 a `sagakit` command could not do its work (exit 1)
     ├── TwoPhaseError                 two-phase commit (sagakit.twophase)
@@ -264,6 +265,17 @@ class TransportError(SagakitError):
 
 class LeaseLost(TransportError):
     """Another consumer took this delivery over; roll back and let it finish."""
+
+
+class ForeignNamespace(TransportError):
+    """A transport refused to remove broker objects outside its own namespace.
+
+    Raised by :meth:`~sagakit.transport.Transport.remove_namespace` when asked
+    for another namespace than the transport's, or when an object it would
+    delete is shared with, or belongs to, something else. Nothing was removed.
+    """
+
+    retryable = False
 
 
 class CommandFailed(SagakitError):

@@ -89,6 +89,8 @@ class Transport(Protocol):
     """What every transport provides."""
 
     url: str
+    namespace: str
+    """What every broker object of this transport is named under (see :meth:`remove_namespace`)."""
 
     async def open(self) -> None: ...
 
@@ -109,6 +111,23 @@ class Transport(Protocol):
     async def ping(self) -> None:
         """One cheap round trip to the broker; :class:`~sagakit.errors.TransportError`
         if it cannot be reached now (``/readyz`` asks this)."""
+
+    async def remove_namespace(self, namespace: str) -> None:
+        """Remove every broker object created under ``namespace``, by any process.
+
+        ``namespace`` must be this transport's own (:attr:`namespace`): it is
+        asked for by name so a call cannot remove the wrong deployment's
+        objects by accident. Queues, exchanges, delay queues, streams,
+        consumers, consumer groups and keys go, with the messages in them.
+        Idempotent, and a no-op when nothing exists. Stops this transport's
+        own subscriptions first; other processes should have stopped theirs.
+        Afterwards close the transport (reopen it to use the namespace again).
+
+        Raises :class:`~sagakit.errors.ForeignNamespace`, having removed
+        nothing, for another namespace or an object shared with one;
+        :class:`~sagakit.errors.TransportError` if the broker fails midway
+        (call again: what is left is still found).
+        """
 
 
 # Broker URL schemes (TLS ones included) and the module of each.

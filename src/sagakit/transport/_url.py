@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote_plus, unquote_plus
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, ForeignNamespace
 
 T = TypeVar("T")
 
@@ -114,6 +114,21 @@ def pick_namespace(chosen: str | None, alias: str | None = None) -> str:
         return namespace(DEFAULT_NAMESPACE if value is None else value)
     except ValueError as exc:
         raise ConfigurationError(f"bad namespace {value!r}: {exc}") from None
+
+
+def require_own(mine: str, asked: str) -> None:
+    """Refuse (:class:`~sagakit.errors.ForeignNamespace`) to remove ``asked`` if not ``mine``."""
+    if asked != mine:
+        raise ForeignNamespace(
+            f"refusing to remove namespace {asked!r}: this transport's namespace is {mine!r}"
+        )
+
+
+def require_inside(name: str, start: str) -> str:
+    """``name`` if it begins with ``start`` (its namespace's own); else refuse."""
+    if not name.startswith(start):
+        raise ForeignNamespace(f"refusing to remove {name!r}: it is not under {start!r}")
+    return name
 
 
 def fresh_namespace(label: str = "run") -> str:
@@ -241,6 +256,8 @@ __all__ = [
     "parse_url",
     "pick_namespace",
     "redact",
+    "require_inside",
+    "require_own",
     "seconds",
     "text",
     "with_option",

@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..errors import TransportError
+from ..errors import StoreError, TransportError
 from ..store.consumer import MAX_POLL_S, QueueConsumer
+from ._url import require_own
 
 if TYPE_CHECKING:
     from ..store import Store, Tx
@@ -41,9 +42,12 @@ class DatabaseTransport:
     def __init__(self, store: Store, *, lease: float = 30.0, max_poll: float = MAX_POLL_S) -> None:
         self.url = "database"
         self.store = store
+        #: the store's table prefix: the queues are its ``messages`` and ``subscriptions``
+        self.namespace = store.prefix
         self.lease = lease
         self.max_poll = max_poll
         self._writer = QueueWriter(store.queue)
+        self._subs: set[QueueConsumer] = set()
 
     async def open(self) -> None:
         await self.store.open()
@@ -60,9 +64,11 @@ class DatabaseTransport:
             await self._writer.write(tx, messages)
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> QueueConsumer:
-        return QueueConsumer(
+        sub = QueueConsumer(
             self.store, queue, handler, prefetch=prefetch, lease=self.lease, max_poll=self.max_poll
         )
+        self._subs.add(sub)
+        return sub
 
     async def ping(self) -> None:
         """The queues are the store's tables: the store answering is the broker answering."""
@@ -70,6 +76,23 @@ class DatabaseTransport:
             await self.store.driver.read("SELECT 1")
         except Exception as exc:
             raise TransportError(f"the database queues are unreachable: {exc!r}") from exc
+
+    async def remove_namespace(self, namespace: str) -> None:
+        """Stop this transport's consumers; delete every queued message and binding.
+
+        The tables stay: they are the store's (``drop_tables`` drops them).
+        """
+        require_own(self.namespace, namespace)
+        for sub in list(self._subs):
+            await sub.stop()
+        self._subs.clear()
+        p = self.store.prefix
+        try:
+            async with self.store.transaction() as tx:
+                await tx.execute(f"DELETE FROM {p}messages")
+                await tx.execute(f"DELETE FROM {p}subscriptions")
+        except StoreError as exc:
+            raise TransportError(f"cannot empty the database queues: {exc!r}") from exc
 
     def direct_writer(self, store: Store) -> QueueWriter | None:
         return self._writer if store is self.store else None

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ._consumer import BrokerDelivery, Consumer
+from ._url import DEFAULT_NAMESPACE, require_own
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -61,8 +62,10 @@ class MemorySubscription(Consumer[MemoryDelivery]):
 class MemoryTransport:
     """Queues are asyncio queues; events fan out to every bound queue."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, namespace: str = DEFAULT_NAMESPACE) -> None:
         self.url = "memory://"
+        self.namespace = namespace
+        self._subs: set[MemorySubscription] = set()
         self._queues: dict[str, asyncio.Queue[tuple[bytes, int]]] = {}
         self._bindings: dict[str, set[str]] = defaultdict(set)
 
@@ -95,7 +98,18 @@ class MemoryTransport:
                 self.put(queue, m.data)
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> MemorySubscription:
-        return MemorySubscription(self, queue, handler, prefetch)
+        sub = MemorySubscription(self, queue, handler, prefetch)
+        self._subs.add(sub)
+        return sub
+
+    async def remove_namespace(self, namespace: str) -> None:
+        """Stop the subscriptions and forget every queue, message and binding."""
+        require_own(self.namespace, namespace)
+        for sub in list(self._subs):
+            await sub.stop()
+        self._subs.clear()
+        self._queues.clear()
+        self._bindings.clear()
 
     async def ping(self) -> None:
         """In-process: always reachable."""

@@ -57,7 +57,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import ConfigurationError, TransportError
+from ..errors import ConfigurationError, ForeignNamespace, TransportError
 from . import PING_TIMEOUT
 from ._consumer import BrokerDelivery, Consumer
 from ._nats_names import (
@@ -70,7 +70,7 @@ from ._nats_names import (
     subject_tokens,
     tls_context,
 )
-from ._url import Option, flag, parse_url, pick_namespace, redact, seconds, text
+from ._url import Option, flag, parse_url, pick_namespace, redact, require_own, seconds, text
 from ._url import namespace as valid_namespace
 
 try:
@@ -714,6 +714,42 @@ class NatsTransport:
     def direct_writer(self, store: Store) -> None:
         """None: messages go through the store's outbox and a relay."""
         return None
+
+    async def remove_namespace(self, namespace: str) -> None:
+        """Delete the namespace's stream, and with it its messages and consumers.
+
+        Refuses (:class:`~sagakit.errors.ForeignNamespace`) a stream that also
+        holds other subjects than the namespace's: it is shared, not ours.
+        """
+        require_own(self.namespace, namespace)
+        for sub in list(self._subs):
+            await sub.stop()
+        jsm = self._manager()
+        try:
+            info = await jsm.stream_info(self.stream)
+        except NotFoundError:
+            info = None
+        except BROKER_ERRORS as exc:
+            raise TransportError(f"cannot look up NATS stream {self.stream!r}: {exc!r}") from exc
+        if info is not None:
+            self._require_own_stream(info.config.subjects or [])
+            await self._delete_stream()
+        self._declared.clear()
+
+    def _require_own_stream(self, subjects: Sequence[str]) -> None:
+        if list(subjects) != [f"{self.prefix}.>"]:
+            raise ForeignNamespace(
+                f"refusing to delete NATS stream {self.stream!r}: its subjects {subjects!r} "
+                f"are not only namespace {self.namespace!r}'s"
+            )
+
+    async def _delete_stream(self) -> None:
+        try:
+            await self._manager().delete_stream(self.stream)
+        except NotFoundError:
+            pass  # deleted meanwhile: the same outcome
+        except BROKER_ERRORS as exc:
+            raise TransportError(f"cannot delete NATS stream {self.stream!r}: {exc!r}") from exc
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> NatsSubscription:
         try:

@@ -14,6 +14,11 @@ How it maps the transport contract:
   event type as routing key; ``declare(queue, topics)`` binds the queue to each
   topic, so every bound queue gets its own copy (fan-out) and consumers of one
   queue compete for it.
+- Every queue and delay bucket is listed, before it is declared, as a small
+  persistent message in the namespace's registry queue ``{namespace}.names``
+  (once per transport object), since AMQP cannot list queues:
+  :meth:`RabbitMQTransport.remove_namespace` reads it to find what every
+  process of the namespace created.
 - Messages are persistent and published on a channel with publisher confirms:
   :meth:`RabbitMQTransport.publish` returns once the broker holds all of them.
 - Consumers use manual acknowledgement and ``basic.qos(prefetch)``; the
@@ -45,6 +50,7 @@ raises :class:`~sagakit.errors.ConfigurationError` naming the valid ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import uuid
@@ -52,10 +58,19 @@ from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from ..errors import ConfigurationError, TransportError
+from ..errors import ConfigurationError, ForeignNamespace, TransportError
 from . import PING_TIMEOUT
 from ._consumer import BrokerDelivery, Consumer
-from ._url import Option, parse_url, pick_namespace, redact, seconds, text
+from ._url import (
+    Option,
+    parse_url,
+    pick_namespace,
+    redact,
+    require_inside,
+    require_own,
+    seconds,
+    text,
+)
 from ._url import namespace as valid_namespace
 
 try:
@@ -324,9 +339,10 @@ class RabbitMQTransport:
         self._events: aio_pika.abc.AbstractExchange | None = None
         self._queues: set[str] = set()
         self._delays: dict[int, aio_pika.abc.AbstractExchange] = {}
-        #: every queue and delay bucket this object used, for :meth:`delete`
+        #: every queue and delay bucket this object used
         self.known_queues: set[str] = set()
         self.known_delays: set[int] = set()
+        self._registered: set[str] = set()  # registry entries this object wrote
         self._declare_lock = asyncio.Lock()
         self._subs: set[RabbitSubscription] = set()
 
@@ -348,6 +364,7 @@ class RabbitMQTransport:
             self._events = await channel.declare_exchange(
                 self.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
             )
+            await channel.declare_queue(self.registry_queue, durable=True)
         except BROKER_ERRORS as exc:
             await self.close()
             raise TransportError(connect_error(self.broker_url, exc)) from exc
@@ -360,6 +377,7 @@ class RabbitMQTransport:
         self._channel = self._events = None
         self._queues.clear()
         self._delays.clear()
+        self._registered.clear()
         if conn is not None and not conn.is_closed:
             try:
                 await conn.close()
@@ -403,13 +421,29 @@ class RabbitMQTransport:
         """The delay queue (and its exchange) of one delay bucket."""
         return f"{self.namespace}.delay.{ms}"
 
+    @property
+    def registry_queue(self) -> str:
+        """The queue listing every queue and delay bucket of the namespace."""
+        return f"{self.namespace}.names"
+
+    async def _register(self, entry: str) -> None:
+        """List ``entry`` (``q:<queue>`` or ``delay:<ms>``) in the registry, once per object."""
+        if entry in self._registered:
+            return
+        message = aio_pika.Message(entry.encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        await self._pub_channel().default_exchange.publish(
+            message, routing_key=self.registry_queue, timeout=self.publish_timeout
+        )
+        self._registered.add(entry)
+
     def queue_arguments(self) -> dict[str, Any]:
         return {"x-queue-type": "quorum"} if self.queue_type == "quorum" else {}
 
     async def declare_queue(
         self, channel: aio_pika.abc.AbstractChannel, queue: str
     ) -> aio_pika.abc.AbstractQueue:
-        """Declare the broker queue of sagakit queue ``queue``."""
+        """Declare the broker queue of sagakit queue ``queue`` (listed in the registry first)."""
+        await self._register(f"q:{queue}")
         return await channel.declare_queue(
             self.broker_queue(queue), durable=True, arguments=self.queue_arguments()
         )
@@ -443,6 +477,7 @@ class RabbitMQTransport:
             if ex is None:
                 channel = self._pub_channel()
                 name = self.delay_queue(ms)
+                await self._register(f"delay:{ms}")
                 args: dict[str, Any] = {"x-message-ttl": ms, "x-dead-letter-exchange": ""}
                 if self.queue_type == "quorum":
                     args |= {
@@ -553,25 +588,64 @@ class RabbitMQTransport:
 
     # -- administration (tests, tools) -------------------------------------
 
-    async def delete(self) -> None:
-        """Delete every queue, delay queue and exchange this object declared.
+    async def remove_namespace(self, namespace: str) -> None:
+        """Delete every queue, delay queue and exchange of the namespace, by any process.
 
-        For tests and tools; the transport must be open.
+        The names come from the registry queue (see the module docstring) and
+        from this object; the transport must be open. See
+        :meth:`sagakit.transport.Transport.remove_namespace`.
         """
+        require_own(self.namespace, namespace)
+        for sub in list(self._subs):
+            await sub.stop()
         channel = await self.connection.channel()
         try:
-            for name in sorted(self.known_queues):
-                await channel.queue_delete(self.broker_queue(name))
-            for ms in sorted(self.known_delays):
-                await channel.queue_delete(self.delay_queue(ms))
-                await channel.exchange_delete(self.delay_queue(ms))
-            await channel.exchange_delete(self.events_exchange)
+            queues, exchanges = self._removal(await self._listed(channel))
+            for name in queues:
+                await channel.queue_delete(name)
+            for name in exchanges:
+                await channel.exchange_delete(name)
+            await channel.queue_delete(self.registry_queue)
         except BROKER_ERRORS as exc:
-            raise TransportError(f"cannot delete: {exc!r}") from exc
+            raise TransportError(f"cannot remove namespace {namespace!r}: {exc!r}") from exc
         finally:
-            await channel.close()
+            with contextlib.suppress(*BROKER_ERRORS):
+                await channel.close()
+        self._forget_topology()
+
+    async def _listed(self, channel: aio_pika.abc.AbstractChannel) -> set[str]:
+        """The registry's entries, left unacknowledged (back in it if removal fails)."""
+        registry = await channel.declare_queue(self.registry_queue, durable=True)
+        entries: set[str] = set()
+        while (message := await registry.get(no_ack=False, fail=False)) is not None:
+            entries.add(message.body.decode("utf-8", "replace"))
+        return entries
+
+    def _removal(self, entries: set[str]) -> tuple[list[str], list[str]]:
+        """The queues and exchanges to delete; refuses them all if one is not the namespace's."""
+        ours = {f"q:{q}" for q in self.known_queues} | {f"delay:{ms}" for ms in self.known_delays}
+        queues = [self._queue_of_entry(entry) for entry in sorted(entries | ours)]
+        delays = [q for q in queues if q.startswith(self.delay_queue(0)[:-1])]
+        own = f"{self.namespace}."
+        exchanges = [require_inside(n, own) for n in [*delays, self.events_exchange]]
+        return [require_inside(n, own) for n in queues], exchanges
+
+    def _queue_of_entry(self, entry: str) -> str:
+        """The broker queue of a registry entry (``q:<queue>``, ``delay:<ms>``)."""
+        kind, _, rest = entry.partition(":")
+        if kind == "q" and rest:
+            return self.broker_queue(rest)
+        if kind == "delay" and rest.isdigit():
+            return self.delay_queue(int(rest))
+        raise ForeignNamespace(
+            f"refusing to remove namespace {self.namespace!r}: its registry "
+            f"{self.registry_queue!r} holds {entry!r}, not a sagakit name"
+        )
+
+    def _forget_topology(self) -> None:
         self.known_queues.clear()
         self.known_delays.clear()
+        self._registered.clear()
         self._queues.clear()
         self._delays.clear()
 

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ConfigurationError, TransportError
 from . import PING_TIMEOUT
 from ._consumer import BrokerDelivery, Consumer
-from ._url import Option, parse_url, pick_namespace, redact, seconds
+from ._url import Option, parse_url, pick_namespace, redact, require_own, seconds
 from ._url import namespace as valid_namespace
 
 try:
@@ -86,6 +86,7 @@ log = logging.getLogger("sagakit.transport.redis")
 GROUP = "sagakit"
 MAX_BACKOFF_S = 2.0
 RETRIES = 3
+REMOVE_BATCH = 500  # keys per SCAN page and per UNLINK of remove_namespace
 CLAIM_PAGES = 10
 DEFAULT_PREFIX = "sagakit"
 DEFAULT_LEASE = 30.0
@@ -579,6 +580,24 @@ class RedisTransport:
     def direct_writer(self, store: Store) -> None:
         """None: messages go through the store's outbox and a relay."""
         return None
+
+    async def remove_namespace(self, namespace: str) -> None:
+        """Delete the namespace's streams (with their consumer groups) and binding sets.
+
+        Only keys of this transport's layout go (``<namespace>:q:*`` and
+        ``<namespace>:bind:*``); namespaces cannot hold ``:``, so no other
+        namespace's key matches.
+        """
+        require_own(self.namespace, namespace)
+        for sub in list(self.subscriptions):
+            await sub.stop()
+        r = self.client
+        async with _translated(f"remove namespace {namespace!r}"):
+            for pattern in (self.stream_key("*"), self.bind_key("*")):
+                keys = [k async for k in r.scan_iter(match=pattern, count=REMOVE_BATCH)]
+                for i in range(0, len(keys), REMOVE_BATCH):
+                    await r.unlink(*keys[i : i + REMOVE_BATCH])
+        self._declared.clear()
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> RedisSubscription:
         self.client  # noqa: B018 - fail early when not open
