@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import msgspec
 
@@ -65,3 +66,13 @@ async def eventually(
 
 def add(d: Data, r: DidIt) -> Data:
     return replace(d, total=d.total + r.value)
+
+
+async def remove_namespace_of(t: Any) -> None:
+    """Remove transport ``t``'s namespace on its broker (reopening ``t`` if closed), then close."""
+    await t.close()
+    await t.open()
+    try:
+        await t.remove_namespace(t.namespace)
+    finally:
+        await t.close()

@@ -8,7 +8,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,6 +18,7 @@ import pytest
 import sagakit as sk
 from sagakit.errors import ConfigurationError, TransportError
 from sagakit.transport import Delivery, Outgoing, open_transport
+from tests.helpers import remove_namespace_of
 
 nats_mod = pytest.importorskip("sagakit.transport.nats")
 NatsTransport = nats_mod.NatsTransport
@@ -556,7 +557,23 @@ async def cut_nats(t: Any) -> None:
     t.client._transport.close()
 
 
-async def remove_nats(t: Any) -> None:
-    """Delete the stream ``t`` used (``t`` is closed by now)."""
+async def nats_leftovers(t: Any, queues: Sequence[str], topics: Sequence[str]) -> list[str]:
+    """``t``'s stream if NATS still reports it (stream info not raising NotFoundError)."""
+    import nats
+    from nats.js.errors import NotFoundError
+
     assert isinstance(t, NatsTransport)
-    await delete_stream(t.servers[0], t.stream)
+    nc = await nats.connect(t.servers[0])
+    try:
+        await nc.jsm().stream_info(t.stream)
+    except NotFoundError:
+        return []
+    finally:
+        await nc.close()
+    return [t.stream]
+
+
+async def remove_nats(t: Any) -> None:
+    """Remove ``t``'s namespace: its stream, messages and consumers."""
+    assert isinstance(t, NatsTransport)
+    await remove_namespace_of(t)

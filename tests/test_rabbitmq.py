@@ -14,14 +14,18 @@ import contextlib
 import shutil
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 from urllib.parse import quote, urlparse
 
+import aio_pika
+import aiormq.exceptions
 import msgspec
 import pytest
 
 import sagakit as sk
+from sagakit.testing.removal import REMOVAL_DELAY
 from sagakit.transport import Outgoing, Transport
 from sagakit.transport.rabbitmq import RabbitMQTransport, delay_bucket, transport
 
@@ -78,13 +82,42 @@ async def open_rabbitmq(url: str, namespace: str, **options: object) -> RabbitMQ
 
 
 async def remove_rabbitmq(t: RabbitMQTransport) -> None:
-    """Delete what ``t`` declared (reopening it if an app closed it), then close."""
+    """Remove ``t``'s namespace (reopening it if an app closed it), then close."""
     await t.close()
     await t.open()
     try:
-        await t.delete()
+        await t.remove_namespace(t.namespace)
     finally:
         await t.close()
+
+
+async def rabbitmq_leftovers(t: Any, queues: Sequence[str], topics: Sequence[str]) -> list[str]:
+    """Which of ``t``'s queues and exchanges RabbitMQ still has (a passive declare each)."""
+    assert isinstance(t, RabbitMQTransport)
+    names = [t.broker_queue(q) for q in queues]
+    names += [t.delay_queue(delay_bucket(REMOVAL_DELAY)), t.registry_queue]
+    exchanges = [t.events_exchange, t.delay_queue(delay_bucket(REMOVAL_DELAY))]
+    conn = await aio_pika.connect(t.broker_url)
+    try:
+        found = [n for n in names if await _exists(conn, n, "queue")]
+        return found + [n for n in exchanges if await _exists(conn, n, "exchange")]
+    finally:
+        await conn.close()
+
+
+async def _exists(conn: Any, name: str, kind: str) -> bool:
+    """A passive declare on a channel of its own: RabbitMQ closes it (404) if ``name`` is gone."""
+    channel = await conn.channel()
+    try:
+        if kind == "queue":
+            await channel.declare_queue(name, passive=True)
+        else:
+            await channel.get_exchange(name, ensure=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    with contextlib.suppress(Exception):
+        await channel.close()
+    return True
 
 
 async def cut_rabbitmq(t: Transport) -> None:

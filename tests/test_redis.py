@@ -18,7 +18,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import sagakit as sk
 from sagakit.errors import ConfigurationError, TransportError
 from sagakit.transport import Delivery, Outgoing, open_transport
 from sagakit.transport.redis import GROUP, RedisTransport, transport
-from tests.helpers import eventually
+from tests.helpers import eventually, remove_namespace_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -152,9 +152,21 @@ async def cut_redis(t: Any) -> None:
         await raw.aclose()
 
 
-async def remove_redis(t: Any) -> None:
-    """Delete every key under the transport's prefix."""
+async def redis_leftovers(t: Any, queues: Sequence[str], topics: Sequence[str]) -> list[str]:
+    """Which of ``t``'s stream and binding keys Redis still has (``EXISTS``)."""
     assert isinstance(t, RedisTransport)
+    raw = aioredis.Redis.from_url(t.redis_url)
+    keys = [t.stream_key(q) for q in queues] + [t.bind_key(topic) for topic in topics]
+    try:
+        return [k for k in keys if await raw.exists(k)]
+    finally:
+        await raw.aclose()
+
+
+async def remove_redis(t: Any) -> None:
+    """Remove ``t``'s namespace, then delete any other key under its prefix."""
+    assert isinstance(t, RedisTransport)
+    await remove_namespace_of(t)
     raw = aioredis.Redis.from_url(t.redis_url)
     try:
         keys = [k async for k in raw.scan_iter(match=f"{t.prefix}:*", count=500)]

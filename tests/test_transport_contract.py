@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,15 @@ from sagakit.testing import TransportContract, drop_tables
 from sagakit.transport import Subscription, Transport
 from sagakit.transport.database import DatabaseTransport
 from sagakit.transport.memory import MemoryTransport
-from tests.test_nats import cut_nats, nats_options, remove_nats
-from tests.test_rabbitmq import amqp_url, cut_rabbitmq, rabbitmq_vhosts, remove_rabbitmq
-from tests.test_redis import contract_options, cut_redis, remove_redis
+from tests.test_nats import cut_nats, nats_leftovers, nats_options, remove_nats
+from tests.test_rabbitmq import (
+    amqp_url,
+    cut_rabbitmq,
+    rabbitmq_leftovers,
+    rabbitmq_vhosts,
+    remove_rabbitmq,
+)
+from tests.test_redis import contract_options, cut_redis, redis_leftovers, remove_redis
 
 __all__ = ["amqp_url", "rabbitmq_vhosts"]  # fixtures, used through BROKERS by name
 
@@ -123,6 +129,9 @@ class TestDatabasePostgres(DatabaseContract):
 # -- brokers -----------------------------------------------------------------
 
 
+Leftovers = Callable[[Any, Sequence[str], Sequence[str]], Awaitable[list[str]]]
+
+
 @dataclass(frozen=True)
 class Broker:
     """How to run the contract against one broker transport."""
@@ -132,6 +141,8 @@ class Broker:
     options: Callable[[str], dict[str, Any]] = field(default=lambda tag: {})
     cut: Callable[[Transport], Awaitable[None]] | None = None
     cleanup: Callable[[Any], Awaitable[None]] | None = None
+    #: which of a namespace's objects the broker still reports (its own API)
+    leftovers: Leftovers | None = None
 
 
 BROKERS: dict[str, Broker] = {
@@ -141,6 +152,7 @@ BROKERS: dict[str, Broker] = {
         options=lambda tag: {"namespace": tag, "reconnect_interval": 0.5},
         cut=cut_rabbitmq,
         cleanup=remove_rabbitmq,
+        leftovers=rabbitmq_leftovers,
     ),
     "nats": Broker(
         "nats_url",
@@ -148,6 +160,7 @@ BROKERS: dict[str, Broker] = {
         options=nats_options,
         cut=cut_nats,
         cleanup=remove_nats,
+        leftovers=nats_leftovers,
     ),
     "redis": Broker(
         "redis_url",
@@ -155,11 +168,13 @@ BROKERS: dict[str, Broker] = {
         options=contract_options,
         cut=cut_redis,
         cleanup=remove_redis,
+        leftovers=redis_leftovers,
     ),
 }
 
 _PEERS: dict[int, Callable[[], Awaitable[Transport]]] = {}
 _CUTS: dict[int, Callable[[Transport], Awaitable[None]] | None] = {}
+_LEFTOVERS: dict[int, Leftovers | None] = {}
 
 
 class TestBrokerTransport(TransportContract):
@@ -177,16 +192,24 @@ class TestBrokerTransport(TransportContract):
 
         t = await open_one()
         _PEERS[id(t)], _CUTS[id(t)] = open_one, broker.cut
+        _LEFTOVERS[id(t)] = broker.leftovers
         try:
             yield t
         finally:
-            del _PEERS[id(t)], _CUTS[id(t)]
+            del _PEERS[id(t)], _CUTS[id(t)], _LEFTOVERS[id(t)]
             await t.close()
             if broker.cleanup is not None:
                 await broker.cleanup(t)
 
     async def open_peer(self, transport: Transport) -> Transport:
         return await _PEERS[id(transport)]()
+
+    async def leftovers(
+        self, transport: Transport, queues: Sequence[str], topics: Sequence[str]
+    ) -> list[str]:
+        check = _LEFTOVERS[id(transport)]
+        assert check is not None, f"no leftovers hook for {type(transport).__name__}"
+        return await check(transport, queues, topics)
 
     async def crash(self, transport: Transport, subscription: Subscription) -> None:
         abort = getattr(subscription, "abort", None)

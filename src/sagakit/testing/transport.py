@@ -16,6 +16,7 @@ from ..store import Store, open_store
 from ..store.core import DeadLetter
 from ..transport import Delivery, Outgoing, Subscription, Transport
 from ._support import eventually as _eventually
+from .removal import RemovalContract
 
 
 @command("sagakit.testing.Ping")
@@ -64,7 +65,7 @@ def _skip(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
-class TransportContract:
+class TransportContract(RemovalContract):
     """The contract every :class:`~sagakit.transport.Transport` keeps.
 
     Subclass it in a test module and provide the fixture ``transport``: an
@@ -81,7 +82,9 @@ class TransportContract:
     - :meth:`app_store`: the store of the app-level tests (default: a new
       in-memory SQLite store; the database transport gives its own store);
     - :meth:`new_queue`: a unique queue name (the fixture can clean up after
-      the names it hands out).
+      the names it hands out);
+    - :meth:`leftovers`: what the broker itself still reports of the
+      namespace after ``remove_namespace`` (:class:`.removal.RemovalContract`).
 
     Hooks are methods rather than fixtures so this module imports without
     pytest; ``pytest.skip`` is only imported by the default hooks that skip.
