@@ -577,3 +577,29 @@ async def remove_nats(t: Any) -> None:
     """Remove ``t``'s namespace: its stream, messages and consumers."""
     assert isinstance(t, NatsTransport)
     await remove_namespace_of(t)
+
+
+async def test_remove_namespace_refuses_a_stream_shared_with_other_subjects(
+    nats_url: str, run_id: str
+) -> None:
+    """A stream that also holds another namespace's subjects is not ours to delete."""
+    import nats
+    from nats.js import api
+
+    stream, mine, other = f"SHARED-{run_id}", f"mine-{run_id}", f"other-{run_id}"
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.jsm().add_stream(
+            api.StreamConfig(name=stream, subjects=[f"{mine}.>", f"{other}.>"])
+        )
+        t = NatsTransport(nats_url, namespace=mine, stream=stream)
+        await t.open()
+        try:
+            with pytest.raises(sk.ForeignNamespace, match="subjects"):
+                await t.remove_namespace(mine)
+        finally:
+            await t.close()
+        assert (await nc.jsm().stream_info(stream)).config.name == stream  # still there
+    finally:
+        await nc.jsm().delete_stream(stream)
+        await nc.close()

@@ -353,3 +353,24 @@ async def test_saga_compensates_over_rabbitmq(
     assert view.state == "compensated"
     assert "rmq.OutOfStock" in (view.error or "")
     assert await effects(app) == ["credit+big", "credit-big"]
+
+
+async def test_remove_namespace_refuses_a_registry_entry_it_did_not_write(amqp_url: str) -> None:
+    """An entry that is not a sagakit name stops the removal before anything is deleted."""
+    t = transport(amqp_url, namespace=f"skreg-{uuid.uuid4().hex[:8]}")
+    await t.open()
+    try:
+        await t.declare("kept", [])
+        await t.publish([Outgoing("m1", "command", "kept", b"x")])
+        stray = aio_pika.Message(b"someone else's")
+        await t._pub_channel().default_exchange.publish(stray, routing_key=t.registry_queue)
+        with pytest.raises(sk.ForeignNamespace, match="registry"):
+            await t.remove_namespace(t.namespace)
+        assert await rabbitmq_leftovers(t, ["kept"], []) != []  # nothing was deleted
+    finally:
+        await t.close()
+        await t.open()
+        channel = await t.connection.channel()
+        await channel.queue_delete(t.registry_queue)  # the stray entry with it
+        await channel.close()
+        await remove_rabbitmq(t)
