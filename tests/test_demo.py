@@ -10,8 +10,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
+import aio_pika
 import pytest
+import redis.asyncio as aioredis
 
 import sagakit as sk
 from sagakit.examples.order_fulfillment import demo
@@ -27,6 +30,12 @@ from sagakit.examples.order_fulfillment.messages import (
 from sagakit.examples.order_fulfillment.payments import CARD_DECLINED, CARD_OK, FakeCardGateway
 from sagakit.examples.order_fulfillment.shipping import FakeCarrier
 from sagakit.testing import drop_tables
+from sagakit.transport._url import with_option
+from sagakit.transport.nats import NatsTransport
+from sagakit.transport.rabbitmq import RabbitMQTransport
+from sagakit.transport.redis import RedisTransport
+from tests.test_nats import nats_leftovers
+from tests.test_rabbitmq import rabbitmq_has
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -472,3 +481,49 @@ def test_demo_with_short_locks_on_postgres(
     postgres_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _lock_ttl_run(postgres_url, capsys)
+
+
+BROKER_URLS = {"redis": "redis_url", "nats": "nats_url", "rabbitmq": "rabbitmq_url"}
+
+
+async def namespace_left(url: str) -> bool:
+    """Whether the broker still has the namespace of ``url``, asked of its own API."""
+    t = sk.open_transport(url, sk.open_store("memory://"))
+    if isinstance(t, RedisTransport):
+        raw = aioredis.Redis.from_url(t.redis_url)
+        try:
+            return bool([k async for k in raw.scan_iter(match=f"{t.namespace}:*")])
+        finally:
+            await raw.aclose()
+    if isinstance(t, NatsTransport):
+        return bool(await nats_leftovers(t, [], []))
+    assert isinstance(t, RabbitMQTransport)
+    conn = await aio_pika.connect(t.broker_url)
+    try:
+        return await rabbitmq_has(conn, t.registry_queue, "queue") or await rabbitmq_has(
+            conn, t.events_exchange, "exchange"
+        )
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["removed", "kept"])
+@pytest.mark.parametrize("broker", sorted(BROKER_URLS))
+def test_demo_over_a_broker_removes_its_own_namespace_unless_keep(
+    broker: str, keep: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+) -> None:  # fmt: skip
+    url = str(request.getfixturevalue(BROKER_URLS[broker]))
+    store = f"sqlite:///{tmp_path}/sagakit.db"
+    argv = ["--orders", "20", "--json", "--store", store, "--transport", url]
+    code = demo.main(argv + (["--keep"] if keep else []))
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0, result
+    namespace = parse_qs(urlsplit(result["transport"]).query)["namespace"][0]
+    assert namespace.startswith("demo-")
+    own = with_option(url, "namespace", namespace)
+    try:
+        assert asyncio.run(namespace_left(own)) is keep
+    finally:
+        asyncio.run(demo._remove_namespace(own))
+    assert asyncio.run(namespace_left(own)) is False

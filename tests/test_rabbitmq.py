@@ -99,13 +99,13 @@ async def rabbitmq_leftovers(t: Any, queues: Sequence[str], topics: Sequence[str
     exchanges = [t.events_exchange, t.delay_queue(delay_bucket(REMOVAL_DELAY))]
     conn = await aio_pika.connect(t.broker_url)
     try:
-        found = [n for n in names if await _exists(conn, n, "queue")]
-        return found + [n for n in exchanges if await _exists(conn, n, "exchange")]
+        found = [n for n in names if await rabbitmq_has(conn, n, "queue")]
+        return found + [n for n in exchanges if await rabbitmq_has(conn, n, "exchange")]
     finally:
         await conn.close()
 
 
-async def _exists(conn: Any, name: str, kind: str) -> bool:
+async def rabbitmq_has(conn: Any, name: str, kind: str) -> bool:
     """A passive declare on a channel of its own: RabbitMQ closes it (404) if ``name`` is gone."""
     channel = await conn.channel()
     try:

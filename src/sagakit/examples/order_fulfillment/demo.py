@@ -714,6 +714,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-dir", default=None, help="worker logs (default: a temporary directory)")
     p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the broker namespace the demo made for itself (default: removed at the end)",
+    )
+    p.add_argument(
         "--style",
         choices=STYLES,
         default="orchestration",
@@ -733,6 +738,29 @@ def own_namespace(transport: str) -> str:
     ):
         return transport
     return with_option(transport, "namespace", fresh_namespace("demo"))
+
+
+def remove_own_namespace(transport: str) -> None:
+    """Remove the broker namespace :func:`own_namespace` made for this run.
+
+    A failure is a warning on stderr: the run's result stands, and what is left
+    can be removed later with ``Transport.remove_namespace``.
+    """
+    try:
+        asyncio.run(_remove_namespace(transport))
+    except (sk.ConfigurationError, sk.TransportError, OSError) as exc:
+        log.info("removing the namespace failed", exc_info=True)
+        print(f"sagakit: warning: demo: broker objects left in {redact(transport)}: {exc}",
+              file=sys.stderr)  # fmt: skip
+
+
+async def _remove_namespace(url: str) -> None:
+    t = sk.open_transport(url, sk.open_store("memory://"))
+    await t.open()
+    try:
+        await t.remove_namespace(t.namespace)
+    finally:
+        await t.close()
 
 
 def misuse(args: argparse.Namespace) -> str | None:
@@ -764,7 +792,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.lease = 2.0
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     args.store = args.store or default_store()
-    args.transport = own_namespace(args.transport)
+    chosen = own_namespace(args.transport)
+    args.transport, made = chosen, chosen != args.transport
     try:
         result = asyncio.run(run(args))
     except (
@@ -777,6 +806,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("the demo failed", exc_info=True)  # the traceback, with sagakit -v
         print(f"sagakit: error: demo: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if made and not args.keep:
+            remove_own_namespace(args.transport)
     if args.json:
         print(json.dumps(result.to_json()))
     elif not args.serve:
