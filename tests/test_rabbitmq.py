@@ -28,6 +28,7 @@ import sagakit as sk
 from sagakit.testing.removal import REMOVAL_DELAY
 from sagakit.transport import Outgoing, Transport
 from sagakit.transport.rabbitmq import RabbitMQTransport, delay_bucket, transport
+from tests.helpers import remove_namespace_of
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -83,12 +84,7 @@ async def open_rabbitmq(url: str, namespace: str, **options: object) -> RabbitMQ
 
 async def remove_rabbitmq(t: RabbitMQTransport) -> None:
     """Remove ``t``'s namespace (reopening it if an app closed it), then close."""
-    await t.close()
-    await t.open()
-    try:
-        await t.remove_namespace(t.namespace)
-    finally:
-        await t.close()
+    await remove_namespace_of(t)
 
 
 async def rabbitmq_leftovers(t: Any, queues: Sequence[str], topics: Sequence[str]) -> list[str]:

@@ -46,7 +46,7 @@ from ..errors import (
 from ..messages import new_id
 from ..saga.state import SagaState, progress_decoder
 from .admissible import SAGA_ACTIONS, refusal
-from .audit import Audit, AuditEntry
+from .audit import MAX_REASON, Audit, AuditEntry
 from .commands import DEAD_LETTER_ACTIONS, OPERATOR_QUEUE, OperatorCommand, encode
 from .query import SagaQuery, select
 
@@ -57,7 +57,6 @@ if TYPE_CHECKING:
 #: action names reserved for the extension points (see the module docstring)
 RESERVED = ("2pc.resolve", "timer.fire", "timer.cancel")
 SAMPLE = 10
-MAX_REASON = 2000
 
 #: ``handler(tx, actor, target, reason, params)`` -> a detail for the audit line;
 #: ``tx`` is None for a handler registered with ``transactional=False``
@@ -147,14 +146,20 @@ class Operations:
         if dry_run or not fit:
             return plan
         plan.command_id = cmd_id = new_id()
-        line = self.entry(actor, f"bulk-{req.action}", target, req.reason, "done", source)
-        async with self.store.transaction() as tx:
-            detail = msgspec.json.encode({"count": len(fit), "sample": plan.sample}).decode()
-            await self.audit.record(tx, _with(line, detail=detail, command_id=cmd_id))
-            for saga_id in fit:
-                cmd = _command(cmd_id, saga_id, req, actor, source)
-                await self.store.queue.put(tx, OPERATOR_QUEUE, f"{cmd_id}/{saga_id}", encode(cmd))
+        line = self.audit.line(actor, f"bulk-{req.action}", target, req.reason, "done", source)
+        cmds = {saga_id: _command(cmd_id, saga_id, req, actor, source) for saga_id in fit}
+        await self.queue_bulk(line, cmd_id, plan.sample, cmds)
         return plan
+
+    async def queue_bulk(
+        self, line: AuditEntry, cmd_id: str, sample: list[Any], cmds: dict[str, OperatorCommand]
+    ) -> None:
+        """In one transaction: a bulk action's audit ``line`` and its commands, by target."""
+        detail = msgspec.json.encode({"count": len(cmds), "sample": sample}).decode()
+        async with self.store.transaction() as tx:
+            await self.audit.record(tx, _with(line, detail=detail, command_id=cmd_id))
+            for target, cmd in cmds.items():
+                await self.store.queue.put(tx, OPERATOR_QUEUE, f"{cmd_id}/{target}", encode(cmd))
 
     async def outcome(
         self, command_id: str, saga_id: str, *, timeout: float = 0.0
@@ -201,12 +206,12 @@ class Operations:
         try:
             if not transactional:
                 detail = await handler(None, actor, target, reason, params)
-                line = self.entry(actor, name, target, reason, "done", source, detail)
+                line = self.audit.line(actor, name, target, reason, "done", source, detail)
                 await self.audit.append(line)
                 return detail
             async with self.store.transaction() as tx:
                 detail = await handler(tx, actor, target, reason, params)
-                line = self.entry(actor, name, target, reason, "done", source, detail)
+                line = self.audit.line(actor, name, target, reason, "done", source, detail)
                 await self.audit.record(tx, line)
         except Exception as exc:
             await self.failed(actor, req, target, source, f"{type(exc).__name__}: {exc}")
@@ -244,37 +249,15 @@ class Operations:
         self, actor: Actor, action: str, target: str, reason: str, why: str, source: str | None
     ) -> None:
         """Audit a refused attempt, then raise :class:`Forbidden`."""
-        await self.audit.append(self.entry(actor, action, target, reason, "denied", source, why))
+        await self.audit.append(
+            self.audit.line(actor, action, target, reason, "denied", source, why)
+        )
         raise Forbidden(f"{actor}: {why}")
 
     async def failed(
         self, actor: Actor, req: ActionRequest, target: str, source: str | None, why: str
     ) -> None:
-        line = self.entry(actor, req.action, target, req.reason, "failed", source, why)
-        await self.audit.append(line)
-
-    def entry(
-        self,
-        actor: Actor,
-        action: str,
-        target: str,
-        reason: str,
-        outcome: str,
-        source: str | None,
-        detail: str | None = None,
-    ) -> AuditEntry:
-        return AuditEntry(
-            self.store.clock.now(),
-            actor.id,
-            actor.role,
-            actor.via,
-            action,
-            target[:500],
-            reason[:MAX_REASON],
-            outcome,  # type: ignore[arg-type]
-            source,
-            detail=detail,
-        )
+        await self.audit.refusal(actor, req.action, target, req.reason, why, source)
 
 
 def refusal_of(req: ActionRequest, rec: SagaRecord) -> str | None:

@@ -19,9 +19,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
+    from ..ops import Actor
     from ..store import SagaRecord, Store, Tx
 
 Outcome = Literal["done", "denied", "failed"]
+MAX_TARGET = 500  #: characters of a target kept in a line
+MAX_REASON = 2000  #: characters of a reason kept in a line (and the most an action takes)
 _COLUMNS = (
     "at, actor, role, via, action, target, reason, outcome, source, "
     "before_digest, after_digest, detail, command_id"
@@ -82,6 +85,29 @@ class Audit:
         async with self.store.transaction() as tx:
             if e.command_id is None or not await self.seen(tx, e.command_id, e.target):
                 await self.record(tx, e)
+
+    def line(
+        self,
+        actor: Actor,
+        action: str,
+        target: str,
+        reason: str,
+        outcome: Outcome,
+        source: str | None,
+        detail: str | None = None,
+    ) -> AuditEntry:
+        """A line stamped now, its target and reason cut to what the table keeps."""
+        return AuditEntry(self.store.clock.now(), actor.id, actor.role, actor.via, action,
+                          target[:MAX_TARGET], reason[:MAX_REASON], outcome, source,
+                          detail=detail)  # fmt: skip
+
+    async def refusal(
+        self, actor: Actor, action: str, target: str, reason: str, why: str, source: str | None
+    ) -> None:
+        """Append the line of a refused attempt: ``denied`` for a role that may not
+        act, ``failed`` for anything else (no reason, a target the action does not fit)."""
+        outcome: Outcome = "failed" if actor.may_act() else "denied"
+        await self.append(self.line(actor, action, target, reason, outcome, source, why))
 
     async def seen(self, tx: Tx, command_id: str, target: str) -> bool:
         """Whether the command already has its line for ``target`` (it ran)."""

@@ -25,7 +25,7 @@ from ..errors import DeadLetterError, NotReplayable, UnknownAction
 from ..messages import new_id
 from ..ops.dead_letters import DeadLetters, replayable
 from .actions import SAMPLE, ActionRequest, Submitted
-from .audit import Audit, AuditEntry
+from .audit import Audit
 from .commands import DEAD_LETTER_ACTIONS, OPERATOR_QUEUE, OperatorCommand, encode, fingerprint
 
 if TYPE_CHECKING:
@@ -112,12 +112,8 @@ class DeadLetterOperations:
         source: str | None = None,
         dry_run: bool = False,
     ) -> DeadLetterPlan:
-        """Act on every letter ``which`` selects that the action fits.
-
-        The dry run counts exactly what the run would queue, given no change in
-        between; the run audits one line for the bulk command, and each queued
-        command its own line when it executes.
-        """
+        """Act on every letter ``which`` selects that the action fits (a replay:
+        the replayable ones); the dry run and the audit as in ``Operations.bulk``."""
         req = ActionRequest(action, reason)
         target = "dead-letters:" + msgspec.json.encode(which).decode()
         await self.ops.allowed(actor, req, target, source, action=f"bulk-{action}")
@@ -134,14 +130,9 @@ class DeadLetterOperations:
         if dry_run or not fit:
             return plan
         plan.command_id = cmd_id = new_id()
-        line = self.ops.entry(actor, f"bulk-{action}", target, reason, "done", source)
-        detail = msgspec.json.encode({"count": len(fit), "sample": [d.seq for d in fit[:SAMPLE]]})
-        async with self.store.transaction() as tx:
-            await self.ops.audit.record(tx, _with(line, detail.decode(), cmd_id))
-            for letter in fit:
-                cmd = _command(cmd_id, letter.seq, req, actor, source)
-                key = f"{cmd_id}/{target_of(letter.seq)}"
-                await self.store.queue.put(tx, OPERATOR_QUEUE, key, encode(cmd))
+        line = self.ops.audit.line(actor, f"bulk-{action}", target, reason, "done", source)
+        cmds = {target_of(d.seq): _command(cmd_id, d.seq, req, actor, source) for d in fit}
+        await self.ops.queue_bulk(line, cmd_id, [d.seq for d in fit[:SAMPLE]], cmds)
         return plan
 
 
@@ -156,13 +147,13 @@ class DeadLetterAuditLog:
 
     def __init__(self, store: Store, *, source: str | None = None) -> None:
         self.audit = Audit(store)
-        self.clock = store.clock
         self.source = source
 
     async def done(
         self, tx: Tx, action: Action, letter: DeadLetter, actor: Actor, reason: str
     ) -> None:
-        line = self._line(actor, f"dead-letters.{action}", target_of(letter.seq), reason, "done")
+        name, target = f"dead-letters.{action}", target_of(letter.seq)
+        line = self.audit.line(actor, name, target, reason, "done", self.source)
         detail = f"{action} {letter.queue}"
         line = dataclasses.replace(line, before=fingerprint(letter.data), detail=detail)
         await self.audit.record(tx, line)
@@ -171,9 +162,7 @@ class DeadLetterAuditLog:
         self, action: Action, which: int | DeadLetterFilter, actor: Actor, reason: str, why: str
     ) -> None:
         name, target = self._named(action, which)
-        outcome = "failed" if actor.may_act() else "denied"
-        line = self._line(actor, name, target, reason, outcome)
-        await self.audit.append(dataclasses.replace(line, detail=why))
+        await self.audit.refusal(actor, name, target, reason, why, self.source)
 
     async def bulk(
         self, out: DeadLetterOutcome, which: DeadLetterFilter, actor: Actor, reason: str
@@ -181,21 +170,15 @@ class DeadLetterAuditLog:
         name, target = self._named(out.action, which)
         seqs = [d.seq for d in out.done]
         detail = {"count": len(seqs), "refused": len(out.refused), "sample": seqs[:SAMPLE]}
-        line = self._line(actor, name, target, reason, "done")
+        text = msgspec.json.encode(detail).decode()
         await self.audit.append(
-            dataclasses.replace(line, detail=msgspec.json.encode(detail).decode())
+            self.audit.line(actor, name, target, reason, "done", self.source, text)
         )
 
     def _named(self, action: str, which: int | DeadLetterFilter) -> tuple[str, str]:
         if isinstance(which, int):
             return f"dead-letters.{action}", target_of(which)
         return f"bulk-dead-letters.{action}", "dead-letters:" + msgspec.json.encode(which).decode()
-
-    def _line(
-        self, actor: Actor, action: str, target: str, reason: str, outcome: str
-    ) -> AuditEntry:
-        return AuditEntry(self.clock.now(), actor.id, actor.role, actor.via, action,
-                          target[:500], reason[:2000], outcome, self.source)  # type: ignore[arg-type]  # fmt: skip
 
 
 def letter_json(d: DeadLetter) -> dict[str, Any]:
@@ -234,7 +217,3 @@ def _command(
         source=source,
         seq=seq,
     )
-
-
-def _with(line: AuditEntry, detail: str, command_id: str) -> AuditEntry:
-    return dataclasses.replace(line, detail=detail, command_id=command_id)

@@ -146,7 +146,7 @@ async def bulk_timers(
         return plan
     detail = msgspec.json.encode({"count": len(fit), "sample": sample}).decode()
     await ops.audit.append(
-        ops.entry(actor, f"bulk-{action}", target, reason, "done", source, detail)
+        ops.audit.line(actor, f"bulk-{action}", target, reason, "done", source, detail)
     )
     for i in fit:
         ref = TimerRef(i["process"], i["key"], timer)

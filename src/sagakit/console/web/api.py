@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from ...errors import InvalidOperatorAction, SagaNotFound
 from ...ops.dead_letters import DeadLetterFilter
 from ..actions import ActionRequest
-from ..audit import AuditFilter
+from ..audit import AuditFilter, Outcome
 from ..dead_letters import action_name, letter_json, seq_of, target_of
 from ..query import SagaQuery, detail, select, summary
 from .body import (
@@ -207,7 +207,7 @@ async def token_create(c: Console, request: Request) -> Response:
     body = await json_body(request, TokenBody, c.options.max_body)
     info, token = await c.tokens.create(body.role, name=body.name, created_by=caller.actor.id)
     await c.ops.audit.append(
-        c.ops.entry(
+        c.ops.audit.line(
             caller.actor, "token-create", f"token:{info.id}", info.role, "done", source_of(request)
         )
     )
@@ -222,9 +222,9 @@ async def token_revoke(c: Console, request: Request) -> Response:
     )
     await c.admin(request, caller.actor, "token-revoke", f"token:{tid}")
     done = await c.tokens.revoke(tid)
-    outcome = "done" if done else "failed"
+    outcome: Outcome = "done" if done else "failed"
     await c.ops.audit.append(
-        c.ops.entry(
+        c.ops.audit.line(
             caller.actor, "token-revoke", f"token:{tid}", "revoke", outcome, source_of(request)
         )
     )

@@ -156,7 +156,7 @@ async def _deny_anonymous(c: Console, request: Request, why: str) -> None:
     if request.url.path.startswith("/api/dead-letters/"):
         action = f"dead-letters.{action}"
         target = f"dead-letter:{params['seq']}" if "seq" in params else "dead-letters"
-    line = c.ops.entry(ANONYMOUS, action, target, "", "denied", source_of(request), why)
+    line = c.ops.audit.line(ANONYMOUS, action, target, "", "denied", source_of(request), why)
     await c.ops.audit.append(line)
 
 

@@ -94,7 +94,7 @@ async def login(c: Console, request: Request) -> Response:
     try:
         await c.tokens.verify(token)
     except Unauthenticated as exc:
-        line = c.ops.entry(
+        line = c.ops.audit.line(
             ANONYMOUS, "login", "session", "", "denied", source_of(request), str(exc)
         )
         await c.ops.audit.append(line)
