@@ -12,12 +12,17 @@ through the same action model.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -26,7 +31,9 @@ import sagakit as sk
 from sagakit.console import AuditFilter, Operations
 from sagakit.console.web import create_app
 from sagakit.examples import onboarding as ob
+from sagakit.transport._url import with_option
 from tests.console_bench import token
+from tests.test_observe_ready import Forwarder, through
 from tests.test_twophase import app_for, dbs, stop_at, store_url  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(120)
@@ -147,3 +154,57 @@ async def test_the_cli_resolves_through_the_action_model(
     assert sorted((a.actor, a.via, a.outcome, a.target) for a in lines) == sorted(
         ("ops", "cli", "done", f"2pc:{gid}") for gid in gids
     )
+
+
+async def test_the_console_starts_with_a_2pc_database_down_and_retries_it(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """A resource on a closed port: the console still serves, lists it as unreachable
+    with its typed error (API and page), and finds it once the port answers again."""
+    store = f"sqlite:///{tmp_path}/console.db"
+    async with sk.App(store, "memory://") as app:
+        tok = await token(app, "viewer")
+    fwd = Forwarder("127.0.0.1", urlsplit(postgres_url).port or 5432)
+    await fwd.start()
+    await fwd.cut()  # the port is closed now; start() opens the same one again
+    down = with_option(through(postgres_url, fwd.port), "max_size", "1")
+    up = with_option(postgres_url, "max_size", "1")
+    res = [f"--resource=down={down}", f"--resource=up={up}"]
+    async with served(store, res) as http:
+        auth = {"Authorization": f"Bearer {tok}"}
+        listed = (await http.get("/api/2pc", headers=auth)).json()
+        assert listed["configured"] is True and isinstance(listed["branches"], list)
+        assert set(listed["unreachable"]) == {"down"}, listed
+        assert listed["unreachable"]["down"]["error"] == "StoreUnavailable"
+        page = await http.get("/2pc", headers=auth)
+        assert page.status_code == 200 and 'id="unreachable"' in page.text
+        assert "<b>down</b>" in page.text and "StoreUnavailable" in page.text
+        await fwd.start()
+        try:
+            again = (await http.get("/api/2pc", headers=auth)).json()
+            assert again["unreachable"] == {}, again  # tried again, and reached
+        finally:
+            await fwd.cut()
+
+
+@contextlib.asynccontextmanager
+async def served(store: str, res: list[str]) -> AsyncIterator[httpx.AsyncClient]:
+    """``sagakit console --resource ...`` as a subprocess, once it answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "sagakit.cli", "console", "--port", str(port), "--store", store]
+    server = subprocess.Popen([*cmd, *res])
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            for _ in range(300):
+                try:
+                    await http.get("/api/2pc")
+                    break
+                except httpx.TransportError:
+                    assert server.poll() is None, "the console exited"
+                    await asyncio.sleep(0.1)
+            yield http
+    finally:
+        server.terminate()
+        server.wait(timeout=20)

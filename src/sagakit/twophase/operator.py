@@ -9,6 +9,7 @@ now, with a reason that is kept in the audit log.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -42,11 +43,16 @@ class Gauges:
     oldest_age: float
 
 
-async def in_doubt(tp: TwoPhase, *, every_node: bool = True) -> list[InDoubt]:
-    """Prepared sagakit branches on every resource (all nodes', or this node's), oldest first."""
+async def in_doubt(
+    tp: TwoPhase, *, every_node: bool = True, only: Collection[str] | None = None
+) -> list[InDoubt]:
+    """Prepared sagakit branches on every resource (or those named in ``only``), all
+    nodes' or this node's, oldest first."""
     recorded = await tp.records.recorded(None)
     found = []
     for name, r in tp.resources.items():
+        if only is not None and name not in only:
+            continue
         for b in await r.prepared("sk_" if every_node else tp.prefix):
             g = parse(b.gid)
             if g is None or (g.node == tp.node and g.group in tp.active):

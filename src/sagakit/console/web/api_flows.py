@@ -132,7 +132,9 @@ async def timer_bulk(c: Console, request: Request) -> Response:
 async def list_in_doubt(c: Console, request: Request) -> Response:
     await c.auth.caller(request)
     branches = await c.in_doubt.branches() if c.in_doubt else []
-    return JSONResponse({"configured": c.in_doubt is not None, "branches": branches})
+    unreachable = c.in_doubt.unreachable_json() if c.in_doubt else {}
+    body = {"configured": c.in_doubt is not None, "branches": branches, "unreachable": unreachable}
+    return JSONResponse(body)
 
 
 async def resolve(c: Console, request: Request) -> Response:

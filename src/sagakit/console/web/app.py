@@ -63,8 +63,8 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if manage_store:
             await store.open(migrate=False)
-            if twophase is not None:
-                await twophase.start(recover=False)
+            if c.in_doubt is not None:  # a database that is down does not stop the console
+                await c.in_doubt.open()
         try:
             yield
         finally:

@@ -54,16 +54,14 @@ def console_metrics(c: Console) -> Any:
 
 
 def _in_doubt(m: Any, c: Console) -> None:
-    from ...twophase.operator import in_doubt
+    twophase = c.in_doubt
+    assert twophase is not None
 
-    assert c.twophase is not None
-    tp = c.twophase
-
-    async def count() -> dict[tuple[str, ...], float]:
-        return {(): float(len(await in_doubt(tp)))}
+    async def count() -> dict[tuple[str, ...], float]:  # the reachable databases'
+        return {(): float(len(await twophase.branches()))}
 
     async def oldest() -> dict[tuple[str, ...], float]:
-        ages = [b.age for b in await in_doubt(tp) if b.age is not None]
+        ages = [b["age"] for b in await twophase.branches() if b["age"] is not None]
         return {(): max(ages, default=0.0)}
 
     m.gauge("twophase_in_doubt", "Prepared branches in doubt (every node)", [], count)

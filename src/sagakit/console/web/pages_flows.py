@@ -105,10 +105,12 @@ async def timer_bulk(c: Console, request: Request) -> Response:
 async def in_doubt_page(c: Console, request: Request) -> Response:
     caller = await c.auth.caller(request)
     branches = await c.in_doubt.branches() if c.in_doubt else []
+    unreachable = c.in_doubt.unreachable_json() if c.in_doubt else {}
     audit = await c.ops.audit.list(AuditFilter(action=RESOLVE, limit=50))
     msg = request.query_params.get("msg", "")
     return render(c, request, "twophase.html", caller, branches=branches, audit=audit,
-                  configured=c.in_doubt is not None, message=msg)  # fmt: skip
+                  configured=c.in_doubt is not None, message=msg,
+                  unreachable=unreachable)  # fmt: skip
 
 
 async def resolve_action(c: Console, request: Request) -> Response:
