@@ -18,6 +18,7 @@ from sagakit.store import Store, open_store
 from sagakit.testing import drop_tables
 from sagakit.testing.pgcluster import PgCluster, pg_bin
 from sagakit.transport._url import fresh_namespace
+from tests import broker_net
 
 REQUIRE = os.environ.get("SAGAKIT_REQUIRE_SERVICES") == "1"
 
@@ -90,9 +91,9 @@ def pg_cluster() -> Iterator[PgCluster]:
 
 
 @pytest.fixture
-def namespace() -> str:
+def namespace(request: pytest.FixtureRequest) -> str:
     """A fresh broker namespace: a test never meets an earlier (interrupted) run's messages."""
-    return fresh_namespace("t")
+    return broker_net.note(fresh_namespace("t"), request.node.nodeid)
 
 
 #: every prefix handed out this session -> the test it was handed to
@@ -108,11 +109,13 @@ def prefix(request: pytest.FixtureRequest) -> str:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Drop PostgreSQL tables a test left under its prefix, and name the test.
+    """Drop PostgreSQL tables a test left under its prefix, remove the broker
+    namespaces a test left (:mod:`tests.broker_net`), and name the test.
 
     Each test should drop its own; this net keeps a shared server from
     filling up across runs and tells which test to mend.
     """
+    _sweep_brokers(session)
     env, default = DEFAULTS["postgres"]
     url = os.environ.get(env, default)
     if not ISSUED or not _reachable(url):
@@ -127,6 +130,27 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     reporter.ensure_newline()
     for test, n in sorted(left.items()):
         reporter.write_line(f"leftover tables: {n} from {test} (dropped)")
+
+
+def _sweep_brokers(session: pytest.Session) -> None:
+    if not broker_net.ISSUED:
+        return
+    urls = {}
+    for name in ("rabbitmq", "nats", "redis"):
+        env, default = DEFAULTS[name]
+        url = os.environ.get(env, default)
+        if _reachable(url):
+            urls[name] = url
+    try:
+        left = asyncio.run(broker_net.sweep(urls))
+    except Exception as exc:  # a cleanup net: never fail the run over it
+        left = {f"(broker cleanup failed: {exc!r})": []}
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or not left:
+        return
+    reporter.ensure_newline()
+    for test, names in sorted(left.items()):
+        reporter.write_line(f"leftover broker namespaces: {', '.join(names)} from {test} (removed)")
 
 
 async def _drop_leftovers(url: str) -> dict[str, int]:

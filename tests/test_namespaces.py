@@ -21,7 +21,8 @@ import msgspec
 import pytest
 
 import sagakit as sk
-from sagakit.transport._url import fresh_namespace, with_option
+from sagakit.transport._url import with_option
+from tests.broker_net import noted_namespace
 from tests.test_nats import delete_stream
 from tests.test_rabbitmq import amqp_url, rabbitmq_vhosts, remove_rabbitmq
 from tests.test_redis import remove_redis
@@ -110,7 +111,7 @@ async def test_two_namespaces_on_one_broker_each_complete_only_their_own_sagas(
 ) -> None:
     fixture, cleanup = CLEANUPS[broker]
     url = str(request.getfixturevalue(fixture))
-    ns_a, ns_b = fresh_namespace("a"), fresh_namespace("b")
+    ns_a, ns_b = noted_namespace("a"), noted_namespace("b")
     a = deployment(f"sqlite:///{tmp_path}/a.db", with_option(url, "namespace", ns_a), "A", None)
     b = deployment(f"sqlite:///{tmp_path}/b.db", url, "B", ns_b)
     assert getattr(a.app.transport, "namespace") == ns_a  # noqa: B009 - every broker has one

@@ -18,6 +18,7 @@ import pytest
 import sagakit as sk
 from sagakit.errors import ConfigurationError, TransportError
 from sagakit.transport import Delivery, Outgoing, open_transport
+from tests.broker_net import note
 from tests.helpers import remove_namespace_of
 
 nats_mod = pytest.importorskip("sagakit.transport.nats")
@@ -67,7 +68,7 @@ async def make(nats_url: str, run_id: str) -> AsyncIterator[Factory]:
     opened: list[Any] = []
 
     async def factory(**options: Any) -> Any:
-        options.setdefault("namespace", f"sagakit-t{run_id}")
+        options.setdefault("namespace", note(f"sagakit-t{run_id}"))
         options.setdefault("ack_wait", 2.0)
         options.setdefault("pull_expires", 1.0)
         t = NatsTransport(nats_url, **options)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import pytest
 
 import sagakit as sk
 from sagakit.observe.health import HealthServer
+from tests.broker_net import noted_namespace
 from tests.test_nats import remove_nats
 from tests.test_rabbitmq import amqp_url, rabbitmq_vhosts, remove_rabbitmq
 from tests.test_redis import remove_redis
@@ -98,7 +98,7 @@ async def forwarded(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, 
     target = urlsplit(url)
     fwd = Forwarder(target.hostname or "127.0.0.1", target.port or 0)
     await fwd.start()
-    tag = f"skready{uuid.uuid4().hex[:8]}"
+    tag = noted_namespace("skready")
     yield with_query(through(url, fwd.port), namespace=tag, **options), fwd
     if fwd.server is not None:
         fwd.server.close()

@@ -31,6 +31,7 @@ import sagakit as sk
 from sagakit.errors import ConfigurationError, TransportError
 from sagakit.transport import Delivery, Outgoing, open_transport
 from sagakit.transport.redis import GROUP, RedisTransport, transport
+from tests.broker_net import note
 from tests.helpers import eventually, remove_namespace_of
 
 pytestmark = pytest.mark.timeout(60)
@@ -139,7 +140,7 @@ async def kill_connections(raw: aioredis.Redis, t: RedisTransport) -> int:
 
 def contract_options(tag: str) -> dict[str, Any]:
     """Per-test options: own key prefix, short lease so orphans return fast."""
-    return {"namespace": f"sktest-{tag}", "lease": 1.0}
+    return {"namespace": note(f"sktest-{tag}"), "lease": 1.0}
 
 
 async def cut_redis(t: Any) -> None:

@@ -12,7 +12,6 @@ process) for the dead-consumer test.
 from __future__ import annotations
 
 import importlib
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from sagakit.testing import TransportContract, drop_tables
 from sagakit.transport import Subscription, Transport
 from sagakit.transport.database import DatabaseTransport
 from sagakit.transport.memory import MemoryTransport
+from tests.broker_net import noted_namespace
 from tests.test_nats import cut_nats, nats_leftovers, nats_options, remove_nats
 from tests.test_rabbitmq import (
     amqp_url,
@@ -183,7 +183,7 @@ class TestBrokerTransport(TransportContract):
         broker = BROKERS[request.param]
         url = str(request.getfixturevalue(broker.url_fixture))
         module = importlib.import_module(broker.module)
-        options = broker.options(f"contract-{uuid.uuid4().hex[:8]}")
+        options = broker.options(noted_namespace("contract"))
 
         async def open_one() -> Transport:
             t: Transport = module.transport(url, **options)
