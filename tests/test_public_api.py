@@ -13,6 +13,7 @@ def test_public_surface_is_pinned() -> None:
             "SagaQuery",
             "Operations",
             "Forbidden",
+            "ForeignNamespace",
             "ConsoleError",
             "ActionRequest",
             "App",
