@@ -124,12 +124,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         left = asyncio.run(_drop_leftovers(url))
     except Exception as exc:  # a cleanup net: never fail the run over it
         left = {f"(cleanup failed: {exc!r})": 0}
+    _report(session, [f"leftover tables: {n} from {test} (dropped)" for test, n in left.items()])
+
+
+def _report(session: pytest.Session, lines: list[str]) -> None:
+    """What a cleanup net found, one line each, at the end of the run's output."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is None or not left:
+    if reporter is None or not lines:
         return
     reporter.ensure_newline()
-    for test, n in sorted(left.items()):
-        reporter.write_line(f"leftover tables: {n} from {test} (dropped)")
+    for line in sorted(lines):
+        reporter.write_line(line)
 
 
 def _sweep_brokers(session: pytest.Session) -> None:
@@ -145,12 +150,8 @@ def _sweep_brokers(session: pytest.Session) -> None:
         left = asyncio.run(broker_net.sweep(urls))
     except Exception as exc:  # a cleanup net: never fail the run over it
         left = {f"(broker cleanup failed: {exc!r})": []}
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is None or not left:
-        return
-    reporter.ensure_newline()
-    for test, names in sorted(left.items()):
-        reporter.write_line(f"leftover broker namespaces: {', '.join(names)} from {test} (removed)")
+    lines = [f"{', '.join(ns)} from {test} (removed)" for test, ns in left.items()]
+    _report(session, [f"leftover broker namespaces: {line}" for line in lines])
 
 
 async def _drop_leftovers(url: str) -> dict[str, int]:
