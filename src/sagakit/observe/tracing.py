@@ -112,6 +112,7 @@ class Tracing:
         self.joined: frozenset[str] = frozenset()
         self._fixed: dict[tuple[str, str], dict[str, Any]] = {}
         self._remote: dict[str, Any] = {}
+        self._stored: dict[str | None, Context | None] = {}
 
     # -- messaging --------------------------------------------------------------
 
@@ -267,16 +268,32 @@ class Tracing:
         end: float,
         status: Status | None,
     ) -> None:
-        stored = parse(traceparent)
-        if stored is not None and not stored.trace_flags.sampled:
+        parent = self._parent(traceparent)
+        if parent is None:
             return  # the saga's trace was not sampled: neither are its steps
-        parent = trace.set_span_in_context(NonRecordingSpan(stored)) if stored else Context()
         span = self.tracer.start_span(
             name, parent, SpanKind.INTERNAL, attrs, start_time=int(start * NS)
         )
         if status is not None:
             span.set_status(status)
         span.end(end_time=int(max(end, start) * NS))
+
+    def _parent(self, traceparent: str | None) -> Context | None:
+        """The parent of spans under a stored context (None: not sampled), parsed once
+        per saga (its steps and its end share it)."""
+        try:
+            return self._stored[traceparent]
+        except KeyError:
+            pass
+        if len(self._stored) >= 1024:
+            self._stored.clear()
+        stored = parse(traceparent)
+        parent: Context | None = Context()
+        if stored is not None:
+            kept = stored.trace_flags.sampled
+            parent = trace.set_span_in_context(NonRecordingSpan(stored)) if kept else None
+        self._stored[traceparent] = parent
+        return parent
 
 
 class Remote(NonRecordingSpan):
