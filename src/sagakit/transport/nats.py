@@ -42,24 +42,37 @@ Options come as keyword arguments or URL query parameters, e.g.
 win); an unknown or malformed one raises
 :class:`~sagakit.errors.ConfigurationError` naming it. ``tls://`` servers (or
 any ``tls_*`` option) connect with TLS.
+
+This module holds the transport, its deliveries and subscriptions; the
+helpers apart, one concept each: the connection (``_nats_link``), the stream
+and its consumers (``_nats_admin``), pull requests (``_nats_pull``) and names
+(``_nats_names``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import json
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..errors import ConfigurationError, ForeignNamespace, TransportError
-from . import PING_TIMEOUT
+from ..errors import ConfigurationError, TransportError
+
+try:
+    import nats  # noqa: F401  (here, so a missing nats-py names the extra)
+    from nats.aio.msg import Msg
+    from nats.js import api  # noqa: F401  (kept importable from here, as before the split)
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ConfigurationError(
+        "the NATS transport needs nats-py: pip install 'sagakit[nats]'"
+    ) from exc
+
 from ._consumer import BrokerDelivery, Consumer
+from ._nats_admin import StreamAdmin
+from ._nats_link import BROKER_ERRORS, NatsLink
 from ._nats_names import (
     KEEP,
     TLS_OPTIONS,
@@ -70,25 +83,12 @@ from ._nats_names import (
     subject_tokens,
     tls_context,
 )
+from ._nats_pull import PullLoop
 from ._url import Option, flag, parse_url, pick_namespace, redact, require_own, seconds, text
 from ._url import namespace as valid_namespace
 
-try:
-    import nats
-    import nats.errors
-    from nats.aio.client import Client
-    from nats.aio.msg import Msg
-    from nats.aio.subscription import Subscription as NatsSub
-    from nats.js import api
-    from nats.js.errors import APIError, NotFoundError
-except ImportError as exc:  # pragma: no cover - depends on the installed extras
-    raise ConfigurationError(
-        "the NATS transport needs nats-py: pip install 'sagakit[nats]'"
-    ) from exc
-
 if TYPE_CHECKING:
-    from nats.js.client import JetStreamContext
-    from nats.js.manager import JetStreamManager
+    from nats.aio.client import Client
 
     from ..store import Store
     from . import Handler, Outgoing
@@ -97,12 +97,7 @@ log = logging.getLogger("sagakit.transport.nats")
 
 DEFAULT_STREAM = "SAGAKIT"
 DEFAULT_PREFIX = "sagakit"
-STATUS = "Status"
 PUBLISH_CHUNK = 512
-
-# Errors that mean "the broker or the connection failed": translated at this boundary.
-BROKER_ERRORS: tuple[type[BaseException], ...] = (nats.errors.Error, OSError)
-PING_ERRORS: tuple[type[BaseException], ...] = (*BROKER_ERRORS, TimeoutError)
 
 REFRESH_ERRORS: tuple[type[BaseException], ...] = (TransportError, *BROKER_ERRORS)
 
@@ -176,111 +171,6 @@ class NatsDelivery(BrokerDelivery):
 
 
 # -- consuming ---------------------------------------------------------------
-
-
-class _Request:
-    """A pull request we sent and the messages it may still bring."""
-
-    __slots__ = ("deadline", "remaining")
-
-    def __init__(self, remaining: int, deadline: float) -> None:
-        self.remaining, self.deadline = remaining, deadline
-
-
-class PullLoop:
-    """Keeps pull requests outstanding on one durable consumer."""
-
-    def __init__(self, sub: NatsSubscription, consumer: str, cap: int) -> None:
-        self.sub, self.consumer, self.cap = sub, consumer, cap
-        t = sub.transport
-        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{t.stream}.{consumer}"
-        self._requests: deque[_Request] = deque()
-        self.waiting = 0  # received, waiting for a handler slot
-        self._wake = asyncio.Event()
-        self._closed = False
-        self._nsub: NatsSub | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def outstanding(self) -> int:
-        return sum(r.remaining for r in self._requests)
-
-    async def start(self) -> None:
-        nc = self.sub.transport.client
-        self._inbox = nc.new_inbox()
-        self._nsub = await nc.subscribe(self._inbox, cb=self._on_msg)
-        self._task = asyncio.create_task(self._run(), name=f"sagakit-nats-pull-{self.consumer}")
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def reset(self) -> None:
-        """Forget outstanding requests (after a reconnect they are gone)."""
-        self._requests.clear()
-        self.wake()
-
-    async def _on_msg(self, msg: Msg) -> None:
-        status = msg.headers.get(STATUS) if msg.headers else None
-        if status is not None and not msg.data:
-            if status in ("408", "409", "404"):
-                # the oldest request ended (expired, or refused by the server)
-                if self._requests:
-                    self._requests.popleft()
-                if status == "409":
-                    log.debug("pull on %s refused: %s", self.consumer, msg.headers)
-                self.wake()
-            return  # 100 (heartbeat) or anything else: nothing to do
-        while self._requests and self._requests[0].remaining <= 0:
-            self._requests.popleft()
-        if self._requests:
-            self._requests[0].remaining -= 1
-            if self._requests[0].remaining <= 0:
-                self._requests.popleft()
-        self.waiting += 1
-        self.sub.dispatch(self, msg)
-
-    async def _run(self) -> None:
-        t = self.sub.transport
-        backoff = 0.05
-        while not self._closed:
-            now = time.monotonic()
-            while self._requests and self._requests[0].deadline <= now:
-                self._requests.popleft()
-            pending = self.waiting + self.outstanding
-            want = self.cap - pending
-            if want > 0 and (not self._requests or want >= max(1, self.cap // 2)):
-                if t.connected:
-                    try:
-                        await self._pull(want)
-                        backoff = 0.05
-                    except BROKER_ERRORS as exc:
-                        log.warning("pull on %s failed, will retry: %r", self.consumer, exc)
-                        await asyncio.sleep(backoff)
-                        backoff = min(backoff * 2, 2.0)
-                    continue
-                timeout = 0.25  # disconnected: reset() wakes us on reconnect
-            else:
-                nearest = min((r.deadline for r in self._requests), default=now + t.pull_expires)
-                timeout = max(0.01, nearest - now)
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
-
-    async def _pull(self, batch: int) -> None:
-        t = self.sub.transport
-        expires = t.pull_expires
-        request = {"batch": batch, "expires": int(expires * 1e9)}
-        self._requests.append(_Request(batch, time.monotonic() + expires + 1.0))
-        await t.client.publish(self._next_subject, json.dumps(request).encode(), reply=self._inbox)
-
-    async def close(self) -> None:
-        self._closed = True
-        self.wake()
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self._nsub is not None:
-            with contextlib.suppress(*BROKER_ERRORS):
-                await self._nsub.unsubscribe()
 
 
 class NatsSubscription(Consumer[NatsDelivery]):
@@ -436,187 +326,70 @@ class NatsTransport:
         self.publish_timeout: float = o["publish_timeout"]
         self.refresh: float = o["refresh"]
         self.name = name
-        self._nc: Client | None = None
-        self._js: JetStreamContext | None = None
-        self._jsm: JetStreamManager | None = None
-        self._declared: set[str] = set()
         self._subs: set[NatsSubscription] = set()
         self.attempts = Attempts()
-        self._closing = False
-        self._up = asyncio.Event()  # set while connected
-        self._down = asyncio.Event()  # set once the current connection is lost
+        #: the connection and its JetStream contexts (:mod:`._nats_link`)
+        self.link = NatsLink(
+            self.servers,
+            name=name,
+            tls=self.tls,
+            tls_hostname=self.tls_hostname,
+            timeout=self.publish_timeout,
+            on_reconnected=self._reconnected,
+        )
+        #: the stream and its consumers (:mod:`._nats_admin`)
+        self.admin = StreamAdmin(self)
 
     # -- connection ----------------------------------------------------------
 
     @property
     def client(self) -> Client:
-        if self._nc is None:
-            raise TransportError("the NATS transport is not open")
-        return self._nc
+        return self.link.client
 
     @property
     def connected(self) -> bool:
-        return self._nc is not None and self._nc.is_connected
+        return self.link.connected
 
     async def ping(self) -> None:
         """The connection is up and the server answers a PING (``flush``)."""
-        if not self.connected:
-            raise TransportError(f"not connected to NATS at {redact(self.url)}")
-        try:
-            await asyncio.wait_for(self.client.flush(), PING_TIMEOUT)
-        except PING_ERRORS as exc:
-            raise TransportError(f"NATS did not answer a ping: {exc!r}") from exc
+        await self.link.ping(self.url)
 
     async def open(self) -> None:
-        if self._nc is not None and not self._nc.is_closed:
+        if self.link.is_open:
             return
         try:
-            self._nc = await nats.connect(**self.connect_options())
-            self._require_tls(self._nc)
-            self._nc.options["max_reconnect_attempts"] = -1
-            self._js = self._nc.jetstream(timeout=self.publish_timeout)
-            self._jsm = self._nc.jsm(timeout=self.publish_timeout)
-            self._down = asyncio.Event()
-            self._up.set()
-            self._closing = False
-            await self._ensure_stream()
+            await self.link.connect()
+            await self.admin.ensure_stream()
         except BROKER_ERRORS as exc:
-            await self._abandon()
+            await self.link.abandon()
             where = ", ".join(redact(u) for u in self.servers)
             raise TransportError(f"cannot open NATS at {where}: {exc!r}") from exc
         except BaseException:
-            await self._abandon()
+            await self.link.abandon()
             raise
 
     def connect_options(self) -> dict[str, Any]:
         """The keyword arguments of ``nats.connect`` (TLS included when configured)."""
-        options: dict[str, Any] = {
-            "servers": self.servers,
-            "name": self.name,
-            "allow_reconnect": True,
-            "max_reconnect_attempts": 1,  # fail fast while opening; forever once open
-            "reconnect_time_wait": 0.5,
-            "connect_timeout": 5,
-            "ping_interval": 10,
-            "max_outstanding_pings": 3,
-            "error_cb": self._on_error,
-            "disconnected_cb": self._on_disconnected,
-            "reconnected_cb": self._on_reconnected,
-        }
-        if self.tls is not None:
-            options["tls"] = self.tls
-        if self.tls_hostname:
-            options["tls_hostname"] = self.tls_hostname
-        return options
-
-    def _require_tls(self, nc: Client) -> None:
-        """Refuse a plain connection when TLS was asked for.
-
-        nats-py upgrades to TLS only if the server's INFO says ``tls_required``;
-        a server (or someone in between) that does not would otherwise get
-        the credentials and messages in clear text.
-        """
-        info = getattr(nc, "_server_info", None)  # nats-py keeps no public copy
-        if self.tls is not None and isinstance(info, dict) and not info.get("tls_required"):
-            raise ConfigurationError("TLS was asked for, but the NATS server does not require it")
-
-    async def _abandon(self) -> None:
-        if self._nc is not None:
-            with contextlib.suppress(Exception):
-                await self._nc.close()
-        self._nc = self._js = self._jsm = None
+        return self.link.connect_options()
 
     async def close(self) -> None:
         """Stop every subscription, flush pending acks and close the connection."""
         for sub in list(self._subs):
             await sub.stop()
-        self._closing = True
-        nc, self._nc, self._js, self._jsm = self._nc, None, None, None
-        self._declared.clear()
-        if nc is None or nc.is_closed:
-            return
-        try:
-            await asyncio.wait_for(nc.drain(), 10.0)
-        except BROKER_ERRORS as exc:
-            log.warning("NATS drain failed, closing: %r", exc)
-            with contextlib.suppress(Exception):
-                await nc.close()
+        self.admin.declared.clear()
+        await self.link.close()
 
-    async def _on_error(self, exc: Exception) -> None:
-        log.warning("NATS connection error: %r", exc)
-
-    async def _on_disconnected(self) -> None:
-        self._up.clear()
-        self._down.set()
-        if not self._closing:
-            log.warning("NATS disconnected; reconnecting")
-
-    async def _on_reconnected(self) -> None:
-        self._down = asyncio.Event()
-        self._up.set()
-        log.info("NATS reconnected")
+    def _reconnected(self) -> None:
+        """Pull requests were lost with the connection: the subscriptions re-issue them."""
         for sub in list(self._subs):
             sub.reset()
 
     async def guarded(self, start: Callable[[], Awaitable[T]], what: str) -> T:
-        """Run a request, failing fast if the connection drops meanwhile.
-
-        A request written just before a connection is lost never gets its answer;
-        rather than wait for its timeout, give up as soon as nats-py notices, so
-        the caller can retry on the new connection. While reconnecting, wait
-        (up to ``publish_timeout``) for the connection to come back first.
-        """
-        if not self._up.is_set():
-            try:
-                await asyncio.wait_for(self._up.wait(), self.publish_timeout)
-            except TimeoutError:
-                raise TransportError(f"NATS {what}: not connected") from None
-        down = self._down
-        task = asyncio.ensure_future(start())
-        lost = asyncio.ensure_future(down.wait())
-        try:
-            await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            lost.cancel()
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        if task.cancelled():
-            raise TransportError(f"NATS {what}: the connection was lost; retry")
-        return task.result()
+        """Run a request, failing fast if the connection drops meanwhile (see ``NatsLink``)."""
+        return await self.link.guarded(start, what)
 
     def forget(self, sub: NatsSubscription) -> None:
         self._subs.discard(sub)
-
-    def _manager(self) -> JetStreamManager:
-        if self._jsm is None:
-            raise TransportError("the NATS transport is not open")
-        return self._jsm
-
-    async def _ensure_stream(self) -> None:
-        jsm = self._manager()
-        subjects = f"{self.prefix}.>"
-        try:
-            info = await jsm.stream_info(self.stream)
-        except NotFoundError:
-            config = api.StreamConfig(
-                name=self.stream,
-                subjects=[subjects],
-                retention=api.RetentionPolicy.LIMITS,
-                storage=api.StorageType(self.storage),
-                max_age=self.max_age or None,
-                duplicate_window=self.duplicate_window,
-                description="sagakit messages",
-            )
-            try:
-                await jsm.add_stream(config)
-                return
-            except APIError:  # created concurrently by another process?
-                info = await jsm.stream_info(self.stream)
-        if subjects not in (info.config.subjects or []):
-            raise ConfigurationError(
-                f"JetStream stream {self.stream!r} exists without subjects {subjects!r}"
-            )
 
     # -- names ---------------------------------------------------------------
 
@@ -629,63 +402,18 @@ class NatsTransport:
     # -- the Transport protocol ----------------------------------------------
 
     async def declare(self, queue: str, topics: Sequence[str]) -> None:
-        await self._ensure_consumer(queue, None)
+        await self.admin.ensure_consumer(queue, None)
         for topic in topics:
-            await self._ensure_consumer(queue, topic)
-
-    async def _ensure_consumer(self, queue: str, topic: str | None) -> str:
-        name = consumer_name(queue, topic)
-        if name in self._declared:
-            return name
-        subject = self.queue_subject(queue) if topic is None else self.topic_subject(topic)
-        description = json.dumps({"sagakit": 1, "queue": queue, "topic": topic})
-        config = api.ConsumerConfig(
-            name=name,
-            durable_name=name,
-            description=description,
-            filter_subject=subject,
-            deliver_policy=api.DeliverPolicy.ALL if topic is None else api.DeliverPolicy.NEW,
-            ack_policy=api.AckPolicy.EXPLICIT,
-            ack_wait=self.ack_wait,
-            max_deliver=-1,
-        )
-        jsm = self._manager()
-        try:
-            try:
-                await jsm.add_consumer(self.stream, config)
-            except APIError as exc:
-                # exists with a config that cannot be changed in place: keep it
-                info = await jsm.consumer_info(self.stream, name)
-                log.warning("kept existing NATS consumer %s (%r): %r", name, info.config, exc)
-        except BROKER_ERRORS as exc:
-            raise TransportError(f"cannot declare NATS consumer {name!r}: {exc!r}") from exc
-        self._declared.add(name)
-        return name
+            await self.admin.ensure_consumer(queue, topic)
 
     async def consumers_of(self, queue: str) -> list[str]:
         """Names of the durable consumers that feed ``queue``."""
-        jsm = self._manager()
-        names: list[str] = []
-        offset = 0
-        try:
-            while True:
-                page = await jsm.consumers_info(self.stream, offset=offset)
-                for info in page:
-                    if _queue_of(info) == queue and info.name:
-                        names.append(info.name)
-                if len(page) < 256:
-                    break
-                offset += len(page)
-        except BROKER_ERRORS as exc:
-            raise TransportError(f"cannot list NATS consumers: {exc!r}") from exc
-        return sorted(names)
+        return await self.admin.consumers_of(queue)
 
     async def publish(self, messages: Sequence[Outgoing]) -> None:
         if not messages:
             return
-        if self._js is None:
-            raise TransportError("the NATS transport is not open")
-        js = self._js
+        js = self.link.jetstream()
 
         async def one(m: Outgoing) -> None:
             subject = (
@@ -724,36 +452,11 @@ class NatsTransport:
         require_own(self.namespace, namespace)
         for sub in list(self._subs):
             await sub.stop()
-        jsm = self._manager()
-        try:
-            info = await jsm.stream_info(self.stream)
-        except NotFoundError:
-            info = None
-        except BROKER_ERRORS as exc:
-            raise TransportError(f"cannot look up NATS stream {self.stream!r}: {exc!r}") from exc
-        if info is not None:
-            self._require_own_stream(info.config.subjects or [])
-            await self._delete_stream()
-        self._declared.clear()
-
-    def _require_own_stream(self, subjects: Sequence[str]) -> None:
-        if list(subjects) != [f"{self.prefix}.>"]:
-            raise ForeignNamespace(
-                f"refusing to delete NATS stream {self.stream!r}: its subjects {subjects!r} "
-                f"are not only namespace {self.namespace!r}'s"
-            )
-
-    async def _delete_stream(self) -> None:
-        try:
-            await self._manager().delete_stream(self.stream)
-        except NotFoundError:
-            pass  # deleted meanwhile: the same outcome
-        except BROKER_ERRORS as exc:
-            raise TransportError(f"cannot delete NATS stream {self.stream!r}: {exc!r}") from exc
+        await self.admin.remove_stream()
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> NatsSubscription:
         try:
-            own = await self._ensure_consumer(queue, None)
+            own = await self.admin.ensure_consumer(queue, None)
             consumers = sorted({own, *await self.consumers_of(queue)})
             sub = NatsSubscription(self, queue, handler, prefetch)
             self._subs.add(sub)
@@ -761,18 +464,6 @@ class NatsTransport:
         except BROKER_ERRORS as exc:
             raise TransportError(f"cannot consume {queue!r} from NATS: {exc!r}") from exc
         return sub
-
-
-def _queue_of(info: api.ConsumerInfo) -> str | None:
-    description = info.config.description if info.config else None
-    if not description or not description.startswith("{"):
-        return None
-    try:
-        data = json.loads(description)
-    except ValueError:
-        return None
-    queue = data.get("queue") if isinstance(data, dict) and data.get("sagakit") else None
-    return queue if isinstance(queue, str) else None
 
 
 __all__ = [
