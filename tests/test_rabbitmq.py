@@ -359,7 +359,7 @@ async def test_remove_namespace_refuses_a_registry_entry_it_did_not_write(amqp_u
         await t.declare("kept", [])
         await t.publish([Outgoing("m1", "command", "kept", b"x")])
         stray = aio_pika.Message(b"someone else's")
-        await t._pub_channel().default_exchange.publish(stray, routing_key=t.registry_queue)
+        await t.link.channel().default_exchange.publish(stray, routing_key=t.registry_queue)
         with pytest.raises(sk.ForeignNamespace, match="registry"):
             await t.remove_namespace(t.namespace)
         assert await rabbitmq_leftovers(t, ["kept"], []) != []  # nothing was deleted

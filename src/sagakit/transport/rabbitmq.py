@@ -18,7 +18,9 @@ How it maps the transport contract:
   persistent message in the namespace's registry queue ``{namespace}.names``
   (once per transport object), since AMQP cannot list queues:
   :meth:`RabbitMQTransport.remove_namespace` reads it to find what every
-  process of the namespace created.
+  process of the namespace created. A transport that opens and finds the
+  registry holding more than ``registry.limit`` messages (500) compacts it to
+  its distinct entries, without losing one (see ``_rabbitmq_registry``).
 - Messages are persistent and published on a channel with publisher confirms:
   :meth:`RabbitMQTransport.publish` returns once the broker holds all of them.
 - Consumers use manual acknowledgement and ``basic.qos(prefetch)``; the
@@ -45,42 +47,44 @@ Options come as keyword arguments or URL query parameters, e.g.
 arguments win); aio-pika's and aiormq's own query parameters (``heartbeat``,
 ``cafile``, ``certfile``, ...) stay in the URL for them, and any other name
 raises :class:`~sagakit.errors.ConfigurationError` naming the valid ones.
+
+This module holds the transport, its deliveries and subscriptions; the
+helpers apart, one concept each: the connection (``_rabbitmq_link``), the
+queues, bindings and delay buckets and their removal (``_rabbitmq_admin``)
+and the registry of names (``_rabbitmq_registry``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import uuid
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import unquote, urlsplit
 
-from ..errors import ConfigurationError, ForeignNamespace, TransportError
-from . import PING_TIMEOUT
-from ._consumer import BrokerDelivery, Consumer
-from ._url import (
-    Option,
-    parse_url,
-    pick_namespace,
-    redact,
-    require_inside,
-    require_own,
-    seconds,
-    text,
-)
-from ._url import namespace as valid_namespace
+from ..errors import ConfigurationError, TransportError
 
 try:
     import aio_pika
     import aio_pika.abc
-    import aiormq.exceptions
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ConfigurationError(
         "the RabbitMQ transport needs aio-pika: pip install 'sagakit[rabbitmq]'"
     ) from exc
+
+from ._consumer import BrokerDelivery, Consumer
+from ._rabbitmq_admin import RabbitAdmin
+from ._rabbitmq_link import (
+    BROKER_ERRORS,
+    PERMANENT_REJECTIONS,  # noqa: F401  (importable here, as before)
+    RabbitLink,
+    connect_error,
+    publish_error,
+)
+from ._rabbitmq_registry import NameRegistry
+from ._url import Option, parse_url, pick_namespace, require_own, seconds, text
+from ._url import namespace as valid_namespace
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -92,28 +96,6 @@ ATTEMPT_HEADER = "sagakit-attempt"
 KIND_HEADER = "sagakit-kind"
 MIN_DELAY_MS = 10
 BUCKETS_PER_DOUBLING = 4
-
-# Errors that mean "the broker or the connection failed": translated at this boundary.
-BROKER_ERRORS: tuple[type[BaseException], ...] = (
-    aiormq.exceptions.AMQPError,
-    ConnectionError,
-    OSError,
-    TimeoutError,
-    RuntimeError,
-)
-
-# The broker refused a message for what it is (406: larger than its max_message_size,
-# say): sending it again cannot help, so it is not an outage.
-PERMANENT_REJECTIONS: tuple[type[BaseException], ...] = (
-    aiormq.exceptions.ChannelPreconditionFailed,
-)
-
-
-def publish_error(exc: BaseException) -> TransportError:
-    """Our error for a failed publish: retryable unless the broker refused the message."""
-    permanent = isinstance(exc, PERMANENT_REJECTIONS)
-    return TransportError(f"publish failed: {exc!r}", retryable=not permanent)
-
 
 QueueType = Literal["quorum", "classic"]
 QUEUE_TYPES = ("quorum", "classic")
@@ -273,26 +255,6 @@ class RabbitSubscription(Consumer[RabbitDelivery]):
         self._t.forget(self)
 
 
-def connect_error(url: str, exc: BaseException) -> str:
-    """Why connecting failed, with the fix when the broker refused the virtual host.
-
-    RabbitMQ answers the opening of a vhost that does not exist, or that the
-    user has no permissions on, by closing the connection; aiormq reports it
-    only as an unexpected ``Connection.Close`` frame.
-    """
-    text = f"cannot connect to RabbitMQ at {redact(url)}: {exc!r}"
-    if "Connection.OpenOk" not in str(exc) or "Connection.Close" not in str(exc):
-        return text
-    u = urlsplit(url)
-    vhost, user = unquote(u.path[1:]) or "/", unquote(u.username or "guest")
-    return (
-        f"RabbitMQ at {redact(url)} refused the virtual host {vhost!r} for user {user!r}: "
-        "it does not exist or the user has no permissions on it; create and grant it with "
-        f"rabbitmqctl add_vhost {vhost} && "
-        f"rabbitmqctl set_permissions -p {vhost} {user} '.*' '.*' '.*' (docs/how-to/brokers.md)"
-    )
-
-
 class RabbitMQTransport:
     """Queues, a topic exchange for events and delay queues on one RabbitMQ broker.
 
@@ -334,37 +296,31 @@ class RabbitMQTransport:
         self.publish_timeout: float = o["publish_timeout"]
         self.connection_name: str = o["connection_name"] or f"sagakit-{uuid.uuid4().hex[:12]}"
         self.events_exchange = f"{self.namespace}.events"
-        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
-        self._channel: aio_pika.abc.AbstractChannel | None = None
-        self._events: aio_pika.abc.AbstractExchange | None = None
-        self._queues: set[str] = set()
-        self._delays: dict[int, aio_pika.abc.AbstractExchange] = {}
         #: every queue and delay bucket this object used
         self.known_queues: set[str] = set()
         self.known_delays: set[int] = set()
-        self._registered: set[str] = set()  # registry entries this object wrote
-        self._declare_lock = asyncio.Lock()
         self._subs: set[RabbitSubscription] = set()
+        #: the connection, its publishing channel and the events exchange (:mod:`._rabbitmq_link`)
+        self.link = RabbitLink(
+            self.broker_url,
+            name=self.connection_name,
+            reconnect_interval=self.reconnect_interval,
+            events_exchange=self.events_exchange,
+        )
+        #: the namespace's registry of names (:mod:`._rabbitmq_registry`)
+        self.registry = NameRegistry(self.link, self.registry_queue, self.publish_timeout)
+        #: queues, bindings, delay buckets and their removal (:mod:`._rabbitmq_admin`)
+        self.admin = RabbitAdmin(self)
 
     # -- lifecycle ---------------------------------------------------------
 
     async def open(self) -> None:
-        """Connect (robustly: it reconnects by itself) and declare the exchange."""
-        if self._connection is not None:
+        """Connect (robustly: it reconnects by itself), declare the exchange and the registry."""
+        if self.link.is_open:
             return
         try:
-            conn = await aio_pika.connect_robust(
-                self.broker_url,
-                reconnect_interval=self.reconnect_interval,
-                client_properties={"connection_name": self.connection_name},
-            )
-            self._connection = conn
-            channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
-            self._channel = channel
-            self._events = await channel.declare_exchange(
-                self.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-            )
-            await channel.declare_queue(self.registry_queue, durable=True)
+            await self.link.connect()
+            await self.registry.open()
         except BROKER_ERRORS as exc:
             await self.close()
             raise TransportError(connect_error(self.broker_url, exc)) from exc
@@ -373,28 +329,13 @@ class RabbitMQTransport:
         """Stop the remaining consumers and close the connection."""
         for sub in list(self._subs):
             await sub.stop()
-        conn, self._connection = self._connection, None
-        self._channel = self._events = None
-        self._queues.clear()
-        self._delays.clear()
-        self._registered.clear()
-        if conn is not None and not conn.is_closed:
-            try:
-                await conn.close()
-            except BROKER_ERRORS as exc:
-                log.info("closing the RabbitMQ connection failed: %r", exc)
+        self.admin.reset()
+        self.registry.reset()
+        await self.link.close()
 
     async def ping(self) -> None:
         """The connection and channel are open and the broker answers a passive declare."""
-        channel = self._channel
-        if self._connection is None or self._connection.is_closed or channel is None:
-            raise TransportError(f"not connected to RabbitMQ at {redact(self.url)}")
-        try:
-            await asyncio.wait_for(
-                channel.get_exchange(self.events_exchange, ensure=True), PING_TIMEOUT
-            )
-        except BROKER_ERRORS as exc:  # TimeoutError among them
-            raise TransportError(f"RabbitMQ did not answer: {exc!r}") from exc
+        await self.link.ping(self.url)
 
     def forget(self, sub: RabbitSubscription) -> None:
         """``sub`` has stopped: :meth:`close` need not stop it."""
@@ -402,14 +343,7 @@ class RabbitMQTransport:
 
     @property
     def connection(self) -> aio_pika.abc.AbstractRobustConnection:
-        if self._connection is None:
-            raise TransportError("the RabbitMQ transport is not open")
-        return self._connection
-
-    def _pub_channel(self) -> aio_pika.abc.AbstractChannel:
-        if self._channel is None:
-            raise TransportError("the RabbitMQ transport is not open")
-        return self._channel
+        return self.link.connection
 
     # -- topology ----------------------------------------------------------
 
@@ -426,73 +360,18 @@ class RabbitMQTransport:
         """The queue listing every queue and delay bucket of the namespace."""
         return f"{self.namespace}.names"
 
-    async def _register(self, entry: str) -> None:
-        """List ``entry`` (``q:<queue>`` or ``delay:<ms>``) in the registry, once per object."""
-        if entry in self._registered:
-            return
-        message = aio_pika.Message(entry.encode(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-        await self._pub_channel().default_exchange.publish(
-            message, routing_key=self.registry_queue, timeout=self.publish_timeout
-        )
-        self._registered.add(entry)
-
     def queue_arguments(self) -> dict[str, Any]:
-        return {"x-queue-type": "quorum"} if self.queue_type == "quorum" else {}
+        return self.admin.queue_arguments()
 
     async def declare_queue(
         self, channel: aio_pika.abc.AbstractChannel, queue: str
     ) -> aio_pika.abc.AbstractQueue:
         """Declare the broker queue of sagakit queue ``queue`` (listed in the registry first)."""
-        await self._register(f"q:{queue}")
-        return await channel.declare_queue(
-            self.broker_queue(queue), durable=True, arguments=self.queue_arguments()
-        )
+        return await self.admin.declare_queue(channel, queue)
 
     async def declare(self, queue: str, topics: Sequence[str]) -> None:
         """Create durable ``queue`` and bind it to the events of ``topics``."""
-        try:
-            q = await self.declare_queue(self._pub_channel(), queue)
-            self._queues.add(queue)
-            self.known_queues.add(queue)
-            for topic in topics:
-                await q.bind(self.events_exchange, routing_key=topic)
-        except BROKER_ERRORS as exc:
-            raise TransportError(f"cannot declare {queue!r}: {exc!r}") from exc
-
-    async def _ensure_queue(self, queue: str) -> None:
-        if queue in self._queues:
-            return
-        async with self._declare_lock:
-            if queue not in self._queues:
-                await self.declare_queue(self._pub_channel(), queue)
-                self._queues.add(queue)
-                self.known_queues.add(queue)
-
-    async def _delay_exchange(self, ms: int) -> aio_pika.abc.AbstractExchange:
-        ex = self._delays.get(ms)
-        if ex is not None:
-            return ex
-        async with self._declare_lock:
-            ex = self._delays.get(ms)
-            if ex is None:
-                channel = self._pub_channel()
-                name = self.delay_queue(ms)
-                await self._register(f"delay:{ms}")
-                args: dict[str, Any] = {"x-message-ttl": ms, "x-dead-letter-exchange": ""}
-                if self.queue_type == "quorum":
-                    args |= {
-                        "x-queue-type": "quorum",
-                        "x-dead-letter-strategy": "at-least-once",
-                        "x-overflow": "reject-publish",
-                    }
-                q = await channel.declare_queue(name, durable=True, arguments=args)
-                ex = await channel.declare_exchange(
-                    name, aio_pika.ExchangeType.FANOUT, durable=True
-                )
-                await q.bind(ex)
-                self._delays[ms] = ex
-                self.known_delays.add(ms)
-        return ex
+        await self.admin.declare(queue, topics)
 
     # -- sending -----------------------------------------------------------
 
@@ -501,35 +380,7 @@ class RabbitMQTransport:
         if not messages:
             return
         try:
-            channel = self._pub_channel()
-            events = self._events
-            assert events is not None
-            sends: list[Awaitable[object]] = []
-            for m in messages:
-                msg = aio_pika.Message(
-                    m.data,
-                    message_id=m.id,
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    headers={KIND_HEADER: m.kind},
-                )
-                if m.kind == "event":
-                    sends.append(
-                        events.publish(
-                            msg,
-                            routing_key=m.destination,
-                            mandatory=False,
-                            timeout=self.publish_timeout,
-                        )
-                    )
-                else:
-                    await self._ensure_queue(m.destination)
-                    sends.append(
-                        channel.default_exchange.publish(
-                            msg,
-                            routing_key=self.broker_queue(m.destination),
-                            timeout=self.publish_timeout,
-                        )
-                    )
+            sends = [await self._send(m) for m in messages]
             results = await asyncio.gather(*sends, return_exceptions=True)
         except BROKER_ERRORS as exc:
             raise publish_error(exc) from exc
@@ -538,6 +389,24 @@ class RabbitMQTransport:
                 if isinstance(r, BROKER_ERRORS):
                     raise publish_error(r) from r
                 raise r
+
+    async def _send(self, m: Outgoing) -> Awaitable[object]:
+        """The confirmed publish of ``m``, started (its queue declared first if a command)."""
+        msg = aio_pika.Message(
+            m.data,
+            message_id=m.id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers={KIND_HEADER: m.kind},
+        )
+        if m.kind == "event":
+            events = self.link.events()
+            return events.publish(
+                msg, routing_key=m.destination, mandatory=False, timeout=self.publish_timeout
+            )
+        await self.admin.ensure_queue(m.destination)
+        return self.link.channel().default_exchange.publish(
+            msg, routing_key=self.broker_queue(m.destination), timeout=self.publish_timeout
+        )
 
     async def republish(
         self,
@@ -558,9 +427,9 @@ class RabbitMQTransport:
         try:
             ms = delay_bucket(delay)
             if ms:
-                exchange = await self._delay_exchange(ms)
+                exchange = await self.admin.delay_exchange(ms)
             else:
-                exchange = self._pub_channel().default_exchange
+                exchange = self.link.channel().default_exchange
             await exchange.publish(
                 copy, routing_key=self.broker_queue(queue), timeout=self.publish_timeout
             )
@@ -578,8 +447,7 @@ class RabbitMQTransport:
             await sub.abort()
             raise TransportError(f"cannot consume {queue!r}: {exc!r}") from exc
         self._subs.add(sub)
-        self._queues.add(queue)
-        self.known_queues.add(queue)
+        self.admin.used(queue)
         return sub
 
     def direct_writer(self, store: Store) -> None:
@@ -598,56 +466,7 @@ class RabbitMQTransport:
         require_own(self.namespace, namespace)
         for sub in list(self._subs):
             await sub.stop()
-        channel = await self.connection.channel()
-        try:
-            queues, exchanges = self._removal(await self._listed(channel))
-            for name in queues:
-                await channel.queue_delete(name)
-            for name in exchanges:
-                await channel.exchange_delete(name)
-            await channel.queue_delete(self.registry_queue)
-        except BROKER_ERRORS as exc:
-            raise TransportError(f"cannot remove namespace {namespace!r}: {exc!r}") from exc
-        finally:
-            with contextlib.suppress(*BROKER_ERRORS):
-                await channel.close()
-        self._forget_topology()
-
-    async def _listed(self, channel: aio_pika.abc.AbstractChannel) -> set[str]:
-        """The registry's entries, left unacknowledged (back in it if removal fails)."""
-        registry = await channel.declare_queue(self.registry_queue, durable=True)
-        entries: set[str] = set()
-        while (message := await registry.get(no_ack=False, fail=False)) is not None:
-            entries.add(message.body.decode("utf-8", "replace"))
-        return entries
-
-    def _removal(self, entries: set[str]) -> tuple[list[str], list[str]]:
-        """The queues and exchanges to delete; refuses them all if one is not the namespace's."""
-        ours = {f"q:{q}" for q in self.known_queues} | {f"delay:{ms}" for ms in self.known_delays}
-        queues = [self._queue_of_entry(entry) for entry in sorted(entries | ours)]
-        delays = [q for q in queues if q.startswith(self.delay_queue(0)[:-1])]
-        own = f"{self.namespace}."
-        exchanges = [require_inside(n, own) for n in [*delays, self.events_exchange]]
-        return [require_inside(n, own) for n in queues], exchanges
-
-    def _queue_of_entry(self, entry: str) -> str:
-        """The broker queue of a registry entry (``q:<queue>``, ``delay:<ms>``)."""
-        kind, _, rest = entry.partition(":")
-        if kind == "q" and rest:
-            return self.broker_queue(rest)
-        if kind == "delay" and rest.isdigit():
-            return self.delay_queue(int(rest))
-        raise ForeignNamespace(
-            f"refusing to remove namespace {self.namespace!r}: its registry "
-            f"{self.registry_queue!r} holds {entry!r}, not a sagakit name"
-        )
-
-    def _forget_topology(self) -> None:
-        self.known_queues.clear()
-        self.known_delays.clear()
-        self._registered.clear()
-        self._queues.clear()
-        self._delays.clear()
+        await self.admin.remove(namespace)
 
 
 __all__ = ["RabbitDelivery", "RabbitMQTransport", "RabbitSubscription", "delay_bucket", "transport"]
