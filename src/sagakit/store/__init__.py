@@ -42,6 +42,18 @@ class Tx(Protocol):
 
     def notify(self, queue: str) -> None: ...
 
+    #: savepoints open now (a write inside one may still be undone alone)
+    depth: int
+
+    def on_rollback(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` if the transaction does not commit (after its rollback)."""
+
+    async def later_returning(
+        self, sql: str, column: str, *args: Any, got: Callable[[int], None]
+    ) -> None:
+        """:meth:`later` for an ``INSERT`` of one row whose ``column`` the caller needs:
+        ``got`` gets it when the write is sent (before the next statement or the COMMIT)."""
+
     async def later(self, sql: str, *args: Any, check: Callable[[int], None] | None = None) -> None:
         """Run a write whose outcome nothing needs before the commit.
 

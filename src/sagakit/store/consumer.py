@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from ..errors import SagakitError
@@ -98,17 +99,46 @@ class QueueConsumer:
         self.work = store.queue
         self.prefetch, self.lease, self.max_poll = max(1, prefetch), lease, max_poll
         self._inflight: dict[asyncio.Task[None], QueueDelivery] = {}
+        #: prefetch slots held for messages handed over at their commit (see :meth:`take`)
+        self._reserved = 0
+        self._slot = asyncio.Event()  # set when a slot frees
+        self._releases: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name=f"sagakit-consume-{queue}")
         self._beat = asyncio.create_task(self._heartbeat(), name=f"sagakit-lease-{queue}")
+        self.work.attach(queue, self)
+
+    def reserve(self) -> bool:
+        """Hold a prefetch slot for a message a transaction here writes leased to us."""
+        if self._stopping or len(self._inflight) + self._reserved >= self.prefetch:
+            return False
+        self._reserved += 1
+        return True
+
+    def unreserve(self) -> None:
+        self._reserved -= 1
+        self._slot.set()
+
+    def take(self, item: Queued) -> None:
+        """Run a message handed over at its commit; after stop, release it at once."""
+        self._reserved -= 1
+        delivery = QueueDelivery(self.work, item)
+        if not self._stopping:
+            self._spawn(delivery)
+            return
+        self._slot.set()
+        task = asyncio.create_task(_quiet(delivery.nack(0.0)))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     async def _run(self) -> None:
         first = first_poll(self.store, self.max_poll)
         idle = first
         while not self._stopping:
-            free = self.prefetch - len(self._inflight)
+            free = self.prefetch - len(self._inflight) - self._reserved
             if free <= 0:
-                await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+                self._slot.clear()
+                await self._slot.wait()
                 continue
             batch = await self._claim(free)
             for item in batch:
@@ -136,6 +166,7 @@ class QueueConsumer:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.pop(task, None)
+        self._slot.set()
 
     async def _handle(self, delivery: QueueDelivery) -> None:
         try:
@@ -191,7 +222,9 @@ class QueueConsumer:
         once, so the message is delivered again promptly: nothing is lost.
         """
         self._stopping = True
+        self.work.detach(self.queue, self)
         self.work.waker.wake(self.queue)
+        self._slot.set()
         await asyncio.gather(self._task, return_exceptions=True)
         if self._inflight:
             _, late = await asyncio.wait(list(self._inflight), timeout=grace)
@@ -201,8 +234,19 @@ class QueueConsumer:
             await asyncio.gather(*late, return_exceptions=True)
             for delivery in left:
                 await _quiet(delivery.nack(0.0))
+        await self._settle_handoffs(grace)
         self._beat.cancel()
         await asyncio.gather(self._beat, return_exceptions=True)
+
+    async def _settle_handoffs(self, grace: float) -> None:
+        """Wait (within ``grace``) for transactions still handing us messages; release them."""
+        with suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                while self._reserved:
+                    self._slot.clear()
+                    await self._slot.wait()
+        if self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
 
 
 async def _quiet(aw: Awaitable[None]) -> None:

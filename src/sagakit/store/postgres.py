@@ -195,7 +195,9 @@ class _Held(NamedTuple):
 
     sql: str
     args: tuple[Any, ...]
+    #: gets the write's row count, or the value of ``returning`` (one row)
     check: Callable[[int], None] | None
+    returning: str | None = None
 
 
 class PostgresTx:
@@ -216,8 +218,11 @@ class PostgresTx:
     def __init__(self, conn: Any) -> None:
         self.connection = conn
         self._callbacks: list[Callable[[], None]] = []
+        self._undos: list[Callable[[], None]] = []
         self.queues: set[str] = set()
         self._savepoints = 0
+        #: savepoints open now
+        self.depth = 0
         self._held: list[_Held] = []
         #: BEGIN has been sent: statements run inside the transaction
         self.begun = False
@@ -267,10 +272,17 @@ class PostgresTx:
             await self._simple("BEGIN")
         await self.flush()
 
+    async def later_returning(
+        self, sql: str, column: str, *args: Any, got: Callable[[int], None]
+    ) -> None:
+        """:meth:`later` for an ``INSERT`` of one row: ``got`` gets its ``column`` (the batch
+        returns it), before the next statement or the COMMIT."""
+        self._held.append(_Held(sql, args, got, column))
+
     async def flush(self) -> None:
         """Send the held writes: one alone as it is, several as one statement."""
         held, self._held = self._held, []
-        if len(held) == 1:
+        if len(held) == 1 and held[0].returning is None:
             only = held[0]
             n = rowcount(await self._send(self.connection.execute, only.sql, only.args))
             if only.check is not None:
@@ -318,6 +330,7 @@ class PostgresTx:
         self._savepoints += 1
         name = f"sagakit_sp{self._savepoints}"
         await self._simple(f"SAVEPOINT {name}")
+        self.depth += 1
         try:
             yield
             await self.flush()
@@ -325,6 +338,8 @@ class PostgresTx:
             self._held.clear()
             await _quietly(partial(self.connection.execute, f"ROLLBACK TO SAVEPOINT {name}"))
             raise
+        finally:
+            self.depth -= 1
         await self._simple(f"RELEASE SAVEPOINT {name}")
 
     async def _simple(self, sql: str) -> None:
@@ -339,8 +354,15 @@ class PostgresTx:
     def notify(self, queue: str) -> None:
         self.queues.add(queue)
 
-    def committed(self, on_notify: Callable[[str], None] | None) -> None:
-        """Wake local consumers and run commit callbacks (after COMMIT)."""
+    def on_rollback(self, callback: Callable[[], None]) -> None:
+        self._undos.append(callback)
+
+    def ended(self, committed: bool, on_notify: Callable[[str], None] | None) -> None:
+        """After COMMIT: wake local consumers, run commit callbacks; else run rollback ones."""
+        if not committed:
+            for cb in self._undos:
+                cb()
+            return
         if on_notify is not None:
             for queue in self.queues:
                 on_notify(queue)
@@ -353,17 +375,30 @@ _CHECK_FAILED = re.compile(_CHECK_MARK + r" (\d+) (\d+)")
 
 
 @functools.lru_cache(maxsize=256)
-def _batch_text(texts: tuple[str, ...], enforced: tuple[bool, ...], notify: bool) -> str:
+def _batch_text(
+    texts: tuple[str, ...],
+    enforced: tuple[bool, ...],
+    notify: bool,
+    returning: tuple[str | None, ...] = (),
+) -> str:
     """The batch statement; ``enforced`` writes fail it unless they changed one row.
 
     A failed check casts a marked text to int, so the whole statement fails
     (and with it every write in it) with the write's index and row count in
     the error; the cast is not constant, so the planner cannot fold it early.
+    A write with a ``returning`` column gives that column's value instead of
+    its count (:meth:`PostgresTx.later_returning`).
     """
-    ctes = ", ".join(f"w{i} AS ({t} RETURNING 1)" for i, t in enumerate(texts))
+    cols = returning or (None,) * len(texts)
+    ctes = ", ".join(
+        f"w{i} AS ({t} RETURNING {c or 1})"
+        for i, (t, c) in enumerate(zip(texts, cols, strict=True))
+    )
     counts = []
     for i, strict in enumerate(enforced):
-        if strict:
+        if cols[i] is not None:
+            counts.append(f"(SELECT max({cols[i]}) FROM w{i})")
+        elif strict:
             fail = f"('{_CHECK_MARK} {i} ' || n)::int"
             counts.append(
                 f"(SELECT CASE WHEN n = 1 THEN n ELSE {fail} END "
@@ -391,8 +426,11 @@ def batch_sql(
     args: list[Any] = []
     for h in held:
         args.extend(h.args)
-    enforced = tuple(enforce and h.check is not None for h in held)
-    return _batch_text(tuple(h.sql for h in held), enforced, notify), args
+    enforced = tuple(enforce and h.check is not None and h.returning is None for h in held)
+    returning = tuple(h.returning for h in held)
+    if not any(returning):
+        returning = ()
+    return _batch_text(tuple(h.sql for h in held), enforced, notify, returning), args
 
 
 def _failed_check(held: Sequence[_Held], exc: BaseException) -> None:
@@ -488,13 +526,16 @@ class PostgresDriver:
         except DBError as exc:
             raise translate(exc) from exc
         self._own_pids.add(conn.get_server_pid())
+        tx, committed = PostgresTx(conn), False
         try:
-            tx = PostgresTx(conn)
             async with _transaction(conn, self.channel, tx):
                 yield tx
+            committed = True
         finally:
-            await _quietly(partial(pool.release, conn))
-        tx.committed(self._on_notify)
+            try:
+                await _quietly(partial(pool.release, conn))
+            finally:  # rollback callbacks always run; commit ones on success
+                tx.ended(committed, self._on_notify)
 
     async def fetch_single(self, sql: str, *args: Any) -> list[Any]:
         """One statement in autocommit mode: a single round trip, no BEGIN/COMMIT."""

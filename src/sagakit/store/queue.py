@@ -22,7 +22,7 @@ import random
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..clock import SystemClock
 from ..errors import LeaseLost
@@ -42,6 +42,57 @@ class Queued:
     attempts: int
     destination: str | None = None
     kind: str | None = None
+
+
+class Taker(Protocol):
+    """A consumer in this process that takes messages handed to it at commit (no claim)."""
+
+    lease: float
+
+    def reserve(self) -> bool:
+        """Hold a free prefetch slot for a message being written; False if none is free."""
+
+    def unreserve(self) -> None:
+        """Give back a held slot (the write rolled back)."""
+
+    def take(self, item: Queued) -> None:
+        """Run a committed message written leased to this consumer, in the held slot."""
+
+
+class Handoff:
+    """A message written leased to a local consumer: handed over if its transaction commits."""
+
+    __slots__ = ("data", "destination", "done", "id", "kind", "seq", "taker")
+
+    def __init__(
+        self, taker: Taker, message_id: str, data: bytes, dest: str | None, kind: str | None
+    ):
+        self.taker, self.id, self.data, self.destination, self.kind = (
+            taker,
+            message_id,
+            data,
+            dest,
+            kind,
+        )
+        self.seq: int | None = None
+        self.done = False
+
+    def got(self, seq: int) -> None:
+        self.seq = seq
+
+    def committed(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.seq is None:  # the write never went out (a savepoint undid it)
+            self.taker.unreserve()
+            return
+        self.taker.take(Queued(self.seq, self.id, self.data, 1, self.destination, self.kind))
+
+    def rolled_back(self) -> None:
+        if not self.done:
+            self.done = True
+            self.taker.unreserve()
 
 
 EXPECT_AT_MOST = 4096  #: names a Waker keeps expecting (see :meth:`Waker.expect`)
@@ -166,6 +217,12 @@ class WorkQueue:
             f"INSERT INTO {p}messages (id, queue, destination, kind, data, available_at, "
             f"created_at) VALUES (?, ?, ?, ?, ?, {now} + ?, ?)"
         )
+        # already leased to a local consumer, as a claim would have left it
+        self._put_leased_sql = (
+            f"INSERT INTO {p}messages (id, queue, destination, kind, data, available_at, "
+            f"created_at, attempts) VALUES (?, ?, ?, ?, ?, {now} + ?, ?, 1)"
+        )
+        self._takers: dict[str, list[Taker]] = {}
         self._fan_out_sql = (
             f"INSERT INTO {p}messages (id, queue, destination, kind, data, available_at, "
             f"created_at) SELECT ?, queue, NULL, 'event', ?, {now}, ? FROM {p}subscriptions "
@@ -190,10 +247,54 @@ class WorkQueue:
         destination: str | None = None,
         kind: str | None = None,
     ) -> None:
-        """Add a message to ``queue`` inside ``tx``; consumers wake on commit."""
+        """Add a message to ``queue`` inside ``tx``; consumers wake on commit.
+
+        A message due now on a queue a consumer in this process consumes, with
+        a prefetch slot free, is written already leased to that consumer and
+        handed to it after the commit: no wake-up, no claim. If this process
+        dies first, the lease runs out and any consumer claims the row.
+        """
+        if delay <= 0 and not tx.depth and (taker := self._reserve(queue)) is not None:
+            await self._hand(tx, taker, message_id, queue, data, destination, kind)
+            return
         args = (message_id, queue, destination, kind, data, self._now(), delay)
         await tx.later(self._put_sql, *args, self.store.clock.now())
         tx.notify(queue)
+
+    async def _hand(
+        self,
+        tx: Tx,
+        taker: Taker,
+        message_id: str,
+        queue: str,
+        data: bytes,
+        destination: str | None,
+        kind: str | None,
+    ) -> None:
+        handoff = Handoff(taker, message_id, data, destination, kind)
+        tx.on_rollback(handoff.rolled_back)
+        tx.on_commit(handoff.committed)
+        args = (message_id, queue, destination, kind, data, self._now(), taker.lease)
+        await tx.later_returning(
+            self._put_leased_sql, "seq", *args, self.store.clock.now(), got=handoff.got
+        )
+
+    def attach(self, queue: str, taker: Taker) -> None:
+        """Hand messages put on ``queue`` in this process to ``taker`` while it has room."""
+        self._takers.setdefault(queue, []).append(taker)
+
+    def detach(self, queue: str, taker: Taker) -> None:
+        takers = self._takers.get(queue, [])
+        if taker in takers:
+            takers.remove(taker)
+        if not takers:
+            self._takers.pop(queue, None)
+
+    def _reserve(self, queue: str) -> Taker | None:
+        for taker in self._takers.get(queue, ()):
+            if taker.reserve():
+                return taker
+        return None
 
     async def fan_out(self, tx: Tx, topic: str, message_id: str, data: bytes) -> None:
         """Put an event on the queue of every group subscribed to ``topic``."""

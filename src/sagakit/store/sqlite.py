@@ -58,8 +58,11 @@ class SqliteTx:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
         self._callbacks: list[Callable[[], None]] = []
+        self._undos: list[Callable[[], None]] = []
         self.queues: set[str] = set()
         self._sp = 0
+        #: savepoints open now
+        self.depth = 0
 
     async def execute(self, sql: str, *args: Any) -> int:
         try:
@@ -95,18 +98,28 @@ class SqliteTx:
         if check is not None:
             check(n)
 
+    async def later_returning(
+        self, sql: str, column: str, *args: Any, got: Callable[[int], None]
+    ) -> None:
+        """An ``INSERT`` of one row, now; ``got`` gets its ``column``."""
+        row = await self.fetchone(f"{sql} RETURNING {column}", *args)
+        got(row[0])
+
     @asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
         """A nested transaction: rolled back alone if the block raises."""
         self._sp += 1
         name = f"sp{self._sp}"
         self._conn.execute(f"SAVEPOINT {name}")
+        self.depth += 1
         try:
             yield
         except BaseException:
             self._conn.execute(f"ROLLBACK TO {name}")
             self._conn.execute(f"RELEASE {name}")
             raise
+        finally:
+            self.depth -= 1
         self._conn.execute(f"RELEASE {name}")
 
     def on_commit(self, callback: Callable[[], None]) -> None:
@@ -115,11 +128,19 @@ class SqliteTx:
     def notify(self, queue: str) -> None:
         self.queues.add(queue)
 
+    def on_rollback(self, callback: Callable[[], None]) -> None:
+        self._undos.append(callback)
+
     def committed(self, on_notify: Callable[[str], None] | None) -> None:
         for queue in self.queues:
             if on_notify is not None:
                 on_notify(queue)
         for cb in self._callbacks:
+            cb()
+
+    def rolled_back(self) -> None:
+        undos, self._undos = self._undos, []
+        for cb in undos:
             cb()
 
 
@@ -193,13 +214,10 @@ class SqliteDriver:
             tx = SqliteTx(conn)
             try:
                 yield tx
+                _run(conn, f"RELEASE {_MEMBER}")
             except BaseException:
                 self._undo(conn, group)
-                raise
-            try:
-                _run(conn, f"RELEASE {_MEMBER}")
-            except StoreError:
-                self._undo(conn, group)
+                tx.rolled_back()
                 raise
             group.txs.append(tx)
             await self._gather(group)
@@ -221,6 +239,7 @@ class SqliteDriver:
         if group is not None:
             group.done.set_exception(_translate(exc))
             group.done.exception()
+            _rolled_back(group)
 
     async def _gather(self, group: _Group) -> None:
         """Let callers that are ready to run queue up for the group, then settle it.
@@ -257,6 +276,7 @@ class SqliteDriver:
             _quiet_rollback(conn)
             group.done.set_exception(_translate(exc))
             group.done.exception()  # retrieved: a caller may have been cancelled meanwhile
+            _rolled_back(group)
             return
         self.commits += 1
         self.grouped += len(group.txs)
@@ -332,6 +352,14 @@ class SqliteDriver:
                     raise _translate(exc) from exc
             await asyncio.sleep(_BUSY_RETRY_S)
             waited += _BUSY_RETRY_S
+
+
+def _rolled_back(group: _Group) -> None:
+    for tx in group.txs:
+        try:
+            tx.rolled_back()
+        except Exception:
+            log.exception("rollback callback failed")
 
 
 def _run(conn: sqlite3.Connection, sql: str) -> None:
