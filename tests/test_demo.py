@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 import sagakit as sk
-from sagakit.examples.order_fulfillment import demo
+from sagakit.examples.order_fulfillment import demo, demo_namespace
 from sagakit.examples.order_fulfillment.app import OrderFulfillment, build
 from sagakit.examples.order_fulfillment.messages import (
     ConfirmStock,
@@ -525,5 +525,5 @@ def test_demo_over_a_broker_removes_its_own_namespace_unless_keep(
     try:
         assert asyncio.run(namespace_left(own)) is keep
     finally:
-        asyncio.run(demo._remove_namespace(own))
+        asyncio.run(demo_namespace._remove_namespace(own))
     assert asyncio.run(namespace_left(own)) is False
