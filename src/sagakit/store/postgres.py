@@ -357,16 +357,18 @@ class PostgresTx:
     def on_rollback(self, callback: Callable[[], None]) -> None:
         self._undos.append(callback)
 
-    def ended(self, committed: bool, on_notify: Callable[[str], None] | None) -> None:
-        """After COMMIT: wake local consumers, run commit callbacks; else run rollback ones."""
-        if not committed:
-            for cb in self._undos:
-                cb()
-            return
+    def committed(self, on_notify: Callable[[str], None] | None) -> None:
+        """After COMMIT: wake local consumers and run commit callbacks."""
         if on_notify is not None:
             for queue in self.queues:
                 on_notify(queue)
         for cb in self._callbacks:
+            cb()
+
+    def rolled_back(self) -> None:
+        """After a rollback: run the rollback callbacks (once)."""
+        undos, self._undos = self._undos, []
+        for cb in undos:
             cb()
 
 
@@ -526,16 +528,19 @@ class PostgresDriver:
         except DBError as exc:
             raise translate(exc) from exc
         self._own_pids.add(conn.get_server_pid())
-        tx, committed = PostgresTx(conn), False
+        tx, ok = PostgresTx(conn), False
         try:
             async with _transaction(conn, self.channel, tx):
                 yield tx
-            committed = True
+            ok = True
         finally:
             try:
                 await _quietly(partial(pool.release, conn))
-            finally:  # rollback callbacks always run; commit ones on success
-                tx.ended(committed, self._on_notify)
+            finally:  # one of the two always runs, even if the release is cancelled
+                if ok:
+                    tx.committed(self._on_notify)
+                else:
+                    tx.rolled_back()
 
     async def fetch_single(self, sql: str, *args: Any) -> list[Any]:
         """One statement in autocommit mode: a single round trip, no BEGIN/COMMIT."""

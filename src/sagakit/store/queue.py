@@ -67,13 +67,8 @@ class Handoff:
     def __init__(
         self, taker: Taker, message_id: str, data: bytes, dest: str | None, kind: str | None
     ):
-        self.taker, self.id, self.data, self.destination, self.kind = (
-            taker,
-            message_id,
-            data,
-            dest,
-            kind,
-        )
+        self.taker = taker
+        self.id, self.data, self.destination, self.kind = message_id, data, dest, kind
         self.seq: int | None = None
         self.done = False
 
