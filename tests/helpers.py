@@ -76,3 +76,12 @@ async def remove_namespace_of(t: Any) -> None:
         await t.remove_namespace(t.namespace)
     finally:
         await t.close()
+
+
+async def queued(app: sk.App, queue: str) -> list[sk.Envelope]:
+    """The envelopes waiting on ``queue`` of the App's database transport, oldest first."""
+    async with app.store.transaction() as tx:
+        rows = await tx.fetchall(
+            f"SELECT data FROM {app.store.prefix}messages WHERE queue = ? ORDER BY seq", queue
+        )
+    return [app.codec.decode(bytes(r[0])) for r in rows]

@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
@@ -49,6 +50,7 @@ from .observe.hooks import BASE, Hooks
 from .outbox import Outbox, OutboxWriter
 from .policies import RetryPolicy
 from .store.core import DEAD_LETTER_KEEP as DEAD_LETTER_KEEP
+from .store.core import OutcomeExists
 
 if TYPE_CHECKING:
     from .store import InboxRow, Store, Tx
@@ -88,11 +90,16 @@ class Scope:
     out: Outbox = field(default_factory=Outbox)
     hooks: Hooks = BASE
 
-    async def answer(self, payload: Any, outcome: str) -> None:
-        """Record this command's outcome in the inbox and send it as the reply."""
+    async def answer(self, payload: Any, outcome: str, *, unadmitted: bool = False) -> None:
+        """Record this command's outcome in the inbox and send it as the reply.
+
+        ``unadmitted``: the message was not admitted in this transaction; the
+        outcome is stored only if none is (see :meth:`Inbox.record_first`).
+        """
         env = self.env
         reply = self.codec.reply(env, payload, outcome=outcome, sender=self.inbox.consumer)
-        await self.inbox.record(self.tx, env, outcome, self.codec.encode(reply))
+        record = self.inbox.record_first if unadmitted else self.inbox.record
+        await record(self.tx, env, outcome, self.codec.encode(reply))
         if env.headers.reply_to:
             self.out.send(reply, env.headers.reply_to)
 
@@ -333,18 +340,24 @@ class Endpoint:
         """Record a failure as the command's outcome, unless another copy's outcome won.
 
         ``after`` adds to the same transaction (an event handler's failure event).
+        The first try stores the failure without admitting the message (one
+        statement on PostgreSQL); only if an outcome is already stored does a
+        second transaction admit it and answer as a duplicate would be.
         """
 
-        async def body(scope: Scope) -> None:
+        async def body(scope: Scope, admit: bool) -> None:
             if dead:
                 await self._store_dead_letter(scope.tx, delivery.data, env, exc)
-            if await scope.settled_elsewhere(await scope.inbox.admit(scope.tx, env)):
+            if admit and await scope.settled_elsewhere(await scope.inbox.admit(scope.tx, env)):
                 return
-            await scope.answer(_failure(exc, technical), FAILURE)
+            await scope.answer(_failure(exc, technical), FAILURE, unadmitted=not admit)
             if after is not None:
                 after(scope)
 
-        await self._settle(delivery, env, body)
+        try:
+            await self._settle(delivery, env, partial(body, admit=False))
+        except OutcomeExists:
+            await self._settle(delivery, env, partial(body, admit=True))
 
     async def _settle(
         self,

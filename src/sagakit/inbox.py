@@ -104,6 +104,18 @@ class Inbox:
         row = InboxRow(outcome, reply, env.headers.reply_to, env.headers.attempt)
         await self.store.inbox_record(tx, self.consumer, key_of(env), row)
 
+    async def record_first(self, tx: Tx, env: Envelope, outcome: str, reply: bytes | None) -> None:
+        """Store an outcome for a message never admitted, in the transaction's write batch.
+
+        For a failure recorded after the handler's transaction rolled back: the
+        usual case (no other copy has an outcome) costs no admission round trip.
+        If a row exists, ``tx`` fails with :class:`~sagakit.store.core.OutcomeExists` and nothing of
+        it is written; the caller then admits the message as usual.
+        """
+        h = env.headers
+        row = InboxRow(outcome, reply, h.reply_to, h.attempt)
+        await self.store.inbox_record_first(tx, self.consumer, key_of(env), row, h.saga_id)
+
     async def admit_compensation(self, tx: Tx, env: Envelope) -> tuple[Admission, bool]:
         """:meth:`admit` a compensation and pass the barrier, in one statement where it can.
 

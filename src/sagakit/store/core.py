@@ -305,6 +305,26 @@ class Store:
             key,
         )
 
+    async def inbox_record_first(
+        self, tx: Tx, consumer: str, key: str, row: InboxRow, saga_id: str | None
+    ) -> None:
+        """Store ``row`` under ``key`` if nothing is stored there yet, with no admission first.
+
+        A held write (one round trip with the rest of the transaction's writes on
+        PostgreSQL): if a row already exists (another copy's outcome, or one a
+        concurrent copy is committing, which the insert waits for), the write
+        changes nothing and fails ``tx`` with :class:`OutcomeExists`, so the
+        caller can admit the message the usual way in a fresh transaction.
+        """
+        await tx.later(
+            f"INSERT INTO {self.prefix}inbox (consumer, key, outcome, reply, destination, "
+            "attempt, created_at, saga_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (consumer, key) DO NOTHING",
+            *(consumer, key, row.outcome, row.reply, row.destination, row.attempt),
+            *(self.clock.now(), saga_id),
+            check=_first(key),
+        )
+
     async def inbox_bar(
         self, tx: Tx, consumer: str, key: str, attempt: int, saga_id: str | None = None
     ) -> str:
@@ -595,6 +615,20 @@ def _current(saga_id: str) -> Callable[[int], None]:
             raise ConcurrencyConflict("saga changed concurrently", saga_id=saga_id)
 
     return check
+
+
+def _first(key: str) -> Callable[[int], None]:
+    """The check of :meth:`Store.inbox_record_first`'s insert."""
+
+    def check(n: int) -> None:
+        if n != 1:
+            raise OutcomeExists(f"an outcome is already stored under {key!r}")
+
+    return check
+
+
+class OutcomeExists(Exception):
+    """:meth:`Store.inbox_record_first` found the key taken; admit it the usual way."""
 
 
 def _filters(**conds: Any) -> tuple[str, list[Any]]:
