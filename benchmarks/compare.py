@@ -44,6 +44,8 @@ import benchlib as bl
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "contenders.py")
 CONTENDERS = ("sagakit", "sagakit-memory", "dbos", "handwritten")
+#: row order; sagakit-execute (each step's write a round trip of its own) runs on request
+ORDER = ("sagakit", "sagakit-execute", "sagakit-memory", "dbos", "handwritten", "pgbench")
 VARIANTS = ("happy", "compensate")
 IN_FLIGHT = (1, 32)
 PGBENCH_CLIENTS = (1, 8, 32)
@@ -344,7 +346,7 @@ class Bench:
         for r in rows:
             base = dbos.get((r["database"], r["variant"], r["in_flight"]))
             r["ratio_to_dbos"] = r["sagas_per_s"] / base if base else None
-        order = {c: i for i, c in enumerate((*CONTENDERS, "pgbench"))}
+        order = {c: i for i, c in enumerate(ORDER)}
         rows.sort(
             key=lambda r: (
                 r["database"] != "sqlite",

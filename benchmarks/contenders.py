@@ -74,9 +74,14 @@ class Sagakit:
         *,
         signing: bool = False,
         services: set[str] | None = None,
+        held_writes: bool = True,
         **tuning: Any,
     ) -> None:
         """``tuning``: further :class:`sagakit.Settings` fields (retention.py sets retention).
+
+        ``held_writes``: each step's write is ``ctx.db.later`` (sent with the hop's
+        own writes, as docs/how-to/participant-databases.md shows) rather than
+        ``ctx.db.execute`` (a round trip of its own: contender ``sagakit-execute``).
 
         ``services``: run only these in this process (``App.only``): ``p1``..``p3``
         and ``coordinator``; the empty set makes a pure client (start + wait).
@@ -124,7 +129,8 @@ class Sagakit:
             sql = f"INSERT INTO {p}{table} (saga_id, amount) VALUES (?, ?)"
 
             async def handler(cmd: Any, ctx: Any) -> None:
-                await ctx.db.execute(sql, ctx.saga_id, cmd.n)
+                write = ctx.db.later if held_writes else ctx.db.execute
+                await write(sql, ctx.saga_id, cmd.n)
 
             return handler
 
@@ -132,7 +138,8 @@ class Sagakit:
             sql = f"DELETE FROM {p}{table} WHERE saga_id = ?"
 
             async def handler(cmd: Any, ctx: Any) -> None:
-                await ctx.db.execute(sql, ctx.saga_id)
+                write = ctx.db.later if held_writes else ctx.db.execute
+                await write(sql, ctx.saga_id)
 
             return handler
 
@@ -469,6 +476,8 @@ def make(contender: str, db: str, url: str, workdir: str, prefix: str, in_flight
     store = f"sqlite:///{os.path.join(workdir, 'bench.db')}" if db == "sqlite" else url
     if contender == "sagakit":
         return Sagakit(store, prefix)
+    if contender == "sagakit-execute":
+        return Sagakit(store, prefix, held_writes=False)
     if contender == "sagakit-memory":
         return Sagakit(store, prefix, transport="memory://")
     if contender == "handwritten":

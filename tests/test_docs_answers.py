@@ -322,6 +322,9 @@ async def test_q05_the_whole_ctx_db_interface(
             assert isinstance(everyone, list)
             assert [r["id"] for r in everyone] == ["ada", "bob", "cy"]
             assert await db.fetchall(f"SELECT id FROM {t} WHERE balance < 0") == []
+            assert await db.later(f"UPDATE {t} SET balance = 0 WHERE id = ?", "cy") is None
+            row = await db.fetchone(f"SELECT balance FROM {t} WHERE id = ?", "cy")
+            assert row[0] == 0  # a read sends the held write first
             with pytest.raises(RuntimeError):
                 async with db.savepoint():
                     await db.execute(f"DELETE FROM {t}")

@@ -57,8 +57,10 @@ class Tx(Protocol):
     async def later(self, sql: str, *args: Any, check: Callable[[int], None] | None = None) -> None:
         """Run a write whose outcome nothing needs before the commit.
 
-        The driver may hold it and send it with the transaction's other held
-        writes in one round trip, before the next statement or the COMMIT;
+        For handlers too (``ctx.db.later``): a write whose row count the
+        handler does not use costs no round trip of its own. The driver may
+        hold it and send it with the transaction's other held writes in one
+        round trip, before the next statement or the COMMIT;
         ``check`` gets its row count then and raises to abort the transaction.
         Held writes of one batch run as one statement, so two of them must not
         change the same row; a statement (``INSERT``/``UPDATE``/``DELETE``)

@@ -38,6 +38,7 @@ from typing import Any, Literal, NamedTuple
 
 from ..errors import ConfigurationError, StoreError, StoreUnavailable
 from ..transport._url import Option, count, parse_url, redact, seconds
+from .held import check_held
 
 try:
     import asyncpg  # type: ignore[import-untyped]
@@ -263,6 +264,7 @@ class PostgresTx:
 
     async def later(self, sql: str, *args: Any, check: Callable[[int], None] | None = None) -> None:
         """Hold a write for the next batch (see :class:`PostgresTx`)."""
+        check_held(sql)
         self._held.append(_Held(sql, args, check))
 
     async def _ready(self) -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import StoreError, StoreUnavailable
+from .held import check_held
 
 log = logging.getLogger("sagakit.store.sqlite")
 
@@ -94,6 +95,7 @@ class SqliteTx:
 
     async def later(self, sql: str, *args: Any, check: Callable[[int], None] | None = None) -> None:
         """SQLite statements cost no round trip: run it now."""
+        check_held(sql)
         n = await self.execute(sql, *args)
         if check is not None:
             check(n)
