@@ -17,7 +17,9 @@ transport (:meth:`Outbox.schedule`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
@@ -101,6 +103,13 @@ class Relay:
     before deleting makes the batch be published again: consumers dedupe, so
     nothing is lost or applied twice.
 
+    Rows this process writes to the outbox while the relay runs (and has
+    room) are written already leased to it and handed over at their commit
+    (:meth:`~sagakit.store.queue.WorkQueue.put`): no NOTIFY, no claim, so a
+    hop's messages cost the relay one statement (the delete after the
+    publish). If the process dies first, the lease runs out and any relay
+    claims them.
+
     A batch the transport refuses is published again row by row, so one
     message the broker will never take (poison) does not hold back the rest.
     A row that fails on its own with a non-retryable error ``max_failures``
@@ -129,15 +138,59 @@ class Relay:
         self.backoff, self.max_backoff = backoff, max_backoff
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        #: rows handed over at their commit, not yet published
+        self._handed: list[Queued] = []
+        #: rows being written leased to this relay by transactions still open
+        self._reserved = 0
+        #: no handoffs before this (time.monotonic()): the transport just failed
+        self._shy_until = 0.0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="sagakit-relay")
+        self.store.queue.attach(OUTBOX_QUEUE, self)
 
     async def stop(self) -> None:
+        """Stop after publishing what was handed over (what fails waits in the outbox)."""
         self._stopping = True
+        self.store.queue.detach(OUTBOX_QUEUE, self)
         self.store.queue.waker.wake(OUTBOX_QUEUE)
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
+        await self._drain()
+
+    # -- the handoff (sagakit.store.queue.Taker) --------------------------------------
+
+    def reserve(self) -> bool:
+        """Room for one more row written leased to this relay (at most a batch waiting)."""
+        if self._stopping or self._reserved + len(self._handed) >= self.batch:
+            return False
+        if self._shy_until and time.monotonic() < self._shy_until:
+            return False  # the broker is failing: rows wait in the outbox, with backoff
+        self._reserved += 1
+        return True
+
+    def unreserve(self) -> None:
+        self._reserved -= 1
+
+    def take(self, item: Queued) -> None:
+        """A row written leased to this relay has committed: publish it next."""
+        self._reserved -= 1
+        self._handed.append(item)
+        self.store.queue.waker.wake(OUTBOX_QUEUE)
+
+    async def _drain(self) -> None:
+        """Publish rows handed over before the stop; on failure they wait out their lease."""
+        while self._handed:
+            try:
+                await self.relay_once()
+            except SagakitError as exc:
+                log.warning("relay stopping with %d rows unsent: %s", len(self._handed), exc)
+                left, self._handed = self._handed, []
+                with contextlib.suppress(SagakitError):  # else due when their lease ends
+                    await self._back_off(left)
+                return
+
+    # -- the loop ----------------------------------------------------------------------
 
     async def _run(self) -> None:
         first = first_poll(self.store, self.max_poll)
@@ -145,20 +198,25 @@ class Relay:
         while not self._stopping:
             try:
                 moved = await self.relay_once()
+                self._shy_until = 0.0
             except SagakitError as exc:
                 log.warning("relay failed, will retry: %s", exc)
-                moved = 0
-            if moved == self.batch:
-                continue  # a full batch: there may be more
+                moved = -1
+                self._shy_until = time.monotonic() + self.backoff
+            if moved == self.batch or (moved >= 0 and self._handed) or self._stopping:
+                continue  # a full batch, rows handed over meanwhile, or a stop to notice
             await self.store.queue.wait(OUTBOX_QUEUE, idle)
-            idle = first if moved else min(idle * 2, self.max_poll)
+            idle = first if moved > 0 else min(idle * 2, self.max_poll)
 
     async def relay_once(self) -> int:
         """Publish one batch; return how many rows left the outbox (sent or dead-lettered).
 
-        Raises the transport's error on an outage, after putting the rows back.
+        Rows handed over at their commit go first, without a claim. Raises the
+        transport's error on an outage, after putting the rows back.
         """
-        items = await self.store.queue.claim(OUTBOX_QUEUE, self.batch, self.lease)
+        items, self._handed = self._handed[: self.batch], self._handed[self.batch :]
+        if not items:
+            items = await self.store.queue.claim(OUTBOX_QUEUE, self.batch, self.lease)
         if not items:
             return 0
         try:
