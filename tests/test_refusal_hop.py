@@ -19,10 +19,11 @@ import msgspec
 import pytest
 
 import sagakit as sk
+from sagakit.errors import OutcomeExists
 from sagakit.inbox import FAILURE, SUCCESS, Inbox
 from sagakit.messages import Headers, new_id
 from sagakit.store import Store
-from sagakit.store.core import InboxRow, OutcomeExists
+from sagakit.store.core import InboxRow
 from sagakit.testing import drop_tables
 from tests.helpers import Do, Refused, eventually, queued
 

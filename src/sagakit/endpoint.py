@@ -38,6 +38,7 @@ from .errors import (
     LeaseLost,
     MessageError,
     NoHandler,
+    OutcomeExists,
     Refusal,
     RoutingError,
     SagaVersionUnknown,
@@ -50,7 +51,6 @@ from .observe.hooks import BASE, Hooks
 from .outbox import Outbox, OutboxWriter
 from .policies import RetryPolicy
 from .store.core import DEAD_LETTER_KEEP as DEAD_LETTER_KEEP
-from .store.core import OutcomeExists
 
 if TYPE_CHECKING:
     from .store import InboxRow, Store, Tx

@@ -32,7 +32,8 @@ transports), so callers never see ``sqlite3`` or ``asyncpg`` exceptions.
     │   └── HandlerTimeout            a handler ran past Settings.handler_timeout (retryable)
     ├── StoreError                    database trouble (retryable)
     │   ├── StoreUnavailable          an outage: unreachable, refusing connections, shutting down
-    │   └── ConcurrencyConflict       optimistic version check lost (retryable)
+    │   ├── ConcurrencyConflict       optimistic version check lost (retryable)
+    │   └── OutcomeExists             (internal) an inbox key already holds an outcome
     ├── TransportError                broker trouble (retryable)
     │   ├── LeaseLost                 another consumer took the message over (retryable)
     │   └── ForeignNamespace          removal refused: not the transport's own namespace
@@ -255,6 +256,16 @@ class StoreUnavailable(StoreError):
 
 class ConcurrencyConflict(StoreError):
     """Another process changed the saga instance first."""
+
+
+class OutcomeExists(StoreError):
+    """(Internal) an outcome stored without admission found the inbox key taken.
+
+    The endpoint then admits the message the usual way and answers it as a
+    duplicate would be; it never reaches a handler or a user.
+    """
+
+    retryable = False
 
 
 class TransportError(SagakitError):

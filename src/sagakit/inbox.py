@@ -109,7 +109,7 @@ class Inbox:
 
         For a failure recorded after the handler's transaction rolled back: the
         usual case (no other copy has an outcome) costs no admission round trip.
-        If a row exists, ``tx`` fails with :class:`~sagakit.store.core.OutcomeExists` and nothing of
+        If a row exists, ``tx`` fails with :class:`~sagakit.errors.OutcomeExists` and nothing of
         it is written; the caller then admits the message as usual.
         """
         h = env.headers

@@ -16,6 +16,7 @@ from ..clock import Clock
 from ..errors import (
     ConcurrencyConflict,
     ConfigurationError,
+    OutcomeExists,
     SagaIdInUse,
     SagaNotFound,
     StoreError,
@@ -625,10 +626,6 @@ def _first(key: str) -> Callable[[int], None]:
             raise OutcomeExists(f"an outcome is already stored under {key!r}")
 
     return check
-
-
-class OutcomeExists(Exception):
-    """:meth:`Store.inbox_record_first` found the key taken; admit it the usual way."""
 
 
 def _filters(**conds: Any) -> tuple[str, list[Any]]:
