@@ -181,6 +181,27 @@ async def test_a_consumer_that_stops_releases_what_it_is_handed_at_once(store: S
     assert [i.id for i in await store.queue.claim("q", 10, LONG_LEASE)] == ["m2"]
 
 
+@pytest.mark.parametrize("relayed", [False, True], ids=["consumer", "relay"])
+async def test_a_stop_during_the_first_claim_is_not_slept_through(
+    store: Store, relayed: bool
+) -> None:
+    """Stopped while its first claim is out: it must not then sleep a whole poll interval.
+
+    The poll interval is a minute; the stop has to be noticed at once. (Before,
+    the wake-up of the stop reached no one and the loop slept the minute out.)
+    """
+    from sagakit.outbox import Relay
+
+    taker: Any
+    if relayed:
+        taker = Relay(store, object(), max_poll=60.0)  # type: ignore[arg-type]
+        taker.start()
+    else:
+        taker = QueueConsumer(store, "q", Recorder(), prefetch=1, lease=LONG_LEASE, max_poll=60.0)
+    await asyncio.sleep(0)  # its loop has sent the first claim
+    await asyncio.wait_for(taker.stop(), 10.0)
+
+
 @pytest.fixture
 async def fake_clock_store(tmp_path: Path, prefix: str) -> AsyncIterator[tuple[Store, FakeClock]]:
     clock = FakeClock()

@@ -143,9 +143,9 @@ class QueueConsumer:
             batch = await self._claim(free)
             for item in batch:
                 self._spawn(QueueDelivery(self.work, item))
-            if len(batch) == free:
+            if len(batch) == free or self._stopping:
                 idle = first
-                continue  # there may be more right away
+                continue  # there may be more right away, or a stop to notice
             # Drained: sleep until a commit wakes the queue (a wake-up that came
             # while claiming is kept by the event) or the next poll is due.
             await self.work.wait(self.queue, idle)
