@@ -65,7 +65,8 @@ class Settings:
 
     ``prefetch``: messages a consumer holds at once, per queue. ``max_poll``:
     the longest a database-queue consumer or a relay sleeps when nothing woke
-    it. ``max_message_size``: the largest encoded message accepted (bytes).
+    it (on PostgreSQL: the interval of one look per store for due rows).
+    ``max_message_size``: the largest encoded message accepted (bytes).
     ``retry``: how a handler's technical failure is retried.
     ``auto_migrate``: create or upgrade sagakit's tables at start.
     ``prefix``: the start of every table name (apps sharing a database).

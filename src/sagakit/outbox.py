@@ -28,6 +28,7 @@ from .errors import SagakitError, TransportError
 from .messages import Codec, Envelope, Kind, peek
 from .observe.hooks import BASE, Hooks
 from .store.consumer import first_poll
+from .store.due import SAFETY_POLL_S
 from .transport import Outgoing
 
 if TYPE_CHECKING:
@@ -148,11 +149,14 @@ class Relay:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="sagakit-relay")
         self.store.queue.attach(OUTBOX_QUEUE, self)
+        self.store.queue.poller.watch(OUTBOX_QUEUE, self.max_poll)
 
     async def stop(self) -> None:
         """Stop after publishing what was handed over (what fails waits in the outbox)."""
         self._stopping = True
         self.store.queue.detach(OUTBOX_QUEUE, self)
+        if self._task is not None:
+            await self.store.queue.poller.unwatch(OUTBOX_QUEUE, self.max_poll)
         self.store.queue.waker.wake(OUTBOX_QUEUE)
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
@@ -205,7 +209,9 @@ class Relay:
                 self._shy_until = time.monotonic() + self.backoff
             if moved == self.batch or (moved >= 0 and self._handed) or self._stopping:
                 continue  # a full batch, rows handed over meanwhile, or a stop to notice
-            await self.store.queue.wait(OUTBOX_QUEUE, idle)
+            # Backed off fully: the store's one look for due rows wakes us (sagakit.store.due).
+            wait = idle if idle < self.max_poll else SAFETY_POLL_S
+            await self.store.queue.wait(OUTBOX_QUEUE, wait)
             idle = first if moved > 0 else min(idle * 2, self.max_poll)
 
     async def relay_once(self) -> int:

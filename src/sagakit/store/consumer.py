@@ -19,6 +19,7 @@ from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from ..errors import SagakitError
+from .due import SAFETY_POLL_S
 
 if TYPE_CHECKING:
     from . import Tx
@@ -107,6 +108,7 @@ class QueueConsumer:
         self._task = asyncio.create_task(self._run(), name=f"sagakit-consume-{queue}")
         self._beat = asyncio.create_task(self._heartbeat(), name=f"sagakit-lease-{queue}")
         self.work.attach(queue, self)
+        self.work.poller.watch(queue, self.max_poll)
 
     def reserve(self) -> bool:
         """Hold a prefetch slot for a message a transaction here writes leased to us."""
@@ -148,7 +150,8 @@ class QueueConsumer:
                 continue  # there may be more right away, or a stop to notice
             # Drained: sleep until a commit wakes the queue (a wake-up that came
             # while claiming is kept by the event) or the next poll is due.
-            await self.work.wait(self.queue, idle)
+            # Backed off fully: the store's one look for due rows wakes us (sagakit.store.due).
+            await self.work.wait(self.queue, idle if idle < self.max_poll else SAFETY_POLL_S)
             await asyncio.sleep(0)  # commits ready in the same turn join this claim
             idle = first if batch else min(idle * 2, self.max_poll)
 
@@ -223,6 +226,7 @@ class QueueConsumer:
         """
         self._stopping = True
         self.work.detach(self.queue, self)
+        await self.work.poller.unwatch(self.queue, self.max_poll)
         self.work.waker.wake(self.queue)
         self._slot.set()
         await asyncio.gather(self._task, return_exceptions=True)

@@ -18,6 +18,7 @@ that host's clock.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from collections.abc import Sequence
 from contextlib import suppress
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..clock import SystemClock
 from ..errors import LeaseLost
+from .due import DuePoller
 
 if TYPE_CHECKING:
     from . import Tx
@@ -226,6 +228,15 @@ class WorkQueue:
         self._lease_sql = (
             f"UPDATE {p}messages SET available_at = {now} + ? WHERE seq = ? AND attempts = ?"
         )
+        self._due_sql = (
+            f"SELECT q FROM unnest(?::text[]) AS q WHERE EXISTS (SELECT 1 FROM {p}messages m "
+            f"WHERE m.queue = q AND m.available_at <= {now})"
+            if pg
+            else f"SELECT DISTINCT queue FROM {p}messages WHERE queue IN (SELECT value FROM "
+            "json_each(?)) AND available_at <= ?"
+        )
+        #: idle consumers leave polling to one look per store (sagakit.store.due)
+        self.poller = DuePoller(self)
 
     def _now(self) -> float | None:
         """The time to bind: None lets PostgreSQL use its own clock."""
@@ -313,6 +324,12 @@ class WorkQueue:
         now = self._now()
         rows = await self.store.driver.fetch_single(self._claim_sql, now, lease, queue, now, limit)
         return [Queued(r[0], r[1], bytes(r[2]), r[3], r[4], r[5]) for r in rows]
+
+    async def due(self, queues: Sequence[str]) -> list[str]:
+        """Which of ``queues`` hold a row due now, in one statement."""
+        names: object = list(queues) if self.store.dialect == "postgresql" else json.dumps(queues)
+        rows = await self.store.driver.fetch_single(self._due_sql, names, self._now())
+        return [str(r[0]) for r in rows]
 
     async def ack(self, tx: Tx, item: Queued) -> bool:
         """Delete a claimed row inside ``tx``; False if its lease was lost."""
