@@ -58,8 +58,9 @@ async def _true(value: bool) -> bool:
 
 
 async def test_idle_queues_are_looked_at_together_and_a_delayed_message_still_comes(
-    store: Store,
+    store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("sagakit.store.consumer.SAFETY_POLL_S", 60.0)  # only the look wakes
     counted, got = Counted(store), Got()
     running = consumers(store, [f"q{i}" for i in range(5)], got)
     try:
