@@ -80,8 +80,10 @@ class Sagakit:
         """``tuning``: further :class:`sagakit.Settings` fields (retention.py sets retention).
 
         ``held_writes``: each step's write is ``ctx.db.later`` (sent with the hop's
-        own writes, as docs/how-to/participant-databases.md shows) rather than
-        ``ctx.db.execute`` (a round trip of its own: contender ``sagakit-execute``).
+        own writes, as docs/how-to/participant-databases.md shows) and its forward
+        handlers are registered ``db_only=True`` (their only effect is that write, so
+        the hop is one statement), rather than ``ctx.db.execute`` (a round trip of
+        its own) admitted first: contender ``sagakit-execute``.
 
         ``services``: run only these in this process (``App.only``): ``p1``..``p3``
         and ``coordinator``; the empty set makes a pure client (start + wait).
@@ -155,9 +157,9 @@ class Sagakit:
 
         for name, table, cls, undo in (("p1", "t1", step1, undo1), ("p2", "t2", step2, undo2)):
             part = app.participant(name)
-            part.command(cls)(insert(table))
+            part.command(cls, db_only=held_writes)(insert(table))
             part.command(undo)(delete(table))
-        app.participant("p3").command(step3)(step3_handler)
+        app.participant("p3").command(step3, db_only=held_writes)(step3_handler)
 
     async def setup(self) -> None:
         app = self.app

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
@@ -50,6 +51,29 @@ def service_url(name: str) -> str:
             pytest.fail(msg + " and SAGAKIT_REQUIRE_SERVICES=1")
         pytest.skip(msg)
     return url
+
+
+@pytest.fixture
+def statements() -> Iterator[list[tuple[int, str]]]:
+    """(connection, statement) for everything asyncpg connections send while the test runs."""
+    import asyncpg  # type: ignore[import-untyped]
+
+    sent: list[tuple[int, str]] = []
+    patched = {}
+    for name in ("execute", "fetch", "fetchrow", "executemany"):
+        method = patched[name] = getattr(asyncpg.Connection, name)
+
+        def counted(method: Any = method) -> Any:
+            async def call(self: Any, query: str, *args: Any, **kw: Any) -> Any:
+                sent.append((id(self), " ".join(query.split())))
+                return await method(self, query, *args, **kw)
+
+            return call
+
+        setattr(asyncpg.Connection, name, counted())
+    yield sent
+    for name, method in patched.items():
+        setattr(asyncpg.Connection, name, method)
 
 
 @pytest.fixture

@@ -8,11 +8,9 @@ returned) rolls the whole hop back and is retried like any technical failure.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 import sagakit as sk
@@ -48,27 +46,6 @@ async def app(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> As
         await app.store.open()
         await drop_tables(app.store)
         await app.store.close()
-
-
-@pytest.fixture
-def statements() -> Iterator[list[tuple[int, str]]]:
-    """(connection, statement) for everything asyncpg connections send while the test runs."""
-    sent: list[tuple[int, str]] = []
-    patched = {}
-    for name in ("execute", "fetch", "fetchrow", "executemany"):
-        method = patched[name] = getattr(asyncpg.Connection, name)
-
-        def counted(method: Any = method) -> Any:
-            async def call(self: Any, query: str, *args: Any, **kw: Any) -> Any:
-                sent.append((id(self), " ".join(query.split())[:60]))
-                return await method(self, query, *args, **kw)
-
-            return call
-
-        setattr(asyncpg.Connection, name, counted())
-    yield sent
-    for name, method in patched.items():
-        setattr(asyncpg.Connection, name, method)
 
 
 async def _send(app: sk.App, key: str, saga_id: str) -> None:

@@ -89,6 +89,10 @@ class Scope:
     codec: Codec
     out: Outbox = field(default_factory=Outbox)
     hooks: Hooks = BASE
+    #: the route may run its handler before admitting the message (a bet that it
+    #: is the first copy, see :class:`~sagakit.inbox.Deferred`); a lost bet raises
+    #: :class:`~sagakit.errors.OutcomeExists` and the hop runs again without it
+    optimistic: bool = False
 
     async def answer(self, payload: Any, outcome: str, *, unadmitted: bool = False) -> None:
         """Record this command's outcome in the inbox and send it as the reply.
@@ -236,11 +240,13 @@ class Endpoint:
         env: Envelope,
         body: Callable[[Scope], Awaitable[None]],
         delivery: Delivery | None = None,
+        *,
+        optimistic: bool = False,
     ) -> None:
         """Run ``body`` and flush its outbox in one transaction, then ack."""
         acked = False
         async with self.store.transaction() as tx:
-            scope = Scope(env, tx, self.inbox, self.codec, hooks=self.hooks)
+            scope = Scope(env, tx, self.inbox, self.codec, hooks=self.hooks, optimistic=optimistic)
             await body(scope)
             await self.writer.flush(tx, scope.out)
             if delivery is not None:
@@ -255,13 +261,20 @@ class Endpoint:
 
         A coordinator decides on an instance read without a lock; a hop that
         another hop overtook wrote nothing (:class:`ConcurrencyConflict`), so
-        it is repeated on the new state, not backed off as a failure.
+        it is repeated on the new state, not backed off as a failure. A
+        participant's first try runs its handler before admitting the message;
+        if another copy's outcome was there (:class:`OutcomeExists`), nothing
+        was written and the hop runs again the safe way: admitted first.
         """
+        optimistic = True
         for _ in range(RACE_RETRIES):
             try:
-                return await self.transact(env, body, delivery)
+                return await self.transact(env, body, delivery, optimistic=optimistic)
             except ConcurrencyConflict as exc:
                 log.debug("%s: %s; deciding again", self.name, exc)
+            except OutcomeExists as exc:
+                log.debug("%s: %s; admitting it first", self.name, exc)
+                optimistic = False
         await self.transact(env, body, delivery)
 
     async def _ack_committed(self, delivery: Delivery, env: Envelope) -> None:

@@ -21,6 +21,13 @@ attempt of one step shares a key; everything else dedupes by message id. A
 row also records the saga it belongs to, if any: retention
 (:mod:`sagakit.ops.retention`) keeps it as long as that saga is unfinished.
 
+A forward command's first try bets that it is the first copy
+(:class:`Deferred`): where the store begins transactions lazily, the
+admission waits until the handler's first statement, and a handler that only
+holds its writes is never admitted at all: its outcome is stored
+insert-if-absent with its writes, so a copy that finds an outcome writes
+nothing and is run again, admitted first.
+
 The barrier for compensations (:meth:`Inbox.admit_compensation` passes it
 with the admission): :meth:`Inbox.forward_took_effect` records a
 ``cancelled`` outcome for the forward step unless it succeeded, waiting for a
@@ -34,9 +41,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from .errors import OutcomeExists
 from .store.core import InboxRow
 
 if TYPE_CHECKING:
+    from .endpoint import Scope
     from .messages import Envelope
     from .store import Store, Tx
 
@@ -136,3 +145,48 @@ class Inbox:
             tx, self.consumer, _forward_key(env), h.attempt, h.saga_id
         )
         return outcome == SUCCESS
+
+
+class Deferred:
+    """An admission made only if the handler's transaction begins: a bet on the first copy.
+
+    Most commands arrive once. On a store whose transactions begin with their
+    first statement (PostgreSQL), a handler that only holds its writes
+    (``ctx.db.later``) needs no admission: its outcome goes in with its
+    writes, reply and acknowledgement as one autocommit statement that stores
+    nothing if the key already holds a row (:meth:`Inbox.record_first`). A
+    handler that runs a statement is admitted right after BEGIN, before that
+    statement, as usual. Either way a copy that meets another's outcome (or
+    the barrier of a compensation) raises
+    :class:`~sagakit.errors.OutcomeExists` with nothing written, and the
+    endpoint runs the hop again, admitted first. The price of a lost bet is
+    the handler's Python run twice; its effects are never applied twice.
+    """
+
+    __slots__ = ("scope", "verdict")
+
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+        #: the admission's verdict, once it was made (None: not made)
+        self.verdict: Verdict | None = None
+
+    def placed(self) -> bool:
+        """True if the admission now waits for BEGIN; False: admit the usual way."""
+        return self.scope.optimistic and self.scope.tx.on_begin(self._admit)
+
+    async def _admit(self) -> None:
+        self.verdict = (await self.scope.inbox.admit(self.scope.tx, self.scope.env)).verdict
+        self._check()
+
+    def _check(self) -> None:
+        if self.verdict is not None and self.verdict is not Verdict.NEW:
+            key = key_of(self.scope.env)
+            raise OutcomeExists(f"{key!r} was settled by another copy ({self.verdict.value})")
+
+    async def answer(self, payload: object, outcome: str) -> None:
+        """Record the outcome: with the admission made, or insert-if-absent without one."""
+        self._check()  # again, for a handler that swallowed it
+        unadmitted = self.verdict is None
+        if unadmitted:
+            self.scope.tx.on_begin(None)
+        await self.scope.answer(payload, outcome, unadmitted=unadmitted)

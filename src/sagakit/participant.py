@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
@@ -35,7 +35,7 @@ from .errors import (
     Refusal,
     UndeclaredEvent,
 )
-from .inbox import SUCCESS, Inbox, key_of
+from .inbox import SUCCESS, Deferred, Inbox, key_of
 from .messages import Done, Envelope, Headers, caused_by, encode_json, new_id, spec_of
 
 if TYPE_CHECKING:
@@ -154,6 +154,8 @@ class _Registered:
     #: the event types it may publish (None: not declared, not checked)
     publishes: frozenset[str] | None = None
     on_refusal: OnRefusal | None = None
+    #: every effect of the handler goes through ctx.db (see Participant.command)
+    db_only: bool = False
 
 
 @dataclass
@@ -173,16 +175,26 @@ class Participant:
         *,
         timeout: float | None = None,
         publishes: tuple[type[Any], ...] | None = None,
+        db_only: bool = False,
     ) -> Callable[[Callable[[M, Context], Awaitable[R]]], Callable[[M, Context], Awaitable[R]]]:
         """Register the handler of command type ``cls``.
 
         ``timeout`` bounds one run of the handler (default:
         ``Settings.handler_timeout``); a run past it is cancelled and retried.
         ``publishes`` declares the event types it may publish (see :meth:`event`).
+
+        ``db_only=True`` says every effect of the handler goes through
+        ``ctx.db`` and ``ctx.publish``/``ctx.send`` (no HTTP call, e-mail or
+        file). sagakit may then run a forward command's handler before
+        checking the inbox, betting that it is the first copy: on PostgreSQL
+        the admission waits for the handler's first statement, and a handler
+        that only uses ``ctx.db.later`` makes the whole hop one statement. A
+        copy that loses the bet has its writes discarded (never applied) and
+        is answered from the inbox; only its Python ran, so anything it did
+        outside the database would have happened again.
         """
-        return self._register(
-            cls, "command", self.commands, _Registered(_unset, timeout, _names(publishes))
-        )
+        reg = _Registered(_unset, timeout, _names(publishes), db_only=db_only)
+        return self._register(cls, "command", self.commands, reg)
 
     def event(
         self,
@@ -224,7 +236,7 @@ class Participant:
             raise DuplicateRegistration(f"{self.name!r} already handles {spec.name!r}")
 
         def decorate(fn: F) -> F:
-            table[spec.name] = _Registered(fn, reg.timeout, reg.publishes, reg.on_refusal)
+            table[spec.name] = replace(reg, handler=fn)
             self.types.append(cls)
             return fn
 
@@ -252,9 +264,7 @@ class Participant:
         the same one); each handler's timeout stays as registered.
         """
         for name, reg in list(self.commands.items()):
-            self.commands[name] = _Registered(
-                wrapper(name, reg.handler), reg.timeout, reg.publishes, reg.on_refusal
-            )
+            self.commands[name] = replace(reg, handler=wrapper(name, reg.handler))
 
     def route(self, env: Envelope) -> Route | None:
         """The hop route for ``env``, or None if this participant does not take it."""
@@ -279,24 +289,31 @@ class Participant:
         await scope.inbox.record(scope.tx, env, SUCCESS, None)
 
     async def _run_command(self, scope: Scope) -> None:
-        env, took_effect = scope.env, True
+        env = scope.env
         if env.headers.phase == "compensate":  # admitted and past the barrier at once
             admission, took_effect = await scope.inbox.admit_compensation(scope.tx, env)
-        else:
-            admission = await scope.inbox.admit(scope.tx, env)
-        if await scope.settled_elsewhere(admission):
+            if await scope.settled_elsewhere(admission):
+                return
+            result = await self._call(scope) if took_effect else Done()  # else null compensation
+            return await scope.answer(result, SUCCESS)
+        bet = Deferred(scope)
+        if self.commands[env.type].db_only and bet.placed():  # admitted at BEGIN, if any
+            return await bet.answer(await self._call(scope), SUCCESS)
+        if await scope.settled_elsewhere(await scope.inbox.admit(scope.tx, env)):
             return
-        payload: Any = scope.codec.payload(env)
-        if not took_effect:
-            return await scope.answer(Done(), SUCCESS)  # null compensation
+        await scope.answer(await self._call(scope), SUCCESS)
+
+    async def _call(self, scope: Scope) -> Any:
+        """The command's handler; its result, or :class:`Done` for None."""
+        payload: Any = scope.codec.payload(scope.env)
+        reg = self.commands[scope.env.type]
         try:
-            reg = self.commands[env.type]
             result = await reg.handler(payload, Context(scope, reg.publishes))
         except BusinessError as exc:
             # Roll the whole transaction back (no savepoint on the happy path);
             # the endpoint records the refusal in a fresh one.
             raise Refusal(exc) from exc
-        await scope.answer(Done() if result is None else result, SUCCESS)
+        return Done() if result is None else result
 
 
 @asynccontextmanager

@@ -9,7 +9,7 @@ as portable SQL over dumb records. Choose a backend by URL with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol
 
@@ -68,6 +68,18 @@ class Tx(Protocol):
         row when it passes: a transaction that is nothing but held writes may
         be sent as one autocommit statement, where the server enforces that
         (and ``check`` then raises the error).
+        """
+
+    def on_begin(self, step: Callable[[], Awaitable[None]] | None) -> bool:
+        """Run ``step`` first if the transaction ever begins; False if that can't be promised.
+
+        A driver that sends BEGIN only with the first statement that needs it
+        (PostgreSQL) keeps ``step`` and runs it right after BEGIN, before that
+        statement and before any write held so far; a transaction that ends
+        as one autocommit batch never runs it. ``None`` takes a kept step
+        back. Where the transaction has already begun, or always begins at
+        once (SQLite), nothing is kept and the answer is False: the caller
+        does the step itself, now.
         """
 
     async def peek(self, sql: str, *args: Any) -> Any:

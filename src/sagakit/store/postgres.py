@@ -31,7 +31,7 @@ import contextlib
 import functools
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, Literal, NamedTuple
@@ -209,8 +209,10 @@ class PostgresTx:
     hop's inbox outcome, outgoing messages, acknowledgement, saga update and
     history cost one round trip instead of one each.
 
-    BEGIN is sent with the first statement that needs it. A transaction whose
-    only work is its held writes (a saga start, an acknowledgement) never
+    BEGIN is sent with the first statement that needs it, followed by the
+    step given to :meth:`on_begin` if any. A transaction whose
+    only work is its held writes (a saga start, an acknowledgement, a
+    participant hop whose handler only holds writes) never
     sends BEGIN or COMMIT: its batch goes alone as one autocommit statement,
     atomic by itself, with its checks enforced by the server (a failed check
     fails the statement, so nothing of it stays) and its NOTIFYs inside it.
@@ -227,6 +229,7 @@ class PostgresTx:
         self._held: list[_Held] = []
         #: BEGIN has been sent: statements run inside the transaction
         self.begun = False
+        self._prelude: Callable[[], Awaitable[None]] | None = None
 
     async def execute(self, sql: str, *args: Any) -> int:
         await self._ready()
@@ -267,12 +270,30 @@ class PostgresTx:
         check_held(sql)
         self._held.append(_Held(sql, args, check))
 
+    def on_begin(self, step: Callable[[], Awaitable[None]] | None) -> bool:
+        """Run ``step`` right after BEGIN, before anything else (see :meth:`Tx.on_begin`)."""
+        if self.begun:
+            return False
+        self._prelude = step
+        return True
+
     async def _ready(self) -> None:
         """Open the transaction if it is not yet, then send the held writes."""
         if not self.begun:
             self.begun = True
             await self._simple("BEGIN")
+            if self._prelude is not None:
+                step, self._prelude = self._prelude, None
+                await self._first_step(step)
         await self.flush()
+
+    async def _first_step(self, step: Callable[[], Awaitable[None]]) -> None:
+        """The :meth:`on_begin` step, ahead of the writes held before it."""
+        held, self._held = self._held, []
+        try:
+            await step()
+        finally:
+            self._held = held + self._held
 
     async def later_returning(
         self, sql: str, column: str, *args: Any, got: Callable[[int], None]

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -88,6 +88,10 @@ class SqliteTx:
             return self._conn.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
+
+    def on_begin(self, step: Callable[[], Awaitable[None]] | None) -> bool:
+        """Always False: the transaction is open from the start (see :meth:`Tx.on_begin`)."""
+        return False
 
     async def peek(self, sql: str, *args: Any) -> Any:
         """Inside the transaction like any read: it costs no round trip here."""

@@ -1,0 +1,268 @@
+"""A ``db_only`` command handler runs before its admission: a bet it is the first copy.
+
+On PostgreSQL a forward command registered ``db_only=True`` is admitted only
+if its handler begins the transaction (right after BEGIN, before the
+handler's first statement); a handler that only holds its writes makes the
+whole hop one autocommit statement that stores the outcome insert-if-absent.
+Every way of losing the bet is forced here on both backends (SQLite, where a
+transaction is open from the start, admits first as always): a copy of a
+settled command, two copies at once, a forward command its compensation
+barred, a retry of a stored failure, and a handler that swallows the lost
+bet. In each the effect is applied once and every copy gets the one outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+import sagakit as sk
+from sagakit.messages import Headers
+from sagakit.store import Tx
+from sagakit.testing import drop_tables
+from tests.helpers import Do, Refused, Undo, eventually, queued
+
+pytestmark = pytest.mark.timeout(60)
+
+REPLIES = "bet.replies"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def app(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> AsyncIterator[sk.App]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/b.db"
+    else:
+        url = f"{request.getfixturevalue('postgres_url')}?max_size=4"
+    app = sk.App(url, settings=sk.Settings(prefix=prefix, max_poll=0.02, prefetch=4))
+    yield app
+    await app.stop()
+    if app.store.dialect == "postgresql":
+        await app.store.open()
+        await drop_tables(app.store)
+        await app.store.close()
+
+
+Handler = Callable[[Do, sk.Context], Awaitable[None]]
+
+
+async def _start(app: sk.App, handler: Handler) -> None:
+    """Participant ``p``: ``handler`` for Do (db_only), a delete for its compensation."""
+    part, table = app.participant("p"), f"{app.store.prefix}bet"
+    part.command(Do, db_only=True)(handler)
+
+    @part.command(Undo)
+    async def undo(cmd: Undo, ctx: sk.Context) -> None:
+        await ctx.db.execute(f"DELETE FROM {table} WHERE k = ?", cmd.key)
+
+    await app.start()
+    async with app.store.transaction() as tx:
+        await tx.execute(f"CREATE TABLE {table} (k TEXT PRIMARY KEY)")
+        await tx.execute(f"CREATE TABLE {table}_ledger (k TEXT)")  # no key: a run, a row
+    await app.transport.declare(REPLIES, [])
+
+
+def _insert(app: sk.App, runs: list[str]) -> Handler:
+    async def handler(cmd: Do, ctx: sk.Context) -> None:
+        runs.append(cmd.key)
+        await ctx.db.later(f"INSERT INTO {app.store.prefix}bet (k) VALUES (?)", cmd.key)
+
+    return handler
+
+
+async def _send(app: sk.App, cmd: Do | Undo, *, attempt: int = 1, phase: str | None = None) -> None:
+    headers = Headers(
+        saga_id="s1", saga_type="t", step="x", reply_to=REPLIES, attempt=attempt, phase=phase
+    )
+    env = app.codec.make(cmd, headers)
+    async with app.store.transaction() as tx:
+        await app.store.queue.put(tx, "p", env.id, app.codec.encode(env))
+
+
+async def _replies(app: sk.App, n: int) -> list[sk.Envelope]:
+    async def arrived() -> bool:
+        return len(await queued(app, REPLIES)) >= n
+
+    await eventually(arrived)
+    return await queued(app, REPLIES)
+
+
+async def _rows(app: sk.App) -> list[str]:
+    async with app.store.transaction() as tx:
+        rows = await tx.fetchall(f"SELECT k FROM {app.store.prefix}bet ORDER BY k")
+    return [r[0] for r in rows]
+
+
+async def _outcome(app: sk.App) -> tuple[str, int] | None:
+    async with app.store.transaction() as tx:
+        row = await app.store.inbox_get(tx, "p", "saga:s1:x:forward")
+    return None if row is None else (row.outcome, row.attempt)
+
+
+async def test_a_hop_that_holds_its_writes_is_one_statement(
+    app: sk.App, statements: list[tuple[int, str]]
+) -> None:
+    await _start(app, _insert(app, []))
+    del statements[:]
+    await _send(app, Do("a"))
+    [reply] = await _replies(app, 1)
+    sent = [sql for _, sql in statements]  # before this test's own reads below
+    assert reply.headers.outcome == "success"
+    assert await _rows(app) == ["a"]
+    assert await _outcome(app) == ("success", 1)
+    if app.store.dialect == "postgresql":
+        p = app.store.prefix
+        touched = [sql for sql in sent if f"{p}inbox" in sql or f"{p}bet" in sql]
+        [hop] = touched  # no admission, no statement of the handler's own
+        assert hop.startswith("WITH") and f"INSERT INTO {p}bet" in hop, hop
+
+
+async def test_a_copy_of_a_settled_command_writes_nothing_and_gets_the_stored_reply(
+    app: sk.App,
+) -> None:
+    runs: list[str] = []
+    await _start(app, _insert(app, runs))
+    await _send(app, Do("a"))
+    await _replies(app, 1)
+    await _send(app, Do("a"))  # a copy: the same step of the same saga
+    first, second = await _replies(app, 2)
+    assert first.headers.outcome == second.headers.outcome == "success"
+    assert await _rows(app) == ["a"]
+    # the copy's Python may have run (the bet, PostgreSQL); its write never counted
+    assert runs == (["a", "a"] if app.store.dialect == "postgresql" else ["a"])
+
+
+async def test_two_copies_at_once_apply_once(app: sk.App) -> None:
+    started, go = asyncio.Event(), asyncio.Event()
+    runs: list[str] = []
+
+    async def handler(cmd: Do, ctx: sk.Context) -> None:
+        runs.append(cmd.key)
+        if len(runs) == 2:
+            started.set()
+        await asyncio.wait_for(go.wait(), 5)
+        await ctx.db.later(f"INSERT INTO {app.store.prefix}bet (k) VALUES (?)", cmd.key)
+
+    await _start(app, handler)
+    await _send(app, Do("a"))
+    await _send(app, Do("a"))
+    if app.store.dialect == "postgresql":  # both run before either is admitted
+        await asyncio.wait_for(started.wait(), 5)
+    go.set()
+    replies = await _replies(app, 2)
+    assert [r.headers.outcome for r in replies] == ["success", "success"]
+    assert await _rows(app) == ["a"]
+    assert await _outcome(app) == ("success", 1)
+
+
+async def test_a_handler_that_reads_is_admitted_before_its_first_statement(
+    app: sk.App, statements: list[tuple[int, str]]
+) -> None:
+    table = f"{app.store.prefix}bet"
+    runs: list[str] = []
+
+    async def handler(cmd: Do, ctx: sk.Context) -> None:
+        runs.append(cmd.key)
+        await ctx.db.later(f"INSERT INTO {table} (k) VALUES (?)", cmd.key + "-held")
+        await ctx.db.fetchone(f"SELECT count(*) FROM {table}")
+        await ctx.db.later(f"INSERT INTO {table} (k) VALUES (?)", cmd.key)
+
+    await _start(app, handler)
+    del statements[:]
+    await _send(app, Do("a"))
+    await _replies(app, 1)
+    if app.store.dialect == "postgresql":
+        conn = next(c for c, sql in statements if sql.startswith(f"SELECT count(*) FROM {table}"))
+        hop = [sql for c, sql in statements if c == conn]
+        at = hop.index("BEGIN")
+        kinds = [sql.split()[0] for sql in hop[at : at + 4]]
+        assert kinds == ["BEGIN", "INSERT", "INSERT", "SELECT"], hop  # admission, held, read
+        assert f"{app.store.prefix}inbox" in hop[at + 1] and table in hop[at + 2]
+    await _send(app, Do("a"))  # a copy: the read meets the stored outcome
+    await _replies(app, 2)
+    assert await _rows(app) == ["a", "a-held"]
+    assert await _outcome(app) == ("success", 1)
+
+
+async def test_a_handler_that_swallows_the_lost_bet_still_writes_nothing(app: sk.App) -> None:
+    table = f"{app.store.prefix}bet"
+    caught: list[str] = []
+
+    async def handler(cmd: Do, ctx: sk.Context) -> None:
+        try:
+            await ctx.db.fetchone(f"SELECT count(*) FROM {table}")
+        except Exception as exc:  # a careless handler
+            caught.append(type(exc).__name__)
+        await ctx.db.later(f"INSERT INTO {table}_ledger (k) VALUES (?)", cmd.key)
+
+    await _start(app, handler)
+    await _send(app, Do("a"))
+    await _replies(app, 1)
+    await _send(app, Do("a"))
+    _, second = await _replies(app, 2)
+    assert second.headers.outcome == "success"
+    async with app.store.transaction() as tx:
+        ledger = await tx.fetchall(f"SELECT k FROM {table}_ledger")
+    assert [r[0] for r in ledger] == ["a"]  # the copy's run wrote nothing
+    assert await app.store.dead_letters() == []
+    assert caught == (["OutcomeExists"] if app.store.dialect == "postgresql" else [])
+
+
+async def test_a_forward_command_after_its_compensation_has_no_effect(app: sk.App) -> None:
+    runs: list[str] = []
+    await _start(app, _insert(app, runs))
+    await _send(app, Undo("a"), phase="compensate")  # overtakes its forward step
+    await _replies(app, 1)
+    await _send(app, Do("a"))
+    _, forward = await _replies(app, 2)
+    assert forward.failed
+    assert app.codec.payload(forward, sk.Failure).code == "sagakit.Cancelled"
+    assert await _rows(app) == []
+    assert await _outcome(app) == ("cancelled", 1)
+
+
+async def test_a_retry_of_a_stored_failure_runs_again_and_replaces_it(app: sk.App) -> None:
+    table = f"{app.store.prefix}bet"
+
+    async def handler(cmd: Do, ctx: sk.Context) -> None:
+        if ctx.envelope.headers.attempt == 1:
+            raise Refused("not yet")
+        await ctx.db.later(f"INSERT INTO {table} (k) VALUES (?)", cmd.key)
+
+    await _start(app, handler)
+    await _send(app, Do("a"))
+    [refused] = await _replies(app, 1)
+    assert refused.failed and await _outcome(app) == ("failure", 1)
+    await _send(app, Do("a"), attempt=2)  # the coordinator retrying the step
+    _, retried = await _replies(app, 2)
+    assert retried.headers.outcome == "success"
+    assert await _rows(app) == ["a"]
+    assert await _outcome(app) == ("success", 2)
+
+
+async def test_on_begin_runs_first_once_and_only_if_the_transaction_begins(
+    store: sk.store.Store,
+) -> None:
+    done: list[str] = []
+
+    async def step() -> None:
+        done.append("step")
+
+    async with store.transaction() as tx:
+        kept = tx.on_begin(step)
+        await tx.later(f"DELETE FROM {store.prefix}inbox WHERE key = ?", "none")
+    assert done == []  # never began (PostgreSQL), or never kept (SQLite)
+    async with store.transaction() as tx:
+        if tx.on_begin(step):
+            await _read(tx, store)
+            await _read(tx, store)
+            assert done == ["step"]
+            assert not tx.on_begin(step)  # begun: too late to keep one
+        else:
+            assert not kept and store.dialect == "sqlite"
+
+
+async def _read(tx: Tx, store: sk.store.Store) -> None:
+    await tx.fetchone(f"SELECT count(*) FROM {store.prefix}inbox")
