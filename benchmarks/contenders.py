@@ -158,7 +158,7 @@ class Sagakit:
         for name, table, cls, undo in (("p1", "t1", step1, undo1), ("p2", "t2", step2, undo2)):
             part = app.participant(name)
             part.command(cls, db_only=held_writes)(insert(table))
-            part.command(undo)(delete(table))
+            part.command(undo, db_only=held_writes)(delete(table))
         app.participant("p3").command(step3, db_only=held_writes)(step3_handler)
 
     async def setup(self) -> None:

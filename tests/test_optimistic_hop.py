@@ -48,20 +48,25 @@ async def app(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> As
 Handler = Callable[[Do, sk.Context], Awaitable[None]]
 
 
-async def _start(app: sk.App, handler: Handler) -> None:
-    """Participant ``p``: ``handler`` for Do (db_only), a delete for its compensation."""
+async def _start(app: sk.App, handler: Handler, *, undo_db_only: bool = False) -> list[str]:
+    """Participant ``p``: ``handler`` for Do (db_only), a delete for its compensation
+    (``db_only`` and held, or admitted first and executed); the compensations run."""
     part, table = app.participant("p"), f"{app.store.prefix}bet"
     part.command(Do, db_only=True)(handler)
+    undone: list[str] = []
 
-    @part.command(Undo)
+    @part.command(Undo, db_only=undo_db_only)
     async def undo(cmd: Undo, ctx: sk.Context) -> None:
-        await ctx.db.execute(f"DELETE FROM {table} WHERE k = ?", cmd.key)
+        undone.append(cmd.key)
+        write = ctx.db.later if undo_db_only else ctx.db.execute
+        await write(f"DELETE FROM {table} WHERE k = ?", cmd.key)
 
     await app.start()
     async with app.store.transaction() as tx:
         await tx.execute(f"CREATE TABLE {table} (k TEXT PRIMARY KEY)")
         await tx.execute(f"CREATE TABLE {table}_ledger (k TEXT)")  # no key: a run, a row
     await app.transport.declare(REPLIES, [])
+    return undone
 
 
 def _insert(app: sk.App, runs: list[str]) -> Handler:
@@ -95,9 +100,9 @@ async def _rows(app: sk.App) -> list[str]:
     return [r[0] for r in rows]
 
 
-async def _outcome(app: sk.App) -> tuple[str, int] | None:
+async def _outcome(app: sk.App, phase: str = "forward") -> tuple[str, int] | None:
     async with app.store.transaction() as tx:
-        row = await app.store.inbox_get(tx, "p", "saga:s1:x:forward")
+        row = await app.store.inbox_get(tx, "p", f"saga:s1:x:{phase}")
     return None if row is None else (row.outcome, row.attempt)
 
 
@@ -240,6 +245,80 @@ async def test_a_retry_of_a_stored_failure_runs_again_and_replaces_it(app: sk.Ap
     assert retried.headers.outcome == "success"
     assert await _rows(app) == ["a"]
     assert await _outcome(app) == ("success", 2)
+
+
+async def test_a_compensation_that_holds_its_writes_is_one_statement(
+    app: sk.App, statements: list[tuple[int, str]]
+) -> None:
+    undone = await _start(app, _insert(app, []), undo_db_only=True)
+    await _send(app, Do("a"))
+    await _replies(app, 1)
+    del statements[:]
+    await _send(app, Undo("a"), phase="compensate")
+    _, reply = await _replies(app, 2)
+    sent = [sql for _, sql in statements]
+    assert reply.headers.outcome == "success" and undone == ["a"]
+    assert await _rows(app) == []
+    assert await _outcome(app, "compensate") == ("success", 1)
+    assert await _outcome(app) == ("success", 1)
+    if app.store.dialect == "postgresql":
+        p = app.store.prefix
+        [hop] = [sql for sql in sent if f"{p}inbox" in sql or f"{p}bet" in sql]
+        assert hop.startswith("WITH") and f"DELETE FROM {p}bet" in hop, hop
+    await _send(app, Undo("a"), phase="compensate")  # a copy: answered from the inbox
+    await _replies(app, 3)
+    assert await _rows(app) == [] and await _outcome(app, "compensate") == ("success", 1)
+
+
+async def test_a_compensation_whose_forward_never_ran_bars_it_and_changes_nothing(
+    app: sk.App,
+) -> None:
+    runs: list[str] = []
+    await _start(app, _insert(app, runs), undo_db_only=True)
+    async with app.store.transaction() as tx:  # a row the compensation must not touch
+        await tx.execute(f"INSERT INTO {app.store.prefix}bet (k) VALUES (?)", "a")
+    await _send(app, Undo("a"), phase="compensate")
+    [null] = await _replies(app, 1)
+    assert null.headers.outcome == "success"
+    assert await _rows(app) == ["a"]  # the null compensation's delete never counted
+    assert await _outcome(app) == ("cancelled", 1)
+    await _send(app, Do("b"))  # the barred forward step: refused, no effect
+    _, late = await _replies(app, 2)
+    assert app.codec.payload(late, sk.Failure).code == "sagakit.Cancelled"
+    assert await _rows(app) == ["a"]
+
+
+@pytest.mark.parametrize("app", ["postgresql"], indirect=True)  # SQLite: one writer at a time
+async def test_a_compensation_overlapping_its_forward_step_waits_for_its_outcome(
+    app: sk.App,
+) -> None:
+    """The forward step still in its transaction when the compensation's bet is sent."""
+    go = asyncio.Event()
+    table = f"{app.store.prefix}bet"
+
+    async def slow(cmd: Do, ctx: sk.Context) -> None:
+        await ctx.db.execute(f"INSERT INTO {table} (k) VALUES (?)", cmd.key)  # admitted now
+        await asyncio.wait_for(go.wait(), 5)
+
+    await _start(app, slow, undo_db_only=True)
+    await _send(app, Do("a"))
+    await eventually(lambda: _holds_key(app))
+    await _send(app, Undo("a"), phase="compensate")
+    await asyncio.sleep(0.3)  # the compensation meets the forward step's key
+    go.set()
+    replies = await _replies(app, 2)
+    assert [r.headers.outcome for r in replies] == ["success", "success"]
+    assert await _rows(app) == []  # the forward step took effect, and was undone
+    assert await _outcome(app, "compensate") == ("success", 1)
+
+
+async def _holds_key(app: sk.App) -> bool:
+    async with app.store.transaction() as tx:
+        row = await tx.fetchone(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE a.state = 'idle in transaction' AND l.mode = 'RowExclusiveLock'"
+        )
+    return bool(row[0])
 
 
 async def test_on_begin_runs_first_once_and_only_if_the_transaction_begins(

@@ -21,12 +21,13 @@ attempt of one step shares a key; everything else dedupes by message id. A
 row also records the saga it belongs to, if any: retention
 (:mod:`sagakit.ops.retention`) keeps it as long as that saga is unfinished.
 
-A forward command's first try bets that it is the first copy
+A ``db_only`` command's first try bets that it is the first copy
 (:class:`Deferred`): where the store begins transactions lazily, the
 admission waits until the handler's first statement, and a handler that only
 holds its writes is never admitted at all: its outcome is stored
-insert-if-absent with its writes, so a copy that finds an outcome writes
-nothing and is run again, admitted first.
+insert-if-absent with its writes (a compensation's with a guard that its
+forward step succeeded), so a copy that finds an outcome writes nothing and
+is run again, admitted first.
 
 The barrier for compensations (:meth:`Inbox.admit_compensation` passes it
 with the admission): :meth:`Inbox.forward_took_effect` records a
@@ -161,12 +162,20 @@ class Deferred:
     :class:`~sagakit.errors.OutcomeExists` with nothing written, and the
     endpoint runs the hop again, admitted first. The price of a lost bet is
     the handler's Python run twice; its effects are never applied twice.
+
+    A compensation also bets that its forward step took effect: stored
+    without admission, it holds a guard that fails unless the forward step's
+    outcome is a success (:meth:`~sagakit.store.Store.inbox_require_success`).
+    Otherwise it is admitted and barred the usual way (a forward step that
+    never took effect means a null compensation: the hop runs again, admitted
+    first, and answers without running the handler).
     """
 
-    __slots__ = ("scope", "verdict")
+    __slots__ = ("compensation", "scope", "verdict")
 
     def __init__(self, scope: Scope) -> None:
         self.scope = scope
+        self.compensation = scope.env.headers.phase == "compensate"
         #: the admission's verdict, once it was made (None: not made)
         self.verdict: Verdict | None = None
 
@@ -175,7 +184,12 @@ class Deferred:
         return self.scope.optimistic and self.scope.tx.on_begin(self._admit)
 
     async def _admit(self) -> None:
-        self.verdict = (await self.scope.inbox.admit(self.scope.tx, self.scope.env)).verdict
+        inbox, tx, env = self.scope.inbox, self.scope.tx, self.scope.env
+        if not self.compensation:
+            self.verdict = (await inbox.admit(tx, env)).verdict
+        else:
+            admission, took_effect = await inbox.admit_compensation(tx, env)
+            self.verdict = admission.verdict if took_effect else Verdict.REFUSED
         self._check()
 
     def _check(self) -> None:
@@ -190,3 +204,8 @@ class Deferred:
         if unadmitted:
             self.scope.tx.on_begin(None)
         await self.scope.answer(payload, outcome, unadmitted=unadmitted)
+        if unadmitted and self.compensation:  # locked after the compensation's key, as admitted
+            inbox = self.scope.inbox
+            await inbox.store.inbox_require_success(
+                self.scope.tx, inbox.consumer, _forward_key(self.scope.env)
+            )

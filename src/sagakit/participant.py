@@ -185,8 +185,9 @@ class Participant:
 
         ``db_only=True`` says every effect of the handler goes through
         ``ctx.db`` and ``ctx.publish``/``ctx.send`` (no HTTP call, e-mail or
-        file). sagakit may then run a forward command's handler before
-        checking the inbox, betting that it is the first copy: on PostgreSQL
+        file). sagakit may then run the handler before checking the inbox,
+        betting that it is the first copy (and, for a compensation, that its
+        forward step took effect): on PostgreSQL
         the admission waits for the handler's first statement, and a handler
         that only uses ``ctx.db.later`` makes the whole hop one statement. A
         copy that loses the bet has its writes discarded (never applied) and
@@ -289,16 +290,15 @@ class Participant:
         await scope.inbox.record(scope.tx, env, SUCCESS, None)
 
     async def _run_command(self, scope: Scope) -> None:
-        env = scope.env
+        env, bet = scope.env, Deferred(scope)
+        if self.commands[env.type].db_only and bet.placed():  # admitted at BEGIN, if any
+            return await bet.answer(await self._call(scope), SUCCESS)
         if env.headers.phase == "compensate":  # admitted and past the barrier at once
             admission, took_effect = await scope.inbox.admit_compensation(scope.tx, env)
             if await scope.settled_elsewhere(admission):
                 return
             result = await self._call(scope) if took_effect else Done()  # else null compensation
             return await scope.answer(result, SUCCESS)
-        bet = Deferred(scope)
-        if self.commands[env.type].db_only and bet.placed():  # admitted at BEGIN, if any
-            return await bet.answer(await self._call(scope), SUCCESS)
         if await scope.settled_elsewhere(await scope.inbox.admit(scope.tx, env)):
             return
         await scope.answer(await self._call(scope), SUCCESS)

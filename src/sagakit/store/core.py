@@ -326,6 +326,21 @@ class Store:
             check=_first(key),
         )
 
+    async def inbox_require_success(self, tx: Tx, consumer: str, key: str) -> None:
+        """Hold a guard that fails ``tx`` with :class:`OutcomeExists` unless ``key`` succeeded.
+
+        For a compensation stored without admission or barrier (a ``db_only``
+        bet): the guard locks the forward step's row as the barrier would, so
+        the bet stands only where the barrier would have let it through.
+        """
+        await tx.later(
+            f"UPDATE {self.prefix}inbox SET outcome = outcome WHERE consumer = ? AND key = ? "
+            "AND outcome = 'success'",
+            consumer,
+            key,
+            check=_first(key, "no success is stored"),
+        )
+
     async def inbox_bar(
         self, tx: Tx, consumer: str, key: str, attempt: int, saga_id: str | None = None
     ) -> str:
@@ -618,12 +633,12 @@ def _current(saga_id: str) -> Callable[[int], None]:
     return check
 
 
-def _first(key: str) -> Callable[[int], None]:
-    """The check of :meth:`Store.inbox_record_first`'s insert."""
+def _first(key: str, what: str = "an outcome is already stored") -> Callable[[int], None]:
+    """The check of :meth:`Store.inbox_record_first`'s insert (and of the success guard)."""
 
     def check(n: int) -> None:
         if n != 1:
-            raise OutcomeExists(f"an outcome is already stored under {key!r}")
+            raise OutcomeExists(f"{what} under {key!r}")
 
     return check
 

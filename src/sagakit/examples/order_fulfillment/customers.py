@@ -51,8 +51,9 @@ class Customers(Service):
     indexes = [("credit_reservations", "customer_id, state")]
 
     def register(self, p: sk.Participant) -> None:
-        p.command(ReserveCredit)(self.reserve_credit)
-        p.command(ReleaseCredit)(self.release_credit)
+        # db_only: every effect is in this service's tables (see Participant.command)
+        p.command(ReserveCredit, db_only=True)(self.reserve_credit)
+        p.command(ReleaseCredit, db_only=True)(self.release_credit)
 
     async def add_customer(self, customer_id: str, name: str, credit_limit: int) -> None:
         async with self._store().transaction() as tx:

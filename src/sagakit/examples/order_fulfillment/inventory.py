@@ -84,9 +84,10 @@ class Inventory(Service):
         return self._locks
 
     def register(self, p: sk.Participant) -> None:
-        p.command(ReserveStock)(self.reserve)
-        p.command(ReleaseStock)(self.release)
-        p.command(ConfirmStock)(self.confirm)
+        # db_only: every effect is in this service's tables (see Participant.command)
+        p.command(ReserveStock, db_only=True)(self.reserve)
+        p.command(ReleaseStock, db_only=True)(self.release)
+        p.command(ConfirmStock, db_only=True)(self.confirm)
 
     async def add_product(self, sku: str, name: str, quantity: int) -> None:
         async with self._store().transaction() as tx:

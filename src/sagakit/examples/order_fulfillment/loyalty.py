@@ -27,7 +27,8 @@ class Loyalty(Service):
     }
 
     def register(self, p: sk.Participant) -> None:
-        p.command(AwardPoints)(self.award)
+        # db_only: every effect is in this service's tables (see Participant.command)
+        p.command(AwardPoints, db_only=True)(self.award)
 
     async def award(self, cmd: AwardPoints, ctx: sk.Context) -> PointsAwarded:
         points = points_for(cmd.amount)

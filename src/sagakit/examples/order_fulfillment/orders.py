@@ -50,9 +50,10 @@ class Orders(Service):
     indexes = [("orders", "status")]
 
     def register(self, p: sk.Participant) -> None:
-        p.command(CreateOrder)(self.create)
-        p.command(RejectOrder)(self.reject)
-        p.command(ApproveOrder)(self.approve)
+        # db_only: every effect is in this service's tables (see Participant.command)
+        p.command(CreateOrder, db_only=True)(self.create)
+        p.command(RejectOrder, db_only=True)(self.reject)
+        p.command(ApproveOrder, db_only=True)(self.approve)
 
     async def create(self, cmd: CreateOrder, ctx: sk.Context) -> None:
         # ON CONFLICT: creating the same order twice changes nothing.

@@ -79,6 +79,7 @@ class Payments(Service):
         self.gateway = gateway or FakeCardGateway()
 
     def register(self, p: sk.Participant) -> None:
+        # not db_only: the card gateway is outside the database, so a copy must not call it
         p.command(ChargeCard)(self.charge)
         p.command(RefundPayment)(self.refund)
 

@@ -72,6 +72,7 @@ class Shipping(Service):
         self.carrier = carrier or FakeCarrier()
 
     def register(self, p: sk.Participant) -> None:
+        # not db_only: the carrier is outside the database, so a copy must not call it
         p.command(ShipOrder)(self.ship)
 
     async def ship(self, cmd: ShipOrder, ctx: sk.Context) -> OrderShipped:
