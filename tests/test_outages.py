@@ -211,3 +211,43 @@ async def test_an_ack_the_broker_cannot_take_after_commit_is_not_the_handlers_fa
         await asyncio.sleep(0.5)
         assert handled == ["k1"], "the handler ran once; its copies were answered from the inbox"
         assert await app.store.dead_letters() == []
+
+
+@pytest.mark.parametrize("use", ["transaction", "single statement"])
+async def test_a_pool_that_stays_full_fails_after_acquire_timeout_and_loses_no_connection(
+    postgres_url: str, prefix: str, use: str
+) -> None:
+    """Every connection held: the next caller waits ``acquire_timeout``, then gets an
+    outage; once the holder is done the pool serves again, nothing leaked."""
+    from sagakit.store import open_store
+    from sagakit.testing import drop_tables
+
+    store = open_store(f"{postgres_url}?max_size=1&acquire_timeout=0.3", prefix=prefix)
+    await store.open()
+    try:
+        release, held = asyncio.Event(), asyncio.Event()
+
+        async def holder() -> None:
+            async with store.transaction() as tx:
+                await tx.fetchone("SELECT 1")
+                held.set()
+                await release.wait()
+
+        task = asyncio.create_task(holder())
+        await held.wait()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with pytest.raises(StoreUnavailable):
+            if use == "transaction":
+                async with store.transaction() as tx:
+                    await tx.fetchone("SELECT 1")
+            else:
+                await store.driver.fetch_single("SELECT 1")
+        assert 0.25 < loop.time() - began < 5.0
+        release.set()
+        await task
+        for _ in range(3):  # the one connection is back, every time
+            assert [tuple(r) for r in await store.driver.fetch_single("SELECT 2")] == [(2,)]
+    finally:
+        await drop_tables(store)
+        await store.close()

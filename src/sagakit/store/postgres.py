@@ -541,16 +541,31 @@ class PostgresDriver:
             except (TimeoutError, *DBError):
                 pool.terminate()
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[PostgresTx]:
-        pool = self._pool
-        if pool is None:
+    def _opened(self) -> Any:
+        if self._pool is None:
             raise StoreError("store is closed", retryable=False)
+        return self._pool
+
+    async def _acquire(self, pool: Any) -> Any:
+        """A pooled connection, waited for at most ``acquire_timeout``.
+
+        The wait is bounded by ``asyncio.timeout`` rather than asyncpg's own
+        ``timeout=``, which runs every acquire as a task of its own and bounds
+        the release the same way: about a tenth of the client's CPU at 32
+        sagas in flight, for a wait that almost never happens.
+        """
         try:
-            conn = await pool.acquire(timeout=self.acquire_timeout)
+            async with asyncio.timeout(self.acquire_timeout):
+                conn = await pool.acquire()
         except DBError as exc:
             raise translate(exc) from exc
         self._own_pids.add(conn.get_server_pid())
+        return conn
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PostgresTx]:
+        pool = self._opened()
+        conn = await self._acquire(pool)
         tx, ok = PostgresTx(conn), False
         try:
             async with _transaction(conn, self.channel, tx):
@@ -567,15 +582,14 @@ class PostgresDriver:
 
     async def fetch_single(self, sql: str, *args: Any) -> list[Any]:
         """One statement in autocommit mode: a single round trip, no BEGIN/COMMIT."""
-        pool = self._pool
-        if pool is None:
-            raise StoreError("store is closed", retryable=False)
+        pool = self._opened()
+        conn = await self._acquire(pool)
         try:
-            async with pool.acquire(timeout=self.acquire_timeout) as conn:
-                self._own_pids.add(conn.get_server_pid())
-                return list(await conn.fetch(to_dollar(sql), *args))
+            return list(await conn.fetch(to_dollar(sql), *args))
         except DBError as exc:
             raise translate(exc) from exc
+        finally:
+            await _quietly(partial(pool.release, conn))
 
     async def read(self, sql: str, *args: Any) -> list[Any]:
         """A read-only query: one round trip in autocommit mode, like :meth:`fetch_single`."""
