@@ -21,7 +21,6 @@ import pytest
 
 import sagakit as sk
 from sagakit.messages import Headers
-from sagakit.store import Tx
 from sagakit.testing import drop_tables
 from tests.helpers import Do, Refused, Undo, eventually, queued
 
@@ -319,29 +318,3 @@ async def _holds_key(app: sk.App) -> bool:
             "WHERE a.state = 'idle in transaction' AND l.mode = 'RowExclusiveLock'"
         )
     return bool(row[0])
-
-
-async def test_on_begin_runs_first_once_and_only_if_the_transaction_begins(
-    store: sk.store.Store,
-) -> None:
-    done: list[str] = []
-
-    async def step() -> None:
-        done.append("step")
-
-    async with store.transaction() as tx:
-        kept = tx.on_begin(step)
-        await tx.later(f"DELETE FROM {store.prefix}inbox WHERE key = ?", "none")
-    assert done == []  # never began (PostgreSQL), or never kept (SQLite)
-    async with store.transaction() as tx:
-        if tx.on_begin(step):
-            await _read(tx, store)
-            await _read(tx, store)
-            assert done == ["step"]
-            assert not tx.on_begin(step)  # begun: too late to keep one
-        else:
-            assert not kept and store.dialect == "sqlite"
-
-
-async def _read(tx: Tx, store: sk.store.Store) -> None:
-    await tx.fetchone(f"SELECT count(*) FROM {store.prefix}inbox")

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from ..clock import FakeClock
-from ..errors import ConcurrencyConflict, ConfigurationError, StoreError
+from ..errors import ConcurrencyConflict, ConfigurationError, OutcomeExists, StoreError
 from ..store import Store
 from ..store.core import DEAD_LETTER_KEEP, DeadLetterAction, InboxRow, LogEntry, SagaRecord
 from ..store.queue import Queued
@@ -253,6 +253,51 @@ class StoreContract:
 
         _, seen = await asyncio.gather(first(), second())
         assert seen == ok
+
+    async def test_inbox_require_success_fails_the_transaction_unless_a_success_is_stored(
+        self, store: Store
+    ) -> None:
+        async with store.transaction() as tx:
+            await store.inbox_admit(tx, "svc", "ok", 1)
+            await store.inbox_record(tx, "svc", "ok", InboxRow("success", b"r", None, 1))
+            await store.inbox_admit(tx, "svc", "failed", 1)
+            await store.inbox_record(tx, "svc", "failed", InboxRow("failure", b"r", None, 1))
+        async with store.transaction() as tx:
+            await store.inbox_require_success(tx, "svc", "ok")
+            await store.queue.put(tx, "q", "kept", b"x")
+        for key in ("failed", "never-ran"):
+            with _raises(OutcomeExists):
+                async with store.transaction() as tx:
+                    await store.queue.put(tx, "q", f"not-{key}", b"x")
+                    await store.inbox_require_success(tx, "svc", key)
+        assert await store.queue.depth("q") == 1  # only the guarded write that passed
+
+    # -- transactions ----------------------------------------------------
+
+    async def test_on_begin_runs_its_step_first_and_only_if_the_transaction_begins(
+        self, store: Store
+    ) -> None:
+        """A kept step runs once, before the first statement; never for a held-only body."""
+        steps: list[int] = []
+
+        async def step() -> None:
+            steps.append(len(steps))
+
+        async with store.transaction() as tx:
+            kept = tx.on_begin(step)
+            await store.queue.put(tx, "q", "held", b"x")  # nothing that begins it
+        assert steps == []
+        async with store.transaction() as tx:
+            if tx.on_begin(step):
+                await tx.fetchone(f"SELECT count(*) FROM {store.prefix}messages")
+                await tx.fetchone(f"SELECT count(*) FROM {store.prefix}messages")
+                assert steps == [0]
+                assert not tx.on_begin(step), "begun: too late to keep a step"
+        async with store.transaction() as tx:
+            if tx.on_begin(step):
+                tx.on_begin(None)  # taken back
+                await tx.fetchone(f"SELECT count(*) FROM {store.prefix}messages")
+        assert steps == ([0] if kept else [])
 
     # -- dead letters ----------------------------------------------------
 
