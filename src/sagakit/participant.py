@@ -187,12 +187,12 @@ class Participant:
         ``ctx.db`` and ``ctx.publish``/``ctx.send`` (no HTTP call, e-mail or
         file). sagakit may then run the handler before checking the inbox,
         betting that it is the first copy (and, for a compensation, that its
-        forward step took effect): on PostgreSQL
-        the admission waits for the handler's first statement, and a handler
-        that only uses ``ctx.db.later`` makes the whole hop one statement. A
-        copy that loses the bet has its writes discarded (never applied) and
-        is answered from the inbox; only its Python ran, so anything it did
-        outside the database would have happened again.
+        forward step took effect): on PostgreSQL the admission waits for the
+        handler's first statement, and a handler that only uses
+        ``ctx.db.later`` makes the whole hop one statement. A copy that loses
+        the bet has its writes discarded (never applied) and is answered from
+        the inbox; only its Python ran, so anything it did outside the
+        database would have happened again.
         """
         reg = _Registered(_unset, timeout, _names(publishes), db_only=db_only)
         return self._register(cls, "command", self.commands, reg)
