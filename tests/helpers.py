@@ -85,3 +85,20 @@ async def queued(app: sk.App, queue: str) -> list[sk.Envelope]:
             f"SELECT data FROM {app.store.prefix}messages WHERE queue = ? ORDER BY seq", queue
         )
     return [app.codec.decode(bytes(r[0])) for r in rows]
+
+
+def backend_url(request: Any, tmp_path: Any, max_size: int) -> str:
+    """The store URL for a fixture parametrized ``["sqlite", "postgresql"]``."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/app.db"
+    return f"{request.getfixturevalue('postgres_url')}?max_size={max_size}"
+
+
+async def drop_app_tables(app: sk.App) -> None:
+    """After a test: drop the App's tables on PostgreSQL (a SQLite file goes with tmp_path)."""
+    if app.store.dialect == "postgresql":
+        from sagakit.testing import drop_tables
+
+        await app.store.open()
+        await drop_tables(app.store)
+        await app.store.close()

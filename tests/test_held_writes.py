@@ -15,8 +15,7 @@ import pytest
 
 import sagakit as sk
 from sagakit.messages import Headers
-from sagakit.testing import drop_tables
-from tests.helpers import Do, eventually, queued
+from tests.helpers import Do, backend_url, drop_app_tables, eventually, queued
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -25,10 +24,7 @@ REPLIES = "held.replies"
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def app(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> AsyncIterator[sk.App]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/h.db"
-    else:
-        url = f"{request.getfixturevalue('postgres_url')}?max_size=3"
+    url = backend_url(request, tmp_path, max_size=3)
     retry = sk.RetryPolicy(max_attempts=2, initial=0.01)
     app = sk.App(url, settings=sk.Settings(prefix=prefix, max_poll=0.02, retry=retry))
     part = app.participant("p")
@@ -42,10 +38,7 @@ async def app(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> As
             await tx.execute(f"CREATE TABLE {prefix}held (k TEXT PRIMARY KEY)")
         await app.transport.declare(REPLIES, [])
         yield app
-    if app.store.dialect == "postgresql":
-        await app.store.open()
-        await drop_tables(app.store)
-        await app.store.close()
+    await drop_app_tables(app)
 
 
 async def _send(app: sk.App, key: str, saga_id: str) -> None:

@@ -21,8 +21,7 @@ import pytest
 
 import sagakit as sk
 from sagakit.messages import Headers
-from sagakit.testing import drop_tables
-from tests.helpers import Do, Refused, Undo, eventually, queued
+from tests.helpers import Do, Refused, Undo, backend_url, drop_app_tables, eventually, queued
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,17 +30,11 @@ REPLIES = "bet.replies"
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def app(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> AsyncIterator[sk.App]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/b.db"
-    else:
-        url = f"{request.getfixturevalue('postgres_url')}?max_size=4"
+    url = backend_url(request, tmp_path, max_size=4)
     app = sk.App(url, settings=sk.Settings(prefix=prefix, max_poll=0.02, prefetch=4))
     yield app
     await app.stop()
-    if app.store.dialect == "postgresql":
-        await app.store.open()
-        await drop_tables(app.store)
-        await app.store.close()
+    await drop_app_tables(app)
 
 
 Handler = Callable[[Do, sk.Context], Awaitable[None]]

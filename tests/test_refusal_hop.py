@@ -24,8 +24,7 @@ from sagakit.inbox import FAILURE, SUCCESS, Inbox
 from sagakit.messages import Headers, new_id
 from sagakit.store import Store
 from sagakit.store.core import InboxRow
-from sagakit.testing import drop_tables
-from tests.helpers import Do, Refused, eventually, queued
+from tests.helpers import Do, Refused, backend_url, drop_app_tables, eventually, queued
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -111,17 +110,11 @@ async def test_an_outcome_waits_for_a_copy_still_in_its_transaction(
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def app(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> AsyncIterator[sk.App]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/r.db"
-    else:
-        url = f"{request.getfixturevalue('postgres_url')}?max_size=4"
+    url = backend_url(request, tmp_path, max_size=4)
     settings = sk.Settings(prefix=prefix, max_poll=0.02, prefetch=4)
     app = sk.App(url, settings=settings)
     yield app
-    if app.store.dialect == "postgresql":
-        await app.store.open()
-        await drop_tables(app.store)
-        await app.store.close()
+    await drop_app_tables(app)
 
 
 async def _put(app: sk.App, env: sk.Envelope) -> None:

@@ -290,9 +290,9 @@ class Participant:
         await scope.inbox.record(scope.tx, env, SUCCESS, None)
 
     async def _run_command(self, scope: Scope) -> None:
-        env, bet = scope.env, Deferred(scope)
-        if self.commands[env.type].db_only and bet.placed():  # admitted at BEGIN, if any
-            return await bet.answer(await self._call(scope), SUCCESS)
+        env = scope.env
+        if self.commands[env.type].db_only and (bet := Deferred(scope)).placed():
+            return await bet.answer(await self._call(scope), SUCCESS)  # admitted at BEGIN, if any
         if env.headers.phase == "compensate":  # admitted and past the barrier at once
             admission, took_effect = await scope.inbox.admit_compensation(scope.tx, env)
             if await scope.settled_elsewhere(admission):
