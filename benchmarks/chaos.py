@@ -138,6 +138,8 @@ STEP_SERVICE = {s.name: s.action.participant for s in create_order.steps if s.ac
 COMPENSATED_BY = {s.name for s in create_order.steps if s.compensation is not None}
 #: steps whose committed effect cannot be undone: the pivot and the steps after it
 IRREVERSIBLE = {s.name for s in create_order.steps if s.action and s.kind != "compensatable"}
+#: the demo's services whose handlers are all db_only (--colocate runs a coordinator in each)
+COLOCATED = ("orders", "customers", "inventory", "loyalty")
 
 
 # -- per-run infrastructure ----------------------------------------------------
@@ -597,7 +599,7 @@ async def one_run(args: argparse.Namespace, k: int, root: Path) -> dict[str, Any
                 infra.sqlite_files = sorted(
                     Path(infra.store[len("sqlite:///") :]).parent.glob("*.db")
                 )
-            layout = Cluster.layout(per_service=1, coordinators=args.coordinators)
+            layout = _layout(args)
             env = {
                 "PYTHONPATH": os.pathsep.join(
                     [str(HERE), *filter(None, [os.environ.get("PYTHONPATH")])]
@@ -692,6 +694,17 @@ async def one_run(args: argparse.Namespace, k: int, root: Path) -> dict[str, Any
         "worker_exit_codes": codes,
         "log_dir": str(folder / "logs"),
     }
+
+
+def _layout(args: argparse.Namespace) -> dict[str, list[str]]:
+    """One worker per service, and the coordinators: processes of their own, or
+    (``--colocate``) one inside each database-only service's worker."""
+    if not args.colocate:
+        return Cluster.layout(per_service=1, coordinators=args.coordinators)
+    layout = Cluster.layout(per_service=1, coordinators=0)
+    for service in COLOCATED:
+        layout[f"{service}-1"].append(COORDINATOR)
+    return layout
 
 
 def settle_time(args: argparse.Namespace) -> float:
@@ -829,6 +842,13 @@ def parser() -> argparse.ArgumentParser:
         "different answers from the external service (0.1)",
     )
     p.add_argument("--coordinators", type=int, default=2)
+    p.add_argument(
+        "--colocate",
+        action="store_true",
+        help="run the coordinator inside the workers of the database-only services "
+        f"({', '.join(COLOCATED)}) instead of --coordinators processes of its own, so "
+        "their steps' replies are decided on in the steps' own transactions",
+    )
     p.add_argument("--lease", type=float, default=2.0, help="consumer lease in seconds (2)")
     p.add_argument(
         "--place-over",

@@ -79,6 +79,10 @@ RACE_RETRIES = 3  #: immediate re-runs of a hop that lost an optimistic race
 OUTAGE_MAX_BACKOFF = 5.0  #: seconds between tries while a store or broker is unavailable
 
 
+#: decides on a command's reply inside the command's own transaction; False: send it
+Fold = Callable[["Scope", Envelope], Awaitable[bool]]
+
+
 @dataclass(slots=True)
 class Scope:
     """What a route gets for one message: its transaction, outbox and inbox."""
@@ -93,19 +97,30 @@ class Scope:
     #: is the first copy, see :class:`~sagakit.inbox.Deferred`); a lost bet raises
     #: :class:`~sagakit.errors.OutcomeExists` and the hop runs again without it
     optimistic: bool = False
+    #: the coordinator's decision on a reply, taken in this transaction instead of
+    #: sending the reply; set on a hop's first try only, where the coordinator runs
+    #: in this process on this store (see ``Coordinator.decide_here``)
+    fold: Fold | None = None
 
-    async def answer(self, payload: Any, outcome: str, *, unadmitted: bool = False) -> None:
+    async def answer(
+        self, payload: Any, outcome: str, *, unadmitted: bool = False, fold: bool = False
+    ) -> None:
         """Record this command's outcome in the inbox and send it as the reply.
 
         ``unadmitted``: the message was not admitted in this transaction; the
         outcome is stored only if none is (see :meth:`Inbox.record_first`).
+        ``fold``: the reply may be decided on in this transaction instead of
+        sent, where the scope allows it; only for a hop that may run again
+        (its handler ``db_only``, or no handler in it), since a decision that
+        lost to another hop of its saga rolls the whole transaction back.
         """
         env = self.env
         reply = self.codec.reply(env, payload, outcome=outcome, sender=self.inbox.consumer)
         record = self.inbox.record_first if unadmitted else self.inbox.record
         await record(self.tx, env, outcome, self.codec.encode(reply))
-        if env.headers.reply_to:
-            self.out.send(reply, env.headers.reply_to)
+        to = env.headers.reply_to
+        if to and not (fold and self.fold is not None and await self.fold(self, reply)):
+            self.out.send(reply, to)
 
     def resend(self, stored: InboxRow) -> None:
         """Answer a copy with the stored reply, re-addressed to this copy.
@@ -152,6 +167,8 @@ class Endpoint:
     """Consumes one queue into one store."""
 
     hooks: Hooks = BASE  #: set by the App (sagakit.observe)
+    #: decides on replies in the hop that makes them (set by the App where it can)
+    fold: Fold | None = None
 
     def __init__(
         self,
@@ -242,11 +259,18 @@ class Endpoint:
         delivery: Delivery | None = None,
         *,
         optimistic: bool = False,
+        fold: bool = False,
     ) -> None:
-        """Run ``body`` and flush its outbox in one transaction, then ack."""
+        """Run ``body`` and flush its outbox in one transaction, then ack.
+
+        ``optimistic``: a first try (see :attr:`Scope.optimistic`); ``fold``: its
+        replies may be decided on here (:attr:`Endpoint.fold`).
+        """
         acked = False
         async with self.store.transaction() as tx:
             scope = Scope(env, tx, self.inbox, self.codec, hooks=self.hooks, optimistic=optimistic)
+            if fold:
+                scope.fold = self.fold
             await body(scope)
             await self.writer.flush(tx, scope.out)
             if delivery is not None:
@@ -266,15 +290,16 @@ class Endpoint:
         if another copy's outcome was there (:class:`OutcomeExists`), nothing
         was written and the hop runs again the safe way: admitted first.
         """
-        optimistic = True
+        optimistic, fold = True, True
         for _ in range(RACE_RETRIES):
             try:
-                return await self.transact(env, body, delivery, optimistic=optimistic)
+                return await self.transact(env, body, delivery, optimistic=optimistic, fold=fold)
             except ConcurrencyConflict as exc:
                 log.debug("%s: %s; deciding again", self.name, exc)
             except OutcomeExists as exc:
                 log.debug("%s: %s; admitting it first", self.name, exc)
                 optimistic = False
+            fold = False  # a decision taken in this hop lost, or its bet did: reply instead
         await self.transact(env, body, delivery)
 
     async def _ack_committed(self, delivery: Delivery, env: Envelope) -> None:
@@ -363,12 +388,17 @@ class Endpoint:
                 await self._store_dead_letter(scope.tx, delivery.data, env, exc)
             if admit and await scope.settled_elsewhere(await scope.inbox.admit(scope.tx, env)):
                 return
-            await scope.answer(_failure(exc, technical), FAILURE, unadmitted=not admit)
+            failure = _failure(exc, technical)
+            await scope.answer(failure, FAILURE, unadmitted=not admit, fold=True)
             if after is not None:
                 after(scope)
 
+        unadmitted = partial(body, admit=False)
         try:
-            await self._settle(delivery, env, partial(body, admit=False))
+            try:
+                await self._settle(delivery, env, unadmitted, fold=True)
+            except ConcurrencyConflict:  # the decision taken here lost: send the reply
+                await self._settle(delivery, env, unadmitted)
         except OutcomeExists:
             await self._settle(delivery, env, partial(body, admit=True))
 
@@ -377,9 +407,12 @@ class Endpoint:
         delivery: Delivery,
         env: Envelope | None,
         body: Callable[[Scope], Awaitable[None]],
+        *,
+        fold: bool = False,
     ) -> None:
+        known = env or _NO_ENVELOPE
         try:
-            await self._patiently(lambda: self.transact(env or _NO_ENVELOPE, body, delivery))
+            await self._patiently(lambda: self.transact(known, body, delivery, fold=fold))
         except LeaseLost:
             log.info("lease lost while settling; another consumer has the message")
 

@@ -203,7 +203,7 @@ class Deferred:
         unadmitted = self.verdict is None
         if unadmitted:
             self.scope.tx.on_begin(None)
-        await self.scope.answer(payload, outcome, unadmitted=unadmitted)
+        await self.scope.answer(payload, outcome, unadmitted=unadmitted, fold=True)
         if unadmitted and self.compensation:  # locked after the compensation's key, as admitted
             inbox = self.scope.inbox
             await inbox.store.inbox_require_success(

@@ -290,18 +290,21 @@ class Participant:
         await scope.inbox.record(scope.tx, env, SUCCESS, None)
 
     async def _run_command(self, scope: Scope) -> None:
+        """Admit, run, answer; a ``db_only`` handler may run again, so its reply may
+        be decided on in its own transaction (:attr:`Scope.fold`)."""
         env = scope.env
-        if self.commands[env.type].db_only and (bet := Deferred(scope)).placed():
+        db_only = self.commands[env.type].db_only
+        if db_only and (bet := Deferred(scope)).placed():
             return await bet.answer(await self._call(scope), SUCCESS)  # admitted at BEGIN, if any
         if env.headers.phase == "compensate":  # admitted and past the barrier at once
             admission, took_effect = await scope.inbox.admit_compensation(scope.tx, env)
             if await scope.settled_elsewhere(admission):
                 return
             result = await self._call(scope) if took_effect else Done()  # else null compensation
-            return await scope.answer(result, SUCCESS)
+            return await scope.answer(result, SUCCESS, fold=db_only)
         if await scope.settled_elsewhere(await scope.inbox.admit(scope.tx, env)):
             return
-        await scope.answer(await self._call(scope), SUCCESS)
+        await scope.answer(await self._call(scope), SUCCESS, fold=db_only)
 
     async def _call(self, scope: Scope) -> Any:
         """The command's handler; its result, or :class:`Done` for None."""

@@ -60,9 +60,9 @@ class Workers:
         """Declare the queues, then start every consumer, job and relay of this process."""
         app = self.app
         await self._declare()
-        await self._start_participants()
-        await self._start_processes()
         coordinating = app.runs(COORDINATOR) and bool(app.sagas.definitions)
+        await self._start_participants(coordinating)
+        await self._start_processes()
         if coordinating:
             await self._start_coordinator()
         if app.runs(TRACKER) and app.flows.trackers:
@@ -101,10 +101,18 @@ class Workers:
         for pm in app.processes.managers.values():
             await transport.declare(pm.queue, pm.subscribed())
 
-    async def _start_participants(self) -> None:
-        for name, p in self.app.participants.items():
-            if self.app.runs(name):
-                await self._consume(name, self._endpoint(name, self.app.store_of(name), p.route))
+    async def _start_participants(self, coordinating: bool) -> None:
+        """A consumer per participant this process runs; where the coordinator runs
+        here on the participant's store, it decides on the participant's replies in
+        the participant's own hop (``Coordinator.decide_here``)."""
+        app = self.app
+        for name, p in app.participants.items():
+            if app.runs(name):
+                store = app.store_of(name)
+                ep = self._endpoint(name, store, p.route)
+                if coordinating and store is app.store:
+                    ep.fold = app.sagas.coordinator.decide_here
+                await self._consume(name, ep)
 
     async def _start_coordinator(self) -> None:
         app, coord = self.app, self.app.sagas.coordinator

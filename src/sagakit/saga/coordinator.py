@@ -8,6 +8,10 @@ history, writes the commands to the outbox, and starts or cancels durable
 timers. A saga that reaches a final state wakes its waiters at commit, in this
 process directly and in others through the store's notifications.
 
+A reply may never travel: where this coordinator runs in a participant's
+process on that participant's store, a ``db_only`` step's reply is decided on
+in the step's own transaction (:meth:`Coordinator.decide_here`).
+
 Timers and local steps are messages on the store's own queues
 (``sagakit.timers``, ``sagakit.local``), so they are durable and claimed by
 whichever coordinator process is free.
@@ -57,6 +61,7 @@ from .machine import (
     OperatorAction,
     ReplyReceived,
     RunLocalStep,
+    SagaMachine,
     SendCommand,
     Started,
     StartTimer,
@@ -256,17 +261,53 @@ class Coordinator:
 
     async def on_reply(self, scope: Scope) -> None:
         """Route: a reply (or a local step's result) for a saga step."""
-        env, h = scope.env, scope.env.headers
-        event = ReplyReceived(
-            h.step or "",
-            h.causation_id,
-            env.id,
-            env.type,
-            h.outcome or "success",
-            bytes(env.payload),
-            h.sender,
-        )
-        await self.apply(scope.tx, scope.out, h.saga_id, event, env)
+        env = scope.env
+        await self.apply(scope.tx, scope.out, env.headers.saga_id, _reply_event(env), env)
+
+    async def decide_here(self, scope: Scope, reply: Envelope) -> bool:
+        """Decide on ``reply`` in the participant's transaction that made it; False: send it.
+
+        A participant hop in a process that runs this coordinator on the same
+        store needs no reply message: the coordinator's step (the decision, the
+        instance's update, its history and the next commands) joins the
+        participant's own transaction, so on PostgreSQL a ``db_only`` step and
+        the decision after it are one statement instead of two hops. It is
+        done only where the decision costs no read (the instance is one this
+        process committed last, or the store reads without a round trip) and
+        its saga version is known here. The update is guarded by the
+        instance's revision like every hop's: if another hop moved the saga on
+        meanwhile, the whole transaction writes nothing
+        (:class:`~sagakit.errors.ConcurrencyConflict`) and the endpoint runs the
+        participant's hop again with the reply sent the usual way. A
+        definition that fails to decide (a bug in a step's command builder)
+        also falls back to the reply, so its failure is the coordinator's
+        hop's, retried and dead-lettered there, never the participant's.
+        """
+        saga_id = reply.headers.saga_id
+        if scope.env.headers.reply_to != COORDINATOR_QUEUE or not saga_id:
+            return False  # not a saga step's reply to this coordinator
+        rec = await self._cheap_load(scope.tx, saga_id)
+        if rec is None:
+            return False
+        event = _reply_event(reply)
+        try:
+            machine, inst = self._instance(rec)
+            decision = machine.apply(inst, event)
+        except Exception as exc:  # decided again, the usual way, by the reply's own hop
+            log.debug("saga %s: deciding in the participant's hop failed (%r)", saga_id, exc)
+            if self.known is not None:
+                self.known.keep(rec)  # unchanged: still what this process committed last
+            return False
+        with self.hooks.processing(reply, COORDINATOR_QUEUE):
+            self.hooks.decided(scope.tx, rec, machine.defn, inst, decision, event)
+            await self._carry_out(scope.tx, scope.out, rec, decision, reply)
+        return True
+
+    async def _cheap_load(self, tx: Tx, saga_id: str) -> SagaRecord | None:
+        """The instance, if reading it costs no round trip (else None)."""
+        if self.known is not None:
+            return self.known.take(saga_id)
+        return await self.store.saga_peek(tx, saga_id)
 
     async def on_timer(self, scope: Scope) -> None:
         """Route: a durable timer came due."""
@@ -323,6 +364,14 @@ class Coordinator:
             rec = await self.store.saga_peek(tx, saga_id or "")
         if rec is None:
             raise missing(f"no saga instance {saga_id!r}", saga_id=saga_id)  # type: ignore[call-arg]
+        machine, inst = self._instance(rec)
+        decision = machine.apply(inst, event)
+        self.hooks.decided(tx, rec, machine.defn, inst, decision, event)
+        await self._carry_out(tx, out, rec, decision, cause)
+        return decision
+
+    def _instance(self, rec: SagaRecord) -> tuple[SagaMachine, Instance]:
+        """The machine of ``rec``'s saga version and the instance ``rec`` holds."""
         machine = self.registry.machine(rec.type, rec.version, rec.id)
         inst = Instance(
             rec.id,
@@ -333,10 +382,7 @@ class Coordinator:
             progress_decoder.decode(rec.progress),
             rec.error,
         )
-        decision = machine.apply(inst, event)
-        self.hooks.decided(tx, rec, machine.defn, inst, decision, event)
-        await self._carry_out(tx, out, rec, decision, cause)
-        return decision
+        return machine, inst
 
     async def _carry_out(
         self,
@@ -446,6 +492,14 @@ class Coordinator:
 
     def _reply(self, env: Envelope, payload: Any, outcome: str) -> Envelope:
         return self.codec.reply(env, payload, outcome=outcome, sender=LOCAL_SENDER)
+
+
+def _reply_event(env: Envelope) -> ReplyReceived:
+    h = env.headers
+    outcome = h.outcome or "success"
+    return ReplyReceived(
+        h.step or "", h.causation_id, env.id, env.type, outcome, bytes(env.payload), h.sender
+    )
 
 
 def _record(rec: SagaRecord, inst: Instance) -> None:

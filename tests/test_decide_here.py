@@ -1,0 +1,189 @@
+"""The coordinator decides on a ``db_only`` step's reply inside the step's own hop.
+
+Where the coordinator runs in the participant's process on the participant's
+store, a ``db_only`` command's reply is not sent: the coordinator's decision
+(the instance's update, its history, the next command) joins the
+participant's transaction, so on PostgreSQL each step and the decision after
+it are one statement. Forced here on both backends: the happy path and a
+refusal need no reply message; a decision that lost to another hop of its
+saga writes nothing and the step runs again with its reply sent (the effect
+once); a definition that fails to decide leaves its failure to the
+coordinator's own hop, never to the participant's; a handler that is not
+``db_only``, or a participant on a store of its own, sends its reply as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sagakit as sk
+from tests.helpers import Data, Do, Refused, Undo, backend_url, drop_app_tables, eventually
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def app(request: pytest.FixtureRequest, tmp_path: Path, prefix: str) -> AsyncIterator[sk.App]:
+    url = backend_url(request, tmp_path, max_size=4)
+    app = sk.App(url, settings=sk.Settings(prefix=prefix, max_poll=0.02))
+    yield app
+    await app.stop()
+    await drop_app_tables(app)
+
+
+def _saga(second: Callable[[Data], Do] | None = None) -> sk.SagaDefinition[Data]:
+    return (
+        sk.Saga("t-here", Data)
+        .step("one")
+        .invoke("p", lambda d: Do(d.key + "1"))
+        .compensate("p", lambda d: Undo(d.key + "1"))
+        .step("two")
+        .invoke("p", second or (lambda d: Do(d.key + "2")))
+        .build()
+    )
+
+
+class Bench:
+    """Participant ``p`` writing a ledger row per run (no key: a run, a row)."""
+
+    def __init__(
+        self, app: sk.App, *, db_only: bool = True, refuse: str = "", store: str | None = None
+    ) -> None:
+        self.app, self.runs, self.replies = app, [], 0
+        self.table = f"{app.store.prefix}here_ledger"
+        self.before_write: Callable[[str, sk.Context], Awaitable[None]] | None = None
+        part = app.participant("p", store=store)
+
+        @part.command(Do, db_only=db_only)
+        async def do(cmd: Do, ctx: sk.Context) -> None:
+            self.runs.append(cmd.key)
+            if cmd.key == refuse:
+                raise Refused(f"no {cmd.key}")
+            if self.before_write is not None:
+                await self.before_write(cmd.key, ctx)
+            await self._write(ctx, db_only, f"INSERT INTO {self.table} (k) VALUES (?)", cmd.key)
+
+        @part.command(Undo, db_only=db_only)
+        async def undo(cmd: Undo, ctx: sk.Context) -> None:
+            await self._write(ctx, db_only, f"DELETE FROM {self.table} WHERE k = ?", cmd.key)
+
+        coord = app.sagas.coordinator
+        on_reply = coord.on_reply
+
+        async def counted(scope: Any) -> None:  # the coordinator's own reply hop
+            self.replies += 1
+            await on_reply(scope)
+
+        coord.on_reply = counted  # type: ignore[method-assign]
+
+    @staticmethod
+    async def _write(ctx: sk.Context, held: bool, sql: str, key: str) -> None:
+        await (ctx.db.later if held else ctx.db.execute)(sql, key)
+
+    async def start(self, defn: sk.SagaDefinition[Data]) -> None:
+        self.app.saga(defn)
+        await self.app.start()
+        async with self.app.store_of("p").transaction() as tx:
+            await tx.execute(f"CREATE TABLE {self.table} (k TEXT)")
+
+    async def ledger(self) -> list[str]:
+        async with self.app.store_of("p").transaction() as tx:
+            rows = await tx.fetchall(f"SELECT k FROM {self.table} ORDER BY k")
+        return [r[0] for r in rows]
+
+
+async def _run(app: sk.App, defn: sk.SagaDefinition[Data], key: str = "k") -> sk.SagaView:
+    return await app.sagas.wait(await app.sagas.start(defn, Data(key)), timeout=20)
+
+
+async def test_db_only_steps_need_no_reply_message(
+    app: sk.App, statements: list[tuple[int, str]]
+) -> None:
+    bench, defn = Bench(app), _saga()
+    await bench.start(defn)
+    await _run(app, defn, "warm")  # prepared statements, the pool's connections
+    del statements[:]
+    view = await _run(app, defn)
+    sent = [sql for _, sql in statements if f"{app.store.prefix}sagas" in sql]
+    assert view.state == "completed"
+    assert bench.replies == 0
+    assert await bench.ledger() == ["k1", "k2", "warm1", "warm2"]
+    if app.store.dialect == "postgresql":  # the start, then each step with its decision
+        assert len([s for s in sent if not s.startswith("SELECT id, type")]) == 3, sent
+
+
+async def test_a_refusal_is_decided_in_its_own_hop_and_compensated(app: sk.App) -> None:
+    bench, defn = Bench(app, refuse="k2"), _saga()
+    await bench.start(defn)
+    view = await _run(app, defn)
+    assert view.state == "compensated"
+    assert bench.replies == 0
+    assert await bench.ledger() == []
+    assert bench.runs == ["k1", "k2"]
+
+
+async def test_a_decision_that_lost_to_another_hop_runs_the_step_again_with_a_reply(
+    app: sk.App,
+) -> None:
+    if app.store.dialect != "postgresql":
+        pytest.skip("SQLite writes one transaction at a time: no other hop can overtake")
+    bench, defn = Bench(app), _saga()
+    prefix = app.store.prefix
+
+    async def overtaken(key: str, ctx: sk.Context) -> None:
+        if key == "k1" and bench.runs.count("k1") == 1:  # another hop moves the saga on
+            async with app.store.transaction() as tx:
+                n = await tx.execute(f"UPDATE {prefix}sagas SET rev = rev + 1 WHERE id = ?", "s")
+            assert n == 1
+
+    bench.before_write = overtaken
+    await bench.start(defn)
+    view = await app.sagas.wait(await app.sagas.start(defn, Data("k"), saga_id="s"), timeout=20)
+    assert view.state == "completed"
+    assert bench.runs == ["k1", "k1", "k2"]  # step one's Python ran twice, its effect once
+    assert await bench.ledger() == ["k1", "k2"]
+    assert bench.replies == 1  # the second run sent its reply; step two decided here
+
+
+async def test_a_definition_that_fails_to_decide_fails_the_coordinators_hop_not_the_step(
+    app: sk.App,
+) -> None:
+    def broken(d: Data) -> Do:
+        raise ValueError("a bug in step two's command")
+
+    bench, defn = Bench(app), _saga(broken)
+    await bench.start(defn)
+    saga_id = await app.sagas.start(defn, Data("k"))
+
+    async def reply_handled() -> bool:
+        return bench.replies >= 1
+
+    await eventually(reply_handled)
+    assert await bench.ledger() == ["k1"]  # step one committed, its reply went out
+    async with app.store.transaction() as tx:
+        row = await app.store.inbox_get(tx, "p", f"saga:{saga_id}:one:forward")
+    assert row is not None and row.outcome == "success"
+
+
+async def test_a_handler_that_is_not_db_only_sends_its_reply(app: sk.App) -> None:
+    bench, defn = Bench(app, db_only=False), _saga()
+    await bench.start(defn)
+    view = await _run(app, defn)
+    assert view.state == "completed"
+    assert bench.replies == 2
+    assert await bench.ledger() == ["k1", "k2"]
+
+
+async def test_a_participant_on_a_store_of_its_own_sends_its_reply(
+    app: sk.App, tmp_path: Path
+) -> None:
+    bench, defn = Bench(app, store=f"sqlite:///{tmp_path}/p.db"), _saga()
+    await bench.start(defn)
+    view = await _run(app, defn)
+    assert view.state == "completed"
+    assert bench.replies == 2
+    assert await bench.ledger() == ["k1", "k2"]
