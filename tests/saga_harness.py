@@ -30,6 +30,8 @@ class Plan:
     crash_undo_times: dict[tuple[str, str], int] = field(default_factory=dict)
     hold: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
     committed: list[tuple[str, str]] = field(default_factory=list)
+    #: register the handlers db_only (their replies decided on in their own hops)
+    db_only: bool = False
 
 
 def bench(app: sk.App, steps: list[str], plan: Plan, stores: Path | None = None) -> None:
@@ -45,7 +47,7 @@ def bench(app: sk.App, steps: list[str], plan: Plan, stores: Path | None = None)
 
 
 def _handlers(part: sk.Participant, name: str, plan: Plan) -> None:
-    @part.command(Do)
+    @part.command(Do, db_only=plan.db_only)
     async def do(cmd: Do, ctx: sk.Context) -> DidIt:
         key = (cmd.key, name)
         if key in plan.hold:
@@ -58,7 +60,7 @@ def _handlers(part: sk.Participant, name: str, plan: Plan) -> None:
         await _effect(ctx, cmd.key, name, "do", plan)
         return DidIt(1)
 
-    @part.command(Undo)
+    @part.command(Undo, db_only=plan.db_only)
     async def undo(cmd: Undo, ctx: sk.Context) -> None:
         key = (cmd.key, name)
         if plan.crash_undo_times.get(key, 0) > 0:

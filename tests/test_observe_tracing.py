@@ -118,11 +118,15 @@ async def test_messaging_spans_follow_the_conventions(tmp_path: Path) -> None:
     assert reply.parent is not None and reply.parent.span_id == reply_send.context.span_id
 
 
-async def test_a_hop_is_the_creation_context_of_the_messages_it_writes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("db_only", [False, True])
+async def test_a_hop_is_the_creation_context_of_the_messages_it_writes(
+    tmp_path: Path, db_only: bool
+) -> None:
     """By default a command or reply written during a hop gets no span of its own:
-    it carries the ``process`` span's context, and the start's command ``saga.start``'s."""
+    it carries the ``process`` span's context, and the start's command ``saga.start``'s.
+    A ``db_only`` step's reply, decided on in the step's own hop, keeps the same shape."""
     app, exporter = traced(tmp_path)
-    bench(app, ["reserve", "stock"], Plan())
+    bench(app, ["reserve", "stock"], Plan(db_only=db_only))
     defn = app.saga(linear("two", ["reserve", "stock"]))
     async with app:
         saga_id = await app.sagas.start(defn, Data("k"))

@@ -298,9 +298,12 @@ class Coordinator:
             if self.known is not None:
                 self.known.keep(rec)  # unchanged: still what this process committed last
             return False
-        with self.hooks.processing(reply, COORDINATOR_QUEUE):
+        self.hooks.sending(Outbox([(reply, COORDINATOR_QUEUE)]))  # sent from the step's hop
+        with self.hooks.processing(reply, COORDINATOR_QUEUE):  # and taken as if it came
+            out = Outbox()
             self.hooks.decided(scope.tx, rec, machine.defn, inst, decision, event)
-            await self._carry_out(scope.tx, scope.out, rec, decision, reply)
+            await self._carry_out(scope.tx, out, rec, decision, reply)
+            await self.writer.flush(scope.tx, out)  # its commands carry this hop's trace
         return True
 
     async def _cheap_load(self, tx: Tx, saga_id: str) -> SagaRecord | None:
