@@ -187,3 +187,63 @@ async def test_a_participant_on_a_store_of_its_own_sends_its_reply(
     assert view.state == "completed"
     assert bench.replies == 2
     assert await bench.ledger() == ["k1", "k2"]
+
+
+async def test_parallel_steps_each_decided_once(app: sk.App) -> None:
+    """Two steps of one saga at once: their decisions meet on the instance's revision."""
+    bench = Bench(app)
+    defn = (
+        sk.Saga("t-here-parallel", Data)
+        .step("one")
+        .invoke("p", lambda d: Do(d.key + "1"))
+        .compensate("p", lambda d: Undo(d.key + "1"))
+        .step("two", parallel=True)
+        .invoke("p", lambda d: Do(d.key + "2"))
+        .compensate("p", lambda d: Undo(d.key + "2"))
+        .step("three")
+        .invoke("p", lambda d: Do(d.key + "3"))
+        .build()
+    )
+    await bench.start(defn)
+    views = [await _run(app, defn, f"k{i}") for i in range(5)]
+    assert [v.state for v in views] == ["completed"] * 5
+    assert all(sorted(v.done) == ["one", "three", "two"] for v in views)
+    ledger = await bench.ledger()
+    assert sorted(ledger) == sorted(f"k{i}{n}" for i in range(5) for n in (1, 2, 3))
+
+
+async def test_a_reply_after_the_steps_timeout_matches_what_the_step_committed(
+    app: sk.App,
+) -> None:
+    """Step one outlives its timeout: the timer's hop and the step's own decision overlap.
+
+    Whichever wins, the saga's outcome is what the participant committed: completed
+    with both rows, or compensated with none."""
+    import asyncio
+
+    bench = Bench(app)
+    defn = (
+        sk.Saga("t-here-slow", Data)
+        .step("one")
+        .invoke("p", lambda d: Do(d.key + "1"))
+        .compensate("p", lambda d: Undo(d.key + "1"))
+        .timeout(0.2)
+        .step("two")
+        .invoke("p", lambda d: Do(d.key + "2"))
+        .build()
+    )
+
+    async def slow(key: str, ctx: sk.Context) -> None:
+        if key == "k1" and bench.runs.count("k1") == 1:
+            await asyncio.sleep(0.8)
+
+    bench.before_write = slow
+    await bench.start(defn)
+    view = await _run(app, defn)
+    ledger = await bench.ledger()
+    if view.state == "completed":
+        assert ledger == ["k1", "k2"]
+    else:
+        assert view.state == "compensated" and ledger == [], (view.state, ledger)
+    if app.store.dialect == "postgresql":  # the step's hop holds no lock while it sleeps
+        assert view.state == "compensated"
