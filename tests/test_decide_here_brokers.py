@@ -15,12 +15,10 @@ from typing import Any
 import pytest
 
 import sagakit as sk
-from sagakit.testing import drop_tables
 from sagakit.transport import Outgoing
-from sagakit.transport._url import with_option
-from tests.broker_net import noted_namespace
 from tests.helpers import Data, Do, eventually
 from tests.test_namespaces import CLEANUPS
+from tests.test_optimistic_hop_brokers import broker_app
 from tests.test_rabbitmq import amqp_url, rabbitmq_vhosts
 
 __all__ = ["amqp_url", "rabbitmq_vhosts"]  # fixtures, used by name through CLEANUPS
@@ -32,9 +30,11 @@ pytestmark = pytest.mark.timeout(120)
 async def test_steps_decided_in_their_hops_over_a_broker(
     broker: str, request: pytest.FixtureRequest, postgres_url: str, prefix: str
 ) -> None:
-    fixture, cleanup = CLEANUPS[broker]
-    url = with_option(str(request.getfixturevalue(fixture)), "namespace", noted_namespace("here"))
-    app = sk.App(f"{postgres_url}?max_size=4", url, settings=sk.Settings(prefix=prefix))
+    async with broker_app(broker, request, postgres_url, prefix, "here") as app:
+        await _saga_over(app, prefix)
+
+
+async def _saga_over(app: sk.App, prefix: str) -> None:
     ledger, commands, replies = f"{prefix}here_ledger", [], []
 
     @app.participant("p").command(Do, db_only=True)
@@ -58,34 +58,28 @@ async def test_steps_decided_in_their_hops_over_a_broker(
         await on_reply(scope)
 
     coord.on_reply = counted  # type: ignore[method-assign]
-    try:
-        async with app:
-            async with app.store.transaction() as tx:
-                await tx.execute(f"CREATE TABLE {ledger} (k TEXT)")  # no key: a run, a row
-            saga_id = await app.sagas.start(defn, Data("k"))
-            view = await app.sagas.wait(saga_id, timeout=30)
-            assert view.state == "completed"
-            assert replies == []  # both steps decided in their own hops
-            first = commands[0]
-            await app.transport.publish(
-                [Outgoing(sk.new_id(), "command", "p", app.codec.encode(_copy(app, first)))]
-            )
+    async with app:
+        async with app.store.transaction() as tx:
+            await tx.execute(f"CREATE TABLE {ledger} (k TEXT)")  # no key: a run, a row
+        saga_id = await app.sagas.start(defn, Data("k"))
+        view = await app.sagas.wait(saga_id, timeout=30)
+        assert view.state == "completed"
+        assert replies == []  # both steps decided in their own hops
+        first = commands[0]
+        await app.transport.publish(
+            [Outgoing(sk.new_id(), "command", "p", app.codec.encode(_copy(app, first)))]
+        )
 
-            async def answered() -> bool:
-                return len(replies) == 1
+        async def answered() -> bool:
+            return len(replies) == 1
 
-            await eventually(answered, timeout=30)  # the copy's stored reply, re-sent
-            async with app.store.transaction() as tx:
-                rows = await tx.fetchall(f"SELECT k FROM {ledger} ORDER BY k")
-            assert [r[0] for r in rows] == ["k1", "k2"]
-            assert len(commands) == 3  # the copy's Python ran (the bet), its write did not
-            assert (await app.sagas.get(saga_id)).state == "completed"
-            assert await app.store.dead_letters() == []
-    finally:
-        await cleanup(app)
-        await app.store.open()
-        await drop_tables(app.store)
-        await app.store.close()
+        await eventually(answered, timeout=30)  # the copy's stored reply, re-sent
+        async with app.store.transaction() as tx:
+            rows = await tx.fetchall(f"SELECT k FROM {ledger} ORDER BY k")
+        assert [r[0] for r in rows] == ["k1", "k2"]
+        assert len(commands) == 3  # the copy's Python ran (the bet), its write did not
+        assert (await app.sagas.get(saga_id)).state == "completed"
+        assert await app.store.dead_letters() == []
 
 
 def _copy(app: sk.App, env: sk.Envelope) -> sk.Envelope:
