@@ -247,3 +247,39 @@ async def test_a_reply_after_the_steps_timeout_matches_what_the_step_committed(
         assert view.state == "compensated" and ledger == [], (view.state, ledger)
     if app.store.dialect == "postgresql":  # the step's hop holds no lock while it sleeps
         assert view.state == "compensated"
+
+
+async def test_two_copies_of_a_step_at_once_apply_once_and_decide_once(app: sk.App) -> None:
+    """A copy of step one's command arrives while the first runs: one commits with its
+    decision; the other writes nothing and is answered from the inbox, its reply ignored."""
+    import asyncio
+
+    bench, defn = Bench(app), _saga()
+    both = asyncio.Event()
+    together = app.store.dialect == "postgresql"  # SQLite runs one write transaction at a time
+
+    async def copied(key: str, ctx: sk.Context) -> None:
+        if key != "k1":
+            return
+        if bench.runs.count("k1") == 1:
+            copy = app.codec.make(app.codec.payload(ctx.envelope), ctx.envelope.headers)
+            if not together:  # queued with this run's commit: it comes right after
+                await app.store.queue.put(ctx.db, "p", copy.id, app.codec.encode(copy))
+                return
+            async with app.store.transaction() as tx:
+                await app.store.queue.put(tx, "p", copy.id, app.codec.encode(copy))
+            await asyncio.wait_for(both.wait(), 20)  # both copies in their handler
+        else:
+            both.set()
+
+    bench.before_write = copied
+    await bench.start(defn)
+    view = await _run(app, defn)
+    assert view.state == "completed"
+    # PostgreSQL: both ran their Python (the bet); SQLite: the copy was admitted first
+    assert bench.runs.count("k1") == (2 if together else 1)
+    assert await bench.ledger() == ["k1", "k2"]
+    assert view.done == ["one", "two"]
+    # the copy's answer (the stored reply, re-sent and ignored) at least; a later step's
+    # reply too when its hop found the saga's record taken by a hop that rolled back
+    assert bench.replies >= 1, (bench.replies, bench.runs)
