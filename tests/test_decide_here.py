@@ -10,6 +10,12 @@ saga writes nothing and the step runs again with its reply sent (the effect
 once); a definition that fails to decide leaves its failure to the
 coordinator's own hop, never to the participant's; a handler that is not
 ``db_only``, or a participant on a store of its own, sends its reply as before.
+
+A saga's first step goes further: its command never travels, its hop runs
+inside the start (one statement on PostgreSQL for both). Any failure there (a
+refusal, an exception, a write failing at commit, a saga id already taken)
+rolls the whole start back, and the start is made again with the command sent,
+so the step's own hop refuses or retries it; the effect stays once.
 """
 
 from __future__ import annotations
@@ -112,8 +118,8 @@ async def test_db_only_steps_need_no_reply_message(
     assert view.state == "completed"
     assert bench.replies == 0
     assert await bench.ledger() == ["k1", "k2", "warm1", "warm2"]
-    if app.store.dialect == "postgresql":  # the start, then each step with its decision
-        assert len([s for s in sent if not s.startswith("SELECT id, type")]) == 3, sent
+    if app.store.dialect == "postgresql":  # the start with step one, then step two
+        assert len([s for s in sent if not s.startswith("SELECT id, type")]) == 2, sent
 
 
 async def test_a_refusal_is_decided_in_its_own_hop_and_compensated(app: sk.App) -> None:
@@ -135,7 +141,7 @@ async def test_a_decision_that_lost_to_another_hop_runs_the_step_again_with_a_re
     prefix = app.store.prefix
 
     async def overtaken(key: str, ctx: sk.Context) -> None:
-        if key == "k1" and bench.runs.count("k1") == 1:  # another hop moves the saga on
+        if key == "k2" and bench.runs.count("k2") == 1:  # another hop moves the saga on
             async with app.store.transaction() as tx:
                 n = await tx.execute(f"UPDATE {prefix}sagas SET rev = rev + 1 WHERE id = ?", "s")
             assert n == 1
@@ -144,9 +150,9 @@ async def test_a_decision_that_lost_to_another_hop_runs_the_step_again_with_a_re
     await bench.start(defn)
     view = await app.sagas.wait(await app.sagas.start(defn, Data("k"), saga_id="s"), timeout=20)
     assert view.state == "completed"
-    assert bench.runs == ["k1", "k1", "k2"]  # step one's Python ran twice, its effect once
+    assert bench.runs == ["k1", "k2", "k2"]  # step two's Python ran twice, its effect once
     assert await bench.ledger() == ["k1", "k2"]
-    assert bench.replies == 1  # the second run sent its reply; step two decided here
+    assert bench.replies == 1  # the second run sent its reply
 
 
 async def test_a_definition_that_fails_to_decide_fails_the_coordinators_hop_not_the_step(
@@ -250,7 +256,7 @@ async def test_a_reply_after_the_steps_timeout_matches_what_the_step_committed(
 
 
 async def test_two_copies_of_a_step_at_once_apply_once_and_decide_once(app: sk.App) -> None:
-    """A copy of step one's command arrives while the first runs: one commits with its
+    """A copy of step two's command arrives while the first runs: one commits with its
     decision; the other writes nothing and is answered from the inbox, its reply ignored."""
     import asyncio
 
@@ -259,9 +265,9 @@ async def test_two_copies_of_a_step_at_once_apply_once_and_decide_once(app: sk.A
     together = app.store.dialect == "postgresql"  # SQLite runs one write transaction at a time
 
     async def copied(key: str, ctx: sk.Context) -> None:
-        if key != "k1":
+        if key != "k2":
             return
-        if bench.runs.count("k1") == 1:
+        if bench.runs.count("k2") == 1:
             copy = app.codec.make(app.codec.payload(ctx.envelope), ctx.envelope.headers)
             if not together:  # queued with this run's commit: it comes right after
                 await app.store.queue.put(ctx.db, "p", copy.id, app.codec.encode(copy))
@@ -277,9 +283,79 @@ async def test_two_copies_of_a_step_at_once_apply_once_and_decide_once(app: sk.A
     view = await _run(app, defn)
     assert view.state == "completed"
     # PostgreSQL: both ran their Python (the bet); SQLite: the copy was admitted first
-    assert bench.runs.count("k1") == (2 if together else 1)
+    assert bench.runs.count("k2") == (2 if together else 1)
     assert await bench.ledger() == ["k1", "k2"]
     assert view.done == ["one", "two"]
     # the copy's answer (the stored reply, re-sent and ignored) at least; a later step's
     # reply too when its hop found the saga's record taken by a hop that rolled back
     assert bench.replies >= 1, (bench.replies, bench.runs)
+
+
+# -- a saga's first step inside its start ------------------------------------------
+
+
+async def test_the_first_step_runs_inside_the_start(app: sk.App) -> None:
+    """Its command never travels: the instance is inserted as it stands after step one,
+    and a one-step saga has ended when ``start`` returns."""
+    bench = Bench(app)
+    one = sk.Saga("t-here-one", Data).step("one").invoke("p", lambda d: Do(d.key + "1")).build()
+    app.saga(one)
+    await bench.start(_saga())
+    saga_id = await app.sagas.start(one, Data("k"))
+    assert await bench.ledger() == ["k1"]  # committed with the start
+    view = await app.sagas.get(saga_id)
+    assert view.state == "completed" and view.done == ["one"]
+    assert bench.replies == 0
+    async with app.store.transaction() as tx:
+        row = await app.store.inbox_get(tx, "p", f"saga:{saga_id}:one:forward")
+    assert row is not None and row.outcome == "success"
+    known = app.sagas.coordinator.known
+    assert known is None or known.take(saga_id) is None  # a finished saga is not kept
+
+
+async def test_a_first_step_that_refuses_in_the_start_is_refused_by_its_own_hop(
+    app: sk.App,
+) -> None:
+    bench, defn = Bench(app, refuse="k1"), _saga()
+    await bench.start(defn)
+    view = await _run(app, defn)
+    assert view.state in ("compensated", "failed")
+    assert view.done == []
+    assert bench.runs == ["k1", "k1"]  # in the start (rolled back), then in its hop
+    assert await bench.ledger() == []
+
+
+@pytest.mark.parametrize("failure", ["raises", "write fails at commit"])
+async def test_a_first_step_that_fails_in_the_start_is_retried_by_its_own_hop(
+    app: sk.App, failure: str
+) -> None:
+    """Its handler raises, or its held write fails with the start's statement: the
+    start is made again with the command sent, and the step's own hop runs it."""
+    bench, defn = Bench(app), _saga()
+
+    async def first_run_fails(key: str, ctx: sk.Context) -> None:
+        if key != "k1" or bench.runs.count("k1") != 1:
+            return
+        if failure == "raises":
+            raise ConnectionError("the first run fails")
+        await ctx.db.later(f"INSERT INTO {app.store.prefix}no_such_table (k) VALUES (?)", key)
+
+    bench.before_write = first_run_fails
+    await bench.start(defn)
+    view = await _run(app, defn)
+    assert view.state == "completed"
+    assert bench.runs == ["k1", "k1", "k2"]
+    assert await bench.ledger() == ["k1", "k2"]
+
+
+async def test_starting_an_existing_saga_again_applies_its_first_step_once(app: sk.App) -> None:
+    """The second start takes step one's hop in its transaction, which the taken saga
+    id rolls back whole: the effect stays once. On PostgreSQL the handler runs again
+    (the bet that it is the first copy); on SQLite the inbox answers it first."""
+    bench, defn = Bench(app), _saga()
+    await bench.start(defn)
+    view = await app.sagas.wait(await app.sagas.start(defn, Data("k"), saga_id="s"), timeout=20)
+    assert view.state == "completed"
+    assert await app.sagas.start(defn, Data("k"), saga_id="s") == "s"
+    assert bench.runs.count("k1") == (2 if app.store.dialect == "postgresql" else 1)
+    assert await bench.ledger() == ["k1", "k2"]

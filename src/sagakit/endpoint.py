@@ -278,6 +278,24 @@ class Endpoint:
         if delivery is not None and not acked:
             await self._ack_committed(delivery, env)
 
+    async def run_in(self, tx: Tx, env: Envelope, fold: Fold) -> None:
+        """Run ``env``'s route in ``tx``: a hop for a message that was never sent.
+
+        For a saga's first command, run inside its start where the command's
+        reply is decided on at once (``fold``); no delivery, no retries here:
+        any failure propagates, and the caller sends the command instead.
+        """
+        route = self.router(env)
+        if route is None:
+            raise NoHandler(f"no handler for {env.type!r} ({env.kind}) at {self.name!r}")
+        timeout = route.timeout if route.timeout is not None else self.policy.handler_timeout
+        with self.hooks.processing(env, self.name):
+            scope = Scope(env, tx, self.inbox, self.codec, hooks=self.hooks, optimistic=True)
+            scope.fold = fold
+            async with asyncio.timeout(timeout):
+                await route.run(scope)
+            await self.writer.flush(tx, scope.out)
+
     async def _racing(
         self, env: Envelope, body: Callable[[Scope], Awaitable[None]], delivery: Delivery
     ) -> None:

@@ -289,6 +289,11 @@ class Participant:
             raise Refusal(exc, _publisher(reg, exc, payload)) from exc
         await scope.inbox.record(scope.tx, env, SUCCESS, None)
 
+    def db_only(self, command_type: str) -> bool:
+        """Whether the handler of ``command_type`` is registered ``db_only``."""
+        reg = self.commands.get(command_type)
+        return reg is not None and reg.db_only
+
     async def _run_command(self, scope: Scope) -> None:
         """Admit, run, answer; a ``db_only`` handler may run again, so its reply may
         be decided on in its own transaction (:attr:`Scope.fold`)."""

@@ -33,7 +33,7 @@ from .ops.stuck import StuckWatcher
 from .outbox import Relay
 from .process.runtime import timer_queue
 from .saga.awaits import AWAITS
-from .saga.coordinator import COORDINATOR_QUEUE, LOCAL_QUEUE, TIMER_QUEUE, Coordinator
+from .saga.coordinator import COORDINATOR_QUEUE, LOCAL_QUEUE, TIMER_QUEUE, Coordinator, Inline
 from .store import Store
 from .store.consumer import QueueConsumer
 from .transport import Subscription
@@ -72,6 +72,7 @@ class Workers:
 
     async def stop(self, grace: float) -> None:
         """Stop taking messages and let in-flight ones finish (up to ``grace`` seconds)."""
+        self.app.sagas.coordinator.inline.clear()  # a first step runs in a running hop only
         await asyncio.gather(*(_stop(s, grace) for s in self.subs), return_exceptions=True)
         await asyncio.gather(*(r.stop() for r in self.relays), return_exceptions=True)
         self.subs.clear()
@@ -104,15 +105,19 @@ class Workers:
     async def _start_participants(self, coordinating: bool) -> None:
         """A consumer per participant this process runs; where the coordinator runs
         here on the participant's store, it decides on the participant's replies in
-        the participant's own hop (``Coordinator.decide_here``)."""
+        the participant's own hop (``Coordinator.decide_here``), and a saga's first
+        step in its start (``Coordinator.inline``)."""
         app = self.app
         for name, p in app.participants.items():
             if app.runs(name):
                 store = app.store_of(name)
                 ep = self._endpoint(name, store, p.route)
+                coord = app.sagas.coordinator
                 if coordinating and store is app.store:
-                    ep.fold = app.sagas.coordinator.decide_here
+                    ep.fold = coord.decide_here
                 await self._consume(name, ep)
+                if ep.fold is not None:  # and a saga's first step may run inside its start
+                    coord.inline[name] = Inline(ep, p.db_only)
 
     async def _start_coordinator(self) -> None:
         app, coord = self.app, self.app.sagas.coordinator

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
@@ -130,6 +130,15 @@ class RunLocal(msgspec.Struct, frozen=True):
     """Asks a coordinator process to run a local step."""
 
 
+class Inline(NamedTuple):
+    """A participant's hop in this process, on the coordinator's store: a saga's first
+    command may run in it inside the start (:meth:`Coordinator._first_hop`)."""
+
+    endpoint: Endpoint
+    #: whether the handler of a command type is ``db_only`` (it may run again)
+    db_only: Callable[[str], bool]
+
+
 class Coordinator:
     """Runs saga definitions; one per App, any number of processes per store."""
 
@@ -147,6 +156,8 @@ class Coordinator:
         self.announce_ends = False
         #: records this process committed last (PostgreSQL: saves each hop's read)
         self.known = KnownSagas() if self.store.dialect == "postgresql" else None
+        #: participants' hops a first command may run in, inside its start (set by the App)
+        self.inline: dict[str, Inline] = {}
 
     # -- entry points ---------------------------------------------------------
 
@@ -164,15 +175,10 @@ class Coordinator:
         """
         defn = self.registry.registered(defn)  # steps run as registered
         saga_id = saga_id or new_id()
-        out = Outbox()
         waker = self.store.queue.waker
         waker.expect(finished(saga_id))  # a waiter here need not read it until it ends
         try:
-            async with self.store.transaction() as tx:  # on PostgreSQL: one statement
-                flush = partial(self.writer.flush, tx, out)  # in the saga's trace context
-                await self.start_within(
-                    tx, out, defn, data, saga_id, correlation_id, None, flush, held=True
-                )
+            await self._begin(defn, data, saga_id, correlation_id)
             return saga_id
         except SagaIdInUse:
             waker.forget(finished(saga_id))  # an existing saga: it may have ended already
@@ -188,6 +194,70 @@ class Coordinator:
             )
         return saga_id
 
+    async def _begin(
+        self, defn: SagaDefinition[Any], data: Any, saga_id: str, correlation_id: str | None
+    ) -> None:
+        """The start's transaction, with its first step's hop inside it where that can
+        run here (:meth:`_first_hop`); if it was and anything failed, the start again
+        with the command sent: the step's own hop then retries or refuses it."""
+        inlined: list[bool] = []
+        try:
+            await self._start_tx(defn, data, saga_id, correlation_id, inlined)
+        except SagaIdInUse:
+            raise
+        except Exception as exc:
+            if not inlined:
+                raise
+            log.debug(
+                "saga %s: its first step failed inside the start (%r); sending it", saga_id, exc
+            )
+            await self._start_tx(defn, data, saga_id, correlation_id, None)
+
+    async def _start_tx(
+        self,
+        defn: SagaDefinition[Any],
+        data: Any,
+        saga_id: str,
+        correlation_id: str | None,
+        inlined: list[bool] | None,
+    ) -> None:
+        out = Outbox()
+        async with self.store.transaction() as tx:  # on PostgreSQL: one statement
+            then = partial(self._first_hop, tx, out, inlined)  # in the saga's trace context
+            await self.start_within(
+                tx, out, defn, data, saga_id, correlation_id, None, then, held=True
+            )
+
+    async def _first_hop(
+        self, tx: Tx, out: Outbox, inlined: list[bool] | None, rec: SagaRecord
+    ) -> None:
+        """Send the first commands; or run the only one's hop here, in the start.
+
+        Where the first command's participant runs in this process on this
+        store and its handler is ``db_only``, the command need not travel: its
+        hop (inbox, handler, the decision on its reply) joins the start's
+        transaction, so the instance is inserted as it stands after its first
+        step (on PostgreSQL, one statement for both). ``inlined`` (None: never)
+        records that it was, for :meth:`_begin`'s fallback.
+        """
+        hop = self._inline_hop(out) if inlined is not None else None
+        if hop is None:
+            return await self.writer.flush(tx, out)
+        assert inlined is not None
+        inlined.append(True)
+        ((env, _queue),) = out.messages
+        self.hooks.sending(out)  # as if sent: the participant's hop is the command's child
+        await hop.run_in(tx, env, partial(self._decide_on, rec=rec, fresh=True))
+
+    def _inline_hop(self, out: Outbox) -> Endpoint | None:
+        if len(out.messages) != 1 or out.scheduled:
+            return None
+        env, queue = out.messages[0]
+        inline = self.inline.get(queue)
+        if inline is None or env.kind != "command" or not inline.db_only(env.type):
+            return None
+        return inline.endpoint
+
     async def start_within(
         self,
         tx: Tx,
@@ -197,17 +267,19 @@ class Coordinator:
         saga_id: str,
         correlation_id: str | None,
         cause: Envelope | None,
-        then: Callable[[], Awaitable[None]] | None = None,
+        then: Callable[[SagaRecord], Awaitable[None]] | None = None,
         *,
         held: bool = False,
     ) -> bool:
         """Insert a new instance and its first effects in ``tx``; False if the id exists.
 
         ``then`` runs last, still inside the new saga's trace context (the start
-        flushes its outbox there, so the first commands carry the saga's trace).
-        ``held``: the insert is one of ``tx``'s held writes (one batch with the
-        rest on PostgreSQL) and a taken id raises :class:`SagaIdInUse` at the
-        batch, rolling the whole transaction back; for a transaction of its own.
+        flushes its outbox there, so the first commands carry the saga's trace),
+        with the instance's record. ``held``: the insert is one of ``tx``'s held
+        writes (one batch with the rest on PostgreSQL), made after ``then`` (with
+        the record as ``then`` left it), and a taken id raises
+        :class:`SagaIdInUse` at the batch, rolling the whole transaction back;
+        for a transaction of its own.
         """
         now = self.store.clock.now()
         deadline = now + defn.deadline if defn.deadline else None
@@ -217,14 +289,14 @@ class Coordinator:
             decision = self.registry.machine(defn.name, defn.version).apply(inst, Started())
             rec = SagaRecord(saga_id, defn.name, defn.version, "", b"", b"", 0, now, now, deadline)
             _record(rec, decision.instance)
-            if held:
-                await self.store.saga_insert_later(tx, rec)
-            elif not await self.store.saga_insert(tx, rec):
+            if not held and not await self.store.saga_insert(tx, rec):
                 return False
             self.hooks.decided(tx, rec, defn, inst, decision, Started())
             await self._carry_out(tx, out, rec, decision, cause, insert=True)
             if then is not None:
-                await then()
+                await then(rec)
+            if held:
+                await self.store.saga_insert_later(tx, rec)
         return True
 
     async def on_start(self, scope: Scope) -> None:
@@ -289,20 +361,27 @@ class Coordinator:
         rec = await self._cheap_load(scope.tx, saga_id)
         if rec is None:
             return False
+        return await self._decide_on(scope, reply, rec)
+
+    async def _decide_on(
+        self, scope: Scope, reply: Envelope, rec: SagaRecord, *, fresh: bool = False
+    ) -> bool:
+        """:meth:`decide_here` on ``rec``; ``fresh``: the instance is being inserted in
+        this transaction (its first step's hop inside the start), so it is not updated."""
         event = _reply_event(reply)
         try:
             machine, inst = self._instance(rec)
             decision = machine.apply(inst, event)
         except Exception as exc:  # decided again, the usual way, by the reply's own hop
-            log.debug("saga %s: deciding in the participant's hop failed (%r)", saga_id, exc)
-            if self.known is not None:
+            log.debug("saga %s: deciding in the participant's hop failed (%r)", rec.id, exc)
+            if self.known is not None and not fresh:
                 self.known.keep(rec)  # unchanged: still what this process committed last
             return False
         self.hooks.sending(Outbox([(reply, COORDINATOR_QUEUE)]))  # sent from the step's hop
         with self.hooks.processing(reply, COORDINATOR_QUEUE):  # and taken as if it came
             out = Outbox()
             self.hooks.decided(scope.tx, rec, machine.defn, inst, decision, event)
-            await self._carry_out(scope.tx, out, rec, decision, reply)
+            await self._carry_out(scope.tx, out, rec, decision, reply, insert=fresh)
             await self.writer.flush(scope.tx, out)  # its commands carry this hop's trace
         return True
 
@@ -403,9 +482,10 @@ class Coordinator:
             self._announce(out, rec, inst, cause)
         for effect in d.effects:
             await self._effect(tx, out, inst, effect, cause)
-        if d.changed and not insert:
-            _record(rec, inst)
-            await self.store.saga_update(tx, rec)
+        if d.changed:
+            _record(rec, inst)  # ``insert``: the caller writes the record after this
+            if not insert:
+                await self.store.saga_update(tx, rec)
         elif not insert:
             await self.store.saga_unchanged(tx, rec)  # decided on this revision: still it?
         now = self.store.clock.now()
@@ -416,7 +496,7 @@ class Coordinator:
         await self.store.log(tx, lines)
         if not inst.state.terminal:
             if self.known is not None:
-                tx.on_commit(partial(self.known.keep, rec))
+                tx.on_commit(partial(_keep, self.known, rec))
         elif d.changed:
             name, final = finished(rec.id), replace(rec)
             tx.on_commit(lambda: self.store.queue.waker.offer(name, final))  # before the wake
@@ -503,6 +583,13 @@ def _reply_event(env: Envelope) -> ReplyReceived:
     return ReplyReceived(
         h.step or "", h.causation_id, env.id, env.type, outcome, bytes(env.payload), h.sender
     )
+
+
+def _keep(known: KnownSagas, rec: SagaRecord) -> None:
+    """Keep ``rec`` as committed, unless it ended in the same transaction (a first
+    step decided inside the start: see :meth:`Coordinator._first_hop`)."""
+    if not SagaState(rec.state).terminal:
+        known.keep(rec)
 
 
 def _record(rec: SagaRecord, inst: Instance) -> None:
