@@ -282,8 +282,8 @@ async def test_two_copies_of_a_step_at_once_apply_once_and_decide_once(app: sk.A
     await bench.start(defn)
     view = await _run(app, defn)
     assert view.state == "completed"
-    # PostgreSQL: both ran their Python (the bet); SQLite: the copy was admitted first
-    assert bench.runs.count("k2") == (2 if together else 1)
+    # both ran their Python (the bet that each is the first copy); one effect stands
+    assert bench.runs.count("k2") == 2
     assert await bench.ledger() == ["k1", "k2"]
     assert view.done == ["one", "two"]
     # the copy's answer (the stored reply, re-sent and ignored) at least; a later step's
@@ -350,12 +350,12 @@ async def test_a_first_step_that_fails_in_the_start_is_retried_by_its_own_hop(
 
 async def test_starting_an_existing_saga_again_applies_its_first_step_once(app: sk.App) -> None:
     """The second start takes step one's hop in its transaction, which the taken saga
-    id rolls back whole: the effect stays once. On PostgreSQL the handler runs again
-    (the bet that it is the first copy); on SQLite the inbox answers it first."""
+    id rolls back whole: the handler ran again (the bet that it is the first copy),
+    its effect stays once."""
     bench, defn = Bench(app), _saga()
     await bench.start(defn)
     view = await app.sagas.wait(await app.sagas.start(defn, Data("k"), saga_id="s"), timeout=20)
     assert view.state == "completed"
     assert await app.sagas.start(defn, Data("k"), saga_id="s") == "s"
-    assert bench.runs.count("k1") == (2 if app.store.dialect == "postgresql" else 1)
+    assert bench.runs.count("k1") == 2
     assert await bench.ledger() == ["k1", "k2"]

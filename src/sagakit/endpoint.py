@@ -101,6 +101,8 @@ class Scope:
     #: sending the reply; set on a hop's first try only, where the coordinator runs
     #: in this process on this store (see ``Coordinator.decide_here``)
     fold: Fold | None = None
+    #: the route ran its handler before admitting the message (set by the bet)
+    bet: bool = False
 
     async def answer(
         self, payload: Any, outcome: str, *, unadmitted: bool = False, fold: bool = False
@@ -151,6 +153,17 @@ class Scope:
             self.hooks.duplicate(self.inbox.consumer)
             self.resend(admission.stored)
         return admission.verdict is not Verdict.NEW
+
+
+class _BetFailed(Exception):
+    """A first try that ran its handler before admitting the message failed (a write
+    refused at commit, say): the message may be a copy of one already settled, whose
+    handler meets its own effects, so the hop runs again admitted first before the
+    failure counts (internal to the endpoint)."""
+
+
+#: failures that say nothing about whether the message is a copy
+_SETTLED = (Refusal, ConcurrencyConflict, OutcomeExists, LeaseLost, StoreUnavailable)
 
 
 class Route(NamedTuple):
@@ -266,15 +279,21 @@ class Endpoint:
         ``optimistic``: a first try (see :attr:`Scope.optimistic`); ``fold``: its
         replies may be decided on here (:attr:`Endpoint.fold`).
         """
-        acked = False
-        async with self.store.transaction() as tx:
-            scope = Scope(env, tx, self.inbox, self.codec, hooks=self.hooks, optimistic=optimistic)
-            if fold:
-                scope.fold = self.fold
-            await body(scope)
-            await self.writer.flush(tx, scope.out)
-            if delivery is not None:
-                acked = await delivery.ack_in(self.store, tx)
+        acked, scope = False, None
+        try:
+            async with self.store.transaction() as tx:
+                scope = Scope(env, tx, self.inbox, self.codec, hooks=self.hooks)
+                scope.optimistic, scope.fold = optimistic, self.fold if fold else None
+                await body(scope)
+                await self.writer.flush(tx, scope.out)
+                if delivery is not None:
+                    acked = await delivery.ack_in(self.store, tx)
+        except _SETTLED:
+            raise
+        except Exception as exc:
+            if scope is not None and scope.bet:  # maybe a copy: find out, admitted first
+                raise _BetFailed(f"{env.type} ({env.id}): {exc!r}") from exc
+            raise
         if delivery is not None and not acked:
             await self._ack_committed(delivery, env)
 
@@ -314,7 +333,7 @@ class Endpoint:
                 return await self.transact(env, body, delivery, optimistic=optimistic, fold=fold)
             except ConcurrencyConflict as exc:
                 log.debug("%s: %s; deciding again", self.name, exc)
-            except OutcomeExists as exc:
+            except (OutcomeExists, _BetFailed) as exc:
                 log.debug("%s: %s; admitting it first", self.name, exc)
                 optimistic = False
             fold = False  # a decision taken in this hop lost, or its bet did: reply instead

@@ -157,7 +157,10 @@ class Deferred:
     writes, reply and acknowledgement as one autocommit statement that stores
     nothing if the key already holds a row (:meth:`Inbox.record_first`). A
     handler that runs a statement is admitted right after BEGIN, before that
-    statement, as usual. Either way a copy that meets another's outcome (or
+    statement, as usual. On SQLite, where write transactions run one at a
+    time, no copy can run alongside: the handler always runs first and its
+    outcome is stored insert-if-absent, one statement instead of an
+    admission and an update. Either way a copy that meets another's outcome (or
     the barrier of a compensation) raises
     :class:`~sagakit.errors.OutcomeExists` with nothing written, and the
     endpoint runs the hop again, admitted first. The price of a lost bet is
@@ -180,11 +183,17 @@ class Deferred:
         self.verdict: Verdict | None = None
 
     def placed(self) -> bool:
-        """True if the admission now waits for BEGIN; False: admit the usual way."""
-        return self.scope.optimistic and self.scope.tx.on_begin(self._admit)
+        """True if the admission now waits for BEGIN, or needs no place before the
+        handler (SQLite: no copy can run alongside); False: admit the usual way."""
+        scope = self.scope
+        scope.bet = scope.optimistic and (
+            scope.tx.on_begin(self._admit) or scope.inbox.store.dialect == "sqlite"
+        )
+        return scope.bet
 
     async def _admit(self) -> None:
         inbox, tx, env = self.scope.inbox, self.scope.tx, self.scope.env
+        self.scope.bet = False  # admitted after all: a failure from here on is the handler's
         if not self.compensation:
             self.verdict = (await inbox.admit(tx, env)).verdict
         else:

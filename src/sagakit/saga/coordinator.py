@@ -154,8 +154,8 @@ class Coordinator:
         self.twophase: TwoPhase | None = None
         #: publish SagaEnded when a saga finishes (a process manager listens)
         self.announce_ends = False
-        #: records this process committed last (PostgreSQL: saves each hop's read)
-        self.known = KnownSagas() if self.store.dialect == "postgresql" else None
+        #: records this process committed last (saves each hop's read; None: always read)
+        self.known: KnownSagas | None = KnownSagas()
         #: participants' hops a first command may run in, inside its start (set by the App)
         self.inline: dict[str, Inline] = {}
 
@@ -387,9 +387,10 @@ class Coordinator:
 
     async def _cheap_load(self, tx: Tx, saga_id: str) -> SagaRecord | None:
         """The instance, if reading it costs no round trip (else None)."""
-        if self.known is not None:
-            return self.known.take(saga_id)
-        return await self.store.saga_peek(tx, saga_id)
+        rec = self.known.take(saga_id) if self.known is not None else None
+        if rec is None and self.store.dialect != "postgresql":  # a read is no round trip
+            rec = await self.store.saga_peek(tx, saga_id)
+        return rec
 
     async def on_timer(self, scope: Scope) -> None:
         """Route: a durable timer came due."""

@@ -523,10 +523,9 @@ class Store:
         """Fail ``tx`` with :class:`ConcurrencyConflict` unless ``rec``'s revision is current.
 
         For a decision that changed nothing but was taken on a read without a
-        lock (:meth:`saga_peek`); a no-op where transactions are serialised (SQLite).
+        lock (:meth:`saga_peek`), or on the record this process committed last
+        (another process may have written since).
         """
-        if self.dialect != "postgresql":
-            return
         await tx.later(
             f"UPDATE {self.prefix}sagas SET rev = rev WHERE id = ? AND rev = ?",
             rec.id,
