@@ -192,7 +192,10 @@ class Participant:
         ``ctx.db.later`` makes the whole hop one statement. A copy that loses
         the bet has its writes discarded (never applied) and is answered from
         the inbox; only its Python ran, so anything it did outside the
-        database would have happened again.
+        database would have happened again. Where the coordinator runs in
+        this process on this participant's store, a saga's first step with
+        such a handler may run inside ``app.sagas.start``, in the caller's
+        task; if it fails there, the start is made again with the command sent.
         """
         reg = _Registered(_unset, timeout, _names(publishes), db_only=db_only)
         return self._register(cls, "command", self.commands, reg)
