@@ -4,11 +4,13 @@ On PostgreSQL a forward command registered ``db_only=True`` is admitted only
 if its handler begins the transaction (right after BEGIN, before the
 handler's first statement); a handler that only holds its writes makes the
 whole hop one autocommit statement that stores the outcome insert-if-absent.
-Every way of losing the bet is forced here on both backends (SQLite, where a
-transaction is open from the start, admits first as always): a copy of a
-settled command, two copies at once, a forward command its compensation
-barred, a retry of a stored failure, and a handler that swallows the lost
-bet. In each the effect is applied once and every copy gets the one outcome.
+On SQLite, where write transactions run one at a time, the handler always
+runs first and its outcome is stored insert-if-absent. Every way of losing
+the bet is forced here on both backends: a copy of a settled command (whose
+write a unique key refuses), two copies at once, a forward command its
+compensation barred, a retry of a stored failure, and a handler that
+swallows the lost bet. In each the effect is applied once and every copy
+gets the one outcome.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ from .observe.hooks import BASE, Hooks
 from .outbox import Outbox, OutboxWriter
 from .policies import RetryPolicy
 from .store.core import DEAD_LETTER_KEEP as DEAD_LETTER_KEEP
+from .transport import attempt_of
 
 if TYPE_CHECKING:
     from .store import InboxRow, Store, Tx
@@ -362,11 +363,17 @@ class Endpoint:
             )
 
     async def technical_failure(self, delivery: Delivery, env: Envelope, exc: Exception) -> None:
-        """Retry with backoff; when the policy gives up, dead-letter and reply."""
-        attempt, retry = delivery.attempt, self.policy.retry
+        """Retry with backoff; when the policy gives up, dead-letter and reply.
+
+        The policy's attempts are the handler's runs that failed, where the
+        transport counts them (the database queue): a message whose workers
+        were killed under it has not used its retries up. Elsewhere they are
+        its deliveries.
+        """
+        attempt, retry = attempt_of(delivery), self.policy.retry
         if not retry.gives_up_after(attempt) and getattr(exc, "retryable", True):
             log.info("retrying %s (%s) after attempt %d: %r", env.type, env.id, attempt, exc)
-            await delivery.nack(retry.delay(attempt))
+            await delivery.nack(retry.delay(attempt), failed=True)
             return
         log.warning("giving up on %s (%s) after %d attempts: %r", env.type, env.id, attempt, exc)
         await self.dead_letter(delivery, env, exc, technical=True)

@@ -48,6 +48,7 @@ from ..messages import (
 from ..observe.hooks import BASE, Hooks
 from ..outbox import Outbox
 from ..store.core import LogEntry, SagaRecord
+from ..transport import attempt_of
 from ..twophase.step import AtomicStep
 from .known import KnownSagas
 from .machine import (
@@ -565,8 +566,9 @@ class Coordinator:
         except BusinessError as exc:
             return self._reply(env, Failure(exc.code, str(exc)), "failure")
         except Exception as exc:
-            if not self.retry.gives_up_after(delivery.attempt):
-                await delivery.nack(self.retry.delay(delivery.attempt))
+            attempt = attempt_of(delivery)
+            if not self.retry.gives_up_after(attempt):
+                await delivery.nack(self.retry.delay(attempt), failed=True)
                 return None
             return self._reply(env, Failure(type(exc).__name__, str(exc), True), "failure")
         reply = self._reply(env, Done(), "success")

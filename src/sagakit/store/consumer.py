@@ -46,13 +46,14 @@ def first_poll(store: Store, max_poll: float) -> float:
 class QueueDelivery:
     """A leased queue row, acknowledged inside the handler's transaction when it can be."""
 
-    __slots__ = ("attempt", "data", "item", "queue", "settled", "started", "warned")
+    __slots__ = ("attempt", "data", "failures", "item", "queue", "settled", "started", "warned")
 
     def __init__(self, queue: WorkQueue, item: Queued) -> None:
         self.queue = queue
         self.item = item
         self.data = item.data
         self.attempt = item.attempts
+        self.failures: int | None = item.failures
         self.settled = False
         self.warned = False
         self.started = asyncio.get_running_loop().time()
@@ -63,10 +64,13 @@ class QueueDelivery:
             async with self.queue.store.transaction() as tx:
                 await self.queue.ack(tx, self.item)
 
-    async def nack(self, delay: float) -> None:
+    async def nack(self, delay: float, *, failed: bool = False) -> None:
         if not self.settled:
             self.settled = True
-            await self.queue.release(self.item, delay)
+            if failed:
+                await self.queue.fail(self.item, delay)
+            else:
+                await self.queue.release(self.item, delay)
 
     async def ack_in(self, store: Store, tx: Tx) -> bool:
         """Delete the row inside ``tx`` (settled once ``tx`` commits)."""

@@ -44,6 +44,8 @@ class Queued:
     attempts: int
     destination: str | None = None
     kind: str | None = None
+    #: runs of its handler that failed (counted apart from claims, see :meth:`WorkQueue.fail`)
+    failures: int = 0
 
 
 class Taker(Protocol):
@@ -208,7 +210,7 @@ class WorkQueue:
             f"UPDATE {p}messages SET available_at = {now} + ?, attempts = attempts + 1 "
             f"WHERE seq IN (SELECT seq FROM {p}messages WHERE queue = ? AND available_at <= {now} "
             f"ORDER BY available_at LIMIT ?{skip}) "
-            "RETURNING seq, id, data, attempts, destination, kind"
+            "RETURNING seq, id, data, attempts, destination, kind, failures"
         )
         self._put_sql = (
             f"INSERT INTO {p}messages (id, queue, destination, kind, data, available_at, "
@@ -323,7 +325,7 @@ class WorkQueue:
         """Lease up to ``limit`` due messages of ``queue`` (skipping locked rows)."""
         now = self._now()
         rows = await self.store.driver.fetch_single(self._claim_sql, now, lease, queue, now, limit)
-        return [Queued(r[0], r[1], bytes(r[2]), r[3], r[4], r[5]) for r in rows]
+        return [Queued(r[0], r[1], bytes(r[2]), r[3], r[4], r[5], r[6]) for r in rows]
 
     async def due(self, queues: Sequence[str]) -> list[str]:
         """Which of ``queues`` hold a row due now, in one statement."""
@@ -386,7 +388,9 @@ class WorkQueue:
         """Release a row that failed on its own; its failure count, None if the lease was lost.
 
         Failures are counted apart from ``attempts`` (claims), so a caller can
-        tell a message that keeps failing from an outage that failed everything.
+        tell a message that keeps failing from an outage that failed everything
+        (the relay), or a handler's failures from the crashes of the workers
+        that held it (a consumer's retry policy).
         """
         async with self.store.transaction() as tx:
             row = await tx.fetchone(

@@ -46,14 +46,24 @@ class Outgoing:
 
 
 class Delivery(Protocol):
-    """One received message; settle it exactly once with ack or nack."""
+    """One received message; settle it exactly once with ack or nack.
+
+    ``attempt`` counts deliveries, a delivery lost with its process included.
+    ``failures`` counts the runs of its handler that failed before this one,
+    where the transport keeps that count apart (the database queue; None
+    elsewhere): a retry policy then spends its attempts on failures only, not
+    on crashes of the workers that held the message.
+    """
 
     data: bytes
     attempt: int
+    failures: int | None
 
     async def ack(self) -> None: ...
 
-    async def nack(self, delay: float) -> None: ...
+    async def nack(self, delay: float, *, failed: bool = False) -> None:
+        """Hand the message back, due after ``delay`` seconds; ``failed``: its handler
+        failed (counted in ``failures`` where the transport keeps them)."""
 
     async def ack_in(self, store: Store, tx: Tx) -> bool:
         """Acknowledge inside ``tx`` if this delivery lives in ``store``.
@@ -62,6 +72,12 @@ class Delivery(Protocol):
         Raises :class:`~sagakit.errors.LeaseLost` if another consumer took the
         message over, so the transaction rolls back.
         """
+
+
+def attempt_of(delivery: Delivery) -> int:
+    """Which run of its handler this delivery is, for a retry policy: one more than its
+    failed runs where the transport counts them, else its delivery count."""
+    return delivery.attempt if delivery.failures is None else delivery.failures + 1
 
 
 class Writer(Protocol):

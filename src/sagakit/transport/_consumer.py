@@ -45,6 +45,9 @@ class BrokerDelivery:
 
     __slots__ = ("attempt", "data", "settled")
 
+    #: a broker counts deliveries only (see :class:`~sagakit.transport.Delivery`)
+    failures: int | None = None
+
     def __init__(self, data: bytes, attempt: int) -> None:
         self.data, self.attempt = data, attempt
         self.settled = False
@@ -54,7 +57,7 @@ class BrokerDelivery:
             self.settled = True
             await self._ack()
 
-    async def nack(self, delay: float) -> None:
+    async def nack(self, delay: float, *, failed: bool = False) -> None:
         if not self.settled:
             self.settled = True
             await self._nack(delay)
