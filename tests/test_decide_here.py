@@ -359,3 +359,27 @@ async def test_starting_an_existing_saga_again_applies_its_first_step_once(app: 
     assert await app.sagas.start(defn, Data("k"), saga_id="s") == "s"
     assert bench.runs.count("k1") == 2
     assert await bench.ledger() == ["k1", "k2"]
+
+
+async def test_two_starts_of_one_saga_id_at_once_apply_its_first_step_once(app: sk.App) -> None:
+    """Both run step one inside their start; one start commits, the other's whole
+    transaction fails on the taken id (or the step's inbox key) and it returns the id."""
+    import asyncio
+
+    bench, defn = Bench(app), _saga()
+    both = asyncio.Event()
+
+    async def together(key: str, ctx: sk.Context) -> None:
+        if key == "k1" and bench.runs.count("k1") == 2:
+            both.set()
+        elif key == "k1" and bench.runs.count("k1") == 1 and app.store.dialect == "postgresql":
+            await asyncio.wait_for(both.wait(), 10)  # both starts inside step one's handler
+
+    bench.before_write = together
+    await bench.start(defn)
+    ids = await asyncio.gather(*(app.sagas.start(defn, Data("k"), saga_id="s") for _ in "ab"))
+    assert ids == ["s", "s"]
+    view = await app.sagas.wait("s", timeout=20)
+    assert view.state == "completed"
+    assert await bench.ledger() == ["k1", "k2"]
+    assert bench.runs.count("k1") >= 2  # both ran its Python; one effect stands
