@@ -289,9 +289,10 @@ class Coordinator:
             inst = Instance(saga_id, defn.name, defn.version, SagaState.RUNNING, data, progress)
             decision = self.registry.machine(defn.name, defn.version).apply(inst, Started())
             rec = SagaRecord(saga_id, defn.name, defn.version, "", b"", b"", 0, now, now, deadline)
-            _record(rec, decision.instance)
-            if not held and not await self.store.saga_insert(tx, rec):
-                return False
+            if not held:  # written now, before its effects (held: recorded by _carry_out)
+                _record(rec, decision.instance)
+                if not await self.store.saga_insert(tx, rec):
+                    return False
             self.hooks.decided(tx, rec, defn, inst, decision, Started())
             await self._carry_out(tx, out, rec, decision, cause, insert=True)
             if then is not None:
