@@ -186,9 +186,7 @@ class Deferred:
         """True if the admission now waits for BEGIN, or needs no place before the
         handler (SQLite: no copy can run alongside); False: admit the usual way."""
         scope = self.scope
-        scope.bet = scope.optimistic and (
-            scope.tx.on_begin(self._admit) or scope.inbox.store.dialect == "sqlite"
-        )
+        scope.bet = scope.optimistic and (scope.tx.on_begin(self._admit) or scope.tx.serial)
         return scope.bet
 
     async def _admit(self) -> None:

@@ -28,6 +28,10 @@ class Tx(Protocol):
     SQL uses ``?`` placeholders on every backend; values are always bound.
     """
 
+    #: True where write transactions run one at a time (SQLite): no copy of a
+    #: message can be handled alongside this transaction's
+    serial: bool
+
     async def execute(self, sql: str, *args: Any) -> int: ...
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...

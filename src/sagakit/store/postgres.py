@@ -218,6 +218,8 @@ class PostgresTx:
     nothing of it stays) and its NOTIFYs inside it.
     """
 
+    serial = False  # transactions run side by side
+
     def __init__(self, conn: Any) -> None:
         self.connection = conn
         self._callbacks: list[Callable[[], None]] = []

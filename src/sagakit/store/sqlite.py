@@ -56,6 +56,8 @@ def _translate(exc: sqlite3.Error) -> StoreError:
 class SqliteTx:
     """A transaction on the shared connection."""
 
+    serial = True  # one writer at a time
+
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
         self._callbacks: list[Callable[[], None]] = []
