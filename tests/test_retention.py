@@ -51,8 +51,10 @@ async def store(url: str, prefix: str) -> AsyncIterator[Store]:
         await st.close()
 
 
-async def saga(store: Store, saga_id: str, state: str, at: float, lines: int = 3) -> None:
-    rec = SagaRecord(saga_id, "t", 1, state, b"{}", b"{}", 0, at, at)
+async def saga(
+    store: Store, saga_id: str, state: str, at: float, lines: int = 3, ended: float | None = None
+) -> None:
+    rec = SagaRecord(saga_id, "t", 1, state, b"{}", b"{}", 0, at, at if ended is None else ended)
     async with store.transaction() as tx:
         await store.saga_insert(tx, rec)
         await store.log(tx, [LogEntry(saga_id, at, f"line{i}") for i in range(lines)])
@@ -92,6 +94,8 @@ async def seed(store: Store) -> None:
     for state in ("failed", "running", "compensating"):
         await saga(store, f"old-{state}", state, OLD)  # unfinished: never pruned
     await saga(store, "new-completed", "completed", RECENT)
+    # started long ago, ended recently: its end, not its start, dates it
+    await saga(store, "long-completed", "completed", OLD, ended=RECENT)
     for sid in ("old-completed", "old-failed", "old-running", "new-completed"):
         await inbox(store, f"saga:{sid}:a:forward", sid)
     await inbox(store, "saga:elsewhere:a:forward", "elsewhere")  # its saga is in another store
@@ -109,12 +113,14 @@ async def test_prunes_exactly_what_is_past_its_horizon(store: Store) -> None:
     assert pruned == Pruned(sagas=3, saga_log=9, inbox=3, dead_letters=1)
     assert await remaining(store) == {
         "sagas": [
+            "long-completed",
             "new-completed",
             "old-compensating",
             "old-failed",
             "old-running",
         ],
         "saga_log": [
+            ("long-completed",),
             ("new-completed",),
             ("old-compensating",),
             ("old-failed",),
@@ -144,7 +150,7 @@ async def test_a_horizon_of_none_keeps_that_table(store: Store) -> None:
     await seed(store)
     pruned = await Pruner(store, Retention(dead_letters=30 * DAY)).prune()
     assert pruned == Pruned(dead_letters=1)
-    assert len((await remaining(store))["sagas"]) == 7
+    assert len((await remaining(store))["sagas"]) == 8
 
 
 async def test_each_batch_is_bounded(store: Store) -> None:
@@ -464,3 +470,29 @@ async def test_audit_is_kept_unless_its_horizon_is_set(store: Store) -> None:
     assert (pruned.audit, pruned.dead_letter_actions, pruned.twophase_audit) == (0, 0, 0)
     assert Retention.recommended().audit is None
     assert len((await family_rows(store))["audit"]) == 2
+
+
+#: the columns of the saga row an index may hold: none that a hop changes while
+#: the state stays put, so that hop's update is HOT on PostgreSQL (no new index
+#: entries); ``updated_at`` above all, which every hop changes
+STABLE_COLUMNS = {"id", "type", "state", "created_at"}
+
+
+async def test_no_index_of_the_saga_table_holds_a_column_a_hop_changes(store: Store) -> None:
+    p = store.prefix
+    if store.dialect == "postgresql":
+        indexed = await rows(
+            store,
+            "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+            "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = '{p}sagas'::regclass",
+        )
+    else:
+        names = [r[1] for r in await rows(store, "PRAGMA index_list({p}sagas)")]
+        indexed = [
+            r
+            for n in names
+            for r in await rows(store, f"SELECT name FROM pragma_index_info('{n}')")
+        ]
+    columns = {r[0] for r in indexed}
+    assert "state" in columns and "created_at" in columns  # retention's walk
+    assert columns <= STABLE_COLUMNS, f"{p}sagas indexes {columns - STABLE_COLUMNS}"

@@ -204,15 +204,21 @@ class Pruner:
     async def sagas_batch(self, state: str, cutoff: float) -> Pruned:
         """Up to ``batch`` finished sagas in ``state``, with their history.
 
-        One state at a time, so the (state, updated_at) index yields the
-        oldest first without sorting every candidate.
+        One state at a time, so the (state, created_at) index yields the
+        oldest first without sorting every candidate. No index holds
+        ``updated_at`` (it would keep every hop's update from being HOT), so
+        the walk goes by ``created_at``, which is never later than
+        ``updated_at``: a saga that ended before the cutoff started before it
+        (clocks that disagree between processes only delay it by their skew).
         """
         p, n = self.store.prefix, self.retention.batch
         async with self.store.transaction() as tx:
             rows = await tx.fetchall(
                 f"DELETE FROM {p}sagas WHERE id IN (SELECT id FROM {p}sagas WHERE state = ? "
-                f"AND updated_at < ? ORDER BY updated_at LIMIT ?{self._skip}) RETURNING id",
+                "AND created_at < ? AND updated_at < ? ORDER BY created_at LIMIT ?"
+                f"{self._skip}) RETURNING id",
                 state,
+                cutoff,
                 cutoff,
                 n,
             )
@@ -276,13 +282,15 @@ class Pruner:
         self, cutoffs: dict[str, float | None]
     ) -> list[tuple[str, str, tuple[float, ...]]]:
         sagas, inbox, dead = cutoffs["sagas"], cutoffs["inbox"], cutoffs["dead_letters"]
-        p, done = self.store.prefix, f"state IN {_sql_list(FINISHED)} AND updated_at < ?"
+        p = self.store.prefix
+        done = f"state IN {_sql_list(FINISHED)} AND created_at < ? AND updated_at < ?"
         queries: list[tuple[str, str, tuple[float, ...]]] = []
         if sagas is not None:
-            queries.append(("sagas", f"SELECT count(*) FROM {p}sagas WHERE {done}", (sagas,)))
+            both = (sagas, sagas)
+            queries.append(("sagas", f"SELECT count(*) FROM {p}sagas WHERE {done}", both))
             in_done = f"SELECT id FROM {p}sagas WHERE {done}"
             log_sql = f"SELECT count(*) FROM {p}saga_log WHERE saga_id IN ({in_done})"
-            queries.append(("saga_log", log_sql, (sagas,)))
+            queries.append(("saga_log", log_sql, both))
         if inbox is not None:
             inbox_sql = f"SELECT count(*) FROM {p}inbox i WHERE {self._inbox_where}"
             queries.append(("inbox", inbox_sql, (inbox, inbox)))

@@ -162,6 +162,15 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX IF NOT EXISTS {p}process_log_key ON {p}process_log (process, key, seq)",
         "CREATE INDEX IF NOT EXISTS {p}process_log_corr ON {p}process_log (correlation_id)",
     ],
+    [
+        # HOT updates of the saga row (PostgreSQL): a hop that leaves the state
+        # alone changes no indexed column, so the row is updated in place and no
+        # index gains an entry. ``updated_at`` leaves the indexes; retention walks
+        # finished sagas by (state, created_at), which never changes, and checks
+        # ``updated_at`` on the rows (a saga ends after it starts).
+        "DROP INDEX IF EXISTS {p}sagas_updated",
+        "CREATE INDEX IF NOT EXISTS {p}sagas_created ON {p}sagas (state, created_at)",
+    ],
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
