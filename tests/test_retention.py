@@ -358,6 +358,7 @@ RESERVATION = (
     "created_at, updated_at) VALUES ('s', ?, 'st', 'r', 1, ?, ?, ?, ?)"
 )
 TWOPHASE_KEY = "INSERT INTO {p}twophase_keys (key, group_id, decided_at) VALUES (?, 'g', ?)"
+FAILURE = "INSERT INTO {p}failures (consumer, message_id, failures, at) VALUES ('c', ?, 1, ?)"
 AUDIT = (
     "INSERT INTO {p}audit (at, actor, role, via, action, target, reason, outcome) "
     "VALUES (?, 'ann', 'operator', 'cli', 'retry', ?, 'why', 'done')"
@@ -407,6 +408,7 @@ async def seed_families(store: Store) -> None:
         await put(store, RESERVATION, holder, state, at, at, at)
     for key, at in [("old", OLD), ("recent", T0 - 1.0)]:  # the inbox horizon is 7 days
         await put(store, TWOPHASE_KEY, key, at)
+        await put(store, FAILURE, key, at)
     for target, at in [("old", OLD), ("recent", RECENT)]:
         for sql in (AUDIT, DL_ACTION, TP_AUDIT):
             await put(store, sql, at, target)
@@ -423,6 +425,7 @@ FAMILIES_PRUNED = Pruned(
     awaits=1,
     reservations=2,
     twophase_keys=1,
+    failures=1,
     audit=1,
     dead_letter_actions=1,
     twophase_audit=1,
@@ -438,6 +441,7 @@ async def family_rows(store: Store) -> dict[str, list[Any]]:
         "awaits": "SELECT key FROM {p}awaits",
         "reservations": "SELECT holder FROM {p}reservations",
         "twophase_keys": "SELECT key FROM {p}twophase_keys",
+        "failures": "SELECT message_id FROM {p}failures",
         "audit": "SELECT target FROM {p}audit",
         "dead_letter_actions": "SELECT queue FROM {p}dead_letter_actions",
         "twophase_audit": "SELECT group_id FROM {p}twophase_audit",
@@ -457,6 +461,7 @@ async def test_ended_flows_processes_locks_keys_and_audit_are_pruned(store: Stor
         "awaits": ["recent", "still-waiting"],
         "reservations": ["c", "d"],
         "twophase_keys": ["recent"],
+        "failures": ["recent"],
         "audit": ["recent"],
         "dead_letter_actions": ["recent"],
         "twophase_audit": ["recent"],

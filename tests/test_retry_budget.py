@@ -4,8 +4,9 @@ A command's worker is SIGKILLed under its handler three times (each kill is a
 delivery that never finished), then its handler fails once with a technical
 error. The retry policy allows two tries: counted in deliveries (five by then)
 it would give up at that first failure and dead-letter the command; counted in
-the handler's failed runs (the database queue keeps them apart from its
-claims), it retries, and the command succeeds, once.
+the handler's failed runs, it retries, and the command succeeds, once. The
+database queue keeps those apart from its claims; over RabbitMQ, NATS and
+Redis, which count deliveries, the store counts them (``{prefix}failures``).
 """
 
 from __future__ import annotations
@@ -16,15 +17,25 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import msgspec
 import pytest
 
+import sagakit as sk
 from sagakit.messages import Envelope, Headers, new_id
 from sagakit.store import Store
+from sagakit.testing import drop_tables
+from sagakit.transport import Outgoing
+from sagakit.transport._url import with_option
+from tests.broker_net import noted_namespace
 from tests.helpers import die_with_parent
+from tests.test_namespaces import CLEANUPS
+from tests.test_rabbitmq import amqp_url, rabbitmq_vhosts
+
+__all__ = ["amqp_url", "rabbitmq_vhosts"]  # fixtures, used by name through CLEANUPS
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,10 +44,13 @@ HANGS = 3
 REPLIES = "crash.replies"
 
 
-def _start(store: Store, runs: Path, log: Path) -> subprocess.Popen[bytes]:
+def _start(
+    store: Store, runs: Path, log: Path, transport: str | None = None
+) -> subprocess.Popen[bytes]:
+    args = [store.url, store.prefix, str(runs), str(HANGS), *([transport] if transport else [])]
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, str(WORKER), store.url, store.prefix, str(runs), str(HANGS)],
+            [sys.executable, str(WORKER), *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -59,39 +73,115 @@ async def _replies(store: Store) -> list[bytes]:
     return [bytes(r[0]) for r in rows]
 
 
+def _ready(log: Path, workers: int) -> bool:
+    return log.read_text().count("ready") >= workers
+
+
 def _runs(runs: Path) -> int:
     return len(runs.read_text().split())
 
 
-async def test_killed_workers_do_not_spend_the_retries(store: Store, tmp_path: Path) -> None:
-    p, runs, log = store.prefix, tmp_path / "runs.txt", tmp_path / "worker.log"
-    runs.touch()
+def _ran(runs: Path, n: int) -> bool:
+    return _runs(runs) >= n
+
+
+def _command() -> Envelope:
     headers = Headers(saga_id="s1", saga_type="t", step="charge", reply_to=REPLIES, attempt=1)
-    env = Envelope(new_id(), "crash.Charge", "command", msgspec.Raw(b'{"key":"k"}'), headers)
+    return Envelope(new_id(), "crash.Charge", "command", msgspec.Raw(b'{"key":"k"}'), headers)
+
+
+async def _crash_three_times(
+    store: Store, tmp_path: Path, put: Callable[[Envelope], Awaitable[None]], transport: str | None
+) -> subprocess.Popen[bytes]:
+    """Kill a worker under the handler three times; return the fourth worker, running."""
+    runs, log = tmp_path / "runs.txt", tmp_path / "worker.log"
+    runs.touch()
     async with store.transaction() as tx:
-        await tx.execute(f"CREATE TABLE {p}charges (k TEXT NOT NULL)")
-        await store.queue.put(tx, "crash", env.id, msgspec.json.encode(env))
-    for kill in range(1, HANGS + 1):  # a worker dies under the handler, three times
-        worker = _start(store, runs, log)
+        await tx.execute(f"CREATE TABLE {store.prefix}charges (k TEXT NOT NULL)")
+    for kill in range(1, HANGS + 2):
+        worker = _start(store, runs, log, transport)
+        ready = partial(_ready, log, kill)
+        await _until(ready, f"worker {kill}", log)
+        if kill == 1:
+            await put(_command())  # once a consumer is there to take it
+        if kill == HANGS + 1:
+            break
         try:
-            await _until(lambda k=kill: _runs(runs) >= k, f"run {kill}", log)  # type: ignore[misc]
+            await _until(partial(_ran, runs, kill), f"run {kill}", log)
         finally:
             worker.send_signal(signal.SIGKILL)
             worker.wait(10)
-    worker = _start(store, runs, log)
     try:
-        await _until(lambda: _runs(runs) >= HANGS + 2, "the last run", log)
+        await _until(partial(_ran, runs, HANGS + 2), "the last run", log)
+    except BaseException:
+        _stop(worker)
+        raise
+    return worker
+
+
+def _stop(worker: subprocess.Popen[bytes]) -> None:
+    worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(15)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+
+
+async def _charged_once(store: Store, tmp_path: Path) -> None:
+    async with store.transaction() as tx:
+        charges = await tx.fetchall(f"SELECT k FROM {store.prefix}charges")
+    assert [r[0] for r in charges] == ["k"]
+    assert _runs(tmp_path / "runs.txt") == HANGS + 2  # three killed, one failed, one done
+    assert await store.dead_letters() == []
+
+
+async def test_killed_workers_do_not_spend_the_retries(store: Store, tmp_path: Path) -> None:
+    async def put(env: Envelope) -> None:
+        async with store.transaction() as tx:
+            await store.queue.put(tx, "crash", env.id, msgspec.json.encode(env))
+
+    worker = await _crash_three_times(store, tmp_path, put, None)
+    try:
         deadline = time.monotonic() + 30
         while not (replies := await _replies(store)):
-            assert time.monotonic() < deadline, log.read_text()
+            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
             await asyncio.sleep(0.02)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(15)
+        _stop(worker)
     [reply] = [msgspec.json.decode(r) for r in replies]
     assert reply["headers"]["outcome"] == "success", reply
-    async with store.transaction() as tx:
-        charges = await tx.fetchall(f"SELECT k FROM {p}charges")
-    assert [r[0] for r in charges] == ["k"]
-    assert _runs(runs) == HANGS + 2  # three killed, one failed, one done
-    assert await store.dead_letters() == []
+    await _charged_once(store, tmp_path)
+
+
+#: a short lease, so a killed worker's message comes back soon (RabbitMQ: at once)
+LEASES = {"nats": "2", "redis": "1"}
+
+
+@pytest.mark.parametrize("broker", sorted(CLEANUPS))
+async def test_killed_workers_do_not_spend_the_retries_over_a_broker(
+    broker: str, request: pytest.FixtureRequest, postgres_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """The brokers count deliveries (five by the end): the store counts the failed run."""
+    fixture, cleanup = CLEANUPS[broker]
+    url = with_option(str(request.getfixturevalue(fixture)), "namespace", noted_namespace("rb"))
+    if broker in LEASES:
+        url = with_option(url, "lease", LEASES[broker])
+    app = sk.App(postgres_url, url, settings=sk.Settings(prefix=prefix), run=[])
+    codec = app.codec
+
+    async def put(env: Envelope) -> None:
+        await app.transport.publish([Outgoing(env.id, "command", "crash", codec.encode(env))])
+
+    try:
+        async with app:
+            worker = await _crash_three_times(app.store, tmp_path, put, url)
+            _stop(worker)
+            await _charged_once(app.store, tmp_path)
+            async with app.store.transaction() as tx:
+                counted = await tx.fetchall(f"SELECT consumer, failures FROM {prefix}failures")
+            assert [tuple(r) for r in counted] == [("crash", 1)]
+    finally:
+        await cleanup(app)
+        await app.store.open()
+        await drop_tables(app.store)
+        await app.store.close()

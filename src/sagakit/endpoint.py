@@ -41,6 +41,7 @@ from .errors import (
     OutcomeExists,
     Refusal,
     RoutingError,
+    SagakitError,
     SagaVersionUnknown,
     StoreUnavailable,
     TransportError,
@@ -365,18 +366,33 @@ class Endpoint:
     async def technical_failure(self, delivery: Delivery, env: Envelope, exc: Exception) -> None:
         """Retry with backoff; when the policy gives up, dead-letter and reply.
 
-        The policy's attempts are the handler's runs that failed, where the
-        transport counts them (the database queue): a message whose workers
-        were killed under it has not used its retries up. Elsewhere they are
-        its deliveries.
+        The policy's attempts are the handler's runs that failed, never its
+        deliveries: a message whose workers were killed under it has not used
+        its retries up. The database queue counts them itself; for a broker's
+        message the store does (:meth:`_failed_runs`).
         """
-        attempt, retry = attempt_of(delivery), self.policy.retry
+        attempt, retry = await self._failed_runs(delivery, env), self.policy.retry
         if not retry.gives_up_after(attempt) and getattr(exc, "retryable", True):
             log.info("retrying %s (%s) after attempt %d: %r", env.type, env.id, attempt, exc)
             await delivery.nack(retry.delay(attempt), failed=True)
             return
         log.warning("giving up on %s (%s) after %d attempts: %r", env.type, env.id, attempt, exc)
         await self.dead_letter(delivery, env, exc, technical=True)
+
+    async def _failed_runs(self, delivery: Delivery, env: Envelope) -> int:
+        """This failure's number among the handler's failed runs of the message.
+
+        Where the transport does not count them (``failures`` is None), the
+        store counts them under the message id; if it cannot (it is away),
+        the delivery count stands in.
+        """
+        if delivery.failures is not None:
+            return attempt_of(delivery)
+        try:
+            return await self.store.count_failure(self.inbox.consumer, env.id)
+        except SagakitError as exc:
+            log.warning("%s: could not count a failure of %s: %s", self.name, env.id, exc)
+            return delivery.attempt
 
     async def _over_limit(self, delivery: Delivery, env: Envelope) -> None:
         limit = self.policy.max_deliveries

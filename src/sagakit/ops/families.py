@@ -18,7 +18,9 @@ Which horizon each family follows, and why:
   without a waiter). A row whose command still waits is never pruned.
 - ``inbox``: the keys that make a 2PC saga step run once
   (``twophase_keys``): they deduplicate re-sent commands exactly as inbox
-  rows do, so they follow the inbox rule. The 2PC commit records are not
+  rows do, so they follow the inbox rule; and the failed runs counted for a
+  broker's messages (``failures``), which matter only while a message can
+  still be delivered. The 2PC commit records are not
   pruned: recovery reads them for as long as a branch may be in doubt.
 - ``audit``: the console's audit, the dead-letter actions and the 2PC audit
   (append-only logs; kept for ever unless ``Retention.audit`` is set).
@@ -113,6 +115,7 @@ FAMILIES: tuple[Family, ...] = (
         "updated_at",
     ),
     Family("twophase_keys", "inbox", "twophase_keys", ("key",), "1 = 1", "decided_at"),
+    Family("failures", "inbox", "failures", ("consumer", "message_id"), "1 = 1", "at"),
     Family("audit", "audit", "audit", ("seq",), "1 = 1", "at"),
     Family("dead_letter_actions", "audit", "dead_letter_actions", ("seq",), "1 = 1", "at"),
     Family("twophase_audit", "audit", "twophase_audit", ("seq",), "1 = 1", "at"),

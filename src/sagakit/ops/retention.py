@@ -134,6 +134,7 @@ class Pruned:
     awaits: int = 0
     reservations: int = 0
     twophase_keys: int = 0
+    failures: int = 0
     audit: int = 0
     dead_letter_actions: int = 0
     twophase_audit: int = 0

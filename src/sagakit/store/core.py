@@ -364,6 +364,28 @@ class Store:
         )
         return str(row[0])
 
+    # -- failed runs -------------------------------------------------------
+
+    async def count_failure(self, consumer: str, message_id: str) -> int:
+        """Count one failed run of ``consumer``'s handler on a message; return its failures.
+
+        For transports that count only deliveries (the brokers): a run that
+        raised is counted here, in a transaction of its own, while a run cut
+        short by a crash never is, so a message whose workers were killed
+        under it keeps its retries. Rows are pruned with the inbox.
+        """
+        async with self.transaction() as tx:
+            row = await tx.fetchone(
+                f"INSERT INTO {self.prefix}failures (consumer, message_id, failures, at) "
+                "VALUES (?, ?, 1, ?) ON CONFLICT (consumer, message_id) DO UPDATE "
+                f"SET failures = {self.prefix}failures.failures + 1, at = excluded.at "
+                "RETURNING failures",
+                consumer,
+                message_id,
+                self.clock.now(),
+            )
+        return int(row[0])
+
     # -- dead letters ------------------------------------------------------
 
     async def dead_letter(

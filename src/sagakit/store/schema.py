@@ -170,6 +170,13 @@ MIGRATIONS: list[list[str]] = [
         # ``updated_at`` on the rows (a saga ends after it starts).
         "DROP INDEX IF EXISTS {p}sagas_updated",
         "CREATE INDEX IF NOT EXISTS {p}sagas_created ON {p}sagas (state, created_at)",
+        # The failed runs of a handler on a broker's message (Store.count_failure):
+        # the brokers count deliveries, a crash included; the retry policy counts
+        # failures, as the database queue's own ``failures`` column does.
+        """CREATE TABLE IF NOT EXISTS {p}failures (
+            consumer TEXT NOT NULL, message_id TEXT NOT NULL, failures INTEGER NOT NULL,
+            at {real} NOT NULL, PRIMARY KEY (consumer, message_id))""",
+        "CREATE INDEX IF NOT EXISTS {p}failures_at ON {p}failures (at)",
     ],
 ]
 

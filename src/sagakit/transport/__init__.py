@@ -50,9 +50,10 @@ class Delivery(Protocol):
 
     ``attempt`` counts deliveries, a delivery lost with its process included.
     ``failures`` counts the runs of its handler that failed before this one,
-    where the transport keeps that count apart (the database queue; None
-    elsewhere): a retry policy then spends its attempts on failures only, not
-    on crashes of the workers that held the message.
+    where the transport keeps that count apart (the database queue; None on
+    the brokers, where the endpoint's store counts them instead): a retry
+    policy spends its attempts on failures only, not on crashes of the
+    workers that held the message.
     """
 
     data: bytes
