@@ -208,31 +208,48 @@ class SqliteDriver:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTx]:
+        """A caller's transaction, a member of the open group (group commit).
+
+        A member that fails is rolled back alone: to its savepoint, or, for
+        the group's first member (nothing else in it yet), with the whole
+        transaction, so the first needs no savepoint and a caller alone (one
+        in flight) sends no SAVEPOINT or RELEASE.
+        """
         async with self._queued():
             conn = self._connection()
-            group = self._group
+            group, first = self._group, self._group is None
             if group is None:
                 await self._begin(conn)
                 group = self._group = _Group()
-            try:
-                _run(conn, f"SAVEPOINT {_MEMBER}")
-            except StoreError:
-                self._settle(group)  # never leave a group nobody will end
-                raise
+            else:
+                self._savepoint(conn, group)
             tx = SqliteTx(conn)
             try:
                 yield tx
-                _run(conn, f"RELEASE {_MEMBER}")
+                if not first:
+                    _run(conn, f"RELEASE {_MEMBER}")
             except BaseException:
-                self._undo(conn, group)
+                self._undo(conn, group, first)
                 tx.rolled_back()
                 raise
             group.txs.append(tx)
             await self._gather(group)
         await asyncio.shield(group.done)  # durable before the block returns
 
-    def _undo(self, conn: sqlite3.Connection, group: _Group) -> None:
+    def _savepoint(self, conn: sqlite3.Connection, group: _Group) -> None:
+        try:
+            _run(conn, f"SAVEPOINT {_MEMBER}")
+        except StoreError:
+            self._settle(group)  # never leave a group nobody will end
+            raise
+
+    def _undo(self, conn: sqlite3.Connection, group: _Group, first: bool) -> None:
         """Roll one caller's transaction back alone, keeping the group's others."""
+        if first:  # nobody else joined yet: the group ends with it
+            self._group = None
+            _quiet_rollback(conn)
+            group.done.set_result(None)
+            return
         try:
             conn.execute(f"ROLLBACK TO {_MEMBER}")
             conn.execute(f"RELEASE {_MEMBER}")

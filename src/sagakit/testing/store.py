@@ -441,6 +441,22 @@ class StoreContract:
                 await store.saga_insert(tx, _saga("nested-ok"))
         assert [r.id for r in await store.saga_list()] == ["kept", "nested-ok"]
 
+    async def test_failing_transactions_among_concurrent_ones_take_only_their_writes(
+        self, store: Store
+    ) -> None:
+        """Six at once (on SQLite they share write transactions: group commit); the
+        first and a later one fail, and each loses its own writes only."""
+
+        async def one(i: int) -> None:
+            async with store.transaction() as tx:
+                await store.saga_insert(tx, _saga(f"s{i}"))
+                if i in (0, 3):
+                    raise RuntimeError(f"undo s{i}")
+
+        results = await asyncio.gather(*(one(i) for i in range(6)), return_exceptions=True)
+        assert [isinstance(r, RuntimeError) for r in results] == [i in (0, 3) for i in range(6)]
+        assert [r.id for r in await store.saga_list()] == ["s1", "s2", "s4", "s5"]
+
     async def test_failed_statement_in_savepoint_keeps_transaction(self, store: Store) -> None:
         await store.queue.subscribe("t", "q")
         sql = f"INSERT INTO {store.prefix}subscriptions (topic, queue) VALUES (?, ?)"
