@@ -26,12 +26,12 @@ import pytest
 
 import sagakit as sk
 from sagakit.messages import Envelope, Headers, new_id
-from sagakit.store import Store
+from sagakit.store import DeadLetter, Store
 from sagakit.testing import drop_tables
 from sagakit.transport import Outgoing
 from sagakit.transport._url import with_option
 from tests.broker_net import noted_namespace
-from tests.helpers import die_with_parent
+from tests.helpers import Happened, die_with_parent, eventually
 from tests.test_namespaces import CLEANUPS
 from tests.test_rabbitmq import amqp_url, rabbitmq_vhosts
 
@@ -179,9 +179,69 @@ async def test_killed_workers_do_not_spend_the_retries_over_a_broker(
             await _charged_once(app.store, tmp_path)
             async with app.store.transaction() as tx:
                 counted = await tx.fetchall(f"SELECT consumer, failures FROM {prefix}failures")
-            assert [tuple(r) for r in counted] == [("crash", 1)]
+            assert counted == [], "the count went with the command's outcome"
     finally:
         await cleanup(app)
         await app.store.open()
         await drop_tables(app.store)
         await app.store.close()
+
+
+async def test_a_replayed_letter_starts_with_every_retry(tmp_path: Path) -> None:
+    """Over a transport that counts deliveries only (``memory://``, as the brokers),
+    an event dead-lettered after its two tries and replayed gets both again: the
+    dead letter took its counted failures along, and its success leaves none."""
+    retry = sk.RetryPolicy(max_attempts=2, initial=0.01)
+    settings = sk.Settings(retry=retry, max_poll=0.02)
+    app = sk.App(f"sqlite:///{tmp_path}/replay.db", "memory://", settings=settings)
+    runs: list[str] = []
+    failing = [2]  # runs that fail: the first two, then (for the replay) one more
+
+    @app.participant("audit").event(Happened)
+    async def on_happened(evt: Happened, ctx: sk.Context) -> None:
+        runs.append(evt.key)
+        if len(runs) <= failing[0]:
+            raise RuntimeError("audit log unavailable")
+
+    async def letters() -> list[DeadLetter]:
+        return await app.dead_letters.list()
+
+    async with app:
+        env = app.codec.make(Happened("k"), Headers())
+        await app.transport.publish([Outgoing(env.id, "event", env.type, app.codec.encode(env))])
+        await eventually(lambda: _has(letters(), 1))
+        [letter] = await letters()
+        failing[0] = 3
+        await app.dead_letters.replay(letter.seq, actor=sk.Actor("ann"), reason="fixed")
+        await eventually(lambda: _true(len(runs) == 4))
+        assert await letters() == []
+        async with app.store.transaction() as tx:
+            left = await tx.fetchall(f"SELECT * FROM {app.store.prefix}failures")
+        assert left == []
+
+
+async def _has(letters: Awaitable[list[DeadLetter]], n: int) -> bool:
+    return len(await letters) >= n
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_a_letter_given_up_at_once_leaves_no_count_behind(tmp_path: Path) -> None:
+    """One try only: the message is dead-lettered at its first delivery, and its
+    counted failure goes with it (a replay would otherwise start one down)."""
+    settings = sk.Settings(retry=sk.RetryPolicy(max_attempts=1), max_poll=0.02)
+    app = sk.App(f"sqlite:///{tmp_path}/once.db", "memory://", settings=settings)
+
+    @app.participant("audit").event(Happened)
+    async def on_happened(evt: Happened, ctx: sk.Context) -> None:
+        raise RuntimeError("audit log unavailable")
+
+    async with app:
+        env = app.codec.make(Happened("k"), Headers())
+        await app.transport.publish([Outgoing(env.id, "event", env.type, app.codec.encode(env))])
+        await eventually(lambda: _has(app.dead_letters.list(), 1))
+        async with app.store.transaction() as tx:
+            left = await tx.fetchall(f"SELECT * FROM {app.store.prefix}failures")
+        assert left == []

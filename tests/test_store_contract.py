@@ -163,6 +163,39 @@ async def test_competing_sqlite_connections(tmp_path: Path, prefix: str) -> None
         await a.close()
 
 
+async def test_sqlite_ending_a_groups_first_transaction_fails_it_alone(
+    tmp_path: Path, prefix: str
+) -> None:
+    """The first transaction of a group takes no savepoint: if SQLite ends the whole
+    transaction under it (``INSERT OR ROLLBACK``) and its caller carries on, it
+    fails (what it wrote after ran alone, in autocommit), and the two queued behind it
+    commit in a transaction of their own."""
+    store = open_store(f"sqlite:///{tmp_path / 'ended.db'}", prefix=prefix)
+    await store.open()
+    sql = f"INSERT OR ROLLBACK INTO {prefix}subscriptions (topic, queue) VALUES (?, ?)"
+    try:
+        await store.queue.subscribe("t", "q")
+
+        async def first() -> None:
+            async with store.transaction() as tx:
+                with pytest.raises(StoreError):
+                    await tx.execute(sql, "t", "q")  # a duplicate: SQLite rolls it all back
+                await tx.execute(sql, "t", "alone")  # outside any transaction: committed alone
+                await asyncio.sleep(0)  # the others queue up behind
+
+        async def later(queue: str) -> None:
+            async with store.transaction() as tx:
+                await tx.execute(sql, "t", queue)
+
+        results = await asyncio.gather(first(), later("b1"), later("b2"), return_exceptions=True)
+        assert isinstance(results[0], StoreError) and results[1:] == [None, None]
+        async with store.transaction() as tx:
+            rows = await tx.fetchall(f"SELECT queue FROM {prefix}subscriptions ORDER BY 1")
+        assert [r[0] for r in rows] == ["alone", "b1", "b2", "q"]
+    finally:
+        await store.close()
+
+
 # -- error translation at the driver boundary --------------------------------
 
 

@@ -289,6 +289,8 @@ class Endpoint:
                 await body(scope)
                 await self.writer.flush(tx, scope.out)
                 if delivery is not None:
+                    if delivery.failures is None and delivery.attempt > 1:
+                        await self.store.clear_failures(tx, self.inbox.consumer, env.id)
                     acked = await delivery.ack_in(self.store, tx)
         except _SETTLED:
             raise
@@ -371,8 +373,9 @@ class Endpoint:
         its retries up. The database queue counts them itself; for a broker's
         message the store does (:meth:`_failed_runs`).
         """
-        attempt, retry = await self._failed_runs(delivery, env), self.policy.retry
-        if not retry.gives_up_after(attempt) and getattr(exc, "retryable", True):
+        retry, retryable = self.policy.retry, getattr(exc, "retryable", True)
+        attempt = await self._failed_runs(delivery, env) if retryable else attempt_of(delivery)
+        if retryable and not retry.gives_up_after(attempt):
             log.info("retrying %s (%s) after attempt %d: %r", env.type, env.id, attempt, exc)
             await delivery.nack(retry.delay(attempt), failed=True)
             return
@@ -383,8 +386,9 @@ class Endpoint:
         """This failure's number among the handler's failed runs of the message.
 
         Where the transport does not count them (``failures`` is None), the
-        store counts them under the message id; if it cannot (it is away),
-        the delivery count stands in.
+        store counts them under the message id. If it cannot (it is away),
+        this failure goes uncounted, as a first one: deliveries, crashes
+        included, never stand in (``max_deliveries`` bounds those).
         """
         if delivery.failures is not None:
             return attempt_of(delivery)
@@ -392,7 +396,7 @@ class Endpoint:
             return await self.store.count_failure(self.inbox.consumer, env.id)
         except SagakitError as exc:
             log.warning("%s: could not count a failure of %s: %s", self.name, env.id, exc)
-            return delivery.attempt
+            return 1
 
     async def _over_limit(self, delivery: Delivery, env: Envelope) -> None:
         limit = self.policy.max_deliveries
@@ -506,6 +510,8 @@ class Endpoint:
     async def _store_dead_letter(
         self, tx: Tx, data: bytes, env: Envelope | None, exc: Exception
     ) -> None:
+        if env is not None:  # a replay starts with every retry
+            await self.store.clear_failures(tx, self.inbox.consumer, env.id)
         await self.store.dead_letter(
             tx,
             self.name,

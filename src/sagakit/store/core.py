@@ -372,7 +372,9 @@ class Store:
         For transports that count only deliveries (the brokers): a run that
         raised is counted here, in a transaction of its own, while a run cut
         short by a crash never is, so a message whose workers were killed
-        under it keeps its retries. Rows are pruned with the inbox.
+        under it keeps its retries. The row goes with the message's outcome
+        or dead letter (:meth:`clear_failures`); what is left is pruned with
+        the inbox.
         """
         async with self.transaction() as tx:
             row = await tx.fetchone(
@@ -385,6 +387,15 @@ class Store:
                 self.clock.now(),
             )
         return int(row[0])
+
+    async def clear_failures(self, tx: Tx, consumer: str, message_id: str) -> None:
+        """Forget a message's counted failures with ``tx`` (its outcome or dead letter):
+        a replay or resend under the same id starts with every retry."""
+        await tx.later(
+            f"DELETE FROM {self.prefix}failures WHERE consumer = ? AND message_id = ?",
+            consumer,
+            message_id,
+        )
 
     # -- dead letters ------------------------------------------------------
 

@@ -168,8 +168,9 @@ MIGRATIONS: list[list[str]] = [
         # index gains an entry. ``updated_at`` leaves the indexes; retention walks
         # finished sagas by (state, created_at), which never changes, and checks
         # ``updated_at`` on the rows (a saga ends after it starts).
-        "DROP INDEX IF EXISTS {p}sagas_updated",
+        # (The new index first: the drop's exclusive lock is then held for less.)
         "CREATE INDEX IF NOT EXISTS {p}sagas_created ON {p}sagas (state, created_at)",
+        "DROP INDEX IF EXISTS {p}sagas_updated",
         # The failed runs of a handler on a broker's message (Store.count_failure):
         # the brokers count deliveries, a crash included; the retry policy counts
         # failures, as the database queue's own ``failures`` column does.
@@ -183,9 +184,10 @@ MIGRATIONS: list[list[str]] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 #: Migrations older code cannot run on (a dropped or renamed column, a changed
-#: meaning). Every migration so far only adds, so a process of an older release
-#: keeps working on a migrated database; one listed here raises the oldest
-#: release allowed to start (the database records it as ``{p}schema_floor``).
+#: meaning). Every migration so far only adds, or (11) drops an index older code
+#: only sorted by, so a process of an older release keeps working on a migrated
+#: database; one listed here raises the oldest release allowed to start (the
+#: database records it as ``{p}schema_floor``).
 BREAKING: frozenset[int] = frozenset()
 
 

@@ -8,8 +8,9 @@ new messages by short adaptive polling.
 
 Group commit: the write transaction's BEGIN IMMEDIATE and COMMIT cost more
 than a hop's statements, so transactions that queue up behind each other
-share one. Each caller's transaction runs in a savepoint of the shared one (a
-caller that raises rolls back alone); the last caller in line — or the
+share one. Each caller's transaction after the first runs in a savepoint of
+the shared one (a caller that raises rolls back alone; the first, with
+nobody else in it yet, rolls the whole transaction back); the last caller in line — or the
 :data:`GROUP_MAX`-th — commits for everyone. Nobody's ``async with`` returns
 before that COMMIT, so a transaction is durable when its block ends, exactly
 as before; commit callbacks and wake-ups run after it. A lone transaction
@@ -227,7 +228,11 @@ class SqliteDriver:
             try:
                 yield tx
                 if not first:
-                    _run(conn, f"RELEASE {_MEMBER}")
+                    _run(conn, f"RELEASE {_MEMBER}")  # fails if SQLite ended it all
+                elif not conn.in_transaction:
+                    raise StoreError(
+                        "sqlite: the transaction was rolled back by SQLite", retryable=False
+                    )
             except BaseException:
                 self._undo(conn, group, first)
                 tx.rolled_back()
@@ -244,7 +249,8 @@ class SqliteDriver:
             raise
 
     def _undo(self, conn: sqlite3.Connection, group: _Group, first: bool) -> None:
-        """Roll one caller's transaction back alone, keeping the group's others."""
+        """Roll one caller's transaction back alone, keeping the group's others
+        (the first caller's: the whole transaction, which nobody else has joined)."""
         if first:  # nobody else joined yet: the group ends with it
             self._group = None
             _quiet_rollback(conn)

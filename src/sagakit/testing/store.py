@@ -350,6 +350,17 @@ class StoreContract:
         assert (again.attempts, await store.queue.fail(again, 0.0)) == (2, 2)
         assert await store.queue.fail(item, 0.0) is None, "a stale lease counts nothing"
 
+    async def test_a_broker_messages_failures_are_counted_per_consumer_and_cleared(
+        self, store: Store
+    ) -> None:
+        assert [await store.count_failure("a", "m1") for _ in range(3)] == [1, 2, 3]
+        assert await store.count_failure("b", "m1") == 1, "another consumer counts apart"
+        assert await store.count_failure("a", "m2") == 1, "and another message"
+        async with store.transaction() as tx:
+            await store.clear_failures(tx, "a", "m1")
+        assert await store.count_failure("a", "m1") == 1
+        assert await store.count_failure("b", "m1") == 2
+
     # -- sagas -----------------------------------------------------------
 
     async def test_saga_insert_is_idempotent_and_loads(self, store: Store) -> None:
