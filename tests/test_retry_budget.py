@@ -25,6 +25,7 @@ import msgspec
 import pytest
 
 import sagakit as sk
+from sagakit.errors import StoreUnavailable
 from sagakit.messages import Envelope, Headers, new_id
 from sagakit.store import DeadLetter, Store
 from sagakit.testing import drop_tables
@@ -245,3 +246,32 @@ async def test_a_letter_given_up_at_once_leaves_no_count_behind(tmp_path: Path) 
         async with app.store.transaction() as tx:
             left = await tx.fetchall(f"SELECT * FROM {app.store.prefix}failures")
         assert left == []
+
+
+async def test_a_failure_the_store_cannot_count_is_not_counted_in_deliveries(
+    tmp_path: Path,
+) -> None:
+    """The store is away just when a failure is to be counted (the fault injected
+    at ``count_failure``): the failure goes uncounted, as a first one, and the
+    message is retried, not given up on by its delivery count."""
+    retry = sk.RetryPolicy(max_attempts=2, initial=0.01)
+    settings = sk.Settings(retry=retry, max_poll=0.02)
+    app = sk.App(f"sqlite:///{tmp_path}/away.db", "memory://", settings=settings)
+    runs: list[str] = []
+
+    async def away(consumer: str, message_id: str) -> int:
+        raise StoreUnavailable("the store is away")
+
+    app.store.count_failure = away  # type: ignore[method-assign]
+
+    @app.participant("audit").event(Happened)
+    async def on_happened(evt: Happened, ctx: sk.Context) -> None:
+        runs.append(evt.key)
+        if len(runs) <= 3:  # three deliveries fail: counted in deliveries, the policy gives up
+            raise RuntimeError("audit log unavailable")
+
+    async with app:
+        env = app.codec.make(Happened("k"), Headers())
+        await app.transport.publish([Outgoing(env.id, "event", env.type, app.codec.encode(env))])
+        await eventually(lambda: _true(len(runs) == 4))
+        assert await app.dead_letters.list() == []
