@@ -218,7 +218,8 @@ class SqliteDriver:
         """
         async with self._queued():
             conn = self._connection()
-            group, first = self._group, self._group is None
+            group = self._group
+            first = group is None
             if group is None:
                 await self._begin(conn)
                 group = self._group = _Group()
@@ -251,10 +252,8 @@ class SqliteDriver:
     def _undo(self, conn: sqlite3.Connection, group: _Group, first: bool) -> None:
         """Roll one caller's transaction back alone, keeping the group's others
         (the first caller's: the whole transaction, which nobody else has joined)."""
-        if first:  # nobody else joined yet: the group ends with it
-            self._group = None
-            _quiet_rollback(conn)
-            group.done.set_result(None)
+        if first:  # nobody else joined yet: the group, empty, ends with it
+            self._commit_group()
             return
         try:
             conn.execute(f"ROLLBACK TO {_MEMBER}")
