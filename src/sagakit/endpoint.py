@@ -78,6 +78,9 @@ class HopPolicy:
 
 
 RACE_RETRIES = 3  #: immediate re-runs of a hop that lost an optimistic race
+#: steps' hops a transaction may run after its own, at most, without sending their
+#: commands (:mod:`sagakit.saga.inline`): bounds the transaction's length
+CHAIN_MAX = 16
 OUTAGE_MAX_BACKOFF = 5.0  #: seconds between tries while a store or broker is unavailable
 
 
@@ -101,8 +104,11 @@ class Scope:
     optimistic: bool = False
     #: the coordinator's decision on a reply, taken in this transaction instead of
     #: sending the reply; set on a hop's first try only, where the coordinator runs
-    #: in this process on this store (see ``Coordinator.decide_here``)
+    #: in this process on this store (see :mod:`sagakit.saga.inline`)
     fold: Fold | None = None
+    #: how many steps' hops that decision may run in this transaction after this one
+    #: (lower on a try after one of them failed, see :class:`_InlineHopFailed`)
+    chain: int = CHAIN_MAX
     #: the route ran its handler before admitting the message (set by the bet)
     bet: bool = False
 
@@ -164,8 +170,27 @@ class _BetFailed(Exception):
     failure counts (internal to the endpoint)."""
 
 
+class _InlineHopFailed(Exception):
+    """A hop run inside another's transaction (:meth:`Endpoint.run_in`) failed.
+
+    The transaction writes nothing; whoever ran it runs it again with that
+    message sent instead (the hops before it still inline), so the failure is
+    the message's own hop's: retried, counted and dead-lettered there, never
+    charged to the hop that carried it. A business refusal too: it rolls back
+    only its own hop, which a shared transaction cannot do.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        #: which of the transaction's inline hops failed (1: the first; set by whoever
+        #: ran it, the innermost first)
+        self.at: int | None = None
+
+
+#: failures of an inlined hop that keep their meaning for the hop carrying it
+_OWN = (ConcurrencyConflict, OutcomeExists, StoreUnavailable)
 #: failures that say nothing about whether the message is a copy
-_SETTLED = (Refusal, ConcurrencyConflict, OutcomeExists, LeaseLost, StoreUnavailable)
+_SETTLED = (Refusal, LeaseLost, _InlineHopFailed, *_OWN)
 
 
 class Route(NamedTuple):
@@ -275,17 +300,20 @@ class Endpoint:
         *,
         optimistic: bool = False,
         fold: bool = False,
+        chain: int = CHAIN_MAX,
     ) -> None:
         """Run ``body`` and flush its outbox in one transaction, then ack.
 
         ``optimistic``: a first try (see :attr:`Scope.optimistic`); ``fold``: its
-        replies may be decided on here (:attr:`Endpoint.fold`).
+        replies may be decided on here (:attr:`Endpoint.fold`), running at most
+        ``chain`` further steps' hops (:attr:`Scope.chain`).
         """
         acked, scope = False, None
         try:
             async with self.store.transaction() as tx:
                 scope = Scope(env, tx, self.inbox, self.codec, hooks=self.hooks)
                 scope.optimistic, scope.fold = optimistic, self.fold if fold else None
+                scope.chain = chain
                 await body(scope)
                 await self.writer.flush(tx, scope.out)
                 if delivery is not None:
@@ -304,10 +332,20 @@ class Endpoint:
     async def run_in(self, tx: Tx, env: Envelope, fold: Fold) -> None:
         """Run ``env``'s route in ``tx``: a hop for a message that was never sent.
 
-        For a saga's first command, run inside its start where the command's
-        reply is decided on at once (``fold``); no delivery, no retries here:
-        any failure propagates, and the caller sends the command instead.
+        For a saga's command decided on in this process (inside its start, or in
+        the previous step's hop), whose reply is decided on at once (``fold``);
+        no delivery, no retries here: a failure raises :class:`_InlineHopFailed`
+        (an outage, a lost race or a lost bet as themselves), and the caller
+        sends the command instead.
         """
+        try:
+            await self._inline(tx, env, fold)
+        except (_InlineHopFailed, *_OWN):
+            raise
+        except Exception as exc:
+            raise _InlineHopFailed(f"{env.type} ({env.id}) at {self.name}: {exc!r}") from exc
+
+    async def _inline(self, tx: Tx, env: Envelope, fold: Fold) -> None:
         route = self.router(env)
         if route is None:
             raise NoHandler(f"no handler for {env.type!r} ({env.kind}) at {self.name!r}")
@@ -329,12 +367,20 @@ class Endpoint:
         it is repeated on the new state, not backed off as a failure. A
         participant's first try runs its handler before admitting the message;
         if another copy's outcome was there (:class:`OutcomeExists`), nothing
-        was written and the hop runs again the safe way: admitted first.
+        was written and the hop runs again the safe way: admitted first. A
+        step's hop run in this one that failed (:class:`_InlineHopFailed`) has
+        its command sent instead on the next try.
         """
-        optimistic, fold = True, True
+        optimistic, fold, chain = True, True, CHAIN_MAX
         for _ in range(RACE_RETRIES):
             try:
-                return await self.transact(env, body, delivery, optimistic=optimistic, fold=fold)
+                return await self.transact(
+                    env, body, delivery, optimistic=optimistic, fold=fold, chain=chain
+                )
+            except _InlineHopFailed as exc:  # that step's command is sent this time
+                log.debug("%s: %s; sending its command", self.name, exc)
+                chain = max((exc.at or 1) - 1, 0)
+                continue
             except ConcurrencyConflict as exc:
                 log.debug("%s: %s; deciding again", self.name, exc)
             except (OutcomeExists, _BetFailed) as exc:

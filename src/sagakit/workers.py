@@ -33,7 +33,8 @@ from .ops.stuck import StuckWatcher
 from .outbox import Relay
 from .process.runtime import timer_queue
 from .saga.awaits import AWAITS
-from .saga.coordinator import COORDINATOR_QUEUE, LOCAL_QUEUE, TIMER_QUEUE, Coordinator, Inline
+from .saga.coordinator import COORDINATOR_QUEUE, LOCAL_QUEUE, TIMER_QUEUE, Coordinator
+from .saga.inline import Inline
 from .store import Store
 from .store.consumer import QueueConsumer
 from .transport import Subscription
@@ -72,7 +73,7 @@ class Workers:
 
     async def stop(self, grace: float) -> None:
         """Stop taking messages and let in-flight ones finish (up to ``grace`` seconds)."""
-        self.app.sagas.coordinator.inline.clear()  # a first step runs in a running hop only
+        self.app.sagas.coordinator.hops.routes.clear()  # steps run inside running hops only
         await asyncio.gather(*(_stop(s, grace) for s in self.subs), return_exceptions=True)
         await asyncio.gather(*(r.stop() for r in self.relays), return_exceptions=True)
         self.subs.clear()
@@ -105,8 +106,8 @@ class Workers:
     async def _start_participants(self, coordinating: bool) -> None:
         """A consumer per participant this process runs; where the coordinator runs
         here on the participant's store, it decides on the participant's replies in
-        the participant's own hop (``Coordinator.decide_here``), and a saga's first
-        step in its start (``Coordinator.inline``)."""
+        the participant's own hop, and a saga's steps inside its start or inside
+        another step's hop (``sagakit.saga.inline``)."""
         app = self.app
         for name, p in app.participants.items():
             if app.runs(name):
@@ -114,10 +115,10 @@ class Workers:
                 ep = self._endpoint(name, store, p.route)
                 coord = app.sagas.coordinator
                 if coordinating and store is app.store:
-                    ep.fold = coord.decide_here
+                    ep.fold = coord.hops.decide_here
                 await self._consume(name, ep)
-                if ep.fold is not None:  # and a saga's first step may run inside its start
-                    coord.inline[name] = Inline(ep, p.db_only)
+                if ep.fold is not None:  # and a saga's steps may run inside other hops
+                    coord.hops.routes[name] = Inline(ep, p.db_only)
 
     async def _start_coordinator(self) -> None:
         app, coord = self.app, self.app.sagas.coordinator

@@ -8,9 +8,10 @@ history, writes the commands to the outbox, and starts or cancels durable
 timers. A saga that reaches a final state wakes its waiters at commit, in this
 process directly and in others through the store's notifications.
 
-A reply may never travel: where this coordinator runs in a participant's
-process on that participant's store, a ``db_only`` step's reply is decided on
-in the step's own transaction (:meth:`Coordinator.decide_here`).
+A step's command and reply may never travel: where this coordinator runs in
+a participant's process on that participant's store, a ``db_only`` step's
+reply is decided on in the step's own transaction, and the next such step's
+hop runs in it too (:mod:`sagakit.saga.inline`).
 
 Timers and local steps are messages on the store's own queues
 (``sagakit.timers``, ``sagakit.local``), so they are durable and claimed by
@@ -23,10 +24,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from ..endpoint import CHAIN_MAX, RACE_RETRIES, _InlineHopFailed
 from ..errors import (
     BusinessError,
     InvalidOperatorAction,
@@ -50,6 +52,7 @@ from ..outbox import Outbox
 from ..store.core import LogEntry, SagaRecord
 from ..transport import attempt_of
 from ..twophase.step import AtomicStep
+from .inline import Chain, InlineHops, reply_event
 from .known import KnownSagas
 from .machine import (
     LOCAL_RESULT,
@@ -60,7 +63,6 @@ from .machine import (
     HistoryLine,
     Instance,
     OperatorAction,
-    ReplyReceived,
     RunLocalStep,
     SagaMachine,
     SendCommand,
@@ -131,15 +133,6 @@ class RunLocal(msgspec.Struct, frozen=True):
     """Asks a coordinator process to run a local step."""
 
 
-class Inline(NamedTuple):
-    """A participant's hop in this process, on the coordinator's store: a saga's first
-    command may run in it inside the start (:meth:`Coordinator._first_hop`)."""
-
-    endpoint: Endpoint
-    #: whether the handler of a command type is ``db_only`` (it may run again)
-    db_only: Callable[[str], bool]
-
-
 class Coordinator:
     """Runs saga definitions; one per App, any number of processes per store."""
 
@@ -157,8 +150,8 @@ class Coordinator:
         self.announce_ends = False
         #: records this process committed last (saves each hop's read; None: always read)
         self.known: KnownSagas | None = KnownSagas()
-        #: participants' hops a first command may run in, inside its start (set by the App)
-        self.inline: dict[str, Inline] = {}
+        #: participants' hops a saga's commands may run in, inside others (set by the App)
+        self.hops = InlineHops(self, COORDINATOR_QUEUE)
 
     # -- entry points ---------------------------------------------------------
 
@@ -198,21 +191,27 @@ class Coordinator:
     async def _begin(
         self, defn: SagaDefinition[Any], data: Any, saga_id: str, correlation_id: str | None
     ) -> None:
-        """The start's transaction, with its first step's hop inside it where that can
-        run here (:meth:`_first_hop`); if it was and anything failed, the start again
-        with the command sent: the step's own hop then retries or refuses it."""
-        inlined: list[bool] = []
-        try:
-            await self._start_tx(defn, data, saga_id, correlation_id, inlined)
-        except SagaIdInUse:
-            raise
-        except Exception as exc:
-            if not inlined:
+        """The start's transaction, with its first steps' hops inside it where they can
+        run here (:meth:`InlineHops.first_hop`). If one of them failed, the start again with
+        that step's command sent (the hops before it inside again): the step's own
+        hop then retries or refuses it. Any other failure after a hop ran inside:
+        the start again with none inside."""
+        limit = CHAIN_MAX + 1
+        for _ in range(RACE_RETRIES):
+            chain = Chain(limit)
+            try:
+                return await self._start_tx(defn, data, saga_id, correlation_id, chain)
+            except SagaIdInUse:
                 raise
-            log.debug(
-                "saga %s: its first step failed inside the start (%r); sending it", saga_id, exc
-            )
-            await self._start_tx(defn, data, saga_id, correlation_id, None)
+            except _InlineHopFailed as exc:
+                limit = max((exc.at or 1) - 1, 0)
+                log.debug("saga %s: %s inside the start; sending its command", saga_id, exc)
+            except Exception as exc:
+                if not chain.ran:
+                    raise
+                limit = 0
+                log.debug("saga %s: the start failed (%r); sending its commands", saga_id, exc)
+        await self._start_tx(defn, data, saga_id, correlation_id, Chain(0))
 
     async def _start_tx(
         self,
@@ -220,44 +219,14 @@ class Coordinator:
         data: Any,
         saga_id: str,
         correlation_id: str | None,
-        inlined: list[bool] | None,
+        chain: Chain,
     ) -> None:
         out = Outbox()
         async with self.store.transaction() as tx:  # on PostgreSQL: one statement
-            then = partial(self._first_hop, tx, out, inlined)  # in the saga's trace context
+            then = partial(self.hops.first_hop, tx, out, chain)  # in the saga's trace context
             await self.start_within(
                 tx, out, defn, data, saga_id, correlation_id, None, then, held=True
             )
-
-    async def _first_hop(
-        self, tx: Tx, out: Outbox, inlined: list[bool] | None, rec: SagaRecord
-    ) -> None:
-        """Send the first commands; or run the only one's hop here, in the start.
-
-        Where the first command's participant runs in this process on this
-        store and its handler is ``db_only``, the command need not travel: its
-        hop (inbox, handler, the decision on its reply) joins the start's
-        transaction, so the instance is inserted as it stands after its first
-        step (on PostgreSQL, one statement for both). ``inlined`` (None: never)
-        records that it was, for :meth:`_begin`'s fallback.
-        """
-        hop = self._inline_hop(out) if inlined is not None else None
-        if hop is None:
-            return await self.writer.flush(tx, out)
-        assert inlined is not None
-        inlined.append(True)
-        ((env, _queue),) = out.messages
-        self.hooks.sending(out)  # as if sent: the participant's hop is the command's child
-        await hop.run_in(tx, env, partial(self._decide_on, rec=rec, fresh=True))
-
-    def _inline_hop(self, out: Outbox) -> Endpoint | None:
-        if len(out.messages) != 1 or out.scheduled:
-            return None
-        env, queue = out.messages[0]
-        inline = self.inline.get(queue)
-        if inline is None or env.kind != "command" or not inline.db_only(env.type):
-            return None
-        return inline.endpoint
 
     async def start_within(
         self,
@@ -294,7 +263,7 @@ class Coordinator:
                 if not await self.store.saga_insert(tx, rec):
                     return False
             self.hooks.decided(tx, rec, defn, inst, decision, Started())
-            await self._carry_out(tx, out, rec, decision, cause, insert=True)
+            await self.carry_out(tx, out, rec, decision, cause, insert=True)
             if then is not None:
                 await then(rec)
             if held:
@@ -336,63 +305,7 @@ class Coordinator:
     async def on_reply(self, scope: Scope) -> None:
         """Route: a reply (or a local step's result) for a saga step."""
         env = scope.env
-        await self.apply(scope.tx, scope.out, env.headers.saga_id, _reply_event(env), env)
-
-    async def decide_here(self, scope: Scope, reply: Envelope) -> bool:
-        """Decide on ``reply`` in the participant's transaction that made it; False: send it.
-
-        A participant hop in a process that runs this coordinator on the same
-        store needs no reply message: the coordinator's step (the decision, the
-        instance's update, its history and the next commands) joins the
-        participant's own transaction, so on PostgreSQL a ``db_only`` step and
-        the decision after it are one statement instead of two hops. It is
-        done only where the decision costs no read (the instance is one this
-        process committed last, or the store reads without a round trip) and
-        its saga version is known here. The update is guarded by the
-        instance's revision like every hop's: if another hop moved the saga on
-        meanwhile, the whole transaction writes nothing
-        (:class:`~sagakit.errors.ConcurrencyConflict`) and the endpoint runs the
-        participant's hop again with the reply sent the usual way. A
-        definition that fails to decide (a bug in a step's command builder)
-        also falls back to the reply, so its failure is the coordinator's
-        hop's, retried and dead-lettered there, never the participant's.
-        """
-        saga_id = reply.headers.saga_id
-        if scope.env.headers.reply_to != COORDINATOR_QUEUE or not saga_id:
-            return False  # not a saga step's reply to this coordinator
-        rec = await self._cheap_load(scope.tx, saga_id)
-        if rec is None:
-            return False
-        return await self._decide_on(scope, reply, rec)
-
-    async def _decide_on(
-        self, scope: Scope, reply: Envelope, rec: SagaRecord, *, fresh: bool = False
-    ) -> bool:
-        """:meth:`decide_here` on ``rec``; ``fresh``: the instance is being inserted in
-        this transaction (its first step's hop inside the start), so it is not updated."""
-        event = _reply_event(reply)
-        try:
-            machine, inst = self._instance(rec)
-            decision = machine.apply(inst, event)
-        except Exception as exc:  # decided again, the usual way, by the reply's own hop
-            log.debug("saga %s: deciding in the participant's hop failed (%r)", rec.id, exc)
-            if self.known is not None and not fresh:
-                self.known.keep(rec)  # unchanged: still what this process committed last
-            return False
-        self.hooks.sending(Outbox([(reply, COORDINATOR_QUEUE)]))  # sent from the step's hop
-        with self.hooks.processing(reply, COORDINATOR_QUEUE):  # and taken as if it came
-            out = Outbox()
-            self.hooks.decided(scope.tx, rec, machine.defn, inst, decision, event)
-            await self._carry_out(scope.tx, out, rec, decision, reply, insert=fresh)
-            await self.writer.flush(scope.tx, out)  # its commands carry this hop's trace
-        return True
-
-    async def _cheap_load(self, tx: Tx, saga_id: str) -> SagaRecord | None:
-        """The instance, if reading it costs no round trip (else None)."""
-        rec = self.known.take(saga_id) if self.known is not None else None
-        if rec is None and self.store.dialect != "postgresql":  # a read is no round trip
-            rec = await self.store.saga_peek(tx, saga_id)
-        return rec
+        await self.apply(scope.tx, scope.out, env.headers.saga_id, reply_event(env), env)
 
     async def on_timer(self, scope: Scope) -> None:
         """Route: a durable timer came due."""
@@ -449,13 +362,13 @@ class Coordinator:
             rec = await self.store.saga_peek(tx, saga_id or "")
         if rec is None:
             raise missing(f"no saga instance {saga_id!r}", saga_id=saga_id)  # type: ignore[call-arg]
-        machine, inst = self._instance(rec)
+        machine, inst = self.instance(rec)
         decision = machine.apply(inst, event)
         self.hooks.decided(tx, rec, machine.defn, inst, decision, event)
-        await self._carry_out(tx, out, rec, decision, cause)
+        await self.carry_out(tx, out, rec, decision, cause)
         return decision
 
-    def _instance(self, rec: SagaRecord) -> tuple[SagaMachine, Instance]:
+    def instance(self, rec: SagaRecord) -> tuple[SagaMachine, Instance]:
         """The machine of ``rec``'s saga version and the instance ``rec`` holds."""
         machine = self.registry.machine(rec.type, rec.version, rec.id)
         inst = Instance(
@@ -469,7 +382,7 @@ class Coordinator:
         )
         return machine, inst
 
-    async def _carry_out(
+    async def carry_out(
         self,
         tx: Tx,
         out: Outbox,
@@ -501,8 +414,8 @@ class Coordinator:
             if self.known is not None:
                 tx.on_commit(partial(_keep, self.known, rec))
         elif d.changed:
-            name, final = finished(rec.id), replace(rec)
-            tx.on_commit(lambda: self.store.queue.waker.offer(name, final))  # before the wake
+            name, waker = finished(rec.id), self.store.queue.waker
+            tx.on_commit(lambda: waker.offer(name, replace(rec)))  # as committed; before the wake
             tx.notify(name)
             if self.announce_ends:
                 self._announce_end(out, inst, cause)
@@ -581,17 +494,9 @@ class Coordinator:
         return self.codec.reply(env, payload, outcome=outcome, sender=LOCAL_SENDER)
 
 
-def _reply_event(env: Envelope) -> ReplyReceived:
-    h = env.headers
-    outcome = h.outcome or "success"
-    return ReplyReceived(
-        h.step or "", h.causation_id, env.id, env.type, outcome, bytes(env.payload), h.sender
-    )
-
-
 def _keep(known: KnownSagas, rec: SagaRecord) -> None:
     """Keep ``rec`` as committed, unless it ended in the same transaction (a first
-    step decided inside the start: see :meth:`Coordinator._first_hop`)."""
+    step decided inside the start: see :mod:`sagakit.saga.inline`)."""
     if not SagaState(rec.state).terminal:
         known.keep(rec)
 
