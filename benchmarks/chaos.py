@@ -124,7 +124,7 @@ import sagakit as sk  # noqa: E402
 from sagakit.app import COORDINATOR  # noqa: E402
 from sagakit.examples.order_fulfillment import demo  # noqa: E402
 from sagakit.examples.order_fulfillment.app import OrderFulfillment, build  # noqa: E402
-from sagakit.examples.order_fulfillment.cluster import Cluster  # noqa: E402
+from sagakit.examples.order_fulfillment.cluster import SERVICES, Cluster  # noqa: E402
 from sagakit.examples.order_fulfillment.customers import RESERVED  # noqa: E402
 from sagakit.examples.order_fulfillment.orders import APPROVED, REJECTED  # noqa: E402
 from sagakit.examples.order_fulfillment.saga import create_order, define  # noqa: E402
@@ -698,7 +698,14 @@ async def one_run(args: argparse.Namespace, k: int, root: Path) -> dict[str, Any
 
 def _layout(args: argparse.Namespace) -> dict[str, list[str]]:
     """One worker per service, and the coordinators: processes of their own, or
-    (``--colocate``) one inside each database-only service's worker."""
+    (``--colocate``) one inside each database-only service's worker, or
+    (``--together``) one worker running every database-only service and a
+    coordinator, so consecutive steps of those run inside one transaction."""
+    if args.together:
+        others = [s for s in SERVICES if s not in COLOCATED]
+        layout = Cluster.layout(per_service=1, coordinators=0, services=others)
+        layout["together-1"] = [*COLOCATED, COORDINATOR]
+        return layout
     if not args.colocate:
         return Cluster.layout(per_service=1, coordinators=args.coordinators)
     layout = Cluster.layout(per_service=1, coordinators=0)
@@ -848,6 +855,12 @@ def parser() -> argparse.ArgumentParser:
         help="run the coordinator inside the workers of the database-only services "
         f"({', '.join(COLOCATED)}) instead of --coordinators processes of its own, so "
         "their steps' replies are decided on in the steps' own transactions",
+    )
+    p.add_argument(
+        "--together",
+        action="store_true",
+        help=f"run the database-only services ({', '.join(COLOCATED)}) and a coordinator "
+        "in one worker, so their consecutive steps run inside one transaction",
     )
     p.add_argument("--lease", type=float, default=2.0, help="consumer lease in seconds (2)")
     p.add_argument(
