@@ -524,3 +524,36 @@ async def test_a_long_saga_moves_on_in_bounded_transactions(
     sent = [sql for _, sql in statements if f"{app.store.prefix}sagas" in sql]
     if app.store.dialect == "postgresql":  # the start with CHAIN_MAX + 1 steps, then the rest
         assert len([s for s in sent if not s.startswith("SELECT id, type")]) == 2, sent
+
+
+async def test_waiting_for_a_saga_that_ended_inside_its_start_reads_nothing(
+    app: sk.App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start committed the saga's final record: ``wait`` takes it from there."""
+    bench, defn = Bench(app), _saga()
+    await bench.start(defn)
+    reads: list[str] = []
+    read = app.store.saga_get
+
+    async def counted(saga_id: str) -> Any:
+        reads.append(saga_id)
+        return await read(saga_id)
+
+    monkeypatch.setattr(app.store, "saga_get", counted)
+    view = await _run(app, defn)
+    assert view.state == "completed" and view.done == ["one", "two"]
+    assert reads == []
+
+
+def test_a_waker_keeps_what_a_start_offered_for_its_waiter_bounded() -> None:
+    from sagakit.store.queue import Waker
+
+    waker = Waker(expect_at_most=2)
+    for name in "abc":
+        with waker.starting(name):  # each ends inside its start
+            waker.offer(name, name.upper())
+    with waker.starting("d"):  # one that did not end
+        pass
+    assert [waker.taken(n) for n in "abcd"] == [None, "B", "C", None]  # the oldest dropped
+    waker.forget("c")  # its waiter is done
+    assert waker.taken("c") is None and waker.taken("b") == "B"

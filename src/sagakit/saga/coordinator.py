@@ -172,7 +172,8 @@ class Coordinator:
         waker = self.store.queue.waker
         waker.expect(finished(saga_id))  # a waiter here need not read it until it ends
         try:
-            await self._begin(defn, data, saga_id, correlation_id)
+            with waker.starting(finished(saga_id)):  # it may end inside the start
+                await self._begin(defn, data, saga_id, correlation_id)
             return saga_id
         except SagaIdInUse:
             waker.forget(finished(saga_id))  # an existing saga: it may have ended already

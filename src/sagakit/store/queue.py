@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Sequence
-from contextlib import suppress
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -110,6 +110,8 @@ class Waker:
         self._offers: dict[str, object] = {}
         #: expected names (oldest first) -> woken since expected
         self._expected: dict[str, bool] = {}
+        #: names whose offer is kept for a waiter still to come (oldest first)
+        self._kept: dict[str, None] = {}
         self._expect_at_most = expect_at_most
         #: every other process's wake-ups reach this waker (PostgreSQL, listening);
         #: without that, :meth:`expect` does nothing
@@ -187,6 +189,30 @@ class Waker:
         """Drop the expectation of ``name`` (its waiter is done, or it may have ended unseen)."""
         if self._expected.pop(name, None) is not None:
             self.unwatch(name)
+        if name in self._kept:
+            del self._kept[name]
+            self.unwatch(name)
+
+    @contextmanager
+    def starting(self, name: str) -> Iterator[None]:
+        """Around a saga's start in this process: what is offered under ``name`` meanwhile
+        is kept for a waiter still to come.
+
+        A saga whose steps all ran inside its start has ended when the start
+        returns; the ``wait`` that usually follows then takes the final
+        record from here instead of reading it back. Kept until that waiter
+        is done (:meth:`forget`); bounded like expectations, oldest dropped first.
+        """
+        self.watch(name)
+        try:
+            yield
+        finally:
+            if name in self._offers and name not in self._kept:
+                self._kept[name] = None
+                if len(self._kept) > self._expect_at_most:
+                    self.forget(next(iter(self._kept)))
+            else:
+                self.unwatch(name)
 
     def unwoken(self, name: str) -> bool:
         """Expected, and not woken since: nothing has happened to it that this process heard of."""
