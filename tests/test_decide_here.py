@@ -557,3 +557,105 @@ def test_a_waker_keeps_what_a_start_offered_for_its_waiter_bounded() -> None:
     assert [waker.taken(n) for n in "abcd"] == [None, "B", "C", None]  # the oldest dropped
     waker.forget("c")  # its waiter is done
     assert waker.taken("c") is None and waker.taken("b") == "B"
+
+
+async def test_steps_in_one_transaction_see_each_others_held_writes(
+    app: sk.App, statements: list[tuple[int, str]]
+) -> None:
+    """Step one inserts a row, steps two and three update it, all with ``ctx.db.later``
+    and all in the start's transaction: every update lands, as if each step had its own
+    transaction (on PostgreSQL held writes share one statement, and one snapshot,
+    unless the driver keeps the hops apart)."""
+    table = f"{app.store.prefix}here_counter"
+    part = app.participant("r")
+
+    @part.command(Do, db_only=True)
+    async def count(cmd: Do, ctx: sk.Context) -> None:
+        base, n = cmd.key[:-1], cmd.key[-1]
+        if n == "1":
+            await ctx.db.later(f"INSERT INTO {table} (k, n) VALUES (?, 1)", base)
+        else:
+            await ctx.db.later(f"UPDATE {table} SET n = n + 1 WHERE k = ?", base)
+
+    saga: Any = sk.Saga("t-here-counter", Data)
+    for i in (1, 2, 3):
+        saga = saga.step(f"s{i}").invoke("r", lambda d, i=i: Do(f"{d.key}{i}"))
+    defn = saga.build()
+    app.saga(defn)
+    await app.start()
+    async with app.store.transaction() as tx:
+        await tx.execute(f"CREATE TABLE {table} (k TEXT, n INTEGER)")
+    view = await _run(app, defn)
+    assert view.state == "completed" and view.done == ["s1", "s2", "s3"]
+    async with app.store.transaction() as tx:
+        rows = await tx.fetchall(f"SELECT k, n FROM {table}")
+    assert [tuple(r) for r in rows] == [("k", 3)]
+    if app.store.dialect == "postgresql":  # the updates waited for what they change
+        assert any(sql == "BEGIN" for _, sql in statements)
+
+
+async def test_a_compensation_failing_inside_a_refusals_hop_is_its_own_failure(
+    strict: sk.App,
+) -> None:
+    """Step two refuses in its own hop; the decision on that runs step one's
+    compensation in the same transaction, where it fails once: the refusal is
+    recorded with its reply sent instead (not redelivered), and the compensation's
+    own hop runs it again."""
+    app = strict
+    bench, defn = Bench(app, refuse="k2"), _saga()
+    write, failed = bench._write, []
+
+    async def undo_fails_once(ctx: sk.Context, held: bool, sql: str, key: str) -> None:
+        if sql.startswith("DELETE") and not failed:
+            failed.append(key)
+            raise ConnectionError("the compensation's first run fails")
+        await write(ctx, held, sql, key)
+
+    bench._write = undo_fails_once  # type: ignore[method-assign]
+    await bench.start(defn)
+    view = await _run(app, defn)
+    assert view.state == "compensated", view
+    assert failed == ["k1"] and await bench.ledger() == []
+    assert bench.runs.count("k2") == 2  # inside the start, then in its own hop: once each
+    assert await app.dead_letters.list() == []
+
+
+async def test_a_step_whose_write_fails_at_the_commit_of_anothers_hop_is_its_own_failure(
+    strict: sk.App,
+) -> None:
+    """Step two's handler runs a statement (so its hop is no bet), step three runs in
+    its hop and holds a write that fails only when the transaction commits: step
+    two's hop runs again with step three's command sent, and is not charged."""
+    app = strict
+    bench = Bench(app)
+
+    async def hooks(key: str, ctx: sk.Context) -> None:
+        if key == "k2":
+            await ctx.db.execute(f"SELECT count(*) FROM {bench.table}")
+        elif key == "k3" and bench.runs.count("k3") == 1:
+            await ctx.db.later(f"INSERT INTO {app.store.prefix}no_such_table (k) VALUES (?)", key)
+
+    bench.before_write = hooks
+    defn = _after_a_travelling_step(bench)
+    await bench.start(defn)
+    view = await _run(app, defn)
+    assert view.state == "completed", view
+    assert await bench.ledger() == ["k1", "k2", "k3"]
+    assert bench.runs.count("k3") == 2
+    assert await app.dead_letters.list() == []
+
+
+def test_a_waker_trusts_what_a_start_kept_only_briefly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process may move the saga on (an operator's retry): after KEEP_S a
+    waiter reads the row instead; a commit here that moves it on withdraws it at once."""
+    from sagakit.store import queue
+
+    waker = queue.Waker()
+    with waker.starting("a"):
+        waker.offer("a", "A")
+    waker.withdraw("a")
+    assert waker.taken("a") is None
+    monkeypatch.setattr(queue, "KEEP_S", -1.0)
+    with waker.starting("b"):
+        waker.offer("b", "B")
+    assert waker.taken("b") is None

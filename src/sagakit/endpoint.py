@@ -111,6 +111,8 @@ class Scope:
     chain: int = CHAIN_MAX
     #: the route ran its handler before admitting the message (set by the bet)
     bet: bool = False
+    #: the decision on its reply ran steps' hops in this transaction (set by the coordinator)
+    inlined: bool = False
 
     async def answer(
         self, payload: Any, outcome: str, *, unadmitted: bool = False, fold: bool = False
@@ -323,6 +325,9 @@ class Endpoint:
         except _SETTLED:
             raise
         except Exception as exc:
+            if scope is not None and scope.inlined:  # maybe a step run in it: find out
+                msg = f"{env.type} ({env.id}) with steps run in it: {exc!r}"
+                raise _InlineHopFailed(msg) from exc
             if scope is not None and scope.bet:  # maybe a copy: find out, admitted first
                 raise _BetFailed(f"{env.type} ({env.id}): {exc!r}") from exc
             raise
@@ -353,6 +358,7 @@ class Endpoint:
         with self.hooks.processing(env, self.name):
             scope = Scope(env, tx, self.inbox, self.codec, hooks=self.hooks, optimistic=True)
             scope.fold = fold
+            tx.separate()  # its held writes must not miss those of the hops before it
             async with asyncio.timeout(timeout):
                 await route.run(scope)
             await self.writer.flush(tx, scope.out)
@@ -507,8 +513,8 @@ class Endpoint:
         try:
             try:
                 await self._settle(delivery, env, unadmitted, fold=True)
-            except ConcurrencyConflict:  # the decision taken here lost: send the reply
-                await self._settle(delivery, env, unadmitted)
+            except (ConcurrencyConflict, _InlineHopFailed):  # the decision taken here lost,
+                await self._settle(delivery, env, unadmitted)  # or a step run in it: reply
         except OutcomeExists:
             await self._settle(delivery, env, partial(body, admit=True))
 

@@ -395,7 +395,8 @@ class Coordinator:
     ) -> None:
         """Persist a decision and turn its effects into messages, in ``tx``."""
         inst = d.instance
-        if d.changed and inst.state.value != rec.state:
+        moved = d.changed and inst.state.value != rec.state
+        if moved:
             self._announce(out, rec, inst, cause)
         for effect in d.effects:
             await self._effect(tx, out, inst, effect, cause)
@@ -414,6 +415,8 @@ class Coordinator:
         if not inst.state.terminal:
             if self.known is not None:
                 tx.on_commit(partial(_keep, self.known, rec))
+            if moved:  # (again: an operator's retry) what a start kept is stale
+                tx.on_commit(partial(self.store.queue.waker.withdraw, finished(rec.id)))
         elif d.changed:
             name, waker = finished(rec.id), self.store.queue.waker
             tx.on_commit(lambda: waker.offer(name, replace(rec)))  # as committed; before the wake

@@ -102,7 +102,11 @@ class InlineHops:
         rec = await self._cheap_load(scope.tx, saga_id)
         if rec is None:
             return False
-        return await self.decide_on(scope, reply, rec, chain=Chain(scope.chain))
+        chain = Chain(scope.chain)
+        try:
+            return await self.decide_on(scope, reply, rec, chain=chain)
+        finally:  # a failure at the commit may be theirs: the hop runs again without them
+            scope.inlined = chain.ran > 0
 
     async def decide_on(
         self,

@@ -74,6 +74,17 @@ class Tx(Protocol):
         (and ``check`` then raises the error).
         """
 
+    def separate(self) -> None:
+        """What is written from now on is another hop's, run in this transaction.
+
+        Held writes (:meth:`later`) of one hop must not change the same row,
+        but a hop cannot know what the hops run before it in the same
+        transaction held (a saga's next step run inside the hop before it).
+        After this call the driver keeps them apart: a later write that could
+        read or change what an earlier hop's held writes touched runs after
+        them, as it would in a transaction of its own.
+        """
+
     def on_begin(self, step: Callable[[], Awaitable[None]] | None) -> bool:
         """Run ``step`` first if the transaction ever begins; False if that can't be promised.
 
@@ -98,6 +109,9 @@ class Tx(Protocol):
 
 class Driver(Protocol):
     """A database connection (or pool) that runs transactions."""
+
+    #: the store's own hop tables, exempt from keeping hops apart (:meth:`Tx.separate`)
+    hop_tables: frozenset[str]
 
     @property
     def dialect(self) -> Dialect:

@@ -116,6 +116,12 @@ class LogEntry:
     detail: str | None = None
 
 
+#: tables a hop writes whose held writes may share a batch across hops: each row is
+#: written once per transaction (an inbox key, the instance, a new message or log
+#: line) or is an existing row deleted by its key (an acknowledgement)
+HOP_TABLES = ("messages", "inbox", "sagas", "saga_log", "failures")
+
+
 class Store:
     """sagakit's durable state in one database."""
 
@@ -126,6 +132,8 @@ class Store:
         self.url = url
         self._opened = False
         self._lock_row = " FOR UPDATE" if driver.dialect == "postgresql" else ""
+        # the hop's own rows: composed into one batch by design (see Tx.separate)
+        driver.hop_tables = frozenset(f"{self.prefix}{t}" for t in HOP_TABLES)
         self.queue = WorkQueue(self)
 
     @property

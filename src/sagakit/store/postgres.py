@@ -220,8 +220,9 @@ class PostgresTx:
 
     serial = False  # transactions run side by side
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, hop_tables: frozenset[str] = frozenset()) -> None:
         self.connection = conn
+        self._hop_tables = hop_tables
         self._callbacks: list[Callable[[], None]] = []
         self._undos: list[Callable[[], None]] = []
         self.queues: set[str] = set()
@@ -229,6 +230,9 @@ class PostgresTx:
         #: savepoints open now
         self.depth = 0
         self._held: list[_Held] = []
+        #: tables written by the held writes, -> the hop that wrote them first (see separate)
+        self._touched: dict[str, int] = {}
+        self._hop = 0
         #: BEGIN has been sent: statements run inside the transaction
         self.begun = False
         self._prelude: Callable[[], Awaitable[None]] | None = None
@@ -270,7 +274,31 @@ class PostgresTx:
     async def later(self, sql: str, *args: Any, check: Callable[[int], None] | None = None) -> None:
         """Hold a write for the next batch (see :class:`PostgresTx`)."""
         check_held(sql)
+        await self._keep_apart(sql)
         self._held.append(_Held(sql, args, check))
+
+    def separate(self) -> None:
+        """Writes held from now on belong to another hop (see :meth:`Tx.separate`)."""
+        self._hop += 1
+
+    async def _keep_apart(self, sql: str) -> None:
+        """Send the writes held so far first if ``sql`` could depend on an earlier hop's.
+
+        All held writes share one statement, hence one snapshot: a write that
+        reads or changes a table an earlier hop's held write touched would not
+        see that write. Anything but a plain ``INSERT ... VALUES`` that names
+        such a table sends the held writes first (BEGIN, then the batch), so
+        it runs after them, as it would have in a transaction of its own.
+        """
+        table, plain = held_target(sql)
+        if table in self._hop_tables:  # the store's own, composed by design
+            return
+        touched = self._touched
+        if not plain and any(
+            hop != self._hop and _names(sql, name) for name, hop in touched.items()
+        ):
+            await self._ready()
+        touched.setdefault(table, self._hop)
 
     def on_begin(self, step: Callable[[], Awaitable[None]] | None) -> bool:
         """Run ``step`` right after BEGIN, before anything else (see :meth:`Tx.on_begin`)."""
@@ -302,11 +330,13 @@ class PostgresTx:
     ) -> None:
         """:meth:`later` for an ``INSERT`` of one row: ``got`` gets its ``column`` (the batch
         returns it), before the next statement or the COMMIT."""
+        await self._keep_apart(sql)
         self._held.append(_Held(sql, args, got, column))
 
     async def flush(self) -> None:
         """Send the held writes: one alone as it is, several as one statement."""
         held, self._held = self._held, []
+        self._touched.clear()
         if len(held) == 1 and held[0].returning is None:
             only = held[0]
             n = rowcount(await self._send(self.connection.execute, only.sql, only.args))
@@ -397,6 +427,29 @@ class PostgresTx:
             cb()
 
 
+_TARGET = re.compile(r"\s*(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+([\w.\"]+)", re.IGNORECASE)
+_PLAIN_INSERT = re.compile(r"\s*INSERT\s+INTO\s+[\w.\"]+\s*\([^)]*\)\s*VALUES\s*\(", re.IGNORECASE)
+_READS = re.compile(r"\b(SELECT|DO\s+UPDATE)\b", re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=1024)
+def held_target(sql: str) -> tuple[str, bool]:
+    """A held write's table (lower case, unquoted), and whether it is a plain
+    ``INSERT ... VALUES`` (it reads nothing and changes no existing row)."""
+    m = _TARGET.match(sql)
+    table = m.group(1).replace('"', "").lower() if m else ""
+    return table, bool(_PLAIN_INSERT.match(sql)) and not _READS.search(sql)
+
+
+@functools.lru_cache(maxsize=4096)
+def _names(sql: str, table: str) -> bool:
+    """Whether ``sql`` names ``table`` (or its unqualified name)."""
+    name = table.rpartition(".")[2]
+    return re.search(rf"(?<![\w.]){re.escape(name)}\b", sql, re.IGNORECASE) is not None or (
+        "." in table and table in sql.lower()
+    )
+
+
 _CHECK_MARK = "sagakit-check"
 _CHECK_FAILED = re.compile(_CHECK_MARK + r" (\d+) (\d+)")
 
@@ -474,6 +527,8 @@ class PostgresDriver:
     """The PostgreSQL store driver: an asyncpg pool plus one listening connection."""
 
     dialect: Literal["postgresql"] = "postgresql"
+    #: the store's own hop tables (set by the Store; see PostgresTx.separate)
+    hop_tables: frozenset[str] = frozenset()
 
     def __init__(
         self,
@@ -569,7 +624,7 @@ class PostgresDriver:
     async def transaction(self) -> AsyncIterator[PostgresTx]:
         pool = self._opened()
         conn = await self._acquire(pool)
-        tx, ok = PostgresTx(conn), False
+        tx, ok = PostgresTx(conn, self.hop_tables), False
         try:
             async with _transaction(conn, self.channel, tx):
                 yield tx

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -94,6 +95,7 @@ class Handoff:
             self.taker.unreserve()
 
 
+KEEP_S = 1.0  #: seconds a start's final record is trusted by a waiter (see Waker.starting)
 EXPECT_AT_MOST = 4096  #: names a Waker keeps expecting (see :meth:`Waker.expect`)
 
 
@@ -110,8 +112,8 @@ class Waker:
         self._offers: dict[str, object] = {}
         #: expected names (oldest first) -> woken since expected
         self._expected: dict[str, bool] = {}
-        #: names whose offer is kept for a waiter still to come (oldest first)
-        self._kept: dict[str, None] = {}
+        #: names whose offer is kept for a waiter still to come (oldest first) -> until when
+        self._kept: dict[str, float] = {}
         self._expect_at_most = expect_at_most
         #: every other process's wake-ups reach this waker (PostgreSQL, listening);
         #: without that, :meth:`expect` does nothing
@@ -148,6 +150,9 @@ class Waker:
 
     def taken(self, name: str) -> object | None:
         """What was last offered under ``name``, if anything (it stays for other watchers)."""
+        kept = self._kept.get(name)
+        if kept is not None and time.monotonic() > kept:  # too old to trust: read instead
+            self.withdraw(name)
         return self._offers.get(name)
 
     def wake(self, name: str) -> None:
@@ -189,6 +194,10 @@ class Waker:
         """Drop the expectation of ``name`` (its waiter is done, or it may have ended unseen)."""
         if self._expected.pop(name, None) is not None:
             self.unwatch(name)
+        self.withdraw(name)
+
+    def withdraw(self, name: str) -> None:
+        """Drop what a start kept under ``name``: it is no longer the last word."""
         if name in self._kept:
             del self._kept[name]
             self.unwatch(name)
@@ -201,14 +210,16 @@ class Waker:
         A saga whose steps all ran inside its start has ended when the start
         returns; the ``wait`` that usually follows then takes the final
         record from here instead of reading it back. Kept until that waiter
-        is done (:meth:`forget`); bounded like expectations, oldest dropped first.
+        is done (:meth:`forget`), for :data:`KEEP_S` at most (another
+        process may move the saga on: an operator's retry), bounded like
+        expectations, oldest dropped first.
         """
         self.watch(name)
         try:
             yield
         finally:
             if name in self._offers and name not in self._kept:
-                self._kept[name] = None
+                self._kept[name] = time.monotonic() + KEEP_S
                 if len(self._kept) > self._expect_at_most:
                     self.forget(next(iter(self._kept)))
             else:

@@ -92,6 +92,9 @@ class SqliteTx:
         except sqlite3.Error as exc:
             raise _translate(exc) from exc
 
+    def separate(self) -> None:
+        """Nothing to do: each statement runs when it is made (see :meth:`Tx.separate`)."""
+
     def on_begin(self, step: Callable[[], Awaitable[None]] | None) -> bool:
         """Always False: the transaction is open from the start (see :meth:`Tx.on_begin`)."""
         return False
@@ -167,6 +170,7 @@ class SqliteDriver:
     """The embedded default store driver."""
 
     dialect: Literal["sqlite"] = "sqlite"
+    hop_tables: frozenset[str] = frozenset()  # statements run when made: nothing to keep apart
 
     def __init__(self, path: str, *, synchronous: str = "NORMAL") -> None:
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
