@@ -127,21 +127,21 @@ class InlineHops:
         to the coordinator's known records as it was (the transaction wrote
         nothing), so the hop's next try needs no read.
         """
-        known = self.coord.known
+        known, event = self.coord.known, reply_event(reply)
         try:
             machine, inst = self.coord.instance(rec)
-            decision = machine.apply(inst, reply_event(reply))
+            decision = machine.apply(inst, event)
         except Exception as exc:  # decided again, the usual way, by the reply's own hop
             log.debug("saga %s: deciding in the participant's hop failed (%r)", rec.id, exc)
             if known is not None and not fresh and not inner:
                 known.keep(rec)  # unchanged: still what this process committed last
             return False
         if fresh or inner:
-            await self._decide(scope, reply, rec, (machine, inst, decision), chain, fresh)
+            await self._decide(scope, reply, rec, (machine, inst, decision, event), chain, fresh)
             return True
         committed, before = replace(rec), _stored(rec)
         try:
-            await self._decide(scope, reply, rec, (machine, inst, decision), chain, fresh)
+            await self._decide(scope, reply, rec, (machine, inst, decision, event), chain, fresh)
         except _InlineHopFailed:
             if known is not None:  # still what this process committed last
                 known.keep(committed)
@@ -154,18 +154,18 @@ class InlineHops:
         scope: Scope,
         reply: Envelope,
         rec: SagaRecord,
-        taken: tuple[SagaMachine, Instance, Decision],
+        taken: tuple[SagaMachine, Instance, Decision, ReplyReceived],
         chain: Chain,
         fresh: bool,
     ) -> None:
         """Carry out a decision in the step's hop (the instance's row aside), then send
         its commands or run the next step's hop here."""
-        machine, inst, decision = taken
+        machine, inst, decision, event = taken
         coord, hooks = self.coord, self.coord.hooks
         hooks.sending(Outbox([(reply, self.queue)]))  # sent from the step's hop
         with hooks.processing(reply, self.queue):  # and taken as if it came
             out = Outbox()
-            hooks.decided(scope.tx, rec, machine.defn, inst, decision, reply_event(reply))
+            hooks.decided(scope.tx, rec, machine.defn, inst, decision, event)
             await coord.carry_out(scope.tx, out, rec, decision, reply, insert=True)
             await self.send_or_chain(scope.tx, out, rec, chain, fresh=fresh)
 
