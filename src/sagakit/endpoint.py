@@ -188,6 +188,11 @@ class _InlineHopFailed(Exception):
         #: ran it, the innermost first)
         self.at: int | None = None
 
+    @property
+    def before(self) -> int:
+        """How many inline hops the next try may run: those before the one that failed."""
+        return max((self.at or 1) - 1, 0)
+
 
 #: failures of an inlined hop that keep their meaning for the hop carrying it
 _OWN = (ConcurrencyConflict, OutcomeExists, StoreUnavailable)
@@ -385,7 +390,7 @@ class Endpoint:
                 )
             except _InlineHopFailed as exc:  # that step's command is sent this time
                 log.debug("%s: %s; sending its command", self.name, exc)
-                chain = max((exc.at or 1) - 1, 0)
+                chain = exc.before
                 continue
             except ConcurrencyConflict as exc:
                 log.debug("%s: %s; deciding again", self.name, exc)

@@ -205,7 +205,7 @@ class Coordinator:
             except SagaIdInUse:
                 raise
             except _InlineHopFailed as exc:
-                limit = max((exc.at or 1) - 1, 0)
+                limit = exc.before
                 log.debug("saga %s: %s inside the start; sending its command", saga_id, exc)
             except Exception as exc:
                 if not chain.ran:
@@ -396,6 +396,7 @@ class Coordinator:
         """Persist a decision and turn its effects into messages, in ``tx``."""
         inst = d.instance
         moved = d.changed and inst.state.value != rec.state
+        rerun = moved and rec.state in _ENDED  # an ended saga runs again (an operator's retry)
         if moved:
             self._announce(out, rec, inst, cause)
         for effect in d.effects:
@@ -415,11 +416,11 @@ class Coordinator:
         if not inst.state.terminal:
             if self.known is not None:
                 tx.on_commit(partial(_keep, self.known, rec))
-            if moved:  # (again: an operator's retry) what a start kept is stale
+            if rerun:  # the final record a start kept for its waiter is stale
                 tx.on_commit(partial(self.store.queue.waker.withdraw, finished(rec.id)))
         elif d.changed:
             name, waker = finished(rec.id), self.store.queue.waker
-            tx.on_commit(lambda: waker.offer(name, replace(rec)))  # as committed; before the wake
+            tx.on_commit(lambda: waker.offer(name, replace(rec)))  # as committed
             tx.notify(name)
             if self.announce_ends:
                 self._announce_end(out, inst, cause)
@@ -496,6 +497,9 @@ class Coordinator:
 
     def _reply(self, env: Envelope, payload: Any, outcome: str) -> Envelope:
         return self.codec.reply(env, payload, outcome=outcome, sender=LOCAL_SENDER)
+
+
+_ENDED = frozenset(s.value for s in SagaState if s.terminal)
 
 
 def _keep(known: KnownSagas, rec: SagaRecord) -> None:
